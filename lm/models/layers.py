@@ -1,0 +1,185 @@
+"""Building blocks shared by every model: embeddings, positions, norms and MLPs.
+
+Every parameter is created through `param_init(...)`, which attaches logical axis
+names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`, `length`). `lm.parallel`
+maps those names onto mesh axes; model code never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = jax.nn.initializers.Initializer
+
+DEFAULT_INIT_STD = 0.02
+
+
+def param_init(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    """Wraps an initializer so that the parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def normal(std: float = DEFAULT_INIT_STD) -> Initializer:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class Embed(nn.Module):
+    """Token embedding whose transpose can also produce logits (tied embeddings).
+
+    Attributes:
+      num_embeddings: vocabulary size.
+      features: model width.
+      scale: multiply embeddings by this after lookup (e.g. sqrt(d_model) for Gemma/T5-style).
+    """
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = DEFAULT_INIT_STD
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            param_init(normal(self.init_std), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids [batch, length] int -> [batch, length, features]."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [batch, length, features] -> logits [batch, length, num_embeddings]."""
+        return jnp.einsum("bld,vd->blv", x, self.embedding.astype(self.dtype))
+
+
+def sinusoidal_positions(positions: jax.Array, features: int, max_timescale: float = 10_000.0):
+    """Vaswani et al. sinusoids. positions [batch, length] -> [batch, length, features]."""
+    half = features // 2
+    inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotary position embedding (Su et al.), half-split layout as in Llama/HF.
+
+    x [batch, length, heads, head_dim], positions [batch, length] -> same shape as x.
+    """
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / head_dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich), computed in float32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", param_init(jax.nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al.) with scale and bias, computed in float32."""
+
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale", param_init(jax.nn.initializers.ones, ("embed",)), (features,), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param(
+                "bias", param_init(jax.nn.initializers.zeros, ("embed",)), (features,), self.param_dtype
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def make_norm(kind: str, epsilon: float, dtype, param_dtype, name: str | None = None) -> nn.Module:
+    if kind == "layernorm":
+        return LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    if kind == "rmsnorm":
+        return RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+    raise ValueError(f"unknown norm kind {kind!r}: use 'layernorm' or 'rmsnorm'")
+
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward block.
+
+    Plain: wo(act(wi x)). Gated (SwiGLU / GeGLU): wo(act(wi_gate x) * wi_up x).
+    x [batch, length, embed] -> [batch, length, embed].
+    """
+
+    hidden: int
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = DEFAULT_INIT_STD
+    out_init_std: float = DEFAULT_INIT_STD
+
+    def _dense(self, features, axes, std, name):
+        return nn.Dense(
+            features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=param_init(normal(std), axes),
+            bias_init=param_init(jax.nn.initializers.zeros, axes[1:]),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}: use one of {sorted(ACTIVATIONS)}")
+        act = ACTIVATIONS[self.activation]
+        features = x.shape[-1]
+        if self.gated:
+            h = act(self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi_gate")(x))
+            h = h * self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi_up")(x)
+        else:
+            h = act(self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi")(x))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return self._dense(features, ("mlp", "embed"), self.out_init_std, "wo")(h)

@@ -1,0 +1,451 @@
+"""ModelConfig, the decoder-only and encoder-decoder Transformers, and family presets.
+
+One set of modules covers GPT-2 (learned positions, LayerNorm, GELU MLP, multi-head
+attention), Llama (rotary positions, RMSNorm, SwiGLU, grouped-query attention), the
+original Transformer (sinusoids, post-norm, ReLU) and T5-style encoder-decoders: the
+families differ only in `ModelConfig` values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models import layers
+from lm.models.attention import Attention, causal_mask, padding_mask, segment_mask
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of every model in `lm`. Built once from the experiment config."""
+
+    architecture: str = "decoder"  # 'decoder' (decoder-only) | 'encoder_decoder'
+    vocab_size: int = 4096
+    d_model: int = 256
+    num_layers: int = 4  # decoder layers (and encoder layers unless num_encoder_layers is set)
+    num_encoder_layers: int = 0  # 0 = same as num_layers
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = num_heads (multi-head); 1 = multi-query; else grouped-query
+    head_dim: int = 0  # 0 = d_model // num_heads
+    mlp_dim: int = 1024
+    mlp_activation: str = "gelu"  # relu | gelu | gelu_tanh | silu
+    mlp_gated: bool = False  # SwiGLU (silu) / GeGLU (gelu)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre (GPT-2, Llama, T5) | post (Vaswani et al.)
+    position: str = "learned"  # learned | sinusoidal | rotary | none
+    rope_base: float = 10_000.0
+    max_len: int = 1024  # size of the learned position table
+    use_bias: bool = True
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tied_embeddings: bool = True  # output projection = transposed token embedding
+    shared_embeddings: bool = True  # encoder-decoder: one token embedding for both sides
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model)
+    init_std: float = 0.02
+    capture_attention: bool = False
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for key, allowed in [
+            ("architecture", ("decoder", "encoder_decoder")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("norm_placement", ("pre", "post")),
+            ("position", ("learned", "sinusoidal", "rotary", "none")),
+            ("mlp_activation", tuple(layers.ACTIVATIONS)),
+            ("dtype", tuple(DTYPES)),
+            ("param_dtype", tuple(DTYPES)),
+        ]:
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}"
+            )
+        if self.head_dim == 0 and self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by num_heads={self.num_heads}: set head_dim"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.num_encoder_layers or self.num_layers
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Builds a config, rejecting unknown keys with the list of valid ones."""
+        return config_from_dict(cls, values, prefix="model")
+
+
+def config_from_dict(cls, values: dict[str, Any], prefix: str):
+    """Frozen-dataclass constructor that names unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    checked = {}
+    for key, value in values.items():
+        default = fields[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{prefix}.{key} must be a bool, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{prefix}.{key} must be an int, got {value!r}")
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{prefix}.{key} must be a number, got {value!r}")
+            value = float(value)
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{prefix}.{key} must be a string, got {value!r}")
+        checked[key] = value
+    return cls(**checked)
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 small (Radford et al. 2019): 124M parameters with vocab 50257.
+    "gpt2": dict(
+        architecture="decoder", d_model=768, num_layers=12, num_heads=12, mlp_dim=3072,
+        mlp_activation="gelu_tanh", norm="layernorm", position="learned", max_len=1024,
+        use_bias=True, tied_embeddings=True, vocab_size=50257,
+    ),
+    # Llama family shape (Touvron et al. 2023), here at SmolLM2-135M size.
+    "llama": dict(
+        architecture="decoder", d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
+        mlp_dim=1536, mlp_activation="silu", mlp_gated=True, norm="rmsnorm", norm_eps=1e-5,
+        position="rotary", rope_base=100_000.0, use_bias=False, tied_embeddings=True,
+        vocab_size=49152, max_len=8192,
+    ),
+    # Transformer base (Vaswani et al. 2017): post-norm, sinusoids, ReLU, shared embeddings.
+    "transformer_base": dict(
+        architecture="encoder_decoder", d_model=512, num_layers=6, num_heads=8, mlp_dim=2048,
+        mlp_activation="relu", norm="layernorm", norm_placement="post", position="sinusoidal",
+        use_bias=True, dropout=0.1, tied_embeddings=True, shared_embeddings=True,
+        scale_embeddings=True,
+    ),
+    # T5-style encoder-decoder: pre-norm RMSNorm, no biases, gated GELU (T5 v1.1).
+    "t5": dict(
+        architecture="encoder_decoder", d_model=512, num_layers=8, num_heads=6, head_dim=64,
+        mlp_dim=1024, mlp_activation="gelu_tanh", mlp_gated=True, norm="rmsnorm", norm_eps=1e-6,
+        position="rotary", use_bias=False, tied_embeddings=False, shared_embeddings=True,
+    ),
+}
+
+TINY = dict(d_model=32, num_layers=2, num_heads=4, mlp_dim=64, vocab_size=97, max_len=64)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A family preset with overrides, e.g. preset('llama', **TINY, num_kv_heads=2)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: use one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _positions_or_default(positions, tokens):
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+class Block(nn.Module):
+    """One Transformer layer: self-attention, optional cross-attention, MLP, with residuals."""
+
+    config: ModelConfig
+    causal: bool
+    cross: bool = False
+
+    def _norm(self, name):
+        c = self.config
+        return layers.make_norm(c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)
+
+    def _attention(self, name):
+        c = self.config
+        return Attention(
+            num_heads=c.num_heads,
+            num_kv_heads=c.kv_heads,
+            head_dim=c.dim_per_head,
+            use_bias=c.use_bias,
+            rotary=c.position == "rotary",
+            rope_base=c.rope_base,
+            dropout=c.attention_dropout,
+            capture_attention=c.capture_attention,
+            dtype=c.compute_dtype,
+            param_dtype=c.weight_dtype,
+            init_std=c.init_std,
+            out_init_std=c.init_std / math.sqrt(2 * c.num_layers),
+            name=name,
+        )
+
+    def _residual(self, x, sublayer, norm_name, deterministic):
+        """Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x))."""
+        c = self.config
+        drop = nn.Dropout(c.dropout)
+        if c.norm_placement == "pre":
+            return x + drop(sublayer(self._norm(norm_name)(x)), deterministic=deterministic)
+        return self._norm(norm_name)(x + drop(sublayer(x), deterministic=deterministic))
+
+    @nn.compact
+    def __call__(
+        self, x, mask, *, positions, segment_ids=None, encoded=None, cross_mask=None,
+        deterministic=True, decode=False,
+    ):
+        """x [batch, length, embed] -> [batch, length, embed]."""
+        c = self.config
+        self_attention = self._attention("self_attention")
+        x = self._residual(
+            x,
+            lambda h: self_attention(
+                h, mask, positions=positions, segment_ids=segment_ids,
+                deterministic=deterministic, decode=decode,
+            ),
+            "pre_attention_norm" if c.norm_placement == "pre" else "post_attention_norm",
+            deterministic,
+        )
+        if self.cross:
+            cross_attention = self._attention("cross_attention")
+            x = self._residual(
+                x,
+                lambda h: cross_attention(h, cross_mask, kv_inputs=encoded, deterministic=deterministic),
+                "pre_cross_attention_norm" if c.norm_placement == "pre" else "post_cross_attention_norm",
+                deterministic,
+            )
+        mlp = layers.MLP(
+            hidden=c.mlp_dim,
+            activation=c.mlp_activation,
+            gated=c.mlp_gated,
+            use_bias=c.use_bias,
+            dropout=c.dropout,
+            dtype=c.compute_dtype,
+            param_dtype=c.weight_dtype,
+            init_std=c.init_std,
+            out_init_std=c.init_std / math.sqrt(2 * c.num_layers),
+            name="mlp",
+        )
+        return self._residual(
+            x,
+            lambda h: mlp(h, deterministic=deterministic),
+            "pre_mlp_norm" if c.norm_placement == "pre" else "post_mlp_norm",
+            deterministic,
+        )
+
+
+class Stack(nn.Module):
+    """Embedded tokens -> positions -> N blocks -> final norm (pre-norm only)."""
+
+    config: ModelConfig
+    num_layers: int
+    causal: bool
+    cross: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x, mask, *, positions, segment_ids=None, encoded=None, cross_mask=None,
+        deterministic=True, decode=False,
+    ):
+        c = self.config
+        if c.position == "learned":
+            table = self.param(
+                "position_embedding",
+                layers.param_init(layers.normal(c.init_std), ("length", "embed")),
+                (c.max_len, c.d_model),
+                c.weight_dtype,
+            )
+            x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
+        elif c.position == "sinusoidal":
+            x = x + layers.sinusoidal_positions(positions, c.d_model).astype(x.dtype)
+        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        for i in range(self.num_layers):
+            x = Block(c, causal=self.causal, cross=self.cross, name=f"layer_{i}")(
+                x, mask, positions=positions, segment_ids=segment_ids, encoded=encoded,
+                cross_mask=cross_mask, deterministic=deterministic, decode=decode,
+            )
+        if c.norm_placement == "pre":
+            x = layers.make_norm(c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
+        return x
+
+
+def _embedder(c: ModelConfig, name: str) -> layers.Embed:
+    return layers.Embed(
+        c.vocab_size, c.d_model, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+        init_std=c.init_std, name=name,
+    )
+
+
+def _embed(embedder: layers.Embed, c: ModelConfig, tokens):
+    x = embedder(tokens)
+    return x * jnp.sqrt(c.d_model).astype(x.dtype) if c.scale_embeddings else x
+
+
+def _logits(c: ModelConfig, embedder, head, x):
+    """x [batch, length, embed] -> float32 logits [batch, length, vocab]."""
+    if c.tied_embeddings:
+        logits = embedder.attend(x)
+        if c.scale_embeddings:  # keep tied logits at unit scale (Vaswani et al. share + scale)
+            logits = logits / jnp.sqrt(c.d_model).astype(logits.dtype)
+    else:
+        logits = head(x)
+    return logits.astype(jnp.float32)
+
+
+def _lm_head(c: ModelConfig):
+    if c.tied_embeddings:
+        return None
+    return nn.Dense(
+        c.vocab_size, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+        kernel_init=layers.param_init(layers.normal(c.init_std), ("embed", "vocab")), name="lm_head",
+    )
+
+
+class DecoderOnly(nn.Module):
+    """GPT / Llama-style decoder-only language model."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedder = _embedder(c, "token_embedding")
+        self.decoder = Stack(c, c.num_layers, causal=True, name="decoder")
+        self.head = _lm_head(c)
+
+    def __call__(
+        self, tokens, *, segment_ids=None, positions=None, deterministic=True, decode=False, **unused
+    ):
+        """tokens [batch, length] int -> logits [batch, length, vocab] float32.
+
+        segment_ids [batch, length]: packed-document ids, 0 = padding (default: all ones).
+        positions [batch, length]: absolute positions (default: 0..length-1; pass them when
+        decoding with a cache, where the default would restart at 0).
+        """
+        if unused:
+            raise TypeError(f"DecoderOnly got unexpected inputs {sorted(unused)}")
+        c = self.config
+        positions = _positions_or_default(positions, tokens)
+        seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+        mask = None if decode else causal_mask(tokens.shape[1]) & segment_mask(seg, seg)
+        x = _embed(self.embedder, c, tokens)
+        x = self.decoder(
+            x, mask, positions=positions, segment_ids=seg, deterministic=deterministic, decode=decode
+        )
+        return _logits(c, self.embedder, self.head, x)
+
+
+class EncoderDecoder(nn.Module):
+    """Vaswani et al. / T5-style encoder-decoder."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embedder = _embedder(c, "token_embedding")
+        self.decoder_embedder = (
+            self.embedder if c.shared_embeddings else _embedder(c, "decoder_token_embedding")
+        )
+        self.encoder = Stack(c, c.encoder_layers, causal=False, name="encoder")
+        self.decoder = Stack(c, c.num_layers, causal=True, cross=True, name="decoder")
+        self.head = _lm_head(c)
+
+    def encode(self, encoder_inputs, *, encoder_segment_ids=None, deterministic=True):
+        """encoder_inputs [batch, src_len] -> encoded [batch, src_len, embed]."""
+        seg = jnp.ones_like(encoder_inputs) if encoder_segment_ids is None else encoder_segment_ids
+        positions = _positions_or_default(None, encoder_inputs)
+        x = _embed(self.embedder, self.config, encoder_inputs)
+        return self.encoder(x, segment_mask(seg, seg), positions=positions, deterministic=deterministic)
+
+    def decode(
+        self, encoded, tokens, *, encoder_segment_ids=None, segment_ids=None, positions=None,
+        deterministic=True, decode=False,
+    ):
+        """encoded [batch, src_len, embed], tokens [batch, tgt_len] -> logits [batch, tgt_len, vocab]."""
+        c = self.config
+        positions = _positions_or_default(positions, tokens)
+        seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+        enc_seg = (
+            jnp.ones(encoded.shape[:2], jnp.int32) if encoder_segment_ids is None else encoder_segment_ids
+        )
+        mask = None if decode else causal_mask(tokens.shape[1]) & padding_mask(seg, seg)
+        cross = padding_mask(seg, enc_seg)
+        x = _embed(self.decoder_embedder, c, tokens)
+        x = self.decoder(
+            x, mask, positions=positions, segment_ids=seg, encoded=encoded, cross_mask=cross,
+            deterministic=deterministic, decode=decode,
+        )
+        return _logits(c, self.decoder_embedder, self.head, x)
+
+    def __call__(
+        self, tokens, *, encoder_inputs, encoder_segment_ids=None, segment_ids=None, positions=None,
+        deterministic=True, decode=False,
+    ):
+        """Teacher-forced logits [batch, tgt_len, vocab] for decoder inputs `tokens`."""
+        encoded = self.encode(
+            encoder_inputs, encoder_segment_ids=encoder_segment_ids, deterministic=deterministic
+        )
+        return self.decode(
+            encoded, tokens, encoder_segment_ids=encoder_segment_ids, segment_ids=segment_ids,
+            positions=positions, deterministic=deterministic, decode=decode,
+        )
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The module for a config's architecture."""
+    return DecoderOnly(config) if config.architecture == "decoder" else EncoderDecoder(config)
+
+
+def dummy_inputs(config: ModelConfig, batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
+    """Inputs that `init` accepts for either architecture."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    if config.architecture == "decoder":
+        return {"tokens": tokens}
+    return {"tokens": tokens, "encoder_inputs": tokens}
+
+
+def init_cache(model: nn.Module, params, batch: int, max_len: int, encoder_len: int = 1):
+    """Empty KV cache for decoding up to `max_len` tokens: a pytree for the `cache` collection."""
+    tokens = jnp.zeros((batch, max_len), jnp.int32)
+    if isinstance(model, EncoderDecoder):
+        encoded = jnp.zeros((batch, encoder_len, model.config.d_model), model.config.compute_dtype)
+
+        def init_fn():
+            return model.apply({"params": params}, encoded, tokens, decode=True,
+                               method=EncoderDecoder.decode, mutable=["cache"])[1]
+    else:
+
+        def init_fn():
+            return model.apply({"params": params}, tokens, decode=True, mutable=["cache"])[1]
+
+    shapes = jax.eval_shape(init_fn)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,189 @@
+"""Model behaviour: causality, padding invariance, KV-cache equality, GQA, overfitting."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lm.models import transformer as T
+
+FAMILIES = {
+    "gpt2": T.preset("gpt2", **T.TINY),
+    "llama": T.preset("llama", **T.TINY, num_kv_heads=2),
+    "llama_mqa": T.preset("llama", **T.TINY, num_kv_heads=1, tied_embeddings=False),
+}
+SEQ2SEQ = {
+    "transformer_base": T.preset("transformer_base", **T.TINY, dropout=0.0),
+    "t5": T.preset("t5", **T.TINY, head_dim=8, shared_embeddings=False),
+}
+
+
+def init(config, batch=2, length=8, seed=0):
+    model = T.build_model(config)
+    variables = model.init(jax.random.key(seed), **T.dummy_inputs(config, batch, length))
+    return model, nn.meta.unbox(variables["params"])
+
+
+def random_tokens(shape, vocab, seed):
+    return jax.random.randint(jax.random.key(seed), shape, 1, vocab)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_decoder_is_causal(name):
+    config = FAMILIES[name]
+    model, params = init(config)
+    tokens = random_tokens((2, 12), config.vocab_size, 1)
+    changed = tokens.at[:, 7:].set(random_tokens((2, 5), config.vocab_size, 2))
+    a = model.apply({"params": params}, tokens)
+    b = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_padding_and_packing_do_not_leak(name):
+    config = FAMILIES[name]
+    model, params = init(config)
+    doc = random_tokens((1, 6), config.vocab_size, 3)
+    alone = model.apply({"params": params}, doc)
+    # Same document followed by padding (segment 0) and by a second packed document.
+    other = random_tokens((1, 5), config.vocab_size, 4)
+    padded = jnp.concatenate([doc, jnp.zeros((1, 5), jnp.int32)], axis=1)
+    packed = jnp.concatenate([doc, other], axis=1)
+    seg_pad = jnp.array([[1] * 6 + [0] * 5])
+    seg_pack = jnp.array([[1] * 6 + [2] * 5])
+    pos = jnp.array([list(range(6)) + list(range(5))])
+    out_pad = model.apply({"params": params}, padded, segment_ids=seg_pad, positions=pos)
+    out_pack = model.apply({"params": params}, packed, segment_ids=seg_pack, positions=pos)
+    np.testing.assert_allclose(out_pad[:, :6], alone, atol=1e-5)
+    np.testing.assert_allclose(out_pack[:, :6], alone, atol=1e-5)
+    other_alone = model.apply({"params": params}, other)
+    np.testing.assert_allclose(out_pack[:, 6:], other_alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_kv_cache_matches_full_forward(name):
+    config = FAMILIES[name]
+    model, params = init(config)
+    tokens = random_tokens((2, 10), config.vocab_size, 5)
+    full = model.apply({"params": params}, tokens)
+    cache = T.init_cache(model, params, batch=2, max_len=16)
+    # Prefill 4 tokens at once, then one token at a time.
+    step = jax.jit(
+        lambda cache, toks, pos: model.apply(
+            {"params": params, "cache": cache}, toks, positions=pos, decode=True, mutable=["cache"]
+        )
+    )
+    logits, mut = step(cache, tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)))
+    outs = [logits]
+    cache = mut["cache"]
+    for i in range(4, 10):
+        logits, mut = step(cache, tokens[:, i : i + 1], jnp.full((2, 1), i))
+        cache = mut["cache"]
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_encoder_decoder_cache_and_padding(name):
+    config = SEQ2SEQ[name]
+    model, params = init(config)
+    src = random_tokens((2, 7), config.vocab_size, 6)
+    tgt = random_tokens((2, 9), config.vocab_size, 7)
+    full = model.apply({"params": params}, tgt, encoder_inputs=src)
+    # Encoder padding does not change the outputs.
+    src_padded = jnp.concatenate([src, jnp.zeros((2, 3), jnp.int32)], axis=1)
+    enc_seg = jnp.array([[1] * 7 + [0] * 3] * 2)
+    padded = model.apply(
+        {"params": params}, tgt, encoder_inputs=src_padded, encoder_segment_ids=enc_seg
+    )
+    np.testing.assert_allclose(padded, full, atol=1e-5)
+    # Decoder causality.
+    changed = model.apply({"params": params}, tgt.at[:, 5:].set(1), encoder_inputs=src)
+    np.testing.assert_allclose(changed[:, :5], full[:, :5], atol=1e-6)
+    # Cached decoding equals teacher forcing.
+    encoded = model.apply({"params": params}, src, method=T.EncoderDecoder.encode)
+    cache = T.init_cache(model, params, batch=2, max_len=12, encoder_len=7)
+    outs = []
+    for i in range(9):
+        logits, mut = model.apply(
+            {"params": params, "cache": cache}, encoded, tgt[:, i : i + 1],
+            positions=jnp.full((2, 1), i), decode=True, mutable=["cache"],
+            method=T.EncoderDecoder.decode,
+        )
+        cache = mut["cache"]
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_grouped_query_attention_shapes_and_capture():
+    config = T.preset("llama", **T.TINY, num_kv_heads=2, capture_attention=True)
+    model, params = init(config)
+    layer = params["decoder"]["layer_0"]["self_attention"]
+    assert layer["query"]["kernel"].shape == (32, 4, 8)
+    assert layer["key"]["kernel"].shape == (32, 2, 8)
+    tokens = random_tokens((2, 6), config.vocab_size, 8)
+    _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    weights = state["intermediates"]["decoder"]["layer_1"]["self_attention"]["attention_weights"][0]
+    assert weights.shape == (2, 4, 6, 6)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.abs(jnp.triu(weights, k=1)).max()) == 0.0
+
+
+def test_parameters_carry_logical_axes():
+    config = FAMILIES["llama"]
+    model = T.build_model(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **T.dummy_inputs(config)))
+    specs = nn.get_partition_spec(boxed)["params"]
+    assert tuple(specs["token_embedding"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]) == ("embed", "mlp")
+    assert tuple(specs["decoder"]["layer_0"]["self_attention"]["key"]["kernel"]) == (
+        "embed", "kv_heads", "kv",
+    )
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    config = T.preset("gpt2", **T.TINY, dtype="bfloat16")
+    model, params = init(config)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    logits = model.apply({"params": params}, random_tokens((1, 5), config.vocab_size, 9))
+    assert logits.dtype == jnp.float32
+    ref_model, _ = init(T.preset("gpt2", **T.TINY))
+    ref = ref_model.apply({"params": params}, random_tokens((1, 5), config.vocab_size, 9))
+    np.testing.assert_allclose(logits, ref, atol=0.1)
+
+
+def test_unknown_and_mistyped_config_keys_are_named():
+    with pytest.raises(ValueError, match="model.num_layer"):
+        T.ModelConfig.from_dict({"num_layer": 3})
+    with pytest.raises(ValueError, match="model.d_model must be an int"):
+        T.ModelConfig.from_dict({"d_model": "big"})
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        T.ModelConfig(num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_tiny_model_overfits_one_batch(name):
+    config = FAMILIES[name]
+    model, params = init(config)
+    tokens = random_tokens((4, 16), config.vocab_size, 10)
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    first = None
+    for _ in range(150):
+        params, opt_state, loss = step(params, opt_state)
+        first = float(loss) if first is None else first
+    assert first > 4.0 and float(loss) < 0.05, (first, float(loss))
