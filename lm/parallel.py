@@ -1,0 +1,218 @@
+"""Meshes, logical-axis rules, shardings, multi-host start-up and the pmap path.
+
+Model parameters carry logical axis names (see `lm.models.layers`). A rules table maps
+each logical name to mesh axes of the mesh `('data', 'fsdp', 'tensor')`; a mesh axis is
+dropped for a dimension it does not divide, so any model runs on any mesh shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. Batch over data+fsdp, weights' model dimension over fsdp
+# (ZeRO-3 style), heads/MLP/vocab over tensor (Megatron style).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How the computation is laid out over devices and processes.
+
+    mesh: sizes of ('data', 'fsdp', 'tensor'); one entry may be -1 to take the remaining devices.
+    use_pmap: pure data parallelism with `jax.pmap` instead of jit over the mesh.
+    coordinator_address/num_processes/process_id: explicit multi-host start-up; when unset,
+      `jax.distributed.initialize()` autodetects TPU pods and SLURM if `distributed` is True.
+    """
+
+    mesh: tuple = (-1, 1, 1)
+    use_pmap: bool = False
+    distributed: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ParallelConfig:
+        from lm.models.transformer import config_from_dict
+
+        values = dict(values)
+        if "mesh" in values:
+            values["mesh"] = tuple(int(x) for x in values["mesh"])
+        return config_from_dict(cls, values, prefix="parallel")
+
+
+def initialize_distributed(config: ParallelConfig) -> None:
+    """Joins a multi-process job (TPU pod, SLURM, or an explicit coordinator). No-op if single."""
+    explicit = bool(config.coordinator_address)
+    if not (config.distributed or explicit):
+        return
+    if jax.distributed.is_initialized():
+        return
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if explicit:
+        kwargs = dict(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+    jax.distributed.initialize(**kwargs)
+    logging.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count())
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """Resolves a -1 entry and checks that the mesh uses exactly the devices there are."""
+    shape = [int(s) for s in shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"parallel.mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"parallel.mesh may have at most one -1, got {shape}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"parallel.mesh {shape} does not divide the {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(
+            f"parallel.mesh {tuple(shape)} uses {int(np.prod(shape))} devices but there are "
+            f"{num_devices}; set --config.parallel.mesh so the sizes multiply to {num_devices}"
+        )
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else list(devices)
+    resolved = mesh_shape(shape, len(devices))
+    try:
+        device_array = jax.experimental.mesh_utils.create_device_mesh(resolved, devices)
+    except Exception:  # odd shapes on CPU: any order is fine there
+        device_array = np.asarray(devices).reshape(resolved)
+    return Mesh(device_array, MESH_AXES)
+
+
+def _mesh_axes_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
+    """Logical names -> PartitionSpec, dropping mesh axes that do not divide the dimension."""
+    table = dict(rules)
+    spec = []
+    used = set()
+    for name, dim in zip(logical, shape, strict=True):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        size = 1
+        for axis in axes:
+            if axis in used:
+                continue
+            if dim % (size * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                size *= mesh.shape[axis]
+        used.update(kept)
+        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return P(*spec)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a tree of (abstract) parameters that carry logical axis names."""
+    logical = nn.get_partition_spec(boxed_params)
+    shapes = nn.meta.unbox(boxed_params)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _mesh_axes_for(tuple(spec), x.shape, mesh, rules)),
+        logical,
+        shapes,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def matching_shardings(tree, params, shardings, mesh: Mesh):
+    """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
+
+    A leaf whose key path ends with a parameter's path and has that parameter's shape takes
+    its sharding (Adam moments); anything else (counts, Adafactor's factored rows) is replicated.
+    """
+    by_path = {}
+    for (path, p), (_, s) in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree_util.tree_flatten_with_path(shardings)[0],
+        strict=True,
+    ):
+        by_path[_path_keys(path)] = (p.shape, s)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
+
+
+# ------------------------------------------------------------------------------- pmap path
+
+
+def replicate(tree):
+    """Copies a pytree onto every local device (leading axis = device)."""
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("device",)), P("device"))
+    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of a replicated pytree, as ordinary (uncommitted) arrays."""
+    return jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x[0])), tree)
+
+
+def split_for_pmap(local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """[batch, ...] -> [local_devices, batch // local_devices, ...]."""
+    n = jax.local_device_count()
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"per-process batch {x.shape[0]} is not divisible by {n} local devices")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return jax.tree.map(split, local_batch)

@@ -1,0 +1,522 @@
+"""TrainState, loss, train/eval steps (jit over a mesh, or pmap) and the training loop.
+
+The loop knows nothing about where batches or evaluations come from: `lm.main` hands it
+a data iterator and evaluators (`state -> metrics` callables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lm import parallel
+from lm.checkpoint import Checkpointer
+from lm.models.transformer import ModelConfig, config_from_dict, dummy_inputs
+
+# ------------------------------------------------------------------------------ configs
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adafactor
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = the run's total steps
+    end_learning_rate_fraction: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "adafactor"):
+            raise ValueError(f"optimizer.name={self.name!r}: use 'adamw' or 'adafactor'")
+        if self.grad_accum_steps < 1:
+            raise ValueError("optimizer.grad_accum_steps must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values):
+        return config_from_dict(cls, dict(values), prefix="optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500  # 0 = only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    sample_prompt: str = ""
+    sample_tokens: int = 100
+    sample_temperature: float = 0.8
+    peak_flops_per_device: float = 0.0  # 0 = guess from the device kind (for MFU)
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values):
+        return config_from_dict(cls, dict(values), prefix="train")
+
+
+# --------------------------------------------------------------------------- train state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key: the dropout stream is fold_in(rng, step)
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine decay to `end_learning_rate_fraction` of it."""
+    decay_steps = max(config.decay_steps or total_steps, config.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=decay_steps,
+        end_value=config.learning_rate * config.end_learning_rate_fraction,
+    )
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only (not on norms, biases)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if config.name == "adamw":
+        opt = optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+            weight_decay=config.weight_decay, mask=_decay_mask,
+        )
+    else:
+        opt = optax.adafactor(
+            schedule, weight_decay_rate=config.weight_decay or None, weight_decay_mask=_decay_mask,
+        )
+    if config.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+    return opt
+
+
+# --------------------------------------------------------------------------------- steps
+
+MODEL_INPUT_KEYS = ("segment_ids", "positions", "encoder_inputs", "encoder_segment_ids")
+
+
+def forward(model: nn.Module, params, batch, *, deterministic=True, rng=None):
+    """Logits [batch, length, vocab] for a data batch of either architecture."""
+    kwargs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    rngs = {"dropout": rng} if rng is not None else {}
+    return model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, **kwargs)
+
+
+def loss_sums(logits, targets, weights):
+    """Summed weighted cross-entropy and correct predictions; weights [batch, length]."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
+
+
+def _accumulated_grads(model, params, batch, rng, accum_steps):
+    """Gradient of the summed loss, over `accum_steps` micro-batches scanned in sequence."""
+
+    def micro(params, micro_batch, micro_rng):
+        def loss_fn(p):
+            logits = forward(model, p, micro_batch, deterministic=False, rng=micro_rng)
+            loss, correct, weight = loss_sums(logits, micro_batch["targets"], micro_batch["weights"])
+            return loss, (correct, weight)
+
+        (loss, (correct, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, jnp.stack([loss, correct, weight])
+
+    if accum_steps == 1:
+        return micro(params, batch, rng)
+    split = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+        grads, sums = carry
+        i, micro_batch = xs
+        g, s = micro(params, micro_batch, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads, g), sums + s), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(3, jnp.float32))
+    (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), split))
+    return grads, sums
+
+
+def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axis_name: str | None = None):
+    """`(state, batch) -> (state, metrics)`. With `axis_name`, gradients are summed across it (pmap)."""
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        grads, sums = _accumulated_grads(model, state.params, batch, rng, opt_config.grad_accum_steps)
+        if axis_name is not None:
+            grads, sums = jax.lax.psum((grads, sums), axis_name)
+        loss_sum, correct, weight = sums[0], sums[1], sums[2]
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "accuracy": correct / denom,
+            "tokens": weight,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    """`(params, batch) -> {'loss_sum','correct','tokens'}` (sums, so batches add up exactly)."""
+
+    def eval_step(params, batch):
+        logits = forward(model, params, batch)
+        loss, correct, weight = loss_sums(logits, batch["targets"], batch["weights"])
+        return {"loss_sum": loss, "correct": correct, "tokens": weight}
+
+    return eval_step
+
+
+# ------------------------------------------------------------------------ state creation
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A model, optimizer and layout, with compiled steps. Built by `create_trainer`."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    use_pmap: bool
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs with shardings, for restoring
+    init_fn: Callable[[int], TrainState]
+    train_step: Callable
+    eval_step: Callable
+    num_params: int
+
+    def put_batch(self, local_batch):
+        """Process-local numpy batch -> device arrays laid out for the step."""
+        if self.use_pmap:
+            return jax.device_put(parallel.split_for_pmap(local_batch))
+        return parallel.global_batch(local_batch, self.mesh)
+
+    def to_device_state(self, state):
+        return parallel.replicate(state) if self.use_pmap else state
+
+    def host_state(self, state):
+        """The state as the checkpoint and evaluators see it (not replicated)."""
+        return parallel.unreplicate(state) if self.use_pmap else state
+
+    def evaluate(self, state, batches: Iterator[dict]) -> dict[str, float]:
+        """Mean loss / accuracy / perplexity over all batches (sums, so exact for any batching)."""
+        params = self.host_state(state).params
+        if self.use_pmap:
+            params = jax.device_put(params, self.state_shardings.params)
+        totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+        for local in batches:
+            out = self.eval_step(params, parallel.global_batch(local, self.mesh))
+            for k in totals:
+                totals[k] += float(out[k])
+        tokens = max(totals["tokens"], 1.0)
+        loss = totals["loss_sum"] / tokens
+        return {"loss": loss, "accuracy": totals["correct"] / tokens, "perplexity": math.exp(min(loss, 50.0)),
+                "tokens": totals["tokens"]}
+
+
+def create_trainer(
+    model_config: ModelConfig,
+    model: nn.Module,
+    opt_config: OptimizerConfig,
+    total_steps: int,
+    parallel_config: parallel.ParallelConfig,
+    seed: int = 0,
+    devices=None,
+) -> Trainer:
+    """Builds the mesh, shardings and jit-compiled (or pmapped) steps for a model."""
+    schedule = learning_rate_schedule(opt_config, total_steps)
+    optimizer = make_optimizer(opt_config, schedule)
+    mesh = parallel.make_mesh(parallel_config.mesh, devices)
+    inputs = dummy_inputs(model_config)
+
+    def boxed_params(rng):
+        return model.init(rng, **inputs)["params"]
+
+    abstract_boxed = jax.eval_shape(boxed_params, jax.random.PRNGKey(0))
+    p_shardings = parallel.param_shardings(abstract_boxed, mesh)
+    abstract_params = nn.meta.unbox(abstract_boxed)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    state_shardings = TrainState(
+        step=replicated,
+        params=p_shardings,
+        opt_state=parallel.matching_shardings(abstract_opt, abstract_params, p_shardings, mesh),
+        rng=replicated,
+    )
+
+    def init(seed_value):
+        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed_value))
+        params = nn.meta.unbox(boxed_params(init_rng))
+        return TrainState(
+            step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_rng
+        )
+
+    abstract_state = jax.eval_shape(init, seed)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_shardings
+    )
+    jit_init = jax.jit(init, static_argnums=0, out_shardings=state_shardings)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh)))
+    if parallel_config.use_pmap:
+        train_step = jax.pmap(
+            make_train_step(model, optimizer, schedule, opt_config, axis_name="batch"),
+            axis_name="batch",
+            donate_argnums=0,
+        )
+    else:
+        train_step = jax.jit(
+            make_train_step(model, optimizer, schedule, opt_config),
+            in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+    return Trainer(
+        model=model,
+        model_config=model_config,
+        optimizer=optimizer,
+        schedule=schedule,
+        mesh=mesh,
+        use_pmap=parallel_config.use_pmap,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        init_fn=jit_init,
+        train_step=train_step,
+        eval_step=eval_step,
+        num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)),
+    )
+
+
+# --------------------------------------------------------------------------- throughput
+
+PEAK_FLOPS = {  # dense bf16 FLOP/s per device
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops_per_device(override: float = 0.0) -> float:
+    """Peak FLOP/s of one device; on CPU a rough AVX2 FMA estimate (32 FLOP/cycle/core, 2.5 GHz)."""
+    if override > 0:
+        return override
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    if jax.default_backend() == "cpu":
+        import os
+
+        return 32 * 2.5e9 * (os.cpu_count() or 1) / jax.local_device_count()
+    return 0.0
+
+
+def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention (Kaplan et al., PaLM appendix)."""
+    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
+    return 6 * num_params + attention
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+class MetricWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class _StopFlag:
+    """Set by SIGTERM: the loop saves a checkpoint and returns normally."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self.stop = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_loop(
+    trainer: Trainer,
+    train_config: TrainConfig,
+    workdir: str | pathlib.Path,
+    data_iterator,
+    *,
+    evaluators: dict[str, Callable[[TrainState], dict[str, float]]] | None = None,
+    seq_len: int = 0,
+    on_end: Callable[[TrainState], None] | None = None,
+) -> TrainState:
+    """Trains to `train_config.steps`, resuming from the workdir's latest checkpoint.
+
+    data_iterator: a checkpointable Grain iterator of process-local numpy batches.
+    evaluators: name -> callable(state) -> metrics, run every `eval_every` steps and at the end;
+      their metrics are logged as `<name>/<metric>`.
+    on_end: called with the final state (e.g. to print samples).
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    evaluators = evaluators or {}
+    checkpointer = Checkpointer(workdir, keep=train_config.keep_checkpoints,
+                                async_save=train_config.async_checkpoints)
+    if checkpointer.latest_step() is not None:
+        try:
+            start, state = checkpointer.restore(trainer.abstract_state, data_iterator)
+        except Exception:
+            checkpointer.close()
+            raise
+        logging.info("resumed from step %d", start)
+    else:
+        state = trainer.init_fn(train_config.seed)
+        start = 0
+    state = trainer.to_device_state(state)
+    writer = MetricWriter(workdir)
+    flops = flops_per_token(trainer.model_config, trainer.num_params, seq_len or 1)
+    peak = peak_flops_per_device(train_config.peak_flops_per_device) * jax.device_count()
+    total = train_config.steps
+    progress = None
+    if train_config.progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def run_evaluators(state):
+        results = {}
+        host = trainer.host_state(state)
+        for name, fn in evaluators.items():
+            for k, v in fn(host).items():
+                results[f"{name}/{k}"] = float(v)
+        return results
+
+    def save(state, step, force=False):
+        if step not in checkpointer.all_steps():
+            checkpointer.save(step, trainer.host_state(state), data_iterator, force=force)
+
+    window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+    pending = []
+    step = start
+    with _StopFlag() as flag:
+        while step < total and not flag.stop:
+            batch = trainer.put_batch(next(data_iterator))
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            window_steps += 1
+            is_eval = train_config.eval_every and step % train_config.eval_every == 0
+            if step % train_config.log_every == 0 or is_eval or step == total:
+                host_metrics = jax.device_get(pending)
+                if trainer.use_pmap:
+                    host_metrics = [jax.tree.map(lambda x: x[0], m) for m in host_metrics]
+                pending = []
+                window_tokens += sum(float(m["tokens"]) for m in host_metrics)
+                elapsed = time.perf_counter() - window_start
+                last = host_metrics[-1]
+                tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+                logged = {
+                    "loss": float(last["loss"]),
+                    "accuracy": float(last["accuracy"]),
+                    "grad_norm": float(last["grad_norm"]),
+                    "learning_rate": float(last["learning_rate"]),
+                    "tokens_per_sec": tokens_per_sec,
+                    "steps_per_sec": window_steps / max(elapsed, 1e-9),
+                }
+                if peak > 0:
+                    logged["mfu"] = tokens_per_sec * flops / peak
+                if is_eval or step == total:
+                    logged.update(run_evaluators(state))
+                writer.write(step, logged)
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                        mfu=f"{logged.get('mfu', 0):.1%}", refresh=False,
+                    )
+                else:
+                    logging.info("step %d %s", step, logged)
+                window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            if step % train_config.checkpoint_every == 0 or step == total:
+                save(state, step)
+        if flag.stop and step < total:
+            save(state, step, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if progress is not None:
+        progress.close()
+    host = trainer.host_state(state)
+    if on_end is not None and step == total:
+        on_end(host)
+    return host
