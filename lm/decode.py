@@ -1,0 +1,117 @@
+"""Autoregressive generation with the KV cache: greedy and temperature/top-k/top-p sampling.
+
+Prompts of different lengths are left-padded; padded slots are masked out of attention
+and positions count only real tokens, so each row decodes as if it were alone. The whole
+generation (prefill plus a `lax.scan` over new tokens) is one jit-compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.models.transformer import DecoderOnly, init_cache
+
+
+def sample_logits(logits, rng, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Draws one token per row. logits [batch, vocab] float32 -> [batch] int32.
+
+    temperature 0 is greedy (argmax). top_k keeps the k most likely tokens; top_p keeps the
+    smallest set whose probability reaches p (nucleus sampling).
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest logit still inside the nucleus: keep everything at or above it.
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """-> tokens [batch, max_len], valid [batch, max_len] bool, positions [batch, max_len]."""
+    length = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, length - len(p):] = p
+            valid[i, length - len(p):] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return tokens, valid, positions
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
+)
+def _generate(model, params, tokens, valid, positions, rng, *, max_new_tokens, temperature, top_k,
+              top_p, eos_id):
+    batch, prompt_len = tokens.shape
+    cache = init_cache(model, params, batch, prompt_len + max_new_tokens)
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache}, tokens, segment_ids=valid.astype(jnp.int32),
+        positions=positions, decode=True, mutable=["cache"],
+    )
+    next_position = positions[:, -1] + 1
+
+    def step(carry, step_rng):
+        cache, last_logits, position, done = carry
+        token = sample_logits(last_logits, step_rng, temperature, top_k, top_p)
+        token = jnp.where(done, 0, token)
+        done = done | (token == eos_id) if eos_id is not None else done
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, token[:, None], positions=position[:, None],
+            decode=True, mutable=["cache"],
+        )
+        return (mutated["cache"], logits[:, -1], position + 1, done), token
+
+    carry = (mutated["cache"], logits[:, -1], next_position, jnp.zeros((batch,), bool))
+    _, new_tokens = jax.lax.scan(step, carry, jax.random.split(rng, max_new_tokens))
+    return new_tokens.T
+
+
+def generate(
+    model: DecoderOnly,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """Continuations (token ids, without the prompt, cut after eos) for a batch of prompts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
+    limit = model.config.max_len if model.config.position == "learned" else None
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{limit} learned positions; shorten the prompt or ask for fewer tokens"
+        )
+    tokens, valid, positions = left_pad(prompts)
+    out = _generate(
+        model, params, tokens, valid, positions, jax.random.PRNGKey(seed),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p), eos_id=eos_id,
+    )
+    results = []
+    for row in np.asarray(out).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        results.append(row)
+    return results
