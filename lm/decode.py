@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.models.transformer import DecoderOnly, init_cache
+from lm.models.transformer import DecoderOnly, EncoderDecoder, init_cache
 
 
 def sample_logits(logits, rng, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -114,4 +114,46 @@ def generate(
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         results.append(row)
+    return results
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id"))
+def _generate_seq2seq(model, params, source, source_valid, *, max_new_tokens, bos_id, eos_id):
+    batch = source.shape[0]
+    seg = source_valid.astype(jnp.int32)
+    encoded = model.apply({"params": params}, source, encoder_segment_ids=seg, method=EncoderDecoder.encode)
+    cache = init_cache(model, params, batch, max_new_tokens, encoder_len=source.shape[1])
+
+    def step(carry, index):
+        cache, token, done = carry
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, encoded, token[:, None], encoder_segment_ids=seg,
+            positions=jnp.full((batch, 1), index), decode=True, mutable=["cache"],
+            method=EncoderDecoder.decode,
+        )
+        next_token = jnp.where(done, 0, jnp.argmax(logits[:, -1], -1).astype(jnp.int32))
+        done = done | (next_token == eos_id)
+        return (mutated["cache"], next_token, done), next_token
+
+    start = jnp.full((batch,), bos_id, jnp.int32)
+    _, out = jax.lax.scan(step, (cache, start, jnp.zeros((batch,), bool)), jnp.arange(max_new_tokens))
+    return out.T
+
+
+def generate_seq2seq(
+    model: EncoderDecoder, params, sources: Sequence[Sequence[int]], *, max_new_tokens: int, bos_id: int,
+    eos_id: int,
+) -> list[list[int]]:
+    """Greedy outputs of an encoder-decoder for a batch of source token lists (cut at eos)."""
+    length = max(len(s) for s in sources)
+    tokens = np.zeros((len(sources), length), np.int32)
+    valid = np.zeros((len(sources), length), bool)
+    for i, s in enumerate(sources):
+        tokens[i, : len(s)] = s
+        valid[i, : len(s)] = True
+    out = _generate_seq2seq(model, params, tokens, valid, max_new_tokens=max_new_tokens, bos_id=bos_id,
+                            eos_id=eos_id)
+    results = []
+    for row in np.asarray(out).tolist():
+        results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results

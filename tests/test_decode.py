@@ -60,3 +60,17 @@ def test_eos_stops_and_length_guard(model_and_params):
     if model.config.position == "learned":
         with pytest.raises(ValueError, match="learned positions"):
             decode.generate(model, params, [[1] * 60], max_new_tokens=10)
+
+
+def test_seq2seq_greedy_matches_teacher_forced_argmax():
+    config = T.preset("t5", **T.TINY, head_dim=8)
+    model = T.build_model(config)
+    params = nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
+    sources = [[5, 6, 7, 8], [9, 10]]
+    out = decode.generate_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1)
+    for src, got in zip(sources, out, strict=True):
+        tokens = [2]
+        for _ in range(5):
+            logits = model.apply({"params": params}, jnp.array([tokens]), encoder_inputs=jnp.array([src]))
+            tokens.append(int(jnp.argmax(logits[0, -1])))
+        assert got == tokens[1:]

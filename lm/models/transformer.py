@@ -296,9 +296,12 @@ class Stack(nn.Module):
 
 
 def _embedder(c: ModelConfig, name: str) -> layers.Embed:
+    # Scaled embeddings (Vaswani et al.) start at std d^-1/2 so that, times sqrt(d), they have
+    # unit scale like the sinusoids they are added to.
+    std = c.d_model**-0.5 if c.scale_embeddings else c.init_std
     return layers.Embed(
         c.vocab_size, c.d_model, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-        init_std=c.init_std, name=name,
+        init_std=std, name=name,
     )
 
 
@@ -311,8 +314,6 @@ def _logits(c: ModelConfig, embedder, head, x):
     """x [batch, length, embed] -> float32 logits [batch, length, vocab]."""
     if c.tied_embeddings:
         logits = embedder.attend(x)
-        if c.scale_embeddings:  # keep tied logits at unit scale (Vaswani et al. share + scale)
-            logits = logits / jnp.sqrt(c.d_model).astype(logits.dtype)
     else:
         logits = head(x)
     return logits.astype(jnp.float32)
