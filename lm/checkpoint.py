@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 from typing import Any
 
 import grain
@@ -63,6 +64,7 @@ class Checkpointer:
         """
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         last_error = None
+        unreadable = []
         for candidate in steps:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
@@ -80,9 +82,24 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - unreadable files: try an older checkpoint
                 last_error = e
             else:
+                self._set_aside(unreadable)
                 return candidate, restored["state"]
             logging.warning("checkpoint %s is unreadable (%s); trying an earlier one", candidate, last_error)
+            unreadable.append(candidate)
         raise RuntimeError(f"no readable checkpoint in {self.workdir}: {last_error}")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints to <workdir>/unreadable_checkpoints/ (kept, not deleted),
+        so that training can save those steps again."""
+        if not steps or jax.process_index() != 0:
+            return
+        aside = self.workdir / "unreadable_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            source = self.workdir / "checkpoints" / str(step)
+            if source.exists():
+                source.rename(aside / f"{step}-{int(time.time())}")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()

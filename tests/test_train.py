@@ -125,3 +125,31 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
     after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "checkpoints").rglob("*"))
     assert before == after
     assert Checkpointer(tmp_path).latest_step() == 2
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    def trainer_for(mesh):
+        return create_trainer(CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(mesh=mesh))
+
+    train_config = TrainConfig(steps=2, log_every=1, eval_every=0, checkpoint_every=2, progress=False)
+    saved = train_loop(trainer_for((8, 1, 1)), train_config, tmp_path, synthetic_batches())
+    target = trainer_for((2, 2, 2))
+    checkpointer = Checkpointer(tmp_path)
+    step, restored = checkpointer.restore(target.abstract_state)
+    checkpointer.close()
+    assert step == 2
+    kernel = restored.params["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]
+    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(saved.params))
+
+
+def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path, caplog):
+    _loop(tmp_path, steps=4, checkpoint_every=2)
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    state, _ = _loop(tmp_path, steps=4, checkpoint_every=2)
+    assert int(state.step) == 4
+    assert "unreadable" in caplog.text
+    assert list((tmp_path / "unreadable_checkpoints").iterdir())
+    assert Checkpointer(tmp_path).all_steps() == [2, 4]
