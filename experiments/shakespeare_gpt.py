@@ -28,5 +28,6 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_len=64)
         config.data.update(seq_len=64, batch_size=8, vocab_size=512)
+        config.optimizer.update(warmup_steps=5)
         config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16)
     return config

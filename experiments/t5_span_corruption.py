@@ -25,5 +25,6 @@ def get_config(arg: str | None = None):
     if arg == "tiny":
         config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
         config.data.update(encoder_len=64, seq_len=24, batch_size=8, vocab_size=512)
+        config.optimizer.update(warmup_steps=5)
         config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=8)
     return config

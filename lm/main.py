@@ -110,7 +110,7 @@ def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_t
     ids = [tokenizer.encode(p)[: data_cfg.encoder_len - 1] + [tokenizer.eos_id] for p in prompts]
     out = generate_seq2seq(trainer.model, params, ids, max_new_tokens=min(max_new_tokens, data_cfg.seq_len),
                            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    return [tokenizer.decode(o) for o in out]
+    return [f"{p}\n  -> {tokenizer.decode(o)}" for p, o in zip(prompts, out, strict=True)]
 
 
 def default_prompts(data_cfg, tokenizer, train_cfg) -> list[str]:
