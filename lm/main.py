@@ -20,7 +20,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import checkpoint, config as config_lib, parallel
+from lm import checkpoint, parallel
+from lm import config as config_lib
 from lm.data import pipeline
 from lm.decode import generate, generate_seq2seq
 from lm.models.transformer import ModelConfig, build_model
