@@ -56,12 +56,23 @@ def model_config_for(model_values: dict, tokenizer) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
+def shared_tokenizer(data_cfg, workdir: pathlib.Path):
+    """Process 0 prepares the data and trains the tokenizer; the others then load them."""
+    if jax.process_count() == 1:
+        return pipeline.get_tokenizer(data_cfg, str(workdir))
+    from jax.experimental import multihost_utils
+
+    tokenizer = pipeline.get_tokenizer(data_cfg, str(workdir)) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("tokenizer ready")
+    return tokenizer or pipeline.get_tokenizer(data_cfg, str(workdir))
+
+
 def build_run(values: dict, workdir: pathlib.Path):
     """Everything a run needs, from a resolved config dict: (values, tokenizer, trainer, configs)."""
     model_values, data_cfg, opt_cfg, train_cfg, par_cfg = config_lib.build(values)
     parallel.initialize_distributed(par_cfg)
     saved = checkpoint.read_config(workdir)
-    tokenizer = pipeline.get_tokenizer(data_cfg, str(workdir))
+    tokenizer = shared_tokenizer(data_cfg, workdir)
     model_cfg = model_config_for(model_values, tokenizer)
     values = {**values, "model": {**model_values, "vocab_size": model_cfg.vocab_size}}
     checkpoint.check_compatible(saved, json.loads(json.dumps(values)), sections=("model",))
@@ -147,9 +158,14 @@ def train_command(config, workdir: pathlib.Path) -> None:
         (workdir / "baseline.json").write_text(json.dumps({"unigram_loss": baseline}))
 
     def on_end(state):
+        params = state.params
+        if jax.process_count() > 1:  # every process holds a shard: gather full copies first
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() != 0:
             return
-        texts = samples(trainer, state.params, tokenizer, data_cfg, default_prompts(data_cfg, tokenizer, train_cfg),
+        texts = samples(trainer, params, tokenizer, data_cfg, default_prompts(data_cfg, tokenizer, train_cfg),
                         max_new_tokens=train_cfg.sample_tokens, temperature=train_cfg.sample_temperature,
                         seed=train_cfg.seed)
         text = "\n\n".join(texts)

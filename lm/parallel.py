@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,8 +69,9 @@ def initialize_distributed(config: ParallelConfig) -> None:
         return
     if jax.distributed.is_initialized():
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU (tests, CPU clusters); no effect on TPU/GPU backends.
+    # Must not touch the backend here: initialize() has to come before any JAX computation.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if explicit:
         kwargs = dict(

@@ -177,3 +177,32 @@ def test_experiments_on_real_registry_data(tmp_path, experiment):
         baseline = json.loads((workdir / "baseline.json").read_text())["unigram_loss"]
         assert 4.0 < baseline < 8.0
     assert (workdir / "samples.txt").read_text().strip()
+
+
+def test_two_processes_train_together(tmp_path):
+    """Two local processes joined by jax.distributed over 127.0.0.1, two CPU devices each."""
+    import portpicker
+
+    source = write_corpus(tmp_path / "corpus", files=40, lines=30)  # 2 held-out files per split
+    workdir = tmp_path / "run"
+    port = portpicker.pick_unused_port()
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "LM_CACHE_DIR": str(tmp_path)}
+        cmd = [sys.executable, "-m", "lm.main", TINY, f"--workdir={workdir}", "--config.train.steps=10",
+               f"--config.data.source={source}", f"--config.data.data_dir={tmp_path / 'data'}", SMALL_VOCAB,
+               f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+               "--config.parallel.num_processes=2", f"--config.parallel.process_id={i}",
+               "--config.parallel.mesh=(2,2,1)"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in outs[0][0]
+    lines = metrics(workdir)
+    assert [m["step"] for m in lines] == [5, 10]  # written once, by process 0
+    assert "eval/loss" in lines[-1]
+    assert (workdir / "checkpoints" / "10").is_dir()
+    assert (workdir / "samples.txt").exists()
