@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
                    rope_base=10_000.0, max_len=256),
         data=dict(source="shakespeare", task="lm", seq_len=256, batch_size=16, vocab_size=4096),
         optimizer=dict(name="adamw", learning_rate=2e-3, warmup_steps=50),
-        train=dict(steps=600, log_every=20, eval_every=200, checkpoint_every=200,
+        train=dict(steps=480, log_every=20, eval_every=160, checkpoint_every=160,
                    sample_prompt="ROMEO.\n", sample_tokens=120),
     )
     if arg == "tiny":

@@ -206,3 +206,33 @@ def test_two_processes_train_together(tmp_path):
     assert "eval/loss" in lines[-1]
     assert (workdir / "checkpoints" / "10").is_dir()
     assert (workdir / "samples.txt").exists()
+
+
+def test_interrupted_run_resumes_exactly_through_the_real_pipeline(trained, tmp_path):
+    """10 steps, stop, rerun to 20 == one unbroken 20-step run: same losses, same parameters."""
+    import jax
+
+    from lm.checkpoint import Checkpointer
+
+    root, source, unbroken, _ = trained
+    workdir = tmp_path / "run"
+    # The schedule is that of the 20-step run in both invocations (decay_steps defaults to steps).
+    schedule = "--config.optimizer.decay_steps=20"
+    run_cli(TINY, "--config.train.steps=10", schedule, workdir=workdir, source=source, data_dir=root / "data")
+    run_cli(TINY, "--config.train.steps=20", schedule, workdir=workdir, source=source, data_dir=root / "data")
+    resumed_lines, unbroken_lines = metrics(workdir), metrics(unbroken)
+    assert [m["step"] for m in resumed_lines] == [5, 10, 15, 20]
+    for a, b in zip(resumed_lines, unbroken_lines, strict=True):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert resumed_lines[-1]["eval/loss"] == unbroken_lines[-1]["eval/loss"]
+
+    def params_at_20(path):
+        checkpointer = Checkpointer(path, async_save=False)
+        import orbax.checkpoint as ocp
+
+        restored = checkpointer.manager.restore(
+            20, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        checkpointer.close()
+        return restored["params"]
+
+    jax.tree.map(np.testing.assert_array_equal, params_at_20(workdir), params_at_20(unbroken))
