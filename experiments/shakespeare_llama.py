@@ -4,7 +4,17 @@ Command (2-core CPU):
 
     python -m lm.main --config experiments/shakespeare_llama.py --workdir workdirs/shakespeare_llama
 
-Same data and tokenizer settings as shakespeare_gpt; 4 query heads sharing 2 key/value heads.
+Same data, tokenizer and budget as shakespeare_gpt; 4 query heads sharing 2 key/value heads.
+
+Measured on the 2-core CPU dev machine (2026-11-23), 4.00M parameters, 480 steps of
+16 x 256 tokens, about 3,450 tokens/s:
+
+    step   train loss   validation loss   perplexity   bits/byte
+     160      4.58           4.622           101.7        2.340
+     320      4.05           4.250            70.1        2.152
+     480      4.08           4.152            63.5        2.102
+
+    wall time: 10 min 6 s; unigram baseline 6.063 nats/token (GPT-2 family: 4.525)
 Arg: 'tiny' gives a seconds-long smoke run (used by the tests).
 """
 
