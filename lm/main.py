@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 
@@ -240,7 +241,9 @@ def run():
     try:
         app.run(main)
     except (ValueError, checkpoint.CheckpointMismatchError) as e:  # bad input: one clear line, exit 2
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("LM_DEBUG"):
+            raise
+        print(f"error: {e}\n(set LM_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
 
 
