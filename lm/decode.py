@@ -52,6 +52,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     return tokens, valid, positions
 
 
+def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Non-empty prompts that, with the new tokens, fit the model's learned positions."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
+    limit = model.config.max_len if model.config.position == "learned" else None
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{limit} learned positions; shorten the prompt or ask for fewer tokens"
+        )
+
+
 @functools.partial(
     jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
 )
@@ -94,15 +107,7 @@ def generate(
     eos_id: int | None = None,
 ) -> list[list[int]]:
     """Continuations (token ids, without the prompt, cut after eos) for a batch of prompts."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
-    limit = model.config.max_len if model.config.position == "learned" else None
-    longest = max(len(p) for p in prompts)
-    if limit is not None and longest + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"{limit} learned positions; shorten the prompt or ask for fewer tokens"
-        )
+    check_prompts(model, prompts, max_new_tokens)
     tokens, valid, positions = left_pad(prompts)
     out = _generate(
         model, params, tokens, valid, positions, jax.random.PRNGKey(seed),
@@ -157,3 +162,104 @@ def generate_seq2seq(
     for row in np.asarray(out).tolist():
         results.append(row[: row.index(eos_id)] if eos_id in row else row)
     return results
+
+
+# ------------------------------------------------------------------------------ beam search
+
+
+def length_penalty(lengths, alpha: float):
+    """GNMT length normalisation ((5 + length) / 6) ** alpha (Wu et al. 2016); alpha 0 = none."""
+    return ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(tree, beam_index, batch: int, beams: int):
+    """Reorders every [batch * beams, ...] leaf by beam_index [batch, beams]; scalars pass through."""
+    flat = (beam_index + jnp.arange(batch)[:, None] * beams).reshape(-1)
+
+    def gather(x):
+        if x.ndim == 0 or x.shape[0] != batch * beams:
+            return x
+        return x[flat]
+
+    return jax.tree.map(gather, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens", "eos_id", "alpha"))
+def _beam_search(model, params, tokens, valid, positions, *, beams, max_new_tokens, eos_id, alpha):
+    """Beam state is flat over [batch * beams] rows so one gather reorders cache and history."""
+    batch, prompt_len = tokens.shape
+    rows = batch * beams
+    cache = init_cache(model, params, rows, prompt_len + max_new_tokens)
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache}, jnp.repeat(tokens, beams, axis=0),
+        segment_ids=jnp.repeat(valid, beams, axis=0).astype(jnp.int32),
+        positions=jnp.repeat(positions, beams, axis=0), decode=True, mutable=["cache"],
+    )
+    vocab = logits.shape[-1]
+    # Only the first beam is live at the start, so the first step does not pick duplicates.
+    first = jnp.tile(jnp.array([0.0] + [-1e9] * (beams - 1), jnp.float32), batch)
+    state = dict(
+        cache=mutated["cache"], logits=logits[:, -1], scores=first,
+        finished=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
+        sequences=jnp.zeros((rows, max_new_tokens), jnp.int32),
+        position=jnp.repeat(positions[:, -1] + 1, beams),
+    )
+    # A finished beam can only continue with padding (id 0), at no cost.
+    done_row = jnp.full((vocab,), -jnp.inf).at[0].set(0.0)
+
+    def step(state, t):
+        logp = jax.nn.log_softmax(state["logits"], axis=-1)
+        logp = jnp.where(state["finished"][:, None], done_row, logp)
+        candidates = (state["scores"][:, None] + logp).reshape(batch, beams * vocab)
+        scores, flat_index = jax.lax.top_k(candidates, beams)
+        token = (flat_index % vocab).astype(jnp.int32).reshape(rows)
+        picked = _gather_beams(
+            {k: state[k] for k in ("cache", "finished", "lengths", "sequences", "position")},
+            flat_index // vocab, batch, beams,
+        )
+        ended = token == eos_id if eos_id is not None else jnp.zeros_like(picked["finished"])
+        logits, mutated = model.apply(
+            {"params": params, "cache": picked["cache"]}, token[:, None],
+            positions=picked["position"][:, None], decode=True, mutable=["cache"],
+        )
+        return dict(
+            cache=mutated["cache"], logits=logits[:, -1], scores=scores.reshape(rows),
+            finished=picked["finished"] | ended,
+            lengths=picked["lengths"] + (~picked["finished"]).astype(jnp.int32),
+            sequences=picked["sequences"].at[:, t].set(token), position=picked["position"] + 1,
+        ), None
+
+    state, _ = jax.lax.scan(step, state, jnp.arange(max_new_tokens))
+    scores = state["scores"].reshape(batch, beams)
+    normalised = scores / length_penalty(jnp.maximum(state["lengths"].reshape(batch, beams), 1), alpha)
+    best = jnp.argmax(normalised, axis=-1)
+    sequences = state["sequences"].reshape(batch, beams, max_new_tokens)
+    return sequences[jnp.arange(batch), best], scores[jnp.arange(batch), best]
+
+
+def beam_search(
+    model: DecoderOnly,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    beams: int = 4,
+    eos_id: int | None = None,
+    length_penalty_alpha: float = 0.6,
+) -> tuple[list[list[int]], list[float]]:
+    """Beam search with the KV cache; returns the best continuation per prompt (cut after eos)
+    and its summed log-probability. Beams are ranked at the end by score / GNMT length penalty."""
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
+    check_prompts(model, prompts, max_new_tokens)
+    tokens, valid, positions = left_pad(prompts)
+    out, scores = _beam_search(
+        model, params, tokens, valid, positions, beams=beams, max_new_tokens=max_new_tokens,
+        eos_id=eos_id, alpha=float(length_penalty_alpha),
+    )
+    results = []
+    for row in np.asarray(out).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        results.append(row)
+    return results, [float(s) for s in np.asarray(scores)]

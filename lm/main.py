@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from lm import checkpoint, parallel
 from lm import config as config_lib
 from lm.data import pipeline
-from lm.decode import generate, generate_seq2seq
+from lm.decode import beam_search, generate, generate_seq2seq
 from lm.models.transformer import ModelConfig, build_model
 from lm.train import Trainer, create_trainer, train_loop
 
@@ -38,6 +38,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "sample: 0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).")
 _SPLIT = flags.DEFINE_string("split", "validation", "eval: data split.")
 
 
@@ -110,15 +111,23 @@ def loss_evaluator(trainer: Trainer, data_cfg, tokenizer, split: str, seed: int)
 
 
 def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_tokens, temperature,
-            top_k=0, top_p=1.0, seed=0) -> list[str]:
-    """Decoded continuations (decoder-only) or translations (encoder-decoder) of text prompts."""
+            top_k=0, top_p=1.0, seed=0, beams=0) -> list[str]:
+    """Decoded continuations (decoder-only) or translations (encoder-decoder) of text prompts.
+
+    beams > 0 uses beam search (decoder-only) instead of sampling.
+    """
     if trainer.model_config.architecture == "decoder":
         ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
         limit = trainer.model_config.max_len if trainer.model_config.position == "learned" else None
         if limit is not None:
             max_new_tokens = min(max_new_tokens, limit - max(len(i) for i in ids))
-        out = generate(trainer.model, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, eos_id=tokenizer.eos_id)
+        if beams > 0:
+            out, _ = beam_search(trainer.model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
+                                 eos_id=tokenizer.eos_id)
+        else:
+            out = generate(trainer.model, params, ids, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           eos_id=tokenizer.eos_id)
         return [p + tokenizer.decode(o) for p, o in zip(prompts, out, strict=True)]
     ids = [tokenizer.encode(p)[: data_cfg.encoder_len - 1] + [tokenizer.eos_id] for p in prompts]
     out = generate_seq2seq(trainer.model, params, ids, max_new_tokens=min(max_new_tokens, data_cfg.seq_len),
@@ -206,7 +215,7 @@ def sample_command(workdir: pathlib.Path) -> None:
     prompts = _PROMPT.value or default_prompts(data_cfg, tokenizer, train_cfg)
     for text in samples(trainer, state.params, tokenizer, data_cfg, prompts, max_new_tokens=_MAX_NEW.value,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                        seed=_SEED.value):
+                        seed=_SEED.value, beams=_BEAMS.value):
         print(text)
         print("-" * 40)
 

@@ -74,3 +74,37 @@ def test_seq2seq_greedy_matches_teacher_forced_argmax():
             logits = model.apply({"params": params}, jnp.array([tokens]), encoder_inputs=jnp.array([src]))
             tokens.append(int(jnp.argmax(logits[0, -1])))
         assert got == tokens[1:]
+
+
+def sequence_logprob(model, params, prompt, continuation):
+    tokens = jnp.array([list(prompt) + list(continuation)])
+    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens)[0], axis=-1)
+    start = len(prompt) - 1
+    return float(sum(logp[start + i, t] for i, t in enumerate(continuation)))
+
+
+def test_beam_of_one_is_greedy(model_and_params):
+    model, params = model_and_params
+    prompts = [[5, 9, 3, 7, 11], [4, 2], [8]]
+    greedy = decode.generate(model, params, prompts, max_new_tokens=6)
+    beam, _ = decode.beam_search(model, params, prompts, max_new_tokens=6, beams=1)
+    assert beam == greedy
+
+
+def test_beam_search_scores_are_exact_and_beat_greedy(model_and_params):
+    model, params = model_and_params
+    prompts = [[5, 9, 3], [4, 2, 6, 1]]
+    greedy = decode.generate(model, params, prompts, max_new_tokens=5)
+    beam, scores = decode.beam_search(model, params, prompts, max_new_tokens=5, beams=4,
+                                      length_penalty_alpha=0.0)
+    for prompt, g, b, score in zip(prompts, greedy, beam, scores, strict=True):
+        assert score == pytest.approx(sequence_logprob(model, params, prompt, b), abs=1e-4)
+        assert score >= sequence_logprob(model, params, prompt, g) - 1e-4
+
+
+def test_beam_search_stops_finished_beams_at_eos(model_and_params):
+    model, params = model_and_params
+    greedy = decode.generate(model, params, [[3, 4]], max_new_tokens=8)[0]
+    eos = greedy[1]
+    beam, _ = decode.beam_search(model, params, [[3, 4]], max_new_tokens=8, beams=1, eos_id=eos)
+    assert beam[0] == greedy[: greedy.index(eos)]

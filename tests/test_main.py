@@ -89,6 +89,9 @@ def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
     out = run_cli("sample", "--prompt=The king", "--max_new_tokens=8", workdir=copy, source=None,
                   data_dir=root / "data")
     assert out.stdout.startswith("The king")
+    beam = run_cli("sample", "--prompt=The king", "--max_new_tokens=8", "--beams=3", workdir=copy,
+                   source=None, data_dir=root / "data")
+    assert beam.stdout.startswith("The king")
     ev = run_cli("eval", "--split=test", workdir=copy, source=None, data_dir=root / "data")
     result = json.loads(ev.stdout[ev.stdout.index("{"):])
     assert result["step"] == 30 and result["split"] == "test" and result["loss"] > 0
