@@ -114,12 +114,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_id=eos_id,
     )
-    results = []
-    for row in np.asarray(out).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        results.append(row)
-    return results
+    return _cut_at_eos(out, eos_id)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "bos_id", "eos_id"))
@@ -150,18 +145,10 @@ def generate_seq2seq(
     eos_id: int,
 ) -> list[list[int]]:
     """Greedy outputs of an encoder-decoder for a batch of source token lists (cut at eos)."""
-    length = max(len(s) for s in sources)
-    tokens = np.zeros((len(sources), length), np.int32)
-    valid = np.zeros((len(sources), length), bool)
-    for i, s in enumerate(sources):
-        tokens[i, : len(s)] = s
-        valid[i, : len(s)] = True
+    tokens, valid = _right_pad(sources)
     out = _generate_seq2seq(model, params, tokens, valid, max_new_tokens=max_new_tokens, bos_id=bos_id,
                             eos_id=eos_id)
-    results = []
-    for row in np.asarray(out).tolist():
-        results.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return results
+    return _cut_at_eos(out, eos_id)
 
 
 # ------------------------------------------------------------------------------ beam search
@@ -184,25 +171,22 @@ def _gather_beams(tree, beam_index, batch: int, beams: int):
     return jax.tree.map(gather, tree)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens", "eos_id", "alpha"))
-def _beam_search(model, params, tokens, valid, positions, *, beams, max_new_tokens, eos_id, alpha):
-    """Beam state is flat over [batch * beams] rows so one gather reorders cache and history."""
-    batch, prompt_len = tokens.shape
+def _beam_loop(apply_step, cache, logits, position, *, batch, beams, max_new_tokens, eos_id, alpha):
+    """The beam search shared by both architectures.
+
+    apply_step(cache, token [rows], position [rows]) -> (logits [rows, vocab], cache), with
+    rows = batch * beams; logits [rows, vocab] are the first step's. Beam state is flat over
+    rows so that one gather reorders the cache and the history. Returns the best sequence
+    [batch, max_new_tokens] and its summed log-probability [batch].
+    """
     rows = batch * beams
-    cache = init_cache(model, params, rows, prompt_len + max_new_tokens)
-    logits, mutated = model.apply(
-        {"params": params, "cache": cache}, jnp.repeat(tokens, beams, axis=0),
-        segment_ids=jnp.repeat(valid, beams, axis=0).astype(jnp.int32),
-        positions=jnp.repeat(positions, beams, axis=0), decode=True, mutable=["cache"],
-    )
     vocab = logits.shape[-1]
     # Only the first beam is live at the start, so the first step does not pick duplicates.
     first = jnp.tile(jnp.array([0.0] + [-1e9] * (beams - 1), jnp.float32), batch)
     state = dict(
-        cache=mutated["cache"], logits=logits[:, -1], scores=first,
-        finished=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
-        sequences=jnp.zeros((rows, max_new_tokens), jnp.int32),
-        position=jnp.repeat(positions[:, -1] + 1, beams),
+        cache=cache, logits=logits, scores=first, finished=jnp.zeros((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32), sequences=jnp.zeros((rows, max_new_tokens), jnp.int32),
+        position=position,
     )
     # A finished beam can only continue with padding (id 0), at no cost.
     done_row = jnp.full((vocab,), -jnp.inf).at[0].set(0.0)
@@ -218,12 +202,9 @@ def _beam_search(model, params, tokens, valid, positions, *, beams, max_new_toke
             flat_index // vocab, batch, beams,
         )
         ended = token == eos_id if eos_id is not None else jnp.zeros_like(picked["finished"])
-        logits, mutated = model.apply(
-            {"params": params, "cache": picked["cache"]}, token[:, None],
-            positions=picked["position"][:, None], decode=True, mutable=["cache"],
-        )
+        logits, cache = apply_step(picked["cache"], token, picked["position"])
         return dict(
-            cache=mutated["cache"], logits=logits[:, -1], scores=scores.reshape(rows),
+            cache=cache, logits=logits, scores=scores.reshape(rows),
             finished=picked["finished"] | ended,
             lengths=picked["lengths"] + (~picked["finished"]).astype(jnp.int32),
             sequences=picked["sequences"].at[:, t].set(token), position=picked["position"] + 1,
@@ -235,6 +216,48 @@ def _beam_search(model, params, tokens, valid, positions, *, beams, max_new_toke
     best = jnp.argmax(normalised, axis=-1)
     sequences = state["sequences"].reshape(batch, beams, max_new_tokens)
     return sequences[jnp.arange(batch), best], scores[jnp.arange(batch), best]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens", "eos_id", "alpha"))
+def _beam_search(model, params, tokens, valid, positions, *, beams, max_new_tokens, eos_id, alpha):
+    batch, prompt_len = tokens.shape
+    cache = init_cache(model, params, batch * beams, prompt_len + max_new_tokens)
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache}, jnp.repeat(tokens, beams, axis=0),
+        segment_ids=jnp.repeat(valid, beams, axis=0).astype(jnp.int32),
+        positions=jnp.repeat(positions, beams, axis=0), decode=True, mutable=["cache"],
+    )
+
+    def apply_step(cache, token, position):
+        logits, mutated = model.apply({"params": params, "cache": cache}, token[:, None],
+                                      positions=position[:, None], decode=True, mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    return _beam_loop(apply_step, mutated["cache"], logits[:, -1], jnp.repeat(positions[:, -1] + 1, beams),
+                      batch=batch, beams=beams, max_new_tokens=max_new_tokens, eos_id=eos_id, alpha=alpha)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens", "bos_id", "eos_id", "alpha"))
+def _beam_search_seq2seq(model, params, source, source_valid, *, beams, max_new_tokens, bos_id, eos_id,
+                         alpha):
+    batch = source.shape[0]
+    seg = jnp.repeat(source_valid.astype(jnp.int32), beams, axis=0)
+    # Beams of one example share its encoding, so reordering beams never needs to move it.
+    encoded = model.apply({"params": params}, jnp.repeat(source, beams, axis=0), encoder_segment_ids=seg,
+                          method=EncoderDecoder.encode)
+    cache = init_cache(model, params, batch * beams, max_new_tokens + 1, encoder_len=source.shape[1])
+
+    def apply_step(cache, token, position):
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, encoded, token[:, None], encoder_segment_ids=seg,
+            positions=position[:, None], decode=True, mutable=["cache"], method=EncoderDecoder.decode,
+        )
+        return logits[:, -1], mutated["cache"]
+
+    rows = batch * beams
+    logits, cache = apply_step(cache, jnp.full((rows,), bos_id, jnp.int32), jnp.zeros((rows,), jnp.int32))
+    return _beam_loop(apply_step, cache, logits, jnp.ones((rows,), jnp.int32), batch=batch, beams=beams,
+                      max_new_tokens=max_new_tokens, eos_id=eos_id, alpha=alpha)
 
 
 def beam_search(
@@ -257,9 +280,40 @@ def beam_search(
         model, params, tokens, valid, positions, beams=beams, max_new_tokens=max_new_tokens,
         eos_id=eos_id, alpha=float(length_penalty_alpha),
     )
+    return _cut_at_eos(out, eos_id), [float(s) for s in np.asarray(scores)]
+
+
+def beam_search_seq2seq(
+    model: EncoderDecoder, params, sources: Sequence[Sequence[int]], *, max_new_tokens: int, bos_id: int,
+    eos_id: int, beams: int = 4, length_penalty_alpha: float = 0.6,
+) -> tuple[list[list[int]], list[float]]:
+    """Beam search for an encoder-decoder: best output per source (cut at eos) and its log-prob."""
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
+    tokens, valid = _right_pad(sources)
+    out, scores = _beam_search_seq2seq(
+        model, params, tokens, valid, beams=beams, max_new_tokens=max_new_tokens, bos_id=bos_id,
+        eos_id=eos_id, alpha=float(length_penalty_alpha),
+    )
+    return _cut_at_eos(out, eos_id), [float(s) for s in np.asarray(scores)]
+
+
+def _right_pad(sources: Sequence[Sequence[int]]):
+    """-> tokens [batch, max_len], valid [batch, max_len] bool (encoder inputs are right-padded)."""
+    length = max(len(s) for s in sources)
+    tokens = np.zeros((len(sources), length), np.int32)
+    valid = np.zeros((len(sources), length), bool)
+    for i, s in enumerate(sources):
+        tokens[i, : len(s)] = s
+        valid[i, : len(s)] = True
+    return tokens, valid
+
+
+def _cut_at_eos(out, eos_id: int | None) -> list[list[int]]:
+    """Rows of token ids [batch, length] -> lists cut before the first eos."""
     results = []
     for row in np.asarray(out).tolist():
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         results.append(row)
-    return results, [float(s) for s in np.asarray(scores)]
+    return results

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from lm import checkpoint, parallel
 from lm import config as config_lib
 from lm.data import pipeline
-from lm.decode import beam_search, generate, generate_seq2seq
+from lm.decode import beam_search, beam_search_seq2seq, generate, generate_seq2seq
 from lm.models.transformer import ModelConfig, build_model
 from lm.train import Trainer, create_trainer, train_loop
 
@@ -114,7 +114,7 @@ def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_t
             top_k=0, top_p=1.0, seed=0, beams=0) -> list[str]:
     """Decoded continuations (decoder-only) or translations (encoder-decoder) of text prompts.
 
-    beams > 0 uses beam search (decoder-only) instead of sampling.
+    beams > 0 uses beam search instead of sampling (decoder-only) or greedy (encoder-decoder).
     """
     if trainer.model_config.architecture == "decoder":
         ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
@@ -130,8 +130,13 @@ def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_t
                            eos_id=tokenizer.eos_id)
         return [p + tokenizer.decode(o) for p, o in zip(prompts, out, strict=True)]
     ids = [tokenizer.encode(p)[: data_cfg.encoder_len - 1] + [tokenizer.eos_id] for p in prompts]
-    out = generate_seq2seq(trainer.model, params, ids, max_new_tokens=min(max_new_tokens, data_cfg.seq_len),
-                           bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    max_new_tokens = min(max_new_tokens, data_cfg.seq_len)
+    if beams > 0:
+        out, _ = beam_search_seq2seq(trainer.model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
+                                     bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    else:
+        out = generate_seq2seq(trainer.model, params, ids, max_new_tokens=max_new_tokens,
+                               bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     return [f"{p}\n  -> {tokenizer.decode(o)}" for p, o in zip(prompts, out, strict=True)]
 
 

@@ -108,3 +108,24 @@ def test_beam_search_stops_finished_beams_at_eos(model_and_params):
     eos = greedy[1]
     beam, _ = decode.beam_search(model, params, [[3, 4]], max_new_tokens=8, beams=1, eos_id=eos)
     assert beam[0] == greedy[: greedy.index(eos)]
+
+
+def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher():
+    config = T.preset("t5", **T.TINY, head_dim=8)
+    model = T.build_model(config)
+    params = nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
+    sources = [[5, 6, 7, 8], [9, 10]]
+    greedy = decode.generate_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1)
+    one, _ = decode.beam_search_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1,
+                                        beams=1)
+    assert one == greedy
+    wide, scores = decode.beam_search_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1,
+                                              beams=4, length_penalty_alpha=0.0)
+    for src, g, w, score in zip(sources, greedy, wide, scores, strict=True):
+        def logprob(out, src=src):
+            tokens = jnp.array([[2] + out[:-1]])
+            logp = jax.nn.log_softmax(model.apply({"params": params}, tokens, encoder_inputs=jnp.array([src]))[0])
+            return float(sum(logp[i, t] for i, t in enumerate(out)))
+
+        assert score == pytest.approx(logprob(w), abs=1e-4)
+        assert score >= logprob(g) - 1e-4
