@@ -317,3 +317,15 @@ def _cut_at_eos(out, eos_id: int | None) -> list[list[int]]:
             row = row[: row.index(eos_id)]
         results.append(row)
     return results
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the earliest occurrence of any stop string (as lm-evaluation-harness's
+    `until`); unchanged if none occurs."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            index = text.find(stop)
+            if index != -1:
+                cut = min(cut, index)
+    return text[:cut]

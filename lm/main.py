@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from lm import checkpoint, parallel
 from lm import config as config_lib
 from lm.data import pipeline
-from lm.decode import beam_search, beam_search_seq2seq, generate, generate_seq2seq
+from lm.decode import beam_search, beam_search_seq2seq, cut_at_stop, generate, generate_seq2seq
 from lm.models.transformer import ModelConfig, build_model
 from lm.train import Trainer, create_trainer, train_loop
 
@@ -38,6 +38,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "sample: 0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "sample: cut the continuation at this string (repeatable).")
 _BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).")
 _SPLIT = flags.DEFINE_string("split", "validation", "eval: data split.")
 
@@ -111,7 +112,7 @@ def loss_evaluator(trainer: Trainer, data_cfg, tokenizer, split: str, seed: int)
 
 
 def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_tokens, temperature,
-            top_k=0, top_p=1.0, seed=0, beams=0) -> list[str]:
+            top_k=0, top_p=1.0, seed=0, beams=0, stops=()) -> list[str]:
     """Decoded continuations (decoder-only) or translations (encoder-decoder) of text prompts.
 
     beams > 0 uses beam search instead of sampling (decoder-only) or greedy (encoder-decoder).
@@ -128,7 +129,7 @@ def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_t
             out = generate(trainer.model, params, ids, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                            eos_id=tokenizer.eos_id)
-        return [p + tokenizer.decode(o) for p, o in zip(prompts, out, strict=True)]
+        return [p + cut_at_stop(tokenizer.decode(o), stops) for p, o in zip(prompts, out, strict=True)]
     ids = [tokenizer.encode(p)[: data_cfg.encoder_len - 1] + [tokenizer.eos_id] for p in prompts]
     max_new_tokens = min(max_new_tokens, data_cfg.seq_len)
     if beams > 0:
@@ -137,7 +138,7 @@ def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_t
     else:
         out = generate_seq2seq(trainer.model, params, ids, max_new_tokens=max_new_tokens,
                                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    return [f"{p}\n  -> {tokenizer.decode(o)}" for p, o in zip(prompts, out, strict=True)]
+    return [f"{p}\n  -> {cut_at_stop(tokenizer.decode(o), stops)}" for p, o in zip(prompts, out, strict=True)]
 
 
 def default_prompts(data_cfg, tokenizer, train_cfg) -> list[str]:
@@ -220,7 +221,7 @@ def sample_command(workdir: pathlib.Path) -> None:
     prompts = _PROMPT.value or default_prompts(data_cfg, tokenizer, train_cfg)
     for text in samples(trainer, state.params, tokenizer, data_cfg, prompts, max_new_tokens=_MAX_NEW.value,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                        seed=_SEED.value, beams=_BEAMS.value):
+                        seed=_SEED.value, beams=_BEAMS.value, stops=_STOP.value):
         print(text)
         print("-" * 40)
 

@@ -129,3 +129,9 @@ def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher():
 
         assert score == pytest.approx(logprob(w), abs=1e-4)
         assert score >= logprob(g) - 1e-4
+
+
+def test_cut_at_stop_uses_the_earliest_stop():
+    assert decode.cut_at_stop("Hello.\nWorld\n\nmore", ["\n\n", "\n"]) == "Hello."
+    assert decode.cut_at_stop("no stop here", ["###", ""]) == "no stop here"
+    assert decode.cut_at_stop("a###b", ["###"]) == "a"

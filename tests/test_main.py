@@ -92,6 +92,15 @@ def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
     beam = run_cli("sample", "--prompt=The king", "--max_new_tokens=8", "--beams=3", workdir=copy,
                    source=None, data_dir=root / "data")
     assert beam.stdout.startswith("The king")
+    def greedy(*flags):
+        out = run_cli("sample", "--prompt=The king", "--max_new_tokens=30", "--temperature=0", *flags,
+                      workdir=copy, source=None, data_dir=root / "data").stdout
+        return out.split("-" * 40)[0].rstrip("\n")[len("The king"):]
+
+    unstopped = greedy()
+    assert len(unstopped.strip()) >= 4, unstopped
+    stop = unstopped.strip()[2:4]  # a string the greedy continuation contains
+    assert greedy(f"--stop={stop}") == unstopped[: unstopped.index(stop)]
     ev = run_cli("eval", "--split=test", workdir=copy, source=None, data_dir=root / "data")
     result = json.loads(ev.stdout[ev.stdout.index("{"):])
     assert result["step"] == 30 and result["split"] == "test" and result["loss"] > 0
