@@ -169,9 +169,13 @@ def train_command(config, workdir: pathlib.Path) -> None:
     ))
     evaluators = {"eval": loss_evaluator(trainer, data_cfg, tokenizer, "validation", train_cfg.seed)}
     if data_cfg.task == "lm" and jax.process_index() == 0:
-        baseline = pipeline.unigram_entropy(data_cfg, tokenizer)
+        baseline_file = workdir / "baseline.json"  # computed once per workdir (same data and tokenizer)
+        if baseline_file.exists():
+            baseline = json.loads(baseline_file.read_text())["unigram_loss"]
+        else:
+            baseline = pipeline.unigram_entropy(data_cfg, tokenizer)
+            baseline_file.write_text(json.dumps({"unigram_loss": baseline}))
         print(f"unigram baseline on validation: {baseline:.3f} nats/token")
-        (workdir / "baseline.json").write_text(json.dumps({"unigram_loss": baseline}))
 
     def on_end(state):
         params = state.params
