@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: train on a corpus, save beside the run, load.
+"""SentencePiece tokenizers: train on a corpus, save beside the run, load; and
+:class:`PretrainedTokenizer`, the adapter for imported models' own vocabularies.
 
 Models trained here use fixed special ids (pad 0, unk 1, bos 2, eos 3), then
 ``'\\n'`` and any T5 sentinels ``<extra_id_i>`` as user-defined pieces, then 256
@@ -10,14 +11,19 @@ whitespace folding) so that bits-per-byte is measured on the real text.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
+
+if TYPE_CHECKING:  # `tokenizers` is only imported when an imported model needs it.
+    import tokenizers
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NEWLINE = '\n'
@@ -87,6 +93,161 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})'
+
+
+class PretrainedTokenizer:
+    """An imported model's tokenizer (a `tokenizers.Tokenizer`) behind :class:`Tokenizer`'s API.
+
+    Attributes:
+      vocab_size: the model's vocabulary size (ids ``0 .. vocab_size-1``).
+      pad_id, unk_id, bos_id, eos_id: the model's special ids (-1 when it has none).
+      add_bos: whether the model was trained with BOS prepended to every text;
+        :meth:`encode` never adds it, callers that build model inputs do.
+      path: the ``tokenizer.json`` it was loaded from ('' if built in memory).
+    """
+
+    def __init__(self, tokenizer, *, vocab_size: int, pad_id: int, unk_id: int, bos_id: int,
+                 eos_id: int, add_bos: bool, path: str | os.PathLike = ''):
+        self._tok = tokenizer
+        self.vocab_size = vocab_size
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = pad_id, unk_id, bos_id, eos_id
+        self.add_bos = add_bos
+        self.path = str(path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no bos/eos added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``; pad and other special tokens decode to ''."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.pad_id]
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def sentinel_id(self, i: int) -> int:
+        raise ValueError(f'{self!r} has no T5 sentinels; span corruption needs a tokenizer '
+                         'trained here (leave data.tokenizer empty).')
+
+    def to_json(self) -> str:
+        """Everything needed to rebuild this tokenizer (see :func:`load_tokenizer`)."""
+        return json.dumps({'tokenizer': json.loads(self._tok.to_str()), 'lm': {
+            'vocab_size': self.vocab_size, 'pad_id': self.pad_id, 'unk_id': self.unk_id,
+            'bos_id': self.bos_id, 'eos_id': self.eos_id, 'add_bos': self.add_bos}})
+
+    def save(self, path: str | os.PathLike) -> None:
+        _atomic_write(pathlib.Path(path), self.to_json().encode('utf-8'))
+        self.path = str(path)
+
+    @classmethod
+    def from_json(cls, text: str, path: str | os.PathLike = '') -> PretrainedTokenizer:
+        import tokenizers  # Only imported models need it.
+
+        data = json.loads(text)
+        return cls(tokenizers.Tokenizer.from_str(json.dumps(data['tokenizer'])), **data['lm'],
+                   path=path)
+
+    def __getstate__(self):
+        return {'json': self.to_json(), 'path': self.path}
+
+    def __setstate__(self, state):
+        other = PretrainedTokenizer.from_json(state['json'], state['path'])
+        self.__dict__.update(other.__dict__)
+
+    def __repr__(self) -> str:
+        return f'PretrainedTokenizer(path={self.path!r}, vocab_size={self.vocab_size})'
+
+
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which byte-level BPE spells with."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('\xa1'), ord('\xac') + 1),
+                 *range(ord('\xae'), ord('\xff') + 1)]
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _add_special_tokens(tok, tokens: Sequence[str], token_types: Sequence[int], allowed=None):
+    """Control tokens (``<|endoftext|>``) match whole and are special; user-defined ones
+    (``<start_of_turn>``-like) match whole but decode as text."""
+    from tokenizers import AddedToken
+
+    control, user = [], []
+    for token, kind in zip(tokens, token_types, strict=True):
+        if allowed is not None and not set(token) <= allowed:
+            continue  # A mislabelled entry outside the byte alphabet; not a real token.
+        if kind == CONTROL:
+            control.append(AddedToken(token, normalized=False, special=True))
+        elif kind == USER_DEFINED:
+            user.append(AddedToken(token, normalized=False, special=False))
+    tok.add_special_tokens(control)
+    tok.add_tokens(user)
+
+
+def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *,
+                   split_digits: bool) -> tokenizers.Tokenizer:
+    """GPT-2-style byte-level BPE from a vocabulary (GPT-2 byte alphabet) and ranked merges.
+
+    ``split_digits``: every digit is its own pre-token first (SmolLM2's tokenizer, and
+    llama.cpp's ``smollm`` pre-tokenizer), so numbers are spelled digit by digit.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = set(_gpt2_byte_alphabet().values())
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = [tuple(m.split(' ', 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab, pairs))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  byte_level]) if split_digits else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    _add_special_tokens(tok, tokens, token_types, allowed=alphabet)
+    return tok
+
+
+def sentencepiece_bpe(tokens: Sequence[str], token_types: Sequence[int], *,
+                      unk_token: str) -> tokenizers.Tokenizer:
+    """SentencePiece-style BPE with byte fallback from a vocabulary whose order is its merge
+    order (Gemma's GGUF: the file has no merges, and its scores do not rank them).
+
+    Merges are recovered from the vocabulary: every way of cutting a piece into two
+    pieces of the vocabulary is a merge, ranked by the merged piece's position in the
+    file, then longer left part first.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    # Whitespace-only pieces are stored with real spaces; the model spells a space U+2581.
+    tokens = [t.replace(' ', '\u2581') if t and not t.strip() else t for t in tokens]
+    vocab = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    ranked = []
+    for rank, piece in enumerate(tokens):
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                if piece[:k] in vocab and piece[k:] in vocab]
+        cuts.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        ranked.extend((rank, -len(left), -len(right), left, right) for left, right in cuts)
+    ranked.sort(key=lambda m: m[:3])
+    merges = [(left, right) for _, _, _, left, right in ranked]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(' ', '\u2581')
+    tok.pre_tokenizer = pre_tokenizers.Split(' ', behavior='merged_with_previous')
+    tok.decoder = decoders.Sequence([decoders.Replace('\u2581', ' '), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    _add_special_tokens(tok, tokens, token_types)
+    return tok
 
 
 def _id_or(value: int, default: int) -> int:

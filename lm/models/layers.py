@@ -89,11 +89,13 @@ class RMSNorm(nn.Module):
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "embed"  # logical axis of the normalised features
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", param_init(jax.nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+            "scale", param_init(jax.nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
+            self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)

@@ -40,8 +40,17 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_placement: str = "pre"  # pre (GPT-2, Llama, T5) | post (Vaswani et al.)
-    position: str = "learned"  # learned | sinusoidal | rotary | none
+    position: str = "learned"  # learned | sinusoidal | rotary | relative (T5 buckets) | none
     rope_base: float = 10_000.0
+    rope_local_base: float = 0.0  # RoPE base of sliding-window layers; 0 = rope_base (Gemma 3)
+    relative_buckets: int = 32  # position='relative': buckets of T5's bias table
+    relative_max_distance: int = 128
+    sliding_window: int = 0  # > 0: local layers see only this many recent positions
+    global_every: int = 0  # with sliding_window: every n-th layer (n-1, 2n-1, ...) sees all
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys (Gemma 3)
+    sublayer_output_norm: bool = False  # also normalise attention / MLP outputs (Gemma 2/3)
+    attention_scale: float = 0.0  # query-key logit scale; 0 = head_dim^-1/2 (T5 uses 1)
+    scale_tied_logits: bool = False  # T5: final hidden * d_model^-1/2 before tied logits
     max_len: int = 1024  # size of the learned position table
     use_bias: bool = True
     dropout: float = 0.0
@@ -59,7 +68,7 @@ class ModelConfig:
             ("architecture", ("decoder", "encoder_decoder")),
             ("norm", ("layernorm", "rmsnorm")),
             ("norm_placement", ("pre", "post")),
-            ("position", ("learned", "sinusoidal", "rotary", "none")),
+            ("position", ("learned", "sinusoidal", "rotary", "relative", "none")),
             ("mlp_activation", tuple(layers.ACTIVATIONS)),
             ("dtype", tuple(DTYPES)),
             ("param_dtype", tuple(DTYPES)),
@@ -70,6 +79,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}"
             )
+        if self.sublayer_output_norm and self.norm_placement != "pre":
+            raise ValueError("model.sublayer_output_norm needs model.norm_placement='pre'")
         if self.head_dim == 0 and self.d_model % self.num_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by num_heads={self.num_heads}: set head_dim"
@@ -82,6 +93,12 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    def is_local_layer(self, index: int) -> bool:
+        """Whether layer `index` attends within the sliding window only."""
+        if not self.sliding_window:
+            return False
+        return not (self.global_every and (index + 1) % self.global_every == 0)
 
     @property
     def encoder_layers(self) -> int:
@@ -184,20 +201,28 @@ class Block(nn.Module):
     config: ModelConfig
     causal: bool
     cross: bool = False
+    local: bool = False  # sliding-window layer
 
     def _norm(self, name):
         c = self.config
         return layers.make_norm(c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)
 
-    def _attention(self, name):
+    def _attention(self, name, is_self=True):
         c = self.config
+        local = self.local and is_self
         return Attention(
             num_heads=c.num_heads,
             num_kv_heads=c.kv_heads,
             head_dim=c.dim_per_head,
             use_bias=c.use_bias,
             rotary=c.position == "rotary",
-            rope_base=c.rope_base,
+            rope_base=(c.rope_local_base or c.rope_base) if local else c.rope_base,
+            qk_norm=c.qk_norm,
+            norm_eps=c.norm_eps,
+            window=c.sliding_window if local else 0,
+            scale=c.attention_scale,
+            relative_bidirectional=not self.causal,
+            relative_max_distance=c.relative_max_distance,
             dropout=c.attention_dropout,
             capture_attention=c.capture_attention,
             dtype=c.compute_dtype,
@@ -207,18 +232,24 @@ class Block(nn.Module):
             name=name,
         )
 
-    def _residual(self, x, sublayer, norm_name, deterministic):
-        """Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x))."""
+    def _residual(self, x, sublayer, norm_name, deterministic, output_norm_name=None):
+        """Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)).
+
+        With `sublayer_output_norm` (Gemma 2/3), pre-norm becomes x + norm'(f(norm(x))).
+        """
         c = self.config
         drop = nn.Dropout(c.dropout)
         if c.norm_placement == "pre":
-            return x + drop(sublayer(self._norm(norm_name)(x)), deterministic=deterministic)
+            h = sublayer(self._norm(norm_name)(x))
+            if c.sublayer_output_norm and output_norm_name:
+                h = self._norm(output_norm_name)(h)
+            return x + drop(h, deterministic=deterministic)
         return self._norm(norm_name)(x + drop(sublayer(x), deterministic=deterministic))
 
     @nn.compact
     def __call__(
         self, x, mask, *, positions, segment_ids=None, encoded=None, cross_mask=None,
-        deterministic=True, decode=False,
+        relative_table=None, deterministic=True, decode=False,
     ):
         """x [batch, length, embed] -> [batch, length, embed]."""
         c = self.config
@@ -227,13 +258,14 @@ class Block(nn.Module):
             x,
             lambda h: self_attention(
                 h, mask, positions=positions, segment_ids=segment_ids,
-                deterministic=deterministic, decode=decode,
+                relative_table=relative_table, deterministic=deterministic, decode=decode,
             ),
             "pre_attention_norm" if c.norm_placement == "pre" else "post_attention_norm",
             deterministic,
+            "attention_output_norm",
         )
         if self.cross:
-            cross_attention = self._attention("cross_attention")
+            cross_attention = self._attention("cross_attention", is_self=False)
             x = self._residual(
                 x,
                 lambda h: cross_attention(h, cross_mask, kv_inputs=encoded, deterministic=deterministic),
@@ -257,6 +289,7 @@ class Block(nn.Module):
             lambda h: mlp(h, deterministic=deterministic),
             "pre_mlp_norm" if c.norm_placement == "pre" else "post_mlp_norm",
             deterministic,
+            "mlp_output_norm",
         )
 
 
@@ -284,11 +317,22 @@ class Stack(nn.Module):
             x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
         elif c.position == "sinusoidal":
             x = x + layers.sinusoidal_positions(positions, c.d_model).astype(x.dtype)
+        relative_table = None
+        if c.position == "relative":
+            # T5: one bias table per stack, shared by all its layers' self-attention.
+            relative_table = self.param(
+                "relative_attention_bias",
+                layers.param_init(layers.normal(1.0), (None, "heads")),
+                (c.relative_buckets, c.num_heads),
+                c.weight_dtype,
+            )
         x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
         for i in range(self.num_layers):
-            x = Block(c, causal=self.causal, cross=self.cross, name=f"layer_{i}")(
+            x = Block(c, causal=self.causal, cross=self.cross, local=c.is_local_layer(i),
+                      name=f"layer_{i}")(
                 x, mask, positions=positions, segment_ids=segment_ids, encoded=encoded,
-                cross_mask=cross_mask, deterministic=deterministic, decode=decode,
+                cross_mask=cross_mask, relative_table=relative_table, deterministic=deterministic,
+                decode=decode,
             )
         if c.norm_placement == "pre":
             x = layers.make_norm(c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
@@ -313,6 +357,8 @@ def _embed(embedder: layers.Embed, c: ModelConfig, tokens):
 def _logits(c: ModelConfig, embedder, head, x):
     """x [batch, length, embed] -> float32 logits [batch, length, vocab]."""
     if c.tied_embeddings:
+        if c.scale_tied_logits:
+            x = x * jnp.asarray(c.d_model**-0.5, x.dtype)
         logits = embedder.attend(x)
     else:
         logits = head(x)
