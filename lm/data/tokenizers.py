@@ -350,17 +350,24 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
         raise
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a SentencePiece ``.model`` file.
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | PretrainedTokenizer:
+    """Loads a SentencePiece ``.model`` file, or an imported model's ``tokenizer.json``
+    (written by :meth:`PretrainedTokenizer.save`).
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: the file is not a SentencePiece model.
+      ValueError: the file is not a SentencePiece model (or not our tokenizer JSON).
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Tokenizer model {path} does not exist; set data.tokenizer to '
                                 'an existing .model file or leave it empty to train one.')
+    if path.suffix == '.json':
+        try:
+            return PretrainedTokenizer.from_json(path.read_text(), path)
+        except Exception as e:  # json, tokenizers and key errors alike
+            raise ValueError(f'{path} is not a tokenizer written by lm ({_first_line(e)}); '
+                             'point data.tokenizer at a .model or lm tokenizer.json file.') from e
     proto = path.read_bytes()
     try:
         return Tokenizer(proto, path)
