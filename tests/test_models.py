@@ -1,5 +1,7 @@
 """Model behaviour: causality, padding invariance, KV-cache equality, GQA, overfitting."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,10 +15,17 @@ FAMILIES = {
     "gpt2": T.preset("gpt2", **T.TINY),
     "llama": T.preset("llama", **T.TINY, num_kv_heads=2),
     "llama_mqa": T.preset("llama", **T.TINY, num_kv_heads=1, tied_embeddings=False),
+    # Local layers see 3 positions, so 10-token tests cross the window.
+    "gemma3": T.preset("gemma3", **T.TINY, num_kv_heads=1, head_dim=16, sliding_window=3,
+                       global_every=2),
 }
 SEQ2SEQ = {
     "transformer_base": T.preset("transformer_base", **T.TINY, dropout=0.0),
     "t5": T.preset("t5", **T.TINY, head_dim=8, shared_embeddings=False),
+    # Original T5: relative position buckets, unscaled logits, tied head scaled by d^-1/2.
+    "t5_relative": T.preset("t5", **T.TINY, head_dim=8, position="relative", relative_buckets=8,
+                            relative_max_distance=16, attention_scale=1.0, tied_embeddings=True,
+                            scale_tied_logits=True, init_std=0.1),
 }
 
 
@@ -84,6 +93,49 @@ def test_kv_cache_matches_full_forward(name):
         cache = mut["cache"]
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_sliding_window_limits_what_a_local_layer_sees():
+    """One local layer with window 3: position t depends on tokens t-2..t only."""
+    config = T.preset("gemma3", **{**T.TINY, "num_layers": 1}, num_kv_heads=1, head_dim=16,
+                      sliding_window=3)
+    model, params = init(config)
+    tokens = random_tokens((1, 10), config.vocab_size, 8)
+    base = model.apply({"params": params}, tokens)
+    changed = model.apply({"params": params}, tokens.at[:, 4].set((tokens[0, 4] + 1) % 97))
+    np.testing.assert_allclose(base[:, 7:], changed[:, 7:], atol=1e-6)
+    assert not np.allclose(base[:, 4:7], changed[:, 4:7])
+    # A global layer (every layer when global_every=1) sees everything.
+    wide = T.preset("gemma3", **{**T.TINY, "num_layers": 1}, num_kv_heads=1, head_dim=16,
+                    sliding_window=3, global_every=1)
+    assert not wide.is_local_layer(0) and config.is_local_layer(0)
+    model = T.build_model(wide)
+    a = model.apply({"params": params}, tokens)
+    b = model.apply({"params": params}, tokens.at[:, 4].set((tokens[0, 4] + 1) % 97))
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_local_layers_use_their_own_rope_base():
+    config = T.preset("gemma3", **T.TINY, num_kv_heads=1, head_dim=16, sliding_window=64,
+                      global_every=2)
+    model, params = init(config)
+    tokens = random_tokens((1, 8), config.vocab_size, 9)
+    same_base = T.build_model(dataclasses.replace(config, rope_local_base=config.rope_base))
+    assert not np.allclose(model.apply({"params": params}, tokens),
+                           same_base.apply({"params": params}, tokens))
+
+
+def test_relative_position_buckets():
+    from lm.models.attention import relative_position_bucket
+
+    rel = jnp.arange(-20, 21)
+    both = relative_position_bucket(rel, bidirectional=True, num_buckets=8, max_distance=16)
+    # 4 buckets per direction: distances 0, 1 exact, then log-spaced up to 16, then saturated.
+    assert both[20] == 0 and both[19] == 1 and both[21] == 5
+    assert both[0] == 3 and both[-1] == 7  # beyond max_distance: last bucket of each side
+    assert (np.diff(np.asarray(both[:21])) <= 0).all()  # farther in the past: higher bucket
+    causal = relative_position_bucket(rel, bidirectional=False, num_buckets=8, max_distance=16)
+    assert (causal[20:] == 0).all() and causal[19] == 1 and causal[0] == 7
 
 
 @pytest.mark.parametrize("name", sorted(SEQ2SEQ))

@@ -161,6 +161,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         position="rotary", rope_base=100_000.0, use_bias=False, tied_embeddings=True,
         vocab_size=49152, max_len=8192,
     ),
+    # Gemma 3 270M shape: 5 sliding-window layers (RoPE base 1e4) per global one (1e6),
+    # query/key norms, norms on sublayer outputs, GeGLU, embeddings scaled by sqrt(d).
+    "gemma3": dict(
+        architecture="decoder", d_model=640, num_layers=18, num_heads=4, num_kv_heads=1,
+        head_dim=256, mlp_dim=2048, mlp_activation="gelu_tanh", mlp_gated=True, norm="rmsnorm",
+        norm_eps=1e-6, position="rotary", rope_base=1_000_000.0, rope_local_base=10_000.0,
+        sliding_window=512, global_every=6, qk_norm=True, sublayer_output_norm=True,
+        scale_embeddings=True, use_bias=False, tied_embeddings=True, vocab_size=262144,
+        max_len=32768,
+    ),
     # Transformer base (Vaswani et al. 2017): post-norm, sinusoids, ReLU, shared embeddings.
     "transformer_base": dict(
         architecture="encoder_decoder", d_model=512, num_layers=6, num_heads=8, mlp_dim=2048,
