@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import ml_collections
 
+from lm import lora
 from lm.data.pipeline import DataConfig
-from lm.models.transformer import PRESETS, ModelConfig
+from lm.models.transformer import PRESETS, ModelConfig, build_model, dummy_inputs
 from lm.parallel import ParallelConfig
 from lm.train import OptimizerConfig, TrainConfig
 
@@ -79,5 +81,15 @@ def build(values: dict[str, Any]):
     par = ParallelConfig.from_dict(values.get("parallel", {}))
     model_values = dict(values.get("model", {}))
     # Validate the keys now even if the vocabulary comes from the tokenizer later.
-    ModelConfig.from_dict({**model_values, "vocab_size": model_values.get("vocab_size") or 1})
+    model = ModelConfig.from_dict({**model_values, "vocab_size": model_values.get("vocab_size") or 1})
+    if train.lora.enabled:
+        check_lora_targets(model, train.lora)
     return model_values, data, optimizer, train, par
+
+
+def check_lora_targets(model: ModelConfig, lora_config: lora.LoraConfig) -> None:
+    """Raises ValueError if train.lora_targets names no kernel of the model (or a misspelt one),
+    before a run writes anything. Shapes only: nothing is initialised."""
+    module = build_model(model)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **dummy_inputs(model))["params"])
+    lora.find_targets(boxed, lora_config)

@@ -6,27 +6,37 @@
     python -m lm.main eval --workdir /tmp/gpt --split test
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
+
+Fine-tuning: `--config.train.init_from=/tmp/gpt` starts a new workdir from that run's
+parameters (and tokenizer); `--config.train.lora_rank=8` trains LoRA adapters only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import pathlib
+import re
+import shutil
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import checkpoint, parallel
+from lm import checkpoint, lora, parallel
 from lm import config as config_lib
 from lm.data import pipeline
 from lm.decode import beam_search, beam_search_seq2seq, cut_at_stop, generate, generate_seq2seq
-from lm.models.transformer import ModelConfig, build_model
-from lm.train import Trainer, create_trainer, train_loop
+from lm.models.transformer import ModelConfig, build_model, dummy_inputs
+from lm.train import TrainConfig, Trainer, create_trainer, train_loop
 
 COMMANDS = ("train", "sample", "eval")
 
@@ -70,22 +80,266 @@ def shared_tokenizer(data_cfg, workdir: pathlib.Path):
     return tokenizer or pipeline.get_tokenizer(data_cfg, str(workdir))
 
 
-def build_run(values: dict, workdir: pathlib.Path):
-    """Everything a run needs, from a resolved config dict: (values, tokenizer, trainer, configs)."""
+# ------------------------------------------------------------------------------ init_from
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """Where a fine-tune's first parameters come from (`train.init_from`).
+
+    spec: the init_from value. model: the source model's config values (vocab_size resolved),
+    checked against the new model before anything is loaded. tokenizer: the source's
+    tokenizer file, which a fresh workdir adopts so that token ids keep their embeddings
+    (None: the source has none). load: -> host (numpy) pytree of the source's parameters.
+    """
+
+    spec: str
+    model: dict[str, Any]
+    tokenizer: pathlib.Path | None
+    load: Callable[[], Any]
+
+
+def is_lm_workdir(path: pathlib.Path) -> bool:
+    """A workdir of ours: config.json with our sections, or a checkpoints folder. (A Hugging Face
+    model folder also holds a config.json, but without 'model' and 'train' in it.)"""
+    if (path / "checkpoints").is_dir():
+        return True
+    try:
+        saved = checkpoint.read_config(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "model" in saved and "train" in saved
+
+
+def _looks_foreign(spec: str) -> bool:
+    """'gguf:PATH', 'hf:DIR', '*.gguf': specs of imported checkpoints, not workdirs."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9_]*:", spec)) or spec.endswith(".gguf")
+
+
+def init_source(spec: str) -> InitSource:
+    """Dispatches an init_from spec: a workdir of ours, or (later) an imported foreign checkpoint."""
+    if not is_lm_workdir(pathlib.Path(spec)) and _looks_foreign(spec):
+        # ====================================================================================
+        # Imported checkpoints plug in HERE, and only here: `lm.convert` (GGUF, safetensors /
+        # HF layouts) decides which specs are its own (replacing `_looks_foreign`: registry
+        # names such as 'smollm2' too) and returns an InitSource whose `model` holds the
+        # imported model's config values, `tokenizer` its tokenizer and `load` its parameters
+        # in lm's layout. Workdirs of ours are recognised first (they hold a config.json too).
+        # ====================================================================================
+        raise ValueError(
+            f"unknown init_from {spec!r}: imported checkpoints ('gguf:...', 'hf:...') are not supported "
+            "yet; pass the workdir of a run of lm (--config.train.init_from=/path/to/workdir)"
+        )
+    return _workdir_source(spec)
+
+
+def load_init_params(spec: str, model_cfg: ModelConfig):
+    """The host parameter pytree that `spec` gives for a model of `model_cfg` (checked to fit)."""
+    source = init_source(spec)
+    check_init_source(source, dataclasses.asdict(model_cfg))
+    return source.load()
+
+
+def _checkpoint_manager(workdir: pathlib.Path):
+    """A manager that only reads `<workdir>/checkpoints`: it creates and cleans up nothing, so it
+    is safe on the workdir of a run that is still training. None if there is no such folder."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    directory = workdir.absolute() / "checkpoints"
+    if not directory.is_dir():
+        return None
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+        # Handlers for both items, so that Orbax does not warn about the one not read.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+    )
+
+
+def has_checkpoint(workdir: pathlib.Path) -> bool:
+    manager = _checkpoint_manager(workdir)
+    if manager is None:
+        return False
+    try:
+        return bool(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def _workdir_source(spec: str) -> InitSource:
+    path = pathlib.Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"train.init_from={spec!r}: no such workdir; pass the --workdir of a run that has "
+                         "saved a checkpoint")
+    saved = checkpoint.read_config(path)
+    if saved is None:
+        raise ValueError(f"train.init_from={spec!r} has no config.json, so it is not the workdir of a run of "
+                         "lm; pass the --workdir of a trained run")
+    if not has_checkpoint(path):
+        raise ValueError(f"train.init_from={spec!r} has no checkpoint yet; train it first (runs save every "
+                         "train.checkpoint_every steps and at the end)")
+    tokenizer = path / "tokenizer.model"
+    if not tokenizer.exists():
+        named = saved.get("data", {}).get("tokenizer")
+        tokenizer = pathlib.Path(named) if named else None
+    return InitSource(spec=spec, model=saved["model"], tokenizer=tokenizer,
+                      load=lambda: read_params(path, saved))
+
+
+def read_params(workdir: pathlib.Path, saved_config: dict | None = None):
+    """The model parameters of a workdir's latest readable checkpoint, as host numpy arrays.
+
+    Reads only the parameters (not the optimizer state). A LoRA run's adapters are merged into
+    its frozen base, so a LoRA fine-tune can be the source of the next run. An unreadable
+    latest checkpoint falls back to an earlier one, with a warning.
+    """
+    import orbax.checkpoint as ocp
+
+    saved_config = saved_config if saved_config is not None else checkpoint.read_config(workdir) or {}
+    manager = _checkpoint_manager(workdir)
+    steps = sorted(manager.all_steps(), reverse=True) if manager is not None else []
+    error = None
+    try:
+        for step in steps:
+            try:
+                tree = manager.item_metadata(step)["state"].tree
+                wanted = [k for k in ("params", "frozen") if k in tree]
+                item = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k])
+                        for k in wanted}
+                restore_args = {k: jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree[k])
+                                for k in wanted}
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True)))["state"]
+            except Exception as e:  # noqa: BLE001 - unreadable files: try an older checkpoint
+                error = e
+                logging.warning("checkpoint %s of %s is unreadable (%s); trying an earlier one",
+                                step, workdir, e)
+                continue
+            logging.info("init_from: parameters of %s at step %d", workdir, step)
+            if "frozen" not in restored:
+                return restored["params"]
+            train = {**dataclasses.asdict(TrainConfig()), **saved_config.get("train", {})}
+            lora_config = lora.LoraConfig.from_strings(train["lora_rank"], train["lora_alpha"],
+                                                       train["lora_targets"])
+            return jax.device_get(lora.merge(restored["frozen"], restored["params"], lora_config))
+    finally:
+        if manager is not None:
+            manager.close()
+    raise ValueError(f"no readable checkpoint in {workdir}: {error}")
+
+
+def _param_shapes(model_values: dict) -> dict[str, tuple]:
+    config = ModelConfig.from_dict(model_values)
+    model = build_model(config)
+    abstract = jax.eval_shape(
+        lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), **dummy_inputs(config))["params"]))
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+
+
+def check_init_source(source: InitSource, model_values: dict) -> None:
+    """Refuses a source whose parameter shapes differ from the new model's, naming the config keys
+    that differ. Keys that leave the shapes alone (dropout, dtype) may differ: a warning lists them."""
+    old = dict(source.model)
+    known = set(old) | {f.name for f in dataclasses.fields(ModelConfig)}
+    new = json.loads(json.dumps({**old, **{k: v for k, v in model_values.items() if k in known}}))  # as saved
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not keys:
+        return
+    differences = "; ".join(f"model.{k}: source {old.get(k)!r}, now {new.get(k)!r}" for k in keys)
+    try:
+        old_shapes = _param_shapes(old)
+    except ValueError as e:
+        raise ValueError(f"train.init_from={source.spec!r}: cannot read the source's model config "
+                         f"({e})") from e
+    new_shapes = _param_shapes(new)
+    if old_shapes != new_shapes:
+        changed = sorted(k for k in set(old_shapes) | set(new_shapes)
+                         if old_shapes.get(k) != new_shapes.get(k))
+        raise checkpoint.CheckpointMismatchError(
+            f"train.init_from={source.spec!r} holds parameters of another shape ({len(changed)} differ, e.g. "
+            f"{changed[0]}: source {old_shapes.get(changed[0])}, now {new_shapes.get(changed[0])}). "
+            f"Differences: {differences}. Drop those overrides or pass the source's values "
+            "(see its config.json), or init_from a run of this model."
+        )
+    logging.warning("init_from %s: the model config differs in %s; the parameter shapes match", source.spec,
+                    differences)
+
+
+def adopt_tokenizer(source: InitSource, data_cfg, workdir: pathlib.Path) -> None:
+    """A fresh fine-tuning workdir takes the source's tokenizer: its token ids index the source's
+    embeddings. An explicit data.tokenizer wins (with a warning if it is another file)."""
+    same = (lambda a, b: a.read_bytes() == b.read_bytes())
+    if data_cfg.tokenizer:
+        if source.tokenizer is not None and not same(pathlib.Path(data_cfg.tokenizer), source.tokenizer):
+            logging.warning("data.tokenizer=%s is not the tokenizer of init_from %s: token ids may not match "
+                            "the source's embeddings", data_cfg.tokenizer, source.spec)
+        return
+    if source.tokenizer is None:
+        raise ValueError(f"train.init_from={source.spec!r} has no tokenizer.model and names no "
+                         "data.tokenizer; set --config.data.tokenizer to the tokenizer the source was "
+                         "trained with")
+    target = workdir / "tokenizer.model"
+    if target.exists():
+        if not same(target, source.tokenizer):
+            raise checkpoint.CheckpointMismatchError(
+                f"{workdir} already holds another tokenizer than init_from {source.spec!r}; "
+                "use a new --workdir")
+        return
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".model.tmp")
+        shutil.copyfile(source.tokenizer, tmp)
+        tmp.rename(target)
+
+
+def _check_lora_unchanged(saved: dict | None, values: dict) -> None:
+    """A workdir's LoRA layout is fixed by its first run: its checkpoints hold those adapters."""
+    if saved is None:
+        return
+    defaults = dataclasses.asdict(TrainConfig())
+    keys = ("lora_rank", "lora_alpha", "lora_targets")
+    pick = (lambda v: {"train": {k: v.get("train", {}).get(k, defaults[k]) for k in keys}})
+    checkpoint.check_compatible(pick(saved), pick(values), sections=("train",))
+
+
+def build_run(values: dict, workdir: pathlib.Path, *, training: bool = False):
+    """Everything a run needs, from a resolved config dict: (values, tokenizer, trainer, configs).
+
+    training: honour train.init_from (when the workdir has no checkpoint of its own yet):
+      adopt the source's tokenizer and start from its parameters.
+    """
     model_values, data_cfg, opt_cfg, train_cfg, par_cfg = config_lib.build(values)
     parallel.initialize_distributed(par_cfg)
     saved = checkpoint.read_config(workdir)
+    source = None
+    if training and train_cfg.init_from:
+        if has_checkpoint(workdir):
+            logging.warning("init_from %s ignored: %s has checkpoints of its own, resuming them",
+                            train_cfg.init_from, workdir)
+        else:
+            source = init_source(train_cfg.init_from)
+            # Before anything is written: the vocabulary will be the source tokenizer's.
+            vocab = model_values.get("vocab_size") or source.model.get("vocab_size")
+            check_init_source(source, {**model_values, "vocab_size": vocab})
+            adopt_tokenizer(source, data_cfg, workdir)
     tokenizer = shared_tokenizer(data_cfg, workdir)
     model_cfg = model_config_for(model_values, tokenizer)
     values = {**values, "model": {**model_values, "vocab_size": model_cfg.vocab_size}}
     checkpoint.check_compatible(saved, json.loads(json.dumps(values)), sections=("model",))
+    _check_lora_unchanged(saved, values)
     if saved is not None and saved.get("data", {}).get("source") != values["data"]["source"]:
         raise checkpoint.CheckpointMismatchError(
             f"this workdir was trained on data.source={saved['data'].get('source')!r}, not "
             f"{values['data']['source']!r}; use a new --workdir (or init_from, for fine-tuning)"
         )
+    init_params = None
+    if source is not None:
+        check_init_source(source, dataclasses.asdict(model_cfg))
+        init_params = source.load()
     trainer = create_trainer(model_cfg, build_model(model_cfg), opt_cfg, train_cfg.steps, par_cfg,
-                             seed=train_cfg.seed)
+                             seed=train_cfg.seed, init_params=init_params, lora_config=train_cfg.lora)
     return values, tokenizer, trainer, (model_cfg, data_cfg, opt_cfg, train_cfg, par_cfg)
 
 
@@ -157,11 +411,11 @@ def default_prompts(data_cfg, tokenizer, train_cfg) -> list[str]:
 
 def train_command(config, workdir: pathlib.Path) -> None:
     values = config_lib.resolve(config)
-    values, tokenizer, trainer, cfgs = build_run(values, workdir)
+    values, tokenizer, trainer, cfgs = build_run(values, workdir, training=True)
     model_cfg, data_cfg, _, train_cfg, _ = cfgs
     checkpoint.write_config(workdir, values)
     if jax.process_index() == 0:
-        print(f"model: {trainer.num_params:,} parameters ({model_cfg.architecture}); "
+        print(f"model: {trainer.parameter_summary()} ({model_cfg.architecture}); "
               f"mesh {dict(trainer.mesh.shape)}; tokenizer: {tokenizer.vocab_size} pieces")
     data = iter(pipeline.make_dataset(
         data_cfg, "train", tokenizer, seed=train_cfg.seed, process_index=jax.process_index(),
@@ -178,7 +432,7 @@ def train_command(config, workdir: pathlib.Path) -> None:
         print(f"unigram baseline on validation: {baseline:.3f} nats/token")
 
     def on_end(state):
-        params = state.params
+        params = trainer.model_params(state)
         if jax.process_count() > 1:  # every process holds a shard: gather full copies first
             from jax.experimental import multihost_utils
 
@@ -223,7 +477,8 @@ def restore_for_inference(workdir: pathlib.Path):
 def sample_command(workdir: pathlib.Path) -> None:
     trainer, state, tokenizer, data_cfg, train_cfg = restore_for_inference(workdir)
     prompts = _PROMPT.value or default_prompts(data_cfg, tokenizer, train_cfg)
-    for text in samples(trainer, state.params, tokenizer, data_cfg, prompts, max_new_tokens=_MAX_NEW.value,
+    for text in samples(trainer, trainer.model_params(state), tokenizer, data_cfg, prompts,
+                        max_new_tokens=_MAX_NEW.value,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                         seed=_SEED.value, beams=_BEAMS.value, stops=_STOP.value):
         print(text)

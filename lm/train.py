@@ -26,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm import parallel
+from lm import lora, parallel
 from lm.checkpoint import Checkpointer
 from lm.models.transformer import ModelConfig, config_from_dict, dummy_inputs
 
@@ -72,6 +72,21 @@ class TrainConfig:
     sample_temperature: float = 0.8
     peak_flops_per_device: float = 0.0  # 0 = guess from the device kind (for MFU)
     progress: bool = True
+    # Fine-tuning. init_from: start from another run's parameters (a workdir; see
+    # lm.main.load_init_params) when this workdir has no checkpoint of its own yet.
+    init_from: str = ""
+    # LoRA (lm.lora): rank 0 = off (train every parameter); else only adapters on the
+    # kernels named in lora_targets (comma-separated module names) are trained.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
+
+    def __post_init__(self):
+        self.lora  # noqa: B018 - validates the LoRA values now, with their config names
+
+    @property
+    def lora(self) -> lora.LoraConfig:
+        return lora.LoraConfig.from_strings(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @classmethod
     def from_dict(cls, values):
@@ -89,6 +104,16 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key: the dropout stream is fold_in(rng, step)
+
+
+@flax.struct.dataclass
+class LoraTrainState(TrainState):
+    """With LoRA: `params` are the adapters (all the optimizer sees) and `frozen` the base
+    model's parameters, saved with the state so that a run resumes without its source.
+    A subclass rather than a field of TrainState, so that full-training checkpoints keep
+    the tree they always had."""
+
+    frozen: Any
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -142,12 +167,17 @@ def loss_sums(logits, targets, weights):
     return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
-def _accumulated_grads(model, params, batch, rng, accum_steps):
-    """Gradient of the summed loss, over `accum_steps` micro-batches scanned in sequence."""
+def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
+    """Gradient of the summed loss wrt `params`, over `accum_steps` micro-batches scanned in sequence.
+
+    to_model: trainable params -> the model's params (LoRA: merge the adapters into the frozen
+      base); None = the trainable params are the model's.
+    """
 
     def micro(params, micro_batch, micro_rng):
         def loss_fn(p):
-            logits = forward(model, p, micro_batch, deterministic=False, rng=micro_rng)
+            model_params = p if to_model is None else to_model(p)
+            logits = forward(model, model_params, micro_batch, deterministic=False, rng=micro_rng)
             loss, correct, weight = loss_sums(logits, micro_batch["targets"], micro_batch["weights"])
             return loss, (correct, weight)
 
@@ -169,14 +199,24 @@ def _accumulated_grads(model, params, batch, rng, accum_steps):
     return grads, sums
 
 
-def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axis_name: str | None = None):
-    """`(state, batch) -> (state, metrics)`. With `axis_name`, gradients are summed across it (pmap)."""
+def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axis_name: str | None = None,
+                    lora_config: lora.LoraConfig | None = None):
+    """`(state, batch) -> (state, metrics)`. With `axis_name`, gradients are summed across it (pmap).
 
-    def train_step(state: TrainState, batch):
+    With `lora_config` the step is `(state, batch, frozen) -> (state, metrics)`: `state.params`
+    are the adapters, `frozen` the base parameters (a separate argument, so that donating the
+    state never donates the base; `Trainer` wraps it back into `(state, batch)`).
+    """
+
+    def train_step(state: TrainState, batch, frozen=None):
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        grads, sums = _accumulated_grads(model, state.params, batch, rng, opt_config.grad_accum_steps)
+        to_model = None
+        if lora_config is not None:  # differentiate wrt the adapters through the merged kernels
+            to_model = lambda adapters: lora.merge(frozen, adapters, lora_config)
+        grads, sums = _accumulated_grads(model, state.params, batch, rng, opt_config.grad_accum_steps,
+                                         to_model)
         if axis_name is not None:
             grads, sums = jax.lax.psum((grads, sums), axis_name)
         loss_sum, correct, weight = sums[0], sums[1], sums[2]
@@ -226,7 +266,11 @@ class Trainer:
     init_fn: Callable[[int], TrainState]
     train_step: Callable
     eval_step: Callable
-    num_params: int
+    num_params: int  # the model's parameters
+    num_trainable: int  # what the optimizer updates: num_params, or the LoRA adapters
+    param_shardings: Any  # of the model's parameters (with LoRA: of the frozen base, not the adapters)
+    lora: lora.LoraConfig | None = None
+    merge_fn: Callable | None = None  # LoRA: jitted (frozen, adapters) -> model params
 
     def put_batch(self, local_batch):
         """Process-local numpy batch -> device arrays laid out for the step."""
@@ -241,11 +285,30 @@ class Trainer:
         """The state as the checkpoint and evaluators see it (not replicated)."""
         return parallel.unreplicate(state) if self.use_pmap else state
 
+    def parameter_summary(self) -> str:
+        """'N parameters, all trainable', or with LoRA the trainable (adapter) share of the total."""
+        if self.lora is None:
+            return f"{self.num_params:,} parameters, all trainable"
+        total = self.num_params + self.num_trainable
+        kernels = len(jax.tree.leaves(self.abstract_state.params)) // 2
+        return (f"{self.num_trainable:,} trainable of {total:,} parameters "
+                f"({100 * self.num_trainable / total:.2f}%: LoRA rank {self.lora.rank} on {kernels} kernels)")
+
+    def model_params(self, state):
+        """The parameters the model runs with, from a host state: with LoRA the frozen base
+        with the adapters merged in (laid out like the base), else `state.params`."""
+        if self.lora is None:
+            return state.params
+        return self.merge_fn(state.frozen, state.params)
+
     def evaluate(self, state, batches: Iterator[dict]) -> dict[str, float]:
-        """Mean loss / accuracy / perplexity over all batches (sums, so exact for any batching)."""
-        params = self.host_state(state).params
+        """Mean loss / accuracy / perplexity over all batches (sums, so exact for any batching).
+
+        state: a host state (as evaluators and restores get it, never the pmap-replicated one).
+        """
+        params = self.model_params(state)
         if self.use_pmap:
-            params = jax.device_put(params, self.state_shardings.params)
+            params = jax.device_put(params, self.param_shardings)
         totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
         for local in batches:
             out = self.eval_step(params, parallel.global_batch(local, self.mesh))
@@ -257,6 +320,35 @@ class Trainer:
                 "tokens": totals["tokens"]}
 
 
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_params_fit(params, abstract_params, what: str = "init params") -> None:
+    """Raises ValueError naming the parameters whose presence or shape differs from the model's."""
+    have = {_path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    problems = [f"{k}: missing" for k in sorted(set(want) - set(have))]
+    problems += [f"{k}: not in the model" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: shape {have[k]}, the model's {want[k]}" for k in sorted(set(have) & set(want))
+                 if have[k] != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(f"{what} do not fit the model: {'; '.join(problems[:8])}{more}")
+
+
+def _put_params(host_params, abstract_params):
+    """Host (numpy) params -> global arrays laid out as `abstract_params` (ShapeDtypeStructs with
+    shardings), cast to the model's param dtype. Every process holds the whole host tree and
+    contributes the shards of its devices, so this also works across processes."""
+
+    def put(x, a):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index].astype(a.dtype))
+
+    return jax.tree.map(put, host_params, abstract_params)
+
+
 def create_trainer(
     model_config: ModelConfig,
     model: nn.Module,
@@ -265,12 +357,26 @@ def create_trainer(
     parallel_config: parallel.ParallelConfig,
     seed: int = 0,
     devices=None,
+    *,
+    init_params=None,
+    lora_config: lora.LoraConfig | None = None,
 ) -> Trainer:
-    """Builds the mesh, shardings and jit-compiled (or pmapped) steps for a model."""
+    """Builds the mesh, shardings and jit-compiled (or pmapped) steps for a model.
+
+    init_params: a host pytree with the model's parameter structure (e.g. another run's, for
+      fine-tuning); `init_fn` then builds the state from them, laid out with the model's
+      shardings, instead of a random init. Checked against the model's shapes here.
+    lora_config: with rank > 0, train LoRA adapters only (see `lm.lora`): the state is a
+      `LoraTrainState` whose `params` are the adapters and `frozen` the base parameters
+      (`init_params`, or a random init).
+    """
+    if lora_config is not None and not lora_config.enabled:
+        lora_config = None
     schedule = learning_rate_schedule(opt_config, total_steps)
     optimizer = make_optimizer(opt_config, schedule)
     mesh = parallel.make_mesh(parallel_config.mesh, devices)
     inputs = dummy_inputs(model_config)
+    replicated = NamedSharding(mesh, P())
 
     def boxed_params(rng):
         return model.init(rng, **inputs)["params"]
@@ -278,41 +384,78 @@ def create_trainer(
     abstract_boxed = jax.eval_shape(boxed_params, jax.random.PRNGKey(0))
     p_shardings = parallel.param_shardings(abstract_boxed, mesh)
     abstract_params = nn.meta.unbox(abstract_boxed)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    replicated = NamedSharding(mesh, P())
-    state_shardings = TrainState(
-        step=replicated,
-        params=p_shardings,
-        opt_state=parallel.matching_shardings(abstract_opt, abstract_params, p_shardings, mesh),
-        rng=replicated,
-    )
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    if init_params is not None:
+        check_params_fit(init_params, abstract_params)
 
-    def init(seed_value):
+    if lora_config is None:
+        trainable_shardings = p_shardings
+        abstract_trainable = abstract_params
+    else:
+        abstract_boxed_adapters = jax.eval_shape(
+            lambda rng: lora.init(rng, abstract_boxed, lora_config), jax.random.PRNGKey(0))
+        trainable_shardings = parallel.param_shardings(abstract_boxed_adapters, mesh)
+        abstract_trainable = nn.meta.unbox(abstract_boxed_adapters)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+    opt_shardings = parallel.matching_shardings(abstract_opt, abstract_trainable, trainable_shardings, mesh)
+    if lora_config is None:
+        state_shardings = TrainState(step=replicated, params=p_shardings, opt_state=opt_shardings,
+                                     rng=replicated)
+    else:
+        state_shardings = LoraTrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings,
+                                         rng=replicated, frozen=p_shardings)
+
+    def init(seed_value, params=None):
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed_value))
-        params = nn.meta.unbox(boxed_params(init_rng))
-        return TrainState(
-            step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_rng
-        )
+        if params is None:
+            params = nn.meta.unbox(boxed_params(init_rng))
+        step = jnp.array(0, jnp.int32)
+        if lora_config is None:
+            return TrainState(step=step, params=params, opt_state=optimizer.init(params), rng=train_rng)
+        # fold_in: the base's random init (without init_params) stays that of full training.
+        adapters = nn.meta.unbox(lora.init(jax.random.fold_in(init_rng, 1), abstract_boxed, lora_config))
+        return LoraTrainState(step=step, params=adapters, opt_state=optimizer.init(adapters), rng=train_rng,
+                              frozen=params)
 
     abstract_state = jax.eval_shape(init, seed)
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_shardings
     )
-    jit_init = jax.jit(init, static_argnums=0, out_shardings=state_shardings)
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh)))
-    if parallel_config.use_pmap:
-        train_step = jax.pmap(
-            make_train_step(model, optimizer, schedule, opt_config, axis_name="batch"),
-            axis_name="batch",
-            donate_argnums=0,
-        )
+    # The params argument is a fresh device copy made by init_fn: donate it to the state.
+    jit_init = jax.jit(init, static_argnums=0, out_shardings=state_shardings, donate_argnums=1)
+    if init_params is None:
+        init_fn = jit_init
     else:
+        abstract_model_params = abstract_state.params if lora_config is None else abstract_state.frozen
+
+        def init_fn(seed_value):
+            return jit_init(seed_value, _put_params(init_params, abstract_model_params))
+
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh)))
+    step_fn = make_train_step(model, optimizer, schedule, opt_config, lora_config=lora_config,
+                              axis_name="batch" if parallel_config.use_pmap else None)
+    if parallel_config.use_pmap:
+        train_step = jax.pmap(step_fn, axis_name="batch", donate_argnums=0)
+    elif lora_config is None:
         train_step = jax.jit(
-            make_train_step(model, optimizer, schedule, opt_config),
+            step_fn,
             in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
             out_shardings=(state_shardings, replicated),
             donate_argnums=0,
         )
+    else:
+        trainable_state_shardings = state_shardings.replace(frozen=None)
+        train_step = jax.jit(
+            step_fn,
+            in_shardings=(trainable_state_shardings, parallel.batch_sharding(mesh), p_shardings),
+            out_shardings=(trainable_state_shardings, replicated),
+            donate_argnums=0,
+        )
+    merge_fn = None
+    if lora_config is not None:
+        train_step = _frozen_beside(train_step)
+        merge_fn = jax.jit(lambda frozen, adapters: lora.merge(frozen, adapters, lora_config),
+                           out_shardings=p_shardings)
     return Trainer(
         model=model,
         model_config=model_config,
@@ -322,11 +465,26 @@ def create_trainer(
         use_pmap=parallel_config.use_pmap,
         state_shardings=state_shardings,
         abstract_state=abstract_state,
-        init_fn=jit_init,
+        init_fn=init_fn,
         train_step=train_step,
         eval_step=eval_step,
-        num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)),
+        num_params=num_params,
+        num_trainable=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_trainable)),
+        param_shardings=p_shardings,
+        lora=lora_config,
+        merge_fn=merge_fn,
     )
+
+
+def _frozen_beside(step):
+    """`(state, batch, frozen)` step -> `(state, batch)` step for a LoraTrainState: the frozen
+    base goes in as its own (undonated) argument and comes back into the new state untouched."""
+
+    def train_step(state: LoraTrainState, batch):
+        new_state, metrics = step(state.replace(frozen=None), batch, state.frozen)
+        return new_state.replace(frozen=state.frozen), metrics
+
+    return train_step
 
 
 # --------------------------------------------------------------------------- throughput
@@ -441,6 +599,7 @@ def train_loop(
     else:
         state = trainer.init_fn(train_config.seed)
         start = 0
+    logging.info("%s", trainer.parameter_summary())
     state = trainer.to_device_state(state)
     writer = MetricWriter(workdir)
     flops = flops_per_token(trainer.model_config, trainer.num_params, seq_len or 1)
