@@ -3,12 +3,14 @@
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt --config.train.steps=100
     python -m lm.main sample --workdir /tmp/gpt --prompt "ROMEO:"
+    python -m lm.main sample --model smollm2 --prompt "The capital of France is" --temperature 0
     python -m lm.main eval --workdir /tmp/gpt --split test
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
 
 Fine-tuning: `--config.train.init_from=/tmp/gpt` starts a new workdir from that run's
-parameters (and tokenizer); `--config.train.lora_rank=8` trains LoRA adapters only.
+parameters (and tokenizer), `--config.train.init_from=smollm2` (or gemma3, gguf:PATH,
+hf:DIR) from an imported checkpoint; `--config.train.lora_rank=8` trains LoRA adapters only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 import math
 import os
 import pathlib
-import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -51,6 +52,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "sample: cut the continuation at this string (repeatable).")
 _BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).")
 _SPLIT = flags.DEFINE_string("split", "validation", "eval: data split.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "sample: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
 
 
 # ---------------------------------------------------------------------------------- build
@@ -111,26 +114,32 @@ def is_lm_workdir(path: pathlib.Path) -> bool:
     return isinstance(saved, dict) and "model" in saved and "train" in saved
 
 
-def _looks_foreign(spec: str) -> bool:
-    """'gguf:PATH', 'hf:DIR', '*.gguf': specs of imported checkpoints, not workdirs."""
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9_]*:", spec)) or spec.endswith(".gguf")
-
-
 def init_source(spec: str) -> InitSource:
-    """Dispatches an init_from spec: a workdir of ours, or (later) an imported foreign checkpoint."""
-    if not is_lm_workdir(pathlib.Path(spec)) and _looks_foreign(spec):
-        # ====================================================================================
-        # Imported checkpoints plug in HERE, and only here: `lm.convert` (GGUF, safetensors /
-        # HF layouts) decides which specs are its own (replacing `_looks_foreign`: registry
-        # names such as 'smollm2' too) and returns an InitSource whose `model` holds the
-        # imported model's config values, `tokenizer` its tokenizer and `load` its parameters
-        # in lm's layout. Workdirs of ours are recognised first (they hold a config.json too).
-        # ====================================================================================
-        raise ValueError(
-            f"unknown init_from {spec!r}: imported checkpoints ('gguf:...', 'hf:...') are not supported "
-            "yet; pass the workdir of a run of lm (--config.train.init_from=/path/to/workdir)"
-        )
+    """Dispatches an init_from spec: a workdir of ours, or an imported foreign checkpoint
+    ('smollm2', 'gemma3', 'gguf:PATH', 'hf:DIR'; see `lm.convert`)."""
+    from lm import convert
+
+    # Workdirs of ours are recognised first: they hold a config.json too.
+    if not is_lm_workdir(pathlib.Path(spec)) and convert.is_pretrained_spec(spec):
+        return _pretrained_source(spec)
     return _workdir_source(spec)
+
+
+def _pretrained_source(spec: str) -> InitSource:
+    """An imported checkpoint as an init_from source; its tokenizer is written to a temporary
+    tokenizer.json that the fine-tune's workdir adopts."""
+    import tempfile
+
+    from lm import convert
+
+    pretrained = convert.load_pretrained(spec)
+    if pretrained.tokenizer is None:
+        raise ValueError(f"train.init_from={spec!r} has no tokenizer.json; add the model's tokenizer "
+                         "to its directory")
+    tokenizer = pathlib.Path(tempfile.mkdtemp(prefix="lm-init-")) / "tokenizer.json"
+    pretrained.tokenizer.save(tokenizer)
+    return InitSource(spec=spec, model=dataclasses.asdict(pretrained.config), tokenizer=tokenizer,
+                      load=lambda: pretrained.params)
 
 
 def load_init_params(spec: str, model_cfg: ModelConfig):
@@ -277,10 +286,10 @@ def adopt_tokenizer(source: InitSource, data_cfg, workdir: pathlib.Path) -> None
                             "the source's embeddings", data_cfg.tokenizer, source.spec)
         return
     if source.tokenizer is None:
-        raise ValueError(f"train.init_from={source.spec!r} has no tokenizer.model and names no "
+        raise ValueError(f"train.init_from={source.spec!r} has no tokenizer and names no "
                          "data.tokenizer; set --config.data.tokenizer to the tokenizer the source was "
                          "trained with")
-    target = workdir / "tokenizer.model"
+    target = workdir / ("tokenizer.json" if source.tokenizer.suffix == ".json" else "tokenizer.model")
     if target.exists():
         if not same(target, source.tokenizer):
             raise checkpoint.CheckpointMismatchError(
@@ -289,7 +298,7 @@ def adopt_tokenizer(source: InitSource, data_cfg, workdir: pathlib.Path) -> None
         return
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".model.tmp")
+        tmp = target.with_suffix(target.suffix + ".tmp")
         shutil.copyfile(source.tokenizer, tmp)
         tmp.rename(target)
 
@@ -343,14 +352,16 @@ def build_run(values: dict, workdir: pathlib.Path, *, training: bool = False):
     return values, tokenizer, trainer, (model_cfg, data_cfg, opt_cfg, train_cfg, par_cfg)
 
 
-def loss_evaluator(trainer: Trainer, data_cfg, tokenizer, split: str, seed: int):
-    """state -> {loss, perplexity, bits_per_byte, accuracy} over a whole split."""
+def loss_evaluator(trainer: Trainer, data_cfg, tokenizer, split: str, seed: int, max_batches: int = 0):
+    """state -> {loss, perplexity, bits_per_byte, accuracy} over a split (its first
+    `max_batches` batches if > 0)."""
     bytes_per_token = pipeline.bytes_per_token(data_cfg, split, tokenizer)
     # Every process must run the same number of (collective) eval steps.
-    num_batches = None
+    num_batches = max_batches or None
     if jax.process_count() > 1:
         num_batches = pipeline.count_batches(data_cfg, split, tokenizer, seed=seed,
                                              process_count=jax.process_count())
+        num_batches = min(num_batches, max_batches) if max_batches else num_batches
 
     def evaluate(state):
         batches = pipeline.make_dataset(
@@ -365,32 +376,34 @@ def loss_evaluator(trainer: Trainer, data_cfg, tokenizer, split: str, seed: int)
     return evaluate
 
 
-def samples(trainer: Trainer, params, tokenizer, data_cfg, prompts, *, max_new_tokens, temperature,
+def samples(model, params, tokenizer, data_cfg, prompts, *, max_new_tokens, temperature,
             top_k=0, top_p=1.0, seed=0, beams=0, stops=()) -> list[str]:
     """Decoded continuations (decoder-only) or translations (encoder-decoder) of text prompts.
 
-    beams > 0 uses beam search instead of sampling (decoder-only) or greedy (encoder-decoder).
+    model: the Flax module (its `.config` says the architecture). beams > 0 uses beam search
+    instead of sampling (decoder-only) or greedy (encoder-decoder).
     """
-    if trainer.model_config.architecture == "decoder":
-        ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-        limit = trainer.model_config.max_len if trainer.model_config.position == "learned" else None
+    if model.config.architecture == "decoder":
+        bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+        ids = [bos + tokenizer.encode(p) for p in prompts]
+        limit = model.config.max_len if model.config.position == "learned" else None
         if limit is not None:
             max_new_tokens = min(max_new_tokens, limit - max(len(i) for i in ids))
         if beams > 0:
-            out, _ = beam_search(trainer.model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
+            out, _ = beam_search(model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
                                  eos_id=tokenizer.eos_id)
         else:
-            out = generate(trainer.model, params, ids, max_new_tokens=max_new_tokens,
+            out = generate(model, params, ids, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                            eos_id=tokenizer.eos_id)
         return [p + cut_at_stop(tokenizer.decode(o), stops) for p, o in zip(prompts, out, strict=True)]
     ids = [tokenizer.encode(p)[: data_cfg.encoder_len - 1] + [tokenizer.eos_id] for p in prompts]
     max_new_tokens = min(max_new_tokens, data_cfg.seq_len)
     if beams > 0:
-        out, _ = beam_search_seq2seq(trainer.model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
+        out, _ = beam_search_seq2seq(model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
                                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     else:
-        out = generate_seq2seq(trainer.model, params, ids, max_new_tokens=max_new_tokens,
+        out = generate_seq2seq(model, params, ids, max_new_tokens=max_new_tokens,
                                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     return [f"{p}\n  -> {cut_at_stop(tokenizer.decode(o), stops)}" for p, o in zip(prompts, out, strict=True)]
 
@@ -421,7 +434,8 @@ def train_command(config, workdir: pathlib.Path) -> None:
         data_cfg, "train", tokenizer, seed=train_cfg.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), repeat=True,
     ))
-    evaluators = {"eval": loss_evaluator(trainer, data_cfg, tokenizer, "validation", train_cfg.seed)}
+    evaluators = {"eval": loss_evaluator(trainer, data_cfg, tokenizer, "validation", train_cfg.seed,
+                                         train_cfg.eval_batches)}
     if data_cfg.task == "lm" and jax.process_index() == 0:
         baseline_file = workdir / "baseline.json"  # computed once per workdir (same data and tokenizer)
         if baseline_file.exists():
@@ -439,7 +453,7 @@ def train_command(config, workdir: pathlib.Path) -> None:
             params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() != 0:
             return
-        texts = samples(trainer, params, tokenizer, data_cfg, default_prompts(data_cfg, tokenizer, train_cfg),
+        texts = samples(trainer.model, params, tokenizer, data_cfg, default_prompts(data_cfg, tokenizer, train_cfg),
                         max_new_tokens=train_cfg.sample_tokens, temperature=train_cfg.sample_temperature,
                         seed=train_cfg.seed)
         text = "\n\n".join(texts)
@@ -474,10 +488,21 @@ def restore_for_inference(workdir: pathlib.Path):
     return trainer, state, tokenizer, cfgs[1], cfgs[3]
 
 
-def sample_command(workdir: pathlib.Path) -> None:
-    trainer, state, tokenizer, data_cfg, train_cfg = restore_for_inference(workdir)
-    prompts = _PROMPT.value or default_prompts(data_cfg, tokenizer, train_cfg)
-    for text in samples(trainer, trainer.model_params(state), tokenizer, data_cfg, prompts,
+def sample_command(workdir: pathlib.Path | None) -> None:
+    if _MODEL.value:  # an imported model, no workdir needed
+        from lm import convert
+        from lm.data.pipeline import DataConfig
+
+        pretrained = convert.load_pretrained(_MODEL.value)
+        if pretrained.tokenizer is None:
+            raise ValueError(f"--model {_MODEL.value!r} has no tokenizer.json to encode prompts with")
+        model, params, tokenizer = build_model(pretrained.config), pretrained.params, pretrained.tokenizer
+        data_cfg, prompts = DataConfig(), _PROMPT.value or ["The"]
+    else:
+        trainer, state, tokenizer, data_cfg, train_cfg = restore_for_inference(workdir)
+        model, params = trainer.model, trainer.model_params(state)
+        prompts = _PROMPT.value or default_prompts(data_cfg, tokenizer, train_cfg)
+    for text in samples(model, params, tokenizer, data_cfg, prompts,
                         max_new_tokens=_MAX_NEW.value,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                         seed=_SEED.value, beams=_BEAMS.value, stops=_STOP.value):
@@ -495,9 +520,9 @@ def main(argv):
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         raise app.UsageError(f"usage: python -m lm.main [{'|'.join(COMMANDS)}] --workdir DIR [--config FILE]")
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
-    workdir = pathlib.Path(_WORKDIR.value)
+    if _WORKDIR.value is None and not (command == "sample" and _MODEL.value):
+        raise app.UsageError("--workdir is required (sample also takes --model NAME instead)")
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     if command == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config experiments/NAME.py")
@@ -514,7 +539,7 @@ def run():
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
     try:
         app.run(main)
-    except (ValueError, checkpoint.CheckpointMismatchError) as e:  # bad input: one clear line, exit 2
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:  # bad input: one clear line, exit 2
         if os.environ.get("LM_DEBUG"):
             raise
         print(f"error: {e}\n(set LM_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -64,6 +64,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     eval_every: int = 500  # 0 = only at the end
+    eval_batches: int = 0  # evaluate on the first n batches of the split; 0 = all of it
+    eval_at_start: bool = False  # also evaluate before the first step (fine-tuning baselines)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -622,6 +624,13 @@ def train_loop(
     def save(state, step, force=False):
         if step not in checkpointer.all_steps():
             checkpointer.save(step, trainer.host_state(state), data_iterator, force=force)
+
+    if start == 0 and train_config.eval_at_start and evaluators:
+        initial = run_evaluators(state)
+        writer.write(0, initial)
+        logging.info("before training: %s", initial)
+        if jax.process_index() == 0:
+            print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in initial.items()), flush=True)
 
     window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
     pending = []

@@ -90,6 +90,21 @@ def test_smollm2_spells_numbers_digit_by_digit():
     assert pieces[-4:] == ['2', '0', '2', '4']
 
 
+def test_sample_command_with_an_imported_model():
+    """`python -m lm.main sample --model smollm2`: no workdir, greedy continuation printed."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, '-m', 'lm.main', 'sample', '--model=smollm2', '--temperature=0',
+         '--max_new_tokens=4', '--prompt=The capital of France is'],
+        capture_output=True, text=True, timeout=600, env={**os.environ, 'XLA_FLAGS': ''},
+        cwd=pathlib.Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith('The capital of France is Paris')
+
+
 # ----------------------------------------------------------------------------- bad files
 
 TINY = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,

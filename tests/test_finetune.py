@@ -78,10 +78,11 @@ def test_bad_init_from_specs_are_clear_errors(source, tmp_path):
         (str(tmp_path / "missing"), "no such workdir"),
         (str(tmp_path), "no config.json"),
         (str(tmp_path / "fresh"), "no checkpoint yet"),
-        ("gguf:smollm2", "unknown init_from 'gguf:smollm2'"),
-        ("hf:/models/llama", "unknown init_from"),
+        ("gguf:smollm2", "GGUF file smollm2 does not exist"),
+        ("hf:/models/llama", "/models/llama"),
+        ("nonsense:thing", "no such workdir"),
     ]:
-        with pytest.raises(ValueError, match=expected):
+        with pytest.raises((ValueError, FileNotFoundError), match=expected):
             main.init_source(spec)
     assert main.init_source(str(src)).model == json.loads((src / "config.json").read_text())["model"]
 
@@ -114,3 +115,28 @@ def test_misspelt_lora_target_is_a_clear_error(tmp_path):
                    workdir=tmp_path / "run", source=None, data_dir=tmp_path, check=False)
     assert proc.returncode == 2 and "qeury" in proc.stderr and "wi_gate" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+SMOLLM2_RANK8_ADAPTERS = 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["tiny", "tiny,lora"])
+def test_fine_tuning_imported_smollm2_lowers_held_out_loss(tmp_path, variant):
+    """init_from='smollm2': the GGUF import, its tokenizer adopted, held-out loss falls; LoRA
+    trains exactly the rank-8 adapters of the 30 layers' projections."""
+    from lm.data import assets
+
+    corpus = write_corpus(tmp_path / "corpus")
+    workdir = tmp_path / "ft"
+    proc = run_cli(f"--config=experiments/smollm2_shakespeare.py:{variant}", workdir=workdir,
+                   source=corpus, data_dir=tmp_path / "data", vocab="--config.data.vocab_size=320",
+                   cache_dir=assets.cache_dir(), timeout=900)
+    assert (workdir / "tokenizer.json").exists() and not (workdir / "tokenizer.model").exists()
+    evals = [m["eval/loss"] for m in metrics(workdir) if "eval/loss" in m]
+    assert [m["step"] for m in metrics(workdir) if "eval/loss" in m] == [0, 3]
+    assert evals[-1] < evals[0], evals
+    if "lora" in variant:
+        assert f"{SMOLLM2_RANK8_ADAPTERS:,} trainable of" in proc.stdout
+    else:
+        assert "134,515,008 parameters, all trainable" in proc.stdout

@@ -33,8 +33,9 @@ TINY = "--config=experiments/shakespeare_gpt.py:tiny"
 SMALL_VOCAB = "--config.data.vocab_size=320"  # the synthetic corpus has few distinct words
 
 
-def run_cli(*args, workdir, source, data_dir, check=True, timeout=300, vocab=SMALL_VOCAB):
-    env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(data_dir)}
+def run_cli(*args, workdir, source, data_dir, check=True, timeout=300, vocab=SMALL_VOCAB,
+            cache_dir=None):
+    env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(cache_dir or data_dir)}
     cmd = [sys.executable, "-m", "lm.main", *args, f"--workdir={workdir}"]
     if source is not None:
         cmd += [f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", vocab]

@@ -168,8 +168,8 @@ def training_texts(cfg: DataConfig, split: str = 'train',
 def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
     """The run's tokenizer.
 
-    ``cfg.tokenizer`` set -> load it. Else ``<workdir>/tokenizer.model`` exists
-    -> load it (resume). Else train on the train split (at most
+    ``cfg.tokenizer`` set -> load it. Else ``<workdir>/tokenizer.json`` (an
+    imported model's) or ``<workdir>/tokenizer.model`` exists -> load it (resume). Else train on the train split (at most
     ``cfg.tokenizer_max_chars`` characters; 100 sentinels for span corruption)
     and save it there. ``workdir=None`` uses a fresh temporary directory.
     The data source is checked before anything is written.
@@ -183,13 +183,15 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
     else:
         root = pathlib.Path(workdir) if workdir else pathlib.Path(tempfile.mkdtemp(prefix='lm-'))
         path = root / 'tokenizer.model'
-        if path.exists():
+        if (root / 'tokenizer.json').exists():  # an imported model's, adopted by a fine-tune
+            tok = load_tokenizer(root / 'tokenizer.json')
+        elif path.exists():
             tok = load_tokenizer(path)
         else:
             texts = list(training_texts(cfg))
             sentinels = NUM_SENTINELS if cfg.task == 'span_corruption' else 0
             tok = train_tokenizer(texts, path, cfg.vocab_size, num_sentinels=sentinels)
-    if tok.vocab_size > cfg.vocab_size:
+    if isinstance(tok, Tokenizer) and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f'Tokenizer {tok.path} has {tok.vocab_size} pieces but '
                          f'data.vocab_size={cfg.vocab_size}; raise vocab_size to at least '
                          f'{tok.vocab_size} or use another tokenizer.')
@@ -201,7 +203,10 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
 
 
 class _EncodeDocument(grain.transforms.Map):
-    """{'text': str} -> int32 [n + 2] = [bos] + encode(text) + [eos] (empty text: [])."""
+    """{'text': str} -> int32 [n + 2] = [bos] + encode(text) + [eos] (empty text: []).
+
+    The bos is left out for tokenizers whose model was trained without it.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
@@ -211,7 +216,8 @@ class _EncodeDocument(grain.transforms.Map):
         if not text:
             return np.zeros([0], np.int32)
         ids = self._tok.encode(text)
-        return np.asarray([self._tok.bos_id, *ids, self._tok.eos_id], np.int32)
+        bos = [self._tok.bos_id] if self._tok.add_bos else []  # imported models may not use it
+        return np.asarray([*bos, *ids, self._tok.eos_id], np.int32)
 
 
 class _SplitPieces(grain.experimental.FlatMapTransform):

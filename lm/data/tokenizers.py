@@ -42,7 +42,10 @@ class Tokenizer:
       path: the ``.model`` file ('' if built from bytes).
       vocab_size: number of pieces (ids are ``0 .. vocab_size-1``).
       pad_id, unk_id, bos_id, eos_id: special ids (0, 1, 2, 3 for models trained here).
+      add_bos: documents start with bos (always, for models trained here).
     """
+
+    add_bos = True
 
     def __init__(self, model_proto: bytes, path: str | os.PathLike = ''):
         self.path = str(path)
