@@ -140,3 +140,22 @@ def test_fine_tuning_imported_smollm2_lowers_held_out_loss(tmp_path, variant):
         assert f"{SMOLLM2_RANK8_ADAPTERS:,} trainable of" in proc.stdout
     else:
         assert "134,515,008 parameters, all trainable" in proc.stdout
+
+
+@pytest.mark.slow
+def test_span_corruption_pretraining_fine_tunes_onto_translation(tmp_path):
+    """Encoder-decoder: span corruption on a text corpus, then translation (real bible pairs)
+    from those parameters and that tokenizer; the held-out translation loss falls."""
+    from lm.data import assets
+
+    corpus = write_corpus(tmp_path / "corpus")
+    common = dict(data_dir=tmp_path / "data", cache_dir=assets.cache_dir(), timeout=900)
+    pretrain = tmp_path / "span"
+    run_cli("--config=experiments/t5_span_corruption.py:tiny", workdir=pretrain, source=corpus,
+            vocab="--config.data.vocab_size=440", **common)
+    workdir = tmp_path / "en_fr"
+    run_cli("--config=experiments/t5_translation_finetune.py:tiny",
+            f"--config.train.init_from={pretrain}", workdir=workdir, source=None, **common)
+    assert (workdir / "tokenizer.model").read_bytes() == (pretrain / "tokenizer.model").read_bytes()
+    evals = [(m["step"], m["eval/loss"]) for m in metrics(workdir) if "eval/loss" in m]
+    assert [s for s, _ in evals] == [0, 10] and evals[1][1] < evals[0][1], evals

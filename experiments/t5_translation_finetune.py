@@ -1,0 +1,46 @@
+r"""Fine-tune a span-corruption-pretrained encoder-decoder onto translation (WEB -> Segond).
+
+Commands (pretrain first, then fine-tune from its workdir):
+
+    python -m lm.main --config experiments/t5_span_corruption.py --workdir workdirs/t5_span
+    python -m lm.main --config experiments/t5_translation_finetune.py --workdir workdirs/t5_en_fr \
+        --config.train.init_from=workdirs/t5_span
+
+The model section equals t5_span_corruption's (init_from checks that the parameter shapes
+match and names any key that differs); the fine-tune adopts the pretrained run's
+SentencePiece tokenizer (its sentinels are simply unused here). Held-out books as in
+bible_translation.py; the validation loss is measured before the first step too.
+Arg: 'tiny' pairs with t5_span_corruption.py:tiny (used by the slow tests).
+"""
+
+import importlib.util
+import pathlib
+
+from lm.config import experiment
+
+
+def _pretraining_config(arg):
+    """The pretraining experiment's config (loaded by path: experiments/ is not a package)."""
+    path = pathlib.Path(__file__).with_name("t5_span_corruption.py")
+    spec = importlib.util.spec_from_file_location("t5_span_corruption", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+    pretrained = _pretraining_config(arg)
+    config = experiment(
+        preset="t5",
+        model=dict(pretrained.model),
+        data=dict(source="bible:4-l", task="translation", seq_len=64, encoder_len=96,
+                  batch_size=16, vocab_size=pretrained.data.vocab_size),
+        optimizer=dict(name="adafactor", learning_rate=1e-3, warmup_steps=50, weight_decay=0.0),
+        train=dict(init_from="workdirs/t5_span", steps=600, log_every=50, eval_every=200,
+                   eval_batches=16, eval_at_start=True, checkpoint_every=200, sample_tokens=48),
+    )
+    if arg == "tiny":
+        config.data.update(seq_len=24, encoder_len=32, batch_size=8)
+        config.train.update(steps=10, log_every=5, eval_every=10, eval_batches=4, checkpoint_every=10,
+                            sample_tokens=8)
+    return config
