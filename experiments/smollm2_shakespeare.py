@@ -11,6 +11,12 @@ SmolLM2's own tokenizer (byte-level BPE, 49,152 pieces, no BOS). The held-out lo
 measured before the first step (`eval_at_start`) and every `eval_every` steps on the
 first 8 validation batches (Coriolanus, Macbeth, Sonnets: whole works never trained on).
 
+Measured on the 2-core CPU dev machine (2026-11-23), 40 steps of 8 x 128 tokens:
+
+    run                      trained params   wall time   held-out loss 0 -> 20 -> 40   bits/byte
+    full (lr 5e-5)           134,515,008      8 min 11 s  4.218 -> 3.868 -> 3.811       1.677
+    :lora (rank 8, lr 1e-3)  2,442,240        7 min 14 s  4.218 -> 3.865 -> 3.806       1.675
+
 Arg: 'lora' trains rank-8 adapters on every attention and MLP projection instead of all
 135M parameters; 'tiny' is a few-step smoke run (used by the slow tests).
 """
