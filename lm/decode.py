@@ -53,16 +53,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 
 
 def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """Non-empty prompts that, with the new tokens, fit the model's learned positions."""
+    """Non-empty prompts that, with the new tokens, fit the model's context: its learned
+    positions, or the length a rotary model was trained for (`max_len`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
-    limit = model.config.max_len if model.config.position == "learned" else None
+    limit = context_limit(model.config)
     longest = max(len(p) for p in prompts)
     if limit is not None and longest + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"{limit} learned positions; shorten the prompt or ask for fewer tokens"
+            f"{limit}-token context (model.max_len); shorten the prompt or ask for fewer tokens"
         )
+
+
+def context_limit(config) -> int | None:
+    """How many positions a decoder may use: None for positions without a limit."""
+    return config.max_len if config.position in ("learned", "rotary") else None
 
 
 @functools.partial(

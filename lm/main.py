@@ -35,7 +35,14 @@ from ml_collections import config_flags
 from lm import checkpoint, lora, parallel
 from lm import config as config_lib
 from lm.data import pipeline
-from lm.decode import beam_search, beam_search_seq2seq, cut_at_stop, generate, generate_seq2seq
+from lm.decode import (
+    beam_search,
+    beam_search_seq2seq,
+    context_limit,
+    cut_at_stop,
+    generate,
+    generate_seq2seq,
+)
 from lm.models.transformer import ModelConfig, build_model, dummy_inputs
 from lm.train import TrainConfig, Trainer, create_trainer, train_loop
 
@@ -386,7 +393,7 @@ def samples(model, params, tokenizer, data_cfg, prompts, *, max_new_tokens, temp
     if model.config.architecture == "decoder":
         bos = [tokenizer.bos_id] if tokenizer.add_bos else []
         ids = [bos + tokenizer.encode(p) for p in prompts]
-        limit = model.config.max_len if model.config.position == "learned" else None
+        limit = context_limit(model.config)
         if limit is not None:
             max_new_tokens = min(max_new_tokens, limit - max(len(i) for i in ids))
         if beams > 0:
