@@ -5,6 +5,7 @@
     python -m lm.main sample --workdir /tmp/gpt --prompt "ROMEO:"
     python -m lm.main sample --model smollm2 --prompt "The capital of France is" --temperature 0
     python -m lm.main eval --workdir /tmp/gpt --split test
+    python -m lm.main convert --model smollm2 --out /tmp/smollm2_hf     # or --workdir /tmp/gpt
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
 
@@ -46,7 +47,7 @@ from lm.decode import (
 from lm.models.transformer import ModelConfig, build_model, dummy_inputs
 from lm.train import TrainConfig, Trainer, create_trainer, train_loop
 
-COMMANDS = ("train", "sample", "eval")
+COMMANDS = ("train", "sample", "eval", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
@@ -60,7 +61,9 @@ _STOP = flags.DEFINE_multi_string("stop", [], "sample: cut the continuation at t
 _BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).")
 _SPLIT = flags.DEFINE_string("split", "validation", "eval: data split.")
 _MODEL = flags.DEFINE_string(
-    "model", None, "sample: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
+    "model", None,
+    "sample, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
+_OUT = flags.DEFINE_string("out", None, "convert: new directory for the Hugging Face layout.")
 
 
 # ---------------------------------------------------------------------------------- build
@@ -523,12 +526,29 @@ def eval_command(workdir: pathlib.Path) -> None:
     print(json.dumps({"split": _SPLIT.value, "step": int(state.step), **metrics}, indent=2))
 
 
+def convert_command(workdir: pathlib.Path | None) -> None:
+    """Writes an imported model or a workdir's latest parameters in the Hugging Face layout
+    (config.json + model.safetensors, + tokenizer.json for imported models)."""
+    from lm import convert
+    from lm.convert.hf import export_hf
+
+    if _OUT.value is None:
+        raise app.UsageError("convert needs --out DIR (a new or empty directory)")
+    if _MODEL.value:
+        model = convert.load_pretrained(_MODEL.value)
+    else:
+        trainer, state, _, _, _ = restore_for_inference(workdir)
+        model = (trainer.model_config, jax.device_get(trainer.model_params(state)))
+    out = export_hf(model, _OUT.value)
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
 def main(argv):
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         raise app.UsageError(f"usage: python -m lm.main [{'|'.join(COMMANDS)}] --workdir DIR [--config FILE]")
-    if _WORKDIR.value is None and not (command == "sample" and _MODEL.value):
-        raise app.UsageError("--workdir is required (sample also takes --model NAME instead)")
+    if _WORKDIR.value is None and not (command in ("sample", "convert") and _MODEL.value):
+        raise app.UsageError("--workdir is required (sample and convert also take --model NAME instead)")
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     if command == "train":
         if _CONFIG.value is None:
@@ -536,6 +556,8 @@ def main(argv):
         train_command(_CONFIG.value, workdir)
     elif command == "sample":
         sample_command(workdir)
+    elif command == "convert":
+        convert_command(workdir)
     else:
         eval_command(workdir)
 
@@ -546,7 +568,7 @@ def run():
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
     try:
         app.run(main)
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError) as e:  # bad input: one clear line, exit 2
+    except (ValueError, FileNotFoundError, FileExistsError, checkpoint.CheckpointMismatchError) as e:  # bad input: one clear line, exit 2
         if os.environ.get("LM_DEBUG"):
             raise
         print(f"error: {e}\n(set LM_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -387,3 +387,24 @@ def test_exports_load_in_transformers(name, tmp_path):
         with torch.no_grad():
             logits = model(**kwargs, use_cache=False).logits.float().numpy()
         np.testing.assert_allclose(logits, ref['logits'], rtol=0, atol=1e-5)
+
+
+def test_convert_command_writes_the_hf_layout(tmp_path):
+    """`python -m lm.main convert --model hf:DIR --out OUT`: a lossless copy; never overwrites."""
+    import os
+    import subprocess
+    import sys
+
+    source = pathlib.Path(__file__).parent / 'goldens' / 'hf' / 'llama'
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'lm.main', 'convert', f'--model=hf:{source}', f'--out={out}']
+    env = {**os.environ, 'XLA_FLAGS': ''}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again, original = hf.load_hf(out), hf.load_hf(source)
+    assert again.config == original.config
+    jax.tree.map(np.testing.assert_array_equal, again.params, original.params)
+    before = (out / 'model.safetensors').read_bytes()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and 'not empty' in proc.stderr
+    assert (out / 'model.safetensors').read_bytes() == before
