@@ -263,6 +263,10 @@ def check_init_source(source: InitSource, model_values: dict) -> None:
     old = dict(source.model)
     known = set(old) | {f.name for f in dataclasses.fields(ModelConfig)}
     new = json.loads(json.dumps({**old, **{k: v for k, v in model_values.items() if k in known}}))  # as saved
+    for values in (old, new):  # 0 means "derived": compare what the model actually uses
+        if values.get("num_heads") and values.get("d_model"):
+            values["head_dim"] = values.get("head_dim") or values["d_model"] // values["num_heads"]
+            values["num_kv_heads"] = values.get("num_kv_heads") or values["num_heads"]
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if not keys:
         return

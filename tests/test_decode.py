@@ -62,11 +62,19 @@ def test_eos_stops_and_length_guard(model_and_params):
             decode.generate(model, params, [[1] * 60], max_new_tokens=10)
 
 
-def test_seq2seq_greedy_matches_teacher_forced_argmax():
+SOURCES = [[5, 6, 7, 8], [9, 10]]
+
+
+@pytest.fixture(scope="module")
+def seq2seq_model_and_params():
     config = T.preset("t5", **T.TINY, head_dim=8)
     model = T.build_model(config)
-    params = nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
-    sources = [[5, 6, 7, 8], [9, 10]]
+    return model, nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
+
+
+def test_seq2seq_greedy_matches_teacher_forced_argmax(seq2seq_model_and_params):
+    model, params = seq2seq_model_and_params
+    sources = SOURCES
     out = decode.generate_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1)
     for src, got in zip(sources, out, strict=True):
         tokens = [2]
@@ -110,11 +118,9 @@ def test_beam_search_stops_finished_beams_at_eos(model_and_params):
     assert beam[0] == greedy[: greedy.index(eos)]
 
 
-def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher():
-    config = T.preset("t5", **T.TINY, head_dim=8)
-    model = T.build_model(config)
-    params = nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
-    sources = [[5, 6, 7, 8], [9, 10]]
+def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher(seq2seq_model_and_params):
+    model, params = seq2seq_model_and_params
+    sources = SOURCES
     greedy = decode.generate_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1)
     one, _ = decode.beam_search_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1,
                                         beams=1)
