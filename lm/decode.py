@@ -39,9 +39,10 @@ def sample_logits(logits, rng, temperature: float = 1.0, top_k: int = 0, top_p: 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
-    """-> tokens [batch, max_len], valid [batch, max_len] bool, positions [batch, max_len]."""
-    length = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
+    """-> tokens [batch, L], valid [batch, L] bool, positions [batch, L]; L = `length` (a
+    bucket, so that a caller compiles few shapes) or the longest prompt."""
+    length = max(length or 0, max(len(p) for p in prompts))
     tokens = np.full((len(prompts), length), pad_id, np.int32)
     valid = np.zeros((len(prompts), length), bool)
     for i, p in enumerate(prompts):
@@ -111,10 +112,13 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     eos_id: int | None = None,
+    pad_to: int | None = None,
 ) -> list[list[int]]:
-    """Continuations (token ids, without the prompt, cut after eos) for a batch of prompts."""
+    """Continuations (token ids, without the prompt, cut after eos) for a batch of prompts.
+
+    pad_to: left-pad the prompts to at least this length (fewer compiled shapes)."""
     check_prompts(model, prompts, max_new_tokens)
-    tokens, valid, positions = left_pad(prompts)
+    tokens, valid, positions = left_pad(prompts, length=pad_to)
     out = _generate(
         model, params, tokens, valid, positions, jax.random.PRNGKey(seed),
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
@@ -148,10 +152,12 @@ def _generate_seq2seq(model, params, source, source_valid, *, max_new_tokens, bo
 
 def generate_seq2seq(
     model: EncoderDecoder, params, sources: Sequence[Sequence[int]], *, max_new_tokens: int, bos_id: int,
-    eos_id: int,
+    eos_id: int, pad_to: int | None = None,
 ) -> list[list[int]]:
-    """Greedy outputs of an encoder-decoder for a batch of source token lists (cut at eos)."""
-    tokens, valid = _right_pad(sources)
+    """Greedy outputs of an encoder-decoder for a batch of source token lists (cut at eos).
+
+    pad_to: right-pad the sources to at least this length (fewer compiled shapes)."""
+    tokens, valid = _right_pad(sources, pad_to)
     out = _generate_seq2seq(model, params, tokens, valid, max_new_tokens=max_new_tokens, bos_id=bos_id,
                             eos_id=eos_id)
     return _cut_at_eos(out, eos_id)
@@ -304,9 +310,9 @@ def beam_search_seq2seq(
     return _cut_at_eos(out, eos_id), [float(s) for s in np.asarray(scores)]
 
 
-def _right_pad(sources: Sequence[Sequence[int]]):
-    """-> tokens [batch, max_len], valid [batch, max_len] bool (encoder inputs are right-padded)."""
-    length = max(len(s) for s in sources)
+def _right_pad(sources: Sequence[Sequence[int]], length: int | None = None):
+    """-> tokens [batch, L], valid [batch, L] bool (encoder inputs are right-padded)."""
+    length = max(length or 0, max(len(s) for s in sources))
     tokens = np.zeros((len(sources), length), np.int32)
     valid = np.zeros((len(sources), length), bool)
     for i, s in enumerate(sources):

@@ -5,6 +5,8 @@
     python -m lm.main sample --workdir /tmp/gpt --prompt "ROMEO:"
     python -m lm.main sample --model smollm2 --prompt "The capital of France is" --temperature 0
     python -m lm.main eval --workdir /tmp/gpt --split test
+    python -m lm.main eval --model smollm2 --tasks arc_easy,piqa --num_fewshot 0 --limit 100
+    python -m lm.main eval --workdir /tmp/gpt --tasks heldout,heldout_order
     python -m lm.main convert --model smollm2 --out /tmp/smollm2_hf     # or --workdir /tmp/gpt
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
@@ -59,11 +61,18 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "sample: cut the continuation at this string (repeatable).")
 _BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).")
-_SPLIT = flags.DEFINE_string("split", "validation", "eval: data split.")
+_SPLIT = flags.DEFINE_string("split", "validation", "eval without --tasks: the split whose loss to report.")
+_TASKS = flags.DEFINE_list("tasks", [], "eval: harness tasks (lm.evaluation.tasks), e.g. arc_easy,piqa.")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "eval: examples per prompt (default: each task's).")
+_LIMIT = flags.DEFINE_integer("limit", None, "eval: the first N documents of each task (per MMLU subject).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "eval: rows per compiled batch.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "eval: longest input (capped at the model's max_len).")
 _MODEL = flags.DEFINE_string(
     "model", None,
-    "sample, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
-_OUT = flags.DEFINE_string("out", None, "convert: new directory for the Hugging Face layout.")
+    "sample, eval, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
+_OUT = flags.DEFINE_string(
+    "out", None, "convert: new directory for the Hugging Face layout; eval: directory for "
+    "results.json and results.md (default: WORKDIR/eval, or eval/MODEL for --model).")
 
 
 # ---------------------------------------------------------------------------------- build
@@ -450,6 +459,8 @@ def train_command(config, workdir: pathlib.Path) -> None:
     ))
     evaluators = {"eval": loss_evaluator(trainer, data_cfg, tokenizer, "validation", train_cfg.seed,
                                          train_cfg.eval_batches)}
+    if train_cfg.eval_tasks:
+        evaluators["tasks"] = task_evaluator(trainer, tokenizer, data_cfg, train_cfg)
     if data_cfg.task == "lm" and jax.process_index() == 0:
         baseline_file = workdir / "baseline.json"  # computed once per workdir (same data and tokenizer)
         if baseline_file.exists():
@@ -524,10 +535,76 @@ def sample_command(workdir: pathlib.Path | None) -> None:
         print("-" * 40)
 
 
-def eval_command(workdir: pathlib.Path) -> None:
-    trainer, state, tokenizer, data_cfg, train_cfg = restore_for_inference(workdir)
-    metrics = loss_evaluator(trainer, data_cfg, tokenizer, _SPLIT.value, train_cfg.seed)(state)
-    print(json.dumps({"split": _SPLIT.value, "step": int(state.step), **metrics}, indent=2))
+def harness_model(model, params, tokenizer, data_cfg, *, batch_size: int, max_length: int):
+    """The lm.evaluation model for our module: LanguageModel (decoder-only) or Seq2SeqModel."""
+    from lm.evaluation import LanguageModel, Seq2SeqModel
+
+    if model.config.architecture == "decoder":
+        return LanguageModel(model, params, tokenizer, batch_size=batch_size, max_length=max_length)
+    return Seq2SeqModel(model, params, tokenizer, encoder_len=data_cfg.encoder_len, batch_size=batch_size)
+
+
+def eval_command(workdir: pathlib.Path | None) -> None:
+    if not _TASKS.value:  # the loss of a split (the training data's own evaluation)
+        if workdir is None:
+            raise app.UsageError("eval --model needs --tasks (e.g. --tasks arc_easy,piqa)")
+        trainer, state, tokenizer, data_cfg, train_cfg = restore_for_inference(workdir)
+        metrics = loss_evaluator(trainer, data_cfg, tokenizer, _SPLIT.value, train_cfg.seed)(state)
+        print(json.dumps({"split": _SPLIT.value, "step": int(state.step), **metrics}, indent=2))
+        return
+    from lm.evaluation import evaluate, format_table, get_tasks
+    from lm.data.pipeline import DataConfig
+
+    if _MODEL.value:
+        from lm import convert
+
+        pretrained = convert.load_pretrained(_MODEL.value)
+        if pretrained.tokenizer is None:
+            raise ValueError(f"--model {_MODEL.value!r} has no tokenizer to encode prompts with")
+        model, params, tokenizer, data_cfg = (build_model(pretrained.config), pretrained.params,
+                                              pretrained.tokenizer, DataConfig())
+        described, step = _MODEL.value, None
+        out = pathlib.Path(_OUT.value or pathlib.Path("eval") / pathlib.Path(_MODEL.value).name)
+    else:
+        trainer, state, tokenizer, data_cfg, _ = restore_for_inference(workdir)
+        model, params, step = trainer.model, trainer.model_params(state), int(state.step)
+        described = str(workdir)
+        out = pathlib.Path(_OUT.value or workdir / "eval")
+    tasks = get_tasks(_TASKS.value, data_cfg)  # unknown names fail before any work
+    lm = harness_model(model, params, tokenizer, data_cfg, batch_size=_BATCH_SIZE.value,
+                       max_length=_MAX_LENGTH.value)
+    results = evaluate(lm, tasks, num_fewshot=_NUM_FEWSHOT.value, limit=_LIMIT.value, progress=True)
+    results = {"model": described, "step": step, **results}
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'results.json'}")
+
+
+def task_evaluator(trainer: Trainer, tokenizer, data_cfg, train_cfg: TrainConfig):
+    """state -> {tasks/<task>/<metric>: value} with the harness, for periodic evaluation."""
+    from lm.evaluation import evaluate, get_tasks
+
+    tasks = get_tasks([t.strip() for t in train_cfg.eval_tasks.split(",") if t.strip()], data_cfg)
+    fewshot = None if train_cfg.eval_tasks_fewshot < 0 else train_cfg.eval_tasks_fewshot
+
+    def evaluate_tasks(state):
+        params = trainer.model_params(state)
+        if jax.process_count() > 1:  # every process holds a shard: gather full copies first
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() != 0:
+            return {}
+        lm = harness_model(trainer.model, params, tokenizer, data_cfg, batch_size=16,
+                           max_length=data_cfg.seq_len)
+        results = evaluate(lm, tasks, num_fewshot=fewshot, limit=train_cfg.eval_tasks_limit or None)
+        return {f"{name}/{metric}": value for name, r in results["tasks"].items()
+                for metric, value in r["metrics"].items() if not metric.endswith("_stderr")}
+
+    return evaluate_tasks
 
 
 def convert_command(workdir: pathlib.Path | None) -> None:
@@ -551,8 +628,8 @@ def main(argv):
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         raise app.UsageError(f"usage: python -m lm.main [{'|'.join(COMMANDS)}] --workdir DIR [--config FILE]")
-    if _WORKDIR.value is None and not (command in ("sample", "convert") and _MODEL.value):
-        raise app.UsageError("--workdir is required (sample and convert also take --model NAME instead)")
+    if _WORKDIR.value is None and not (command in ("sample", "eval", "convert") and _MODEL.value):
+        raise app.UsageError("--workdir is required (sample, eval and convert also take --model NAME instead)")
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     if command == "train":
         if _CONFIG.value is None:

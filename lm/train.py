@@ -66,6 +66,11 @@ class TrainConfig:
     eval_every: int = 500  # 0 = only at the end
     eval_batches: int = 0  # evaluate on the first n batches of the split; 0 = all of it
     eval_at_start: bool = False  # also evaluate before the first step (fine-tuning baselines)
+    # Harness tasks (lm.evaluation, comma-separated, e.g. "heldout_order,lambada") run with
+    # every evaluation, on the first eval_tasks_limit documents of each (0 = all).
+    eval_tasks: str = ""
+    eval_tasks_limit: int = 200
+    eval_tasks_fewshot: int = -1  # -1 = each task's default k
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoints: bool = True

@@ -107,6 +107,45 @@ def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
     assert result["step"] == 30 and result["split"] == "test" and result["loss"] > 0
 
 
+def byte_entropy_bits(texts) -> float:
+    counts = np.bincount(np.frombuffer("".join(texts).encode(), np.uint8), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_eval_harness_tasks_on_the_trained_model(trained, tmp_path):
+    """The harness on a model trained here: ranges computed from the held-out data."""
+    from lm.data.pipeline import DataConfig
+    from lm.evaluation.tasks import corpus_texts
+
+    root, source, workdir, _ = trained
+    out = tmp_path / "eval"
+    proc = run_cli("eval", "--tasks=heldout,heldout_order", "--limit=100", f"--out={out}",
+                   workdir=workdir, source=None, data_dir=root / "data")
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 20 and "| heldout_order | 0 | 100 | acc |" in proc.stdout
+    order = results["tasks"]["heldout_order"]
+    chance = 1 / 4  # the real line among 3 word-shuffled copies
+    assert order["docs"] == 100 and order["metrics"]["acc"] > chance + 0.3, order
+    held_out = corpus_texts(DataConfig(source=source, data_dir=str(root / "data")), "test")
+    bits = results["tasks"]["heldout"]["metrics"]["bits_per_byte"]
+    assert 0 < bits < byte_entropy_bits(held_out), bits  # beats a byte-unigram model of the data
+    bad = run_cli("eval", "--tasks=heldout,arc_eassy", workdir=workdir, source=None,
+                  data_dir=root / "data", check=False)
+    assert bad.returncode == 2 and "unknown task(s) ['arc_eassy']" in bad.stderr
+
+
+def test_periodic_evaluation_runs_harness_tasks(tmp_path):
+    source = write_corpus(tmp_path / "corpus")
+    workdir = tmp_path / "run"
+    run_cli(TINY, "--config.train.steps=10", "--config.train.eval_every=5",
+            "--config.train.eval_tasks=heldout_order", "--config.train.eval_tasks_limit=20",
+            workdir=workdir, source=source, data_dir=tmp_path / "data")
+    evals = [m for m in metrics(workdir) if "tasks/heldout_order/acc" in m]
+    assert [m["step"] for m in evals] == [5, 10]
+    assert all(0 <= m["tasks/heldout_order/acc"] <= 1 for m in evals)
+
+
 def test_checkpoint_of_another_model_is_refused_and_untouched(trained):
     root, source, workdir, _ = trained
     before = snapshot(workdir)

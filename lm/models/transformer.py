@@ -406,15 +406,27 @@ class DecoderOnly(nn.Module):
         """
         if unused:
             raise TypeError(f"DecoderOnly got unexpected inputs {sorted(unused)}")
+        x = self.features(tokens, segment_ids=segment_ids, positions=positions,
+                          deterministic=deterministic, decode=decode)
+        return self.project(x)
+
+    def features(self, tokens, *, segment_ids=None, positions=None, deterministic=True, decode=False):
+        """tokens [batch, length] -> final hidden states [batch, length, embed] (after the
+        final norm, before the vocabulary projection)."""
         c = self.config
         positions = _positions_or_default(positions, tokens)
         seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
         mask = None if decode else causal_mask(tokens.shape[1]) & segment_mask(seg, seg)
         x = _embed(self.embedder, c, tokens)
-        x = self.decoder(
+        return self.decoder(
             x, mask, positions=positions, segment_ids=seg, deterministic=deterministic, decode=decode
         )
-        return _logits(c, self.embedder, self.head, x)
+
+    def project(self, x):
+        """Hidden states [..., embed] -> float32 logits [..., vocab]. Apart from __call__, so
+        that a scorer can project only the positions it reads (a 262k vocabulary costs more
+        than the network below it)."""
+        return _logits(self.config, self.embedder, self.head, x)
 
 
 class EncoderDecoder(nn.Module):

@@ -1,0 +1,226 @@
+"""Runs tasks over a model: few-shot prompts, requests, metrics, results.json and a table.
+
+    lm = LanguageModel(model, params, tokenizer)          # or Seq2SeqModel for translation
+    results = evaluate(lm, get_tasks(["arc_easy", "piqa"]), num_fewshot=0, limit=100)
+    print(format_table(results))
+
+Few-shot examples are drawn per document from a generator seeded with (seed, document
+index) -- lm-evaluation-harness's default seed 1234 -- so a document's prompt does not
+depend on --limit, on the batch size or on which other documents run; a task whose
+examples come from its own split never shows a document its own answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from lm.evaluation import metrics as M
+from lm.evaluation.tasks import Doc, Task
+
+FEWSHOT_SEED = 1234
+ROWS_PER_CHUNK = 256  # requests per progress update (a few compiled batches)
+
+
+def select_docs(docs: list[Doc], limit: int | None) -> list[int]:
+    """Indices of the evaluated documents: all, or the first `limit` of each group (MMLU
+    subject), as lm-evaluation-harness limits each sub-task."""
+    if not limit:
+        return list(range(len(docs)))
+    taken: dict[str, int] = {}
+    chosen = []
+    for i, doc in enumerate(docs):
+        if taken.get(doc.group, 0) < limit:
+            taken[doc.group] = taken.get(doc.group, 0) + 1
+            chosen.append(i)
+    return chosen
+
+
+def fewshot_indices(task: Task, index: int, doc: Doc, pool: list[Doc], k: int, seed: int,
+                    same_split: bool) -> list[int]:
+    """Indices into `pool` of document `index`'s k examples: its group's, never itself."""
+    candidates = [j for j, shot in enumerate(pool)
+                  if shot.group == doc.group and not (same_split and j == index)]
+    if k > len(candidates):
+        raise ValueError(f"task {task.name}: {k} few-shot examples asked, but the few-shot pool "
+                         f"of {doc.group or 'the task'} has {len(candidates)}")
+    if task.fewshot_order == "first":
+        return candidates[:k]
+    rng = np.random.default_rng([seed, index])
+    return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
+
+
+def prompt_prefix(task: Task, doc: Doc, shots: Sequence[Doc]) -> str:
+    """Description and worked examples: each shot is its gold context, the target delimiter,
+    its gold continuation and the few-shot delimiter."""
+    text = task.description.format(group=doc.group.replace("_", " "))
+    for shot in shots:
+        context, continuation = shot.option(shot.gold)
+        text += context + task.target_delimiter + continuation + task.fewshot_delimiter
+    return text
+
+
+def _progress(total: int, name: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, unit="doc", dynamic_ncols=True)
+
+
+def _chunks(indices: list[int], size: int):
+    for start in range(0, len(indices), size):
+        yield indices[start:start + size]
+
+
+def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
+                  seed: int = FEWSHOT_SEED, progress: bool = False) -> dict:
+    """Scores one task. lm: a LanguageModel (any kind) or Seq2SeqModel (generation only).
+
+    Returns {task, kind, num_fewshot, docs, source, seconds, docs_per_second, metrics:
+    {name: value, name_stderr: ...}}.
+    """
+    if task.kind != "generation" and not hasattr(lm, "loglikelihood"):
+        raise ValueError(f"task {task.name} ({task.kind}) scores log-likelihoods: it needs a "
+                         "decoder-only model; an encoder-decoder runs generation tasks "
+                         "(e.g. translation)")
+    started = time.perf_counter()
+    docs = task.load()
+    if not docs:
+        raise ValueError(f"task {task.name} has no documents ({task.source})")
+    chosen = select_docs(docs, limit)
+    k = task.num_fewshot if num_fewshot is None else num_fewshot
+    if task.kind == "perplexity" or (task.kind == "generation" and not hasattr(lm, "loglikelihood")):
+        k = 0  # whole documents / a translation model: nothing to prompt with
+    same_split = task.load_fewshot is None
+    pool = docs if same_split else (task.load_fewshot() if k else [])
+    bar = _progress(len(chosen), task.name, progress)
+
+    def prefix(i):
+        if not k:
+            return task.description.format(group=docs[i].group.replace("_", " "))
+        shots = fewshot_indices(task, i, docs[i], pool, k, seed, same_split)
+        return prompt_prefix(task, docs[i], [pool[j] for j in shots])
+
+    outputs: dict[int, object] = {}
+    per_chunk = max(1, ROWS_PER_CHUNK // max(1, max(docs[i].num_options for i in chosen)))
+    if task.kind == "perplexity":
+        per_chunk = 1
+    for chunk in _chunks(chosen, per_chunk):
+        if task.kind == "multiple_choice":
+            requests, owners = [], []
+            for i in chunk:
+                head = prefix(i)
+                for j in range(docs[i].num_options):
+                    context, continuation = docs[i].option(j)
+                    requests.append((head + context, task.target_delimiter + continuation))
+                    owners.append(i)
+            scored = lm.loglikelihood(requests)
+            for i in chunk:
+                outputs[i] = [s for s, o in zip(scored, owners, strict=True) if o == i]
+        elif task.kind == "cloze":
+            requests = [(prefix(i) + docs[i].contexts[0], task.target_delimiter + docs[i].continuations[0])
+                        for i in chunk]
+            for i, result in zip(chunk, lm.loglikelihood(requests), strict=True):
+                outputs[i] = result
+        elif task.kind == "generation":
+            requests = [(prefix(i) + docs[i].contexts[0], list(task.stop), task.max_tokens) for i in chunk]
+            for i, text in zip(chunk, lm.generate_until(requests), strict=True):
+                outputs[i] = text.strip()
+        else:
+            texts = [docs[i].text for i in chunk]
+            for i, logprob in zip(chunk, lm.loglikelihood_rolling(texts), strict=True):
+                outputs[i] = logprob
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+    values = task_metrics(task, [docs[i] for i in chosen], [outputs[i] for i in chosen], lm)
+    return {"task": task.name, "kind": task.kind, "num_fewshot": k, "docs": len(chosen),
+            "of_docs": len(docs), "source": task.source, "seconds": round(seconds, 2),
+            "docs_per_second": round(len(chosen) / seconds, 2), "metrics": values}
+
+
+def task_metrics(task: Task, docs: list[Doc], outputs: list, lm) -> dict[str, float]:
+    """The task's metrics (each with its standard error) from per-document outputs."""
+    out: dict[str, float] = {}
+    wanted = set(task.metrics)
+    if task.kind == "multiple_choice":
+        logprobs = [[s for s, _ in result] for result in outputs]
+        gold = [d.gold for d in docs]
+        if "acc" in wanted:
+            out.update(M.choice_accuracy(logprobs, gold).as_dict("acc"))
+        if "acc_norm" in wanted:
+            # As the harness: log-likelihood per character of each choice (delimiter excluded).
+            lengths = [[len(d.option(j)[1]) for j in range(d.num_options)] for d in docs]
+            out.update(M.choice_accuracy(logprobs, gold, lengths).as_dict("acc_norm"))
+        if wanted & {"precision", "recall", "f1"}:
+            predictions = [int(np.argmax(row)) for row in logprobs]
+            for name, score in M.precision_recall_f1(predictions, gold).items():
+                out.update(score.as_dict(name))
+    elif task.kind == "cloze":
+        logprobs = np.array([s for s, _ in outputs])
+        if "acc" in wanted:
+            out.update(M.mean_score([float(g) for _, g in outputs]).as_dict("acc"))
+        if "perplexity" in wanted:
+            value = math.exp(-logprobs.mean())
+            stderr = M.bootstrap_stderr(lambda idx: math.exp(-logprobs[idx].mean()), len(logprobs))
+            out.update(M.Score(value, stderr).as_dict("perplexity"))
+    elif task.kind == "generation":
+        references = [d.continuations[0] for d in docs]
+        if "exact_match" in wanted:
+            out.update(M.exact_match(outputs, [(d.continuations[0], *d.references) for d in docs])
+                       .as_dict("exact_match"))
+        if wanted & {"bleu", "chrf"}:
+            for name, score in M.bleu_chrf(outputs, references).items():
+                out.update(score.as_dict(name))
+        rouges = [m for m in task.metrics if m.startswith("rouge")]
+        if rouges:
+            for name, score in M.rouge(outputs, references, rouges).items():
+                out.update(score.as_dict(name))
+    else:
+        logprobs = np.array(outputs, np.float64)
+        tokens = np.array([len(lm.tokenizer.encode(d.text)) for d in docs], np.float64)
+        words = np.array([len(d.text.split()) for d in docs], np.float64)
+        num_bytes = np.array([len(d.text.encode("utf-8")) for d in docs], np.float64)
+
+        def corpus(idx):
+            total = logprobs[idx].sum()
+            return {"perplexity": math.exp(-total / tokens[idx].sum()),
+                    "word_perplexity": math.exp(-total / words[idx].sum()),
+                    "bits_per_byte": -total / math.log(2) / num_bytes[idx].sum()}
+
+        everything = corpus(np.arange(len(docs)))
+        for name in task.metrics:
+            stderr = M.bootstrap_stderr(lambda idx, n=name: corpus(idx)[n], len(docs), samples=200) \
+                if len(docs) > 1 else 0.0
+            out.update(M.Score(everything[name], stderr).as_dict(name))
+        out["tokens"] = float(tokens.sum())
+    return out
+
+
+def evaluate(lm, tasks: Sequence[Task], *, num_fewshot: int | None = None, limit: int | None = None,
+             seed: int = FEWSHOT_SEED, progress: bool = False) -> dict:
+    """{"tasks": {name: result of evaluate_task}, "config": {...}} for several tasks."""
+    results = {task.name: evaluate_task(lm, task, num_fewshot=num_fewshot, limit=limit, seed=seed,
+                                        progress=progress) for task in tasks}
+    return {"tasks": results, "config": {"num_fewshot": num_fewshot, "limit": limit, "seed": seed,
+                                         "batch_size": getattr(lm, "batch_size", None)}}
+
+
+def format_table(results: dict) -> str:
+    """A Markdown table: task, k, documents, metric, value, standard error, docs/s."""
+    lines = ["| task | k | docs | metric | value | stderr | docs/s |", "|---|---|---|---|---|---|---|"]
+    for name, r in results["tasks"].items():
+        for metric, value in r["metrics"].items():
+            if metric.endswith("_stderr") or metric == "tokens":
+                continue
+            stderr = r["metrics"].get(f"{metric}_stderr")
+            shown = f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+            lines.append(f"| {name} | {r['num_fewshot']} | {r['docs']} | {metric} | {shown} | "
+                         f"{'' if stderr is None else f'{stderr:.4f}'} | {r['docs_per_second']} |")
+    return "\n".join(lines)
