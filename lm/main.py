@@ -552,8 +552,8 @@ def eval_command(workdir: pathlib.Path | None) -> None:
         metrics = loss_evaluator(trainer, data_cfg, tokenizer, _SPLIT.value, train_cfg.seed)(state)
         print(json.dumps({"split": _SPLIT.value, "step": int(state.step), **metrics}, indent=2))
         return
-    from lm.evaluation import evaluate, format_table, get_tasks
     from lm.data.pipeline import DataConfig
+    from lm.evaluation import evaluate, format_table, get_tasks
 
     if _MODEL.value:
         from lm import convert

@@ -4,11 +4,17 @@ import json
 
 import flax.linen as nn
 import jax
-import numpy as np
 import pytest
 
-from lm.evaluation import LanguageModel, Seq2SeqModel, evaluate, evaluate_task, get_tasks
-from lm.evaluation import harness, metrics, tasks
+from lm.evaluation import (
+    LanguageModel,
+    Seq2SeqModel,
+    evaluate,
+    evaluate_task,
+    get_tasks,
+    harness,
+    metrics,
+)
 from lm.evaluation.tasks import Doc, Task
 from lm.models import transformer as T
 
@@ -77,14 +83,31 @@ def test_prompt_of_partial_scoring_uses_the_gold_context():
 # ----------------------------------------------------------------------------- the model
 
 
-def test_shared_context_single_token_requests_match_separate_scoring(random_lm):
-    model, params = random_lm
-    lm = LanguageModel(model, params, ByteTokenizer(), batch_size=4)
-    requests = [("Answer:", f" {c}"[-1:]) for c in "ABCD"] + [("Other:", "x"), ("Long", " answer")]
-    together = lm.loglikelihood(requests)
-    apart = [lm.loglikelihood([r])[0] for r in requests]
-    np.testing.assert_allclose([p for p, _ in together], [p for p, _ in apart], atol=1e-5)
-    assert [g for _, g in together] == [g for _, g in apart]
+@pytest.mark.parametrize("window", [0, 4])
+def test_continuations_sharing_a_context_score_as_separate_forward_passes(window):
+    """One row holds the shared (part of the) context once and every remainder after it
+    (prefix-tree mask); each result equals an unpadded forward pass over context + continuation alone, also
+    with sliding-window layers (which see positions, not row indices)."""
+    import jax.numpy as jnp
+
+    extra = dict(sliding_window=window, global_every=2) if window else {}
+    config = T.preset("llama", **{**T.TINY, "vocab_size": 259, "max_len": 512}, num_kv_heads=2, **extra)
+    model = T.build_model(config)
+    params = nn.meta.unbox(model.init(jax.random.key(1), **T.dummy_inputs(config))["params"])
+    tok = ByteTokenizer()
+    lm = LanguageModel(model, params, tok, batch_size=3)
+    requests = [("The answer is", " yes, surely"), ("The answer is", " no"), ("The answer is", "!"),
+                ("The answer is surely", " no"), ("The answer is plain", " yes"),  # partial prefix
+                ("Other", " thing"), ("The answer is", " maybe not")]
+    for (context, continuation), (logprob, greedy) in zip(requests, lm.loglikelihood(requests),
+                                                          strict=True):
+        context_ids, ids = lm.encode_pair(context, continuation)
+        whole = context_ids + ids
+        logits = model.apply({"params": params}, jnp.asarray([whole[:-1]]))[0]
+        logprobs = jax.nn.log_softmax(logits, axis=-1)[-len(ids):]
+        expected = float(sum(logprobs[j, t] for j, t in enumerate(ids)))
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == bool((logits[-len(ids):].argmax(-1) == jnp.asarray(ids)).all())
 
 
 def test_task_results_do_not_depend_on_batch_size(random_lm):

@@ -22,7 +22,7 @@ from lm.evaluation import metrics as M
 from lm.evaluation.tasks import Doc, Task
 
 FEWSHOT_SEED = 1234
-ROWS_PER_CHUNK = 256  # requests per progress update (a few compiled batches)
+ROWS_PER_CHUNK = 512  # requests per progress update (some tens of compiled batches)
 
 
 def select_docs(docs: list[Doc], limit: int | None) -> list[int]:

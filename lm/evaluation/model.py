@@ -5,11 +5,14 @@
     lm.loglikelihood_rolling(["a whole document", ...])  # [log p(document)]
     lm.generate_until([("Q: ...\nA:", ["\n"], 32), ...])  # [continuation text]
 
-Requests are sorted by length and cut into batches of `batch_size` rows whose length is
-padded up to a bucket (powers of two from 32), so a whole task compiles a handful of
-programs, not one per document; results come back in request order. Every row is
-scored on its own (causal attention, right padding, float32 log-softmax), so results
-do not depend on the batch size.
+Requests whose contexts share a prefix (a question and its choices) become one row: the
+prefix once, then each request's remainder as a branch that attends to the prefix and to
+itself (`prefix_tree_mask`). Rows are sorted by length and cut into batches of
+`batch_size` whose length is padded up to a bucket (powers of two from 32 and their
+midpoints), so a task compiles a handful of programs, not one per document; only the
+positions whose next token is scored are projected onto the vocabulary. Results come back
+in request order, and every row is scored on its own (float32 log-softmax), so they do not
+depend on the batch size.
 
 Tokenisation follows the harness: a context's trailing spaces move to the continuation,
 the pair is encoded whole and split where the context's tokens end; the model's BOS is
@@ -31,52 +34,124 @@ from lm import decode
 
 MIN_BUCKET = 32
 PROJECT_CHUNK = 128  # positions projected onto the vocabulary at a time (bounds memory)
+MIN_READS = 16
 
 
 def bucket_length(n: int, limit: int | None, minimum: int = MIN_BUCKET) -> int:
-    """The padded length for a row of `n` tokens: the next power of two >= minimum, capped at
-    limit."""
+    """The padded length for a row of `n` tokens, capped at limit: the next of minimum, then
+    powers of two and their midpoints (32, 48, 64, 96, 128, ...), so that padding wastes at
+    most a third of a row while a task still compiles only a handful of shapes."""
     length = max(minimum, 1 << max(n - 1, 0).bit_length())
+    if length >= 2 * MIN_BUCKET and n <= length * 3 // 4:
+        length = length * 3 // 4
     return min(length, limit) if limit else length
 
 
 def _project_scores(model, params, hidden, targets):
-    """hidden [b, c, d], targets [b, c] -> (target log-probs [b, c], target is argmax [b, c],
-    log-probs of the last position [b, vocab])."""
+    """hidden [b, r, d], targets [b, r] -> (target log-probs [b, r], target is argmax [b, r])."""
     logits = model.apply({"params": params}, hidden, method=model.project)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    return picked, logits.argmax(-1) == targets, logprobs[:, -1]
+    return picked, logits.argmax(-1) == targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "with_last"))
-def _score(model, params, tokens, segment_ids, starts, targets, scored, *, with_last=False):
-    """Sums of target log-probs over the scored positions of each row.
+@functools.partial(jax.jit, static_argnames=("model", "branches"))
+def _score(model, params, tokens, segments, positions, reads, targets, owners, *, branches):
+    """Log-likelihoods of the branches of prefix-tree rows (see `_Tree`).
 
-    tokens, segment_ids [b, L]: inputs, right-padded (segment 0).
-    starts [b]: the first of each row's c read positions; targets, scored [b, c]: the targets
-      at those positions and which of them count. Only these positions are projected onto
-      the vocabulary, in chunks of PROJECT_CHUNK.
-    -> (sum log-prob [b], all scored targets greedy [b], log-probs after the last read position
-      [b, vocab] if with_last else None).
+    tokens, segments, positions [b, L]: the rows (segment 1: the shared context, 2 + a:
+      branch a, 0: padding).
+    reads, targets, owners [b, r]: the positions whose next-token distribution is read, the
+      token wanted there, and the branch it belongs to (-1: unused). Only these positions
+      are projected onto the vocabulary, PROJECT_CHUNK at a time.
+    -> (sum log-prob [b, branches], every target the argmax [b, branches]).
     """
-    hidden = model.apply({"params": params}, tokens, segment_ids=segment_ids, method=model.features)
-    b, c = targets.shape
-    index = jnp.clip(starts[:, None] + jnp.arange(c)[None], 0, tokens.shape[1] - 1)
-    read = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [b, c, d]
-    if c <= PROJECT_CHUNK:
-        picked, greedy, last = _project_scores(model, params, read, targets)
+    hidden = model.apply({"params": params}, tokens, segment_ids=segments, positions=positions,
+                         prefix_tree=True, method=model.features)
+    b, r = targets.shape
+    read = jnp.take_along_axis(hidden, reads[..., None], axis=1)  # [b, r, d]
+    if r <= PROJECT_CHUNK:
+        picked, greedy = _project_scores(model, params, read, targets)
     else:  # long rows (rolling windows): project a chunk of positions at a time
-        chunks = c // PROJECT_CHUNK
-        def one(xs):
-            return _project_scores(model, params, *xs)[:2]
-        picked, greedy = jax.lax.map(one, (
+        chunks = r // PROJECT_CHUNK
+        picked, greedy = jax.lax.map(lambda xs: _project_scores(model, params, *xs), (
             read.reshape(b, chunks, PROJECT_CHUNK, -1).swapaxes(0, 1),
             targets.reshape(b, chunks, PROJECT_CHUNK).swapaxes(0, 1)))
-        picked, greedy = picked.swapaxes(0, 1).reshape(b, c), greedy.swapaxes(0, 1).reshape(b, c)
-        last = None
-    total = jnp.sum(jnp.where(scored, picked, 0.0), axis=-1)
-    return total, jnp.all(greedy | ~scored, axis=-1), (last if with_last else None)
+        picked, greedy = picked.swapaxes(0, 1).reshape(b, r), greedy.swapaxes(0, 1).reshape(b, r)
+    member = (owners[..., None] == jnp.arange(branches)).astype(jnp.float32)  # [b, r, branches]
+    used = owners >= 0
+    sums = jnp.einsum("br,brk->bk", jnp.where(used, picked, 0.0), member)
+    misses = jnp.einsum("br,brk->bk", (used & ~greedy).astype(jnp.float32), member)
+    return sums, misses == 0
+
+
+class _Tree:
+    """One row: a shared context and the branches that continue it, each branch seeing the
+    context and itself only. A branch is (token ids, how many of its last ids are scored);
+    `results` are the result indices the branches answer."""
+
+    def __init__(self, context: list[int], branches: list[tuple[list[int], int]], results: list[int]):
+        self.context, self.branches, self.results = context, branches, results
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(ids) - 1 for ids, _ in self.branches)
+
+    @property
+    def num_reads(self) -> int:
+        return sum(scored for _, scored in self.branches)
+
+    def layout(self):
+        """-> tokens, segments, positions (lists), reads (index, target, branch) triples."""
+        n = len(self.context)
+        tokens, segments, positions = list(self.context), [1] * n, list(range(n))
+        reads = []
+        for a, (ids, scored) in enumerate(self.branches):
+            # ids[j] is predicted at the context's last token (j = 0) or at ids[j - 1].
+            where = [n - 1] + list(range(len(tokens), len(tokens) + len(ids) - 1))
+            reads += [(where[j], ids[j], a) for j in range(len(ids) - scored, len(ids))]
+            tokens += ids[:-1]
+            segments += [2 + a] * (len(ids) - 1)
+            positions += range(n, n + len(ids) - 1)
+        return tokens, segments, positions, reads
+
+
+MAX_BRANCHES = 16
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _trees(context: list[int], branches: list[tuple[list[int], int, int]], max_length: int) -> list[_Tree]:
+    """Rows for one shared context and its branches (ids, scored, result index): as many
+    branches per row as fit in max_length (MAX_BRANCHES at most); a branch that does not fit
+    with the whole context keeps the end of context + branch, as the harness truncates."""
+    out: list[_Tree] = []
+    current: list[tuple[list[int], int, int]] = []
+
+    def flush():
+        if current:
+            out.append(_Tree(context, [(ids, n) for ids, n, _ in current], [i for _, _, i in current]))
+            current.clear()
+
+    for ids, scored, index in branches:
+        if len(context) + len(ids) - 1 > max_length:
+            whole = (context + ids)[-(max_length + 1):]
+            scored = min(scored, len(whole) - 1)
+            out.append(_Tree(whole[:-scored], [(whole[-scored:], scored)], [index]))
+            continue
+        used = len(context) + sum(len(b) - 1 for b, _, _ in current)
+        if len(current) == MAX_BRANCHES or used + len(ids) - 1 > max_length:
+            flush()
+        current.append((ids, scored, index))
+    flush()
+    return out
 
 
 class LanguageModel:
@@ -97,6 +172,7 @@ class LanguageModel:
         self.batch_size = batch_size
         self.max_length = min(max_length or model.config.max_len, model.config.max_len)
         self._prefix = [tokenizer.bos_id] if tokenizer.add_bos else [tokenizer.eos_id]
+        self._read_width: dict[int, int] = {}  # row length -> read width compiled for it
 
     # ------------------------------------------------------------------ tokenisation
 
@@ -114,94 +190,89 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ scoring
 
-    def _score_rows(self, rows: list[tuple[list[int], int]], *, with_last: bool = False):
-        """rows: (token ids, number of trailing ids to score) -> (sum log-prob, greedy?) per
-        row, and with_last: the log-probs [vocab] after each row's last input token."""
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        results: list = [None] * len(rows)
-        lasts: list = [None] * len(rows)
+    def _score_trees(self, trees: list[_Tree], num_results: int) -> list[tuple[float, bool]]:
+        """(sum log-prob, greedy?) for every result index the trees' branches answer."""
+        order = sorted(range(len(trees)), key=lambda t: -trees[t].length)
+        results: list = [None] * num_results
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            length = bucket_length(max(len(rows[i][0]) - 1 for i in chunk), self.max_length)
-            read = bucket_length(max(min(rows[i][1], length) for i in chunk), length, minimum=1)
-            if read > PROJECT_CHUNK:
-                read = -(-read // PROJECT_CHUNK) * PROJECT_CHUNK
-            tokens = np.zeros((self.batch_size, length), np.int32)
-            segments = np.zeros((self.batch_size, length), np.int32)
-            starts = np.zeros((self.batch_size,), np.int32)
-            targets = np.zeros((self.batch_size, read), np.int32)
-            scored = np.zeros((self.batch_size, read), bool)
-            for r, i in enumerate(chunk):
-                ids, n_scored = rows[i]
-                ids = ids[-(length + 1):]  # keep the end of inputs longer than the context
-                n = len(ids) - 1
-                n_scored = min(n_scored, n)
-                tokens[r, :n], segments[r, :n] = ids[:-1], 1
-                # Read positions n-read .. n-1 (right-aligned); the last n_scored count.
-                starts[r] = n - read
-                take = min(read, n)
-                targets[r, read - take:] = ids[1:][n - take:]
-                scored[r, read - n_scored:] = True
-            sums, greedy, last = _score(self.model, self.params, tokens, segments, starts,
-                                        targets, scored, with_last=with_last)
+            chunk = [trees[t] for t in order[start:start + self.batch_size]]
+            length = bucket_length(max(t.length for t in chunk), self.max_length)
+            # Few read widths (powers of two from 16; per row length, the widest one needed
+            # so far) and a fixed branch count: every new shape is a compilation, which costs
+            # more than projecting a few spare positions.
+            reads = 1 << max(MIN_READS - 1, max(t.num_reads for t in chunk) - 1).bit_length()
+            if reads > PROJECT_CHUNK:
+                reads = -(-reads // PROJECT_CHUNK) * PROJECT_CHUNK
+            reads = self._read_width[length] = max(reads, self._read_width.get(length, 0))
+            branches = MAX_BRANCHES
+            rows = self.batch_size
+            tokens = np.zeros((rows, length), np.int32)
+            segments = np.zeros((rows, length), np.int32)
+            positions = np.zeros((rows, length), np.int32)
+            read_index = np.zeros((rows, reads), np.int32)
+            targets = np.zeros((rows, reads), np.int32)
+            owners = np.full((rows, reads), -1, np.int32)
+            for r, tree in enumerate(chunk):
+                ids, segs, pos, wanted = tree.layout()
+                tokens[r, :len(ids)], segments[r, :len(ids)], positions[r, :len(ids)] = ids, segs, pos
+                for j, (index, target, branch) in enumerate(wanted):
+                    read_index[r, j], targets[r, j], owners[r, j] = index, target, branch
+            sums, greedy = _score(self.model, self.params, tokens, segments, positions, read_index,
+                                  targets, owners, branches=branches)
             sums, greedy = np.asarray(sums), np.asarray(greedy)
-            last = np.asarray(last) if with_last else None
-            for r, i in enumerate(chunk):
-                results[i] = (float(sums[r]), bool(greedy[r]))
-                if with_last:
-                    lasts[i] = last[r]
-        return (results, lasts) if with_last else results
+            for r, tree in enumerate(chunk):
+                for a, index in enumerate(tree.results):
+                    results[index] = (float(sums[r, a]), bool(greedy[r, a]))
+        return results
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """For each (context, continuation): log p(continuation | context) and whether every
         continuation token is the model's argmax.
 
-        Requests that share a context and continue it with a single token (multiple-choice
-        letters, yes/no) are scored from one row: the log-probs after the context serve
-        them all."""
-        encoded = [self.encode_pair(*request) for request in requests]
-        for (_, continuation), (_, ids) in zip(requests, encoded, strict=True):
+        Consecutive requests whose contexts share most of their tokens (the choices of a
+        multiple-choice question; Winogrande's two fillings of one sentence) share a row:
+        the common prefix is computed once and each request's remainder attends to it and to
+        itself (a prefix-tree mask), which gives the numbers of separate rows."""
+        encoded = []
+        for context, continuation in requests:
+            context_ids, ids = self.encode_pair(context, continuation)
             if not ids:
                 raise ValueError(f"empty continuation after tokenisation: {continuation!r}")
-        shared: dict[tuple[int, ...], list[int]] = {}
-        for i, (context_ids, ids) in enumerate(encoded):
-            if len(ids) == 1:
-                shared.setdefault(tuple(context_ids), []).append(i)
-        grouped = {i for members in shared.values() if len(members) > 1 for i in members}
-        results: list = [None] * len(requests)
-        single = [i for i in range(len(requests)) if i not in grouped]
-        for i, result in zip(single, self._score_rows(
-                [(encoded[i][0] + encoded[i][1], len(encoded[i][1])) for i in single]), strict=True):
-            results[i] = result
-        groups = [members for members in shared.values() if len(members) > 1]
-        if groups:
-            rows = [(list(context) + encoded[members[0]][1], 1)
-                    for context, members in shared.items() if len(members) > 1]
-            _, lasts = self._score_rows(rows, with_last=True)
-            for members, logprobs in zip(groups, lasts, strict=True):
-                best = int(np.argmax(logprobs))
-                for i in members:
-                    token = encoded[i][1][0]
-                    results[i] = (float(logprobs[token]), token == best)
-        return results
+            encoded.append((context_ids, ids))
+        groups: list[tuple[int, list[int]]] = []  # (shared prefix length, request indices)
+        for i, (context_ids, _) in enumerate(encoded):
+            if groups:
+                shared, members = groups[-1]
+                common = min(shared, _common_prefix(encoded[members[0]][0], context_ids))
+                if common >= max(1, len(context_ids) // 2):
+                    groups[-1] = (common, members + [i])
+                    continue
+            groups.append((len(context_ids), [i]))
+        trees = []
+        for shared, members in groups:
+            prefix = encoded[members[0]][0][:shared]
+            branches = [(encoded[i][0][shared:] + encoded[i][1], len(encoded[i][1]), i) for i in members]
+            trees += _trees(prefix, branches, self.max_length)
+        return self._score_trees(trees, len(requests))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         """log p(text) of whole documents, summed over windows of the model's context as the
         harness cuts them: disjoint windows of `max_length` predictions from the start; the
         last, shorter one keeps a full context of the tokens before it."""
         width = self.max_length
-        rows, owner = [], []
+        trees, owner = [], []
         for d, text in enumerate(texts):
             ids = self._prefix + self.tokenizer.encode(text)
             targets, done = len(ids) - 1, 0
             while done < targets:
                 count = min(width, targets - done)
                 end = done + count + 1  # ids[done+1 : end] are this window's targets
-                rows.append((ids[max(0, end - width - 1):end], count))
+                window = ids[max(0, end - width - 1):end]
+                trees.append(_Tree(window[:-count], [(window[-count:], count)], [len(owner)]))
                 owner.append(d)
                 done += count
         totals = [0.0] * len(texts)
-        for d, (logprob, _) in zip(owner, self._score_rows(rows), strict=True):
+        for d, (logprob, _) in zip(owner, self._score_trees(trees, len(owner)), strict=True):
             totals[d] += logprob
         return totals
 

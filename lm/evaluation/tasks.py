@@ -233,7 +233,7 @@ def mmlu(split: str) -> list[Doc]:
     docs = []
     for subject in mmlu_subjects():
         for r in read_arrow(f"hails/mmlu_no_train/{subject}/{split}"):
-            lettered = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", r["choices"]))
+            lettered = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", r["choices"], strict=True))
             docs.append(Doc((f"{r['question'].strip()}{lettered}\nAnswer:",), tuple("ABCD"),
                             int(r["answer"]), group=subject))
     return docs

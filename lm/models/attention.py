@@ -35,6 +35,19 @@ def segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
     return (same & (k_segments[:, None, :] != 0))[:, None]
 
 
+def prefix_tree_mask(segments: jax.Array) -> jax.Array:
+    """Causal mask of rows that hold one shared prefix and several branches after it.
+
+    segments [batch, length]: 1 = the shared prefix, 2, 3, ... = branches (each continues
+    the prefix on its own), 0 = padding -> [batch, 1, length, length]: a token sees the
+    prefix and the earlier tokens of its own branch. Scoring several continuations of one
+    context this way computes the context once.
+    """
+    q, k = segments[:, :, None], segments[:, None, :]
+    visible = (k != 0) & ((k == q) | (k == 1))
+    return causal_mask(segments.shape[1]) & visible[:, None]
+
+
 def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
     """Keys must be real tokens; q_valid [batch, q_len], k_valid [batch, k_len] -> [b, 1, q, k]."""
     del q_valid  # padded queries produce ignored outputs; masking them only risks NaNs.

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.models import layers
-from lm.models.attention import Attention, causal_mask, padding_mask, segment_mask
+from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -410,13 +410,24 @@ class DecoderOnly(nn.Module):
                           deterministic=deterministic, decode=decode)
         return self.project(x)
 
-    def features(self, tokens, *, segment_ids=None, positions=None, deterministic=True, decode=False):
+    def features(self, tokens, *, segment_ids=None, positions=None, deterministic=True, decode=False,
+                 prefix_tree=False):
         """tokens [batch, length] -> final hidden states [batch, length, embed] (after the
-        final norm, before the vocabulary projection)."""
+        final norm, before the vocabulary projection).
+
+        prefix_tree: segment_ids mark a shared prefix (1) and branches after it (2, 3, ...;
+        see attention.prefix_tree_mask) instead of packed documents; pass each branch's
+        positions continuing the prefix's.
+        """
         c = self.config
         positions = _positions_or_default(positions, tokens)
         seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
-        mask = None if decode else causal_mask(tokens.shape[1]) & segment_mask(seg, seg)
+        if decode:
+            mask = None
+        elif prefix_tree:
+            mask = prefix_tree_mask(seg)
+        else:
+            mask = causal_mask(tokens.shape[1]) & segment_mask(seg, seg)
         x = _embed(self.embedder, c, tokens)
         return self.decoder(
             x, mask, positions=positions, segment_ids=seg, deterministic=deterministic, decode=decode
