@@ -8,8 +8,8 @@
 Requests whose contexts share a prefix (a question and its choices) become one row: the
 prefix once, then each request's remainder as a branch that attends to the prefix and to
 itself (`prefix_tree_mask`). Rows are sorted by length and cut into batches of
-`batch_size` whose length is padded up to a bucket (powers of two from 32 and their
-midpoints), so a task compiles a handful of programs, not one per document; only the
+`batch_size` whose length is padded up to a bucket (multiples of 16, then powers of two and
+their midpoints), so a task compiles a handful of programs, not one per document; only the
 positions whose next token is scored are projected onto the vocabulary. Results come back
 in request order, and every row is scored on its own (float32 log-softmax), so they do not
 depend on the batch size.
@@ -38,12 +38,15 @@ MIN_READS = 16
 
 
 def bucket_length(n: int, limit: int | None, minimum: int = MIN_BUCKET) -> int:
-    """The padded length for a row of `n` tokens, capped at limit: the next of minimum, then
-    powers of two and their midpoints (32, 48, 64, 96, 128, ...), so that padding wastes at
-    most a third of a row while a task still compiles only a handful of shapes."""
-    length = max(minimum, 1 << max(n - 1, 0).bit_length())
-    if length >= 2 * MIN_BUCKET and n <= length * 3 // 4:
-        length = length * 3 // 4
+    """The padded length for a row of `n` tokens, capped at limit: multiples of 16 up to
+    128 (short rows are most of a benchmark), then powers of two and their midpoints (192,
+    256, 384, ...), so that padding stays small while a task compiles a handful of shapes."""
+    if n <= 128:
+        length = max(minimum, -(-n // 16) * 16)
+    else:
+        length = 1 << (n - 1).bit_length()
+        if n <= length * 3 // 4:
+            length = length * 3 // 4
     return min(length, limit) if limit else length
 
 

@@ -1,10 +1,11 @@
 """Our harness against lm-evaluation-harness on the same weights and the same documents.
 
-Needs the `[reference]` extra plus lm-eval (torch, transformers):
+Needs the `[reference]` extra (torch, transformers, lm-eval), e.g. in a venv beside the
+main install:
 
-    python -m venv --system-site-packages /work/refvenv
-    /work/refvenv/bin/pip install -e ".[reference]" lm-eval
-    /work/refvenv/bin/python tests/reference/lm_eval_parity.py --model smollm2 \
+    python -m venv --system-site-packages refvenv
+    refvenv/bin/pip install -e ".[reference]"
+    HF_DATASETS_OFFLINE=1 refvenv/bin/python tests/reference/lm_eval_parity.py --model smollm2 \
         --tasks openbookqa,winogrande,sst2 --out parity/
 
 What it does:
