@@ -205,3 +205,27 @@ def test_table_and_json_round_trip(random_lm):
     assert json.loads(json.dumps(results)) == results
     table = harness.format_table(results)
     assert table.splitlines()[2].startswith("| toy | 0 | 4 | acc |")
+
+
+@pytest.mark.slow
+def test_imported_smollm2_through_the_cli_at_batch_1_and_16(tmp_path):
+    """`eval --model smollm2` on real ARC-Easy documents: well above chance (1/4), and the
+    same results.json metrics at batch size 1 and 16."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    metrics_by_batch = {}
+    for batch in (1, 16):
+        out = tmp_path / f"b{batch}"
+        cmd = [sys.executable, "-m", "lm.main", "eval", "--model=smollm2", "--tasks=arc_easy,winogrande",
+               "--num_fewshot=0", "--limit=40", f"--batch_size={batch}", f"--out={out}"]
+        proc = subprocess.run(cmd, cwd=root, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads((out / "results.json").read_text())
+        metrics_by_batch[batch] = {name: r["metrics"] for name, r in results["tasks"].items()}
+    assert metrics_by_batch[1] == metrics_by_batch[16]
+    assert metrics_by_batch[16]["arc_easy"]["acc"] > 0.4, metrics_by_batch[16]
