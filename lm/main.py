@@ -49,7 +49,7 @@ from lm.decode import (
 from lm.models.transformer import ModelConfig, build_model, dummy_inputs
 from lm.train import TrainConfig, Trainer, create_trainer, train_loop
 
-COMMANDS = ("train", "sample", "eval", "convert")
+COMMANDS = ("train", "sample", "eval", "icl", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
@@ -67,6 +67,9 @@ _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "eval: examples per pro
 _LIMIT = flags.DEFINE_integer("limit", None, "eval: the first N documents of each task (per MMLU subject).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "eval: rows per compiled batch.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "eval: longest input (capped at the model's max_len).")
+_SHOTS = flags.DEFINE_list("shots", ["0", "1", "2", "4", "8", "16"], "icl: numbers of demonstrations k.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "icl: draws of the demonstrations per k (mean and spread).")
+_NO_CONTROL = flags.DEFINE_boolean("no_control", False, "icl: skip the random-label control.")
 _MODEL = flags.DEFINE_string(
     "model", None,
     "sample, eval, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
@@ -544,6 +547,29 @@ def harness_model(model, params, tokenizer, data_cfg, *, batch_size: int, max_le
     return Seq2SeqModel(model, params, tokenizer, encoder_len=data_cfg.encoder_len, batch_size=batch_size)
 
 
+def _model_to_evaluate(workdir: pathlib.Path | None):
+    """--model NAME or --workdir DIR -> (model, params, tokenizer, data_cfg, described, step)."""
+    from lm.data.pipeline import DataConfig
+
+    if _MODEL.value:
+        from lm import convert
+
+        pretrained = convert.load_pretrained(_MODEL.value)
+        if pretrained.tokenizer is None:
+            raise ValueError(f"--model {_MODEL.value!r} has no tokenizer to encode prompts with")
+        return (build_model(pretrained.config), pretrained.params, pretrained.tokenizer, DataConfig(),
+                _MODEL.value, None)
+    trainer, state, tokenizer, data_cfg, _ = restore_for_inference(workdir)
+    return trainer.model, trainer.model_params(state), tokenizer, data_cfg, str(workdir), int(state.step)
+
+
+def _default_out(workdir: pathlib.Path | None, kind: str) -> pathlib.Path:
+    """WORKDIR/KIND for a workdir, KIND/MODEL for --model."""
+    if _MODEL.value:
+        return pathlib.Path(kind) / pathlib.Path(_MODEL.value).name
+    return workdir / kind
+
+
 def eval_command(workdir: pathlib.Path | None) -> None:
     if not _TASKS.value:  # the loss of a split (the training data's own evaluation)
         if workdir is None:
@@ -552,24 +578,10 @@ def eval_command(workdir: pathlib.Path | None) -> None:
         metrics = loss_evaluator(trainer, data_cfg, tokenizer, _SPLIT.value, train_cfg.seed)(state)
         print(json.dumps({"split": _SPLIT.value, "step": int(state.step), **metrics}, indent=2))
         return
-    from lm.data.pipeline import DataConfig
     from lm.evaluation import evaluate, format_table, get_tasks
 
-    if _MODEL.value:
-        from lm import convert
-
-        pretrained = convert.load_pretrained(_MODEL.value)
-        if pretrained.tokenizer is None:
-            raise ValueError(f"--model {_MODEL.value!r} has no tokenizer to encode prompts with")
-        model, params, tokenizer, data_cfg = (build_model(pretrained.config), pretrained.params,
-                                              pretrained.tokenizer, DataConfig())
-        described, step = _MODEL.value, None
-        out = pathlib.Path(_OUT.value or pathlib.Path("eval") / pathlib.Path(_MODEL.value).name)
-    else:
-        trainer, state, tokenizer, data_cfg, _ = restore_for_inference(workdir)
-        model, params, step = trainer.model, trainer.model_params(state), int(state.step)
-        described = str(workdir)
-        out = pathlib.Path(_OUT.value or workdir / "eval")
+    model, params, tokenizer, data_cfg, described, step = _model_to_evaluate(workdir)
+    out = pathlib.Path(_OUT.value or _default_out(workdir, "eval"))
     tasks = get_tasks(_TASKS.value, data_cfg)  # unknown names fail before any work
     lm = harness_model(model, params, tokenizer, data_cfg, batch_size=_BATCH_SIZE.value,
                        max_length=_MAX_LENGTH.value)
@@ -581,6 +593,37 @@ def eval_command(workdir: pathlib.Path | None) -> None:
     (out / "results.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'results.json'}")
+
+
+def icl_command(workdir: pathlib.Path | None) -> None:
+    """Few-shot curves: accuracy against k demonstrations, seeds, random-label control."""
+    from lm.evaluation import get_tasks
+    from lm.icl import fewshot
+
+    if not _TASKS.value:
+        raise app.UsageError("icl needs --tasks (e.g. --tasks sst2,arc_easy)")
+    model, params, tokenizer, data_cfg, described, step = _model_to_evaluate(workdir)
+    out = pathlib.Path(_OUT.value or _default_out(workdir, "icl"))
+    tasks = get_tasks(_TASKS.value, data_cfg)
+    bad = [t.name for t in tasks if t.kind != "multiple_choice"]
+    if bad:
+        raise ValueError(f"icl: tasks {bad} are not multiple-choice or classification tasks; "
+                         "few-shot curves need accuracy (e.g. sst2, boolq, arc_easy, piqa)")
+    lm = harness_model(model, params, tokenizer, data_cfg, batch_size=_BATCH_SIZE.value,
+                       max_length=_MAX_LENGTH.value)
+    shots = [int(k) for k in _SHOTS.value]
+    curves = fewshot.fewshot_curves(lm, tasks, shots=shots, seeds=_SEEDS.value,
+                                    limit=_LIMIT.value if _LIMIT.value is not None else 100,
+                                    control=not _NO_CONTROL.value, progress=True)
+    curves = {"model": described, "step": step, **curves}
+    out.mkdir(parents=True, exist_ok=True)
+    table = fewshot.format_curves(curves)
+    (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
+    (out / "curves.md").write_text(table + "\n")
+    chance = {t.name: sum(1 / d.num_options for d in t.load()) / len(t.load()) for t in tasks}
+    fewshot.plot_curves(curves, out / "fewshot.png", chance=chance, title=described)
+    print(table)
+    print(f"wrote {out / 'curves.json'} and {out / 'fewshot.png'}")
 
 
 def task_evaluator(trainer: Trainer, tokenizer, data_cfg, train_cfg: TrainConfig):
@@ -628,17 +671,25 @@ def main(argv):
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         raise app.UsageError(f"usage: python -m lm.main [{'|'.join(COMMANDS)}] --workdir DIR [--config FILE]")
-    if _WORKDIR.value is None and not (command in ("sample", "eval", "convert") and _MODEL.value):
-        raise app.UsageError("--workdir is required (sample, eval and convert also take --model NAME instead)")
+    if _WORKDIR.value is None and not (command in ("sample", "eval", "icl", "convert") and _MODEL.value):
+        raise app.UsageError("--workdir is required (sample, eval, icl and convert also take --model NAME "
+                             "instead)")
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     if command == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config experiments/NAME.py")
-        train_command(_CONFIG.value, workdir)
+        if "icl" in _CONFIG.value:  # Garg et al. regression, induction heads: their own loops
+            from lm.icl import run_experiment
+
+            run_experiment(_CONFIG.value, workdir)
+        else:
+            train_command(_CONFIG.value, workdir)
     elif command == "sample":
         sample_command(workdir)
     elif command == "convert":
         convert_command(workdir)
+    elif command == "icl":
+        icl_command(workdir)
     else:
         eval_command(workdir)
 

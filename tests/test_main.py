@@ -135,6 +135,22 @@ def test_eval_harness_tasks_on_the_trained_model(trained, tmp_path):
     assert bad.returncode == 2 and "unknown task(s) ['arc_eassy']" in bad.stderr
 
 
+def test_icl_curves_on_the_trained_model(trained, tmp_path):
+    """`icl`: k x seeds x label kinds over the same documents, a table, JSON and a plot."""
+    root, _, workdir, _ = trained
+    out = tmp_path / "icl"
+    proc = run_cli("icl", "--tasks=heldout_order", "--shots=0,2", "--seeds=2", "--limit=12",
+                   f"--out={out}", workdir=workdir, source=None, data_dir=root / "data")
+    curves = json.loads((out / "curves.json").read_text())
+    assert [(r["k"], r["seed"], r["labels"]) for r in curves["runs"]] == [
+        (0, 0, "gold"), (2, 0, "gold"), (2, 1, "gold"), (2, 0, "random"), (2, 1, "random")]
+    assert all(r["docs"] == 12 for r in curves["runs"])
+    assert "| heldout_order | gold labels |" in proc.stdout and (out / "fewshot.png").stat().st_size > 0
+    bad = run_cli("icl", "--tasks=heldout", workdir=workdir, source=None, data_dir=root / "data",
+                  check=False)
+    assert bad.returncode == 2 and "not multiple-choice" in bad.stderr
+
+
 def test_periodic_evaluation_runs_harness_tasks(tmp_path):
     source = write_corpus(tmp_path / "corpus")
     workdir = tmp_path / "run"

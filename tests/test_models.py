@@ -239,3 +239,16 @@ def test_tiny_model_overfits_one_batch(name):
         params, opt_state, loss = step(params, opt_state)
         first = float(loss) if first is None else first
     assert first > 4.0 and float(loss) < 0.05, (first, float(loss))
+
+
+def test_attention_only_layers_have_no_mlp():
+    """mlp_dim=0: attention-only layers (Olsson et al.), still causal."""
+    config = T.preset("gpt2", **{**T.TINY, "mlp_dim": 0})
+    model = T.build_model(config)
+    params = nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
+    layer = params["decoder"]["layer_0"]
+    assert "mlp" not in layer and "pre_mlp_norm" not in layer and "self_attention" in layer
+    tokens = jax.random.randint(jax.random.key(1), (1, 12), 0, config.vocab_size)
+    changed = tokens.at[0, 8].set((tokens[0, 8] + 1) % config.vocab_size)
+    a, b = model.apply({"params": params}, tokens), model.apply({"params": params}, changed)
+    assert jnp.allclose(a[0, :8], b[0, :8]) and not jnp.allclose(a[0, 8:], b[0, 8:])

@@ -53,12 +53,13 @@ def fewshot_indices(task: Task, index: int, doc: Doc, pool: list[Doc], k: int, s
     return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
 
 
-def prompt_prefix(task: Task, doc: Doc, shots: Sequence[Doc]) -> str:
+def prompt_prefix(task: Task, doc: Doc, shots: Sequence[Doc], labels: Sequence[int] | None = None) -> str:
     """Description and worked examples: each shot is its gold context, the target delimiter,
-    its gold continuation and the few-shot delimiter."""
+    its gold continuation and the few-shot delimiter. labels: the option each shot shows
+    instead of its gold one (the random-label control of Min et al. 2022)."""
     text = task.description.format(group=doc.group.replace("_", " "))
-    for shot in shots:
-        context, continuation = shot.option(shot.gold)
+    for n, shot in enumerate(shots):
+        context, continuation = shot.option(shot.gold if labels is None else labels[n])
         text += context + task.target_delimiter + continuation + task.fewshot_delimiter
     return text
 
@@ -76,9 +77,20 @@ def _chunks(indices: list[int], size: int):
         yield indices[start:start + size]
 
 
+def random_labels(index: int, shots: Sequence[Doc], seed: int) -> list[int]:
+    """Each shot's shown option drawn uniformly from its options (gold included), from a
+    generator seeded apart from the choice of the shots themselves."""
+    rng = np.random.default_rng([seed, index, 1])
+    return [int(rng.integers(shot.num_options)) for shot in shots]
+
+
 def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
-                  seed: int = FEWSHOT_SEED, progress: bool = False) -> dict:
+                  seed: int = FEWSHOT_SEED, progress: bool = False, shuffle_labels: bool = False) -> dict:
     """Scores one task. lm: a LanguageModel (any kind) or Seq2SeqModel (generation only).
+
+    seed: draws each document's few-shot examples. shuffle_labels: the examples show a random
+    option as their answer instead of the gold one (Min et al. 2022's control: how much the
+    model reads the demonstrations' input-label mapping).
 
     Returns {task, kind, num_fewshot, docs, source, seconds, docs_per_second, metrics:
     {name: value, name_stderr: ...}}.
@@ -102,8 +114,9 @@ def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int 
     def prefix(i):
         if not k:
             return task.description.format(group=docs[i].group.replace("_", " "))
-        shots = fewshot_indices(task, i, docs[i], pool, k, seed, same_split)
-        return prompt_prefix(task, docs[i], [pool[j] for j in shots])
+        shots = [pool[j] for j in fewshot_indices(task, i, docs[i], pool, k, seed, same_split)]
+        labels = random_labels(i, shots, seed) if shuffle_labels else None
+        return prompt_prefix(task, docs[i], shots, labels)
 
     outputs: dict[int, object] = {}
     per_chunk = max(1, ROWS_PER_CHUNK // max(1, max(docs[i].num_options for i in chosen)))
@@ -140,7 +153,8 @@ def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int 
         bar.close()
     seconds = time.perf_counter() - started
     values = task_metrics(task, [docs[i] for i in chosen], [outputs[i] for i in chosen], lm)
-    return {"task": task.name, "kind": task.kind, "num_fewshot": k, "docs": len(chosen),
+    return {"task": task.name, "kind": task.kind, "num_fewshot": k, "seed": seed,
+            "shuffled_labels": bool(shuffle_labels and k), "docs": len(chosen),
             "of_docs": len(docs), "source": task.source, "seconds": round(seconds, 2),
             "docs_per_second": round(len(chosen) / seconds, 2), "metrics": values}
 

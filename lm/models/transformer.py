@@ -34,7 +34,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 0  # 0 = num_heads (multi-head); 1 = multi-query; else grouped-query
     head_dim: int = 0  # 0 = d_model // num_heads
-    mlp_dim: int = 1024
+    mlp_dim: int = 1024  # 0 = attention-only layers (no MLP sublayer; Olsson et al. 2022)
     mlp_activation: str = "gelu"  # relu | gelu | gelu_tanh | silu
     mlp_gated: bool = False  # SwiGLU (silu) / GeGLU (gelu)
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -282,6 +282,8 @@ class Block(nn.Module):
                 "pre_cross_attention_norm" if c.norm_placement == "pre" else "post_cross_attention_norm",
                 deterministic,
             )
+        if c.mlp_dim == 0:
+            return x
         mlp = layers.MLP(
             hidden=c.mlp_dim,
             activation=c.mlp_activation,
