@@ -229,3 +229,18 @@ def test_imported_smollm2_through_the_cli_at_batch_1_and_16(tmp_path):
         metrics_by_batch[batch] = {name: r["metrics"] for name, r in results["tasks"].items()}
     assert metrics_by_batch[1] == metrics_by_batch[16]
     assert metrics_by_batch[16]["arc_easy"]["acc"] > 0.4, metrics_by_batch[16]
+
+
+def test_perplexity_documents_share_batches_without_changing_results(random_lm, monkeypatch):
+    """Short documents are scored together (CHARS_PER_CHUNK); one call per document gives
+    the same corpus metrics."""
+    model, params = random_lm
+    docs = [Doc((), (), 0, text=f"document {i}: " + "the quick brown fox " * (i + 1)) for i in range(7)]
+    task = Task("ppl", "perplexity", lambda: docs, ("perplexity", "bits_per_byte"))
+    assert list(harness._chunks_by_size([0, 1, 2, 3], [5, 5, 20, 1], budget=10)) == [[0, 1], [2], [3]]
+    lm = LanguageModel(model, params, ByteTokenizer(), batch_size=4, max_length=64)
+    together = evaluate_task(lm, task)["metrics"]
+    monkeypatch.setattr(harness, "CHARS_PER_CHUNK", 1)
+    alone = evaluate_task(lm, task)["metrics"]
+    assert together["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
+    assert together["bits_per_byte"] == pytest.approx(alone["bits_per_byte"], rel=1e-6)

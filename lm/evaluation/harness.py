@@ -23,6 +23,8 @@ from lm.evaluation.tasks import Doc, Task
 
 FEWSHOT_SEED = 1234
 ROWS_PER_CHUNK = 512  # requests per progress update (some tens of compiled batches)
+CHARS_PER_CHUNK = 200_000  # perplexity: text per call (tens of full-context windows, so that
+# short documents share batches and long ones still update the progress bar)
 
 
 def select_docs(docs: list[Doc], limit: int | None) -> list[int]:
@@ -77,6 +79,19 @@ def _chunks(indices: list[int], size: int):
         yield indices[start:start + size]
 
 
+def _chunks_by_size(indices: list[int], sizes: list[int], budget: int):
+    """Consecutive runs of indices whose sizes add up to about `budget` (at least one each)."""
+    chunk, total = [], 0
+    for i, size in zip(indices, sizes, strict=True):
+        if chunk and total + size > budget:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += size
+    if chunk:
+        yield chunk
+
+
 def random_labels(index: int, shots: Sequence[Doc], seed: int) -> list[int]:
     """Each shot's shown option drawn uniformly from its options (gold included), from a
     generator seeded apart from the choice of the shots themselves."""
@@ -120,9 +135,10 @@ def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int 
 
     outputs: dict[int, object] = {}
     per_chunk = max(1, ROWS_PER_CHUNK // max(1, max(docs[i].num_options for i in chosen)))
+    chunks = _chunks(chosen, per_chunk)
     if task.kind == "perplexity":
-        per_chunk = 1
-    for chunk in _chunks(chosen, per_chunk):
+        chunks = _chunks_by_size(chosen, [len(docs[i].text) for i in chosen], CHARS_PER_CHUNK)
+    for chunk in chunks:
         if task.kind == "multiple_choice":
             requests, owners = [], []
             for i in chunk:
