@@ -28,7 +28,8 @@ SECTIONS = {
 }
 
 
-def _defaults(cls) -> dict[str, Any]:
+def field_defaults(cls) -> dict[str, Any]:
+    """Every field of a config dataclass with its default value."""
     out = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -36,6 +37,22 @@ def _defaults(cls) -> dict[str, Any]:
         else:
             out[f.name] = f.default_factory()
     return out
+
+
+def filled_sections(sections: dict[str, tuple[type, dict[str, Any], dict[str, Any] | None]]
+                    ) -> ml_collections.ConfigDict:
+    """{name: (dataclass, base values, overrides)} -> a ConfigDict whose every section holds
+    every field of its dataclass: the defaults, then the base values, then the overrides.
+    An override key the dataclass lacks is an error that names it."""
+    config = ml_collections.ConfigDict()
+    for name, (cls, base, overrides) in sections.items():
+        values = {**field_defaults(cls), **base}
+        overrides = dict(overrides or {})
+        bad = sorted(set(overrides) - set(values))
+        if bad:
+            raise ValueError(f"unknown key(s) {[name + '.' + k for k in bad]}; valid: {sorted(values)}")
+        config[name] = {**values, **overrides}
+    return config
 
 
 def experiment(*, preset: str | None = None, **sections: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -47,21 +64,10 @@ def experiment(*, preset: str | None = None, **sections: dict[str, Any]) -> ml_c
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; use {sorted(SECTIONS)}")
-    config = ml_collections.ConfigDict()
-    for name, cls in SECTIONS.items():
-        values = _defaults(cls)
-        if name == "model":
-            values["vocab_size"] = 0  # 0 = take the tokenizer's size
-            if preset is not None:
-                values.update(PRESETS[preset])
-                values["vocab_size"] = 0
-        overrides = dict(sections.get(name, {}))
-        bad = sorted(set(overrides) - set(values))
-        if bad:
-            raise ValueError(f"unknown key(s) {[name + '.' + k for k in bad]}; valid: {sorted(values)}")
-        values.update(overrides)
-        config[name] = values
-    return config
+    # vocab_size 0 = take the tokenizer's size (a preset's vocabulary belongs to its tokenizer)
+    model_base = {**(PRESETS[preset] if preset is not None else {}), "vocab_size": 0}
+    return filled_sections({name: (cls, model_base if name == "model" else {}, sections.get(name))
+                            for name, cls in SECTIONS.items()})
 
 
 def resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from lm import checkpoint as ckpt
+from lm.config import field_defaults, filled_sections
 from lm.icl import scores
 from lm.models.transformer import ModelConfig, build_model, config_from_dict, count_params
 from lm.train import (
@@ -245,10 +246,6 @@ def load_text(config: InductionConfig, workdir: pathlib.Path) -> TextData:
 # -------------------------------------------------------------------------------- configs
 
 
-def _defaults(cls) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
 # Attention-only (mlp_dim=0), untied unembedding, like Olsson et al.'s small models.
 # vocab_size 0 = the data's vocabulary; max_len 0 = icl.length.
 MODEL_DEFAULTS = dict(vocab_size=0, d_model=128, num_layers=2, num_heads=8, mlp_dim=0,
@@ -261,21 +258,9 @@ def experiment(icl: dict | None = None, model: dict | None = None,
     """A complete induction-heads config: every field of `InductionConfig`, `ModelConfig`
     and `OptimizerConfig` present (so each can be overridden from the command line), the
     given overrides applied; a misspelt key is an error that names it."""
-    config = ml_collections.ConfigDict()
-    for name, cls, base, overrides in [
-        ("icl", InductionConfig, {}, icl),
-        ("model", ModelConfig, MODEL_DEFAULTS, model),
-        ("optimizer", OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer),
-    ]:
-        values = {**_defaults(cls), **base}
-        overrides = dict(overrides or {})
-        bad = sorted(set(overrides) - set(values))
-        if bad:
-            raise ValueError(f"unknown key(s) {', '.join(name + '.' + k for k in bad)}; "
-                             f"valid keys: {', '.join(sorted(values))}")
-        values.update(overrides)
-        config[name] = values
-    return config
+    return filled_sections({"icl": (InductionConfig, {}, icl),
+                            "model": (ModelConfig, MODEL_DEFAULTS, model),
+                            "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer)})
 
 
 def build_configs(config, data_vocab: int | None = None):
@@ -288,7 +273,7 @@ def build_configs(config, data_vocab: int | None = None):
         raise ValueError(f"unknown config section(s) {unknown}; an induction experiment has "
                          f"{list(SECTIONS)}")
     icl = InductionConfig.from_dict(values.get("icl", {}))
-    model_values = {**_defaults(ModelConfig), **MODEL_DEFAULTS, **values.get("model", {})}
+    model_values = {**field_defaults(ModelConfig), **MODEL_DEFAULTS, **values.get("model", {})}
     if not model_values["max_len"]:
         model_values["max_len"] = icl.length
     if not model_values["vocab_size"]:
@@ -455,7 +440,7 @@ def plot_in_context(history: list[dict[str, Any]], path: pathlib.Path, title: st
     ax2.set_ylim(0, max(1.1, max(h["repeat_loss_ratio"] for h in history) * 1.05))
     ax2.set_xlabel("training step")
     ax2.set_ylabel("loss ratio")
-    ax2.set_title("loss on a repeated random span")
+    ax2.set_title("loss on a repeated span (second copy / first)")
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.suptitle(title or "in-context learning")

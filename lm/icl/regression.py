@@ -40,6 +40,7 @@ from lm.checkpoint import (
     read_config,
     write_config,
 )
+from lm.config import filled_sections
 from lm.icl import baselines, functions
 from lm.models import layers
 from lm.models.attention import causal_mask
@@ -148,10 +149,6 @@ OPTIMIZER_DEFAULTS = dict(
 SECTIONS = {"icl": RegressionConfig, "model": ModelConfig, "optimizer": OptimizerConfig}
 
 
-def _defaults(cls) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
 def experiment(
     *, icl: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
     optimizer: dict[str, Any] | None = None,
@@ -161,23 +158,11 @@ def experiment(
     Each argument holds only the overrides; a misspelt key is an error that names it.
     model.max_len defaults to 2 * icl.n_points (the interleaved prompt length).
     """
-    overrides = {"icl": dict(icl or {}), "model": dict(model or {}), "optimizer": dict(optimizer or {})}
-    base = {
-        "icl": _defaults(RegressionConfig),
-        "model": {**_defaults(ModelConfig), **MODEL_DEFAULTS},
-        "optimizer": {**_defaults(OptimizerConfig), **OPTIMIZER_DEFAULTS},
-    }
-    config = ml_collections.ConfigDict()
-    for name in SECTIONS:
-        bad = sorted(set(overrides[name]) - set(base[name]))
-        if bad:
-            raise ValueError(
-                f"unknown key(s) {[name + '.' + k for k in bad]}; valid: {sorted(base[name])}"
-            )
-        values = {**base[name], **overrides[name]}
-        if name == "model" and "max_len" not in overrides["model"]:
-            values["max_len"] = 2 * config.icl.n_points
-        config[name] = values
+    config = filled_sections({"icl": (RegressionConfig, {}, icl),
+                              "model": (ModelConfig, MODEL_DEFAULTS, model),
+                              "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer)})
+    if "max_len" not in (model or {}):
+        config.model.max_len = 2 * config.icl.n_points
     return config
 
 
