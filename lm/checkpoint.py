@@ -3,26 +3,101 @@
 Layout of a workdir:
     config.json                 the resolved experiment config (written once, never overwritten)
     checkpoints/<step>/state    params, optimizer state, step, RNG (Orbax, sharded, async)
-    checkpoints/<step>/data     Grain iterator state (one JSON per process)
+    checkpoints/<step>/data     data-iterator state: one JSON per data shard
+                                (`shard_3-of-8.json`, written by the process reading it), so
+                                a run resumes on another number of processes; iterators
+                                without shards: one JSON per process
 A corrupt or incomplete latest checkpoint falls back to an earlier one with a warning; a
 checkpoint of another model shape is a clear error and is left untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
 import time
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointMismatchError(ValueError):
     """The workdir holds a run that the current config cannot continue."""
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Orbax handler for data iterators: one JSON file per data shard.
+
+    An iterator with `shard_names` (lm.data.pipeline's) has a state `{shard name: state}`;
+    each process writes the shards it reads and reads back the shards it now holds, whatever
+    process wrote them. Other iterators (e.g. a plain Grain one) use one file per process.
+    """
+
+    def save(self, directory: epath.Path, args: DataSave):
+        state = args.item.get_state()
+        if hasattr(args.item, "shard_names"):
+            for name in args.item.shard_names:
+                (directory / f"{name}.json").write_text(json.dumps(state[name]))
+        else:
+            (directory / _process_file()).write_text(json.dumps(state))
+
+    def restore(self, directory: epath.Path, args: DataRestore):
+        iterator = args.item
+        if not hasattr(iterator, "shard_names"):
+            iterator.set_state(json.loads((directory / _process_file()).read_text()))
+            return iterator
+        state = {}
+        for name in iterator.shard_names:
+            path = directory / f"{name}.json"
+            if not path.exists() and iterator.shard_names == ["shard_0-of-1"]:
+                path = directory / "process_0-of-1.json"  # written before data shards existed
+            if not path.exists():
+                saved = sorted(p.name for p in directory.iterdir())
+                raise CheckpointMismatchError(
+                    f"the checkpoint's data state ({directory}: {saved}) has no {name}.json: it was "
+                    "saved with another number of data shards. Resume with the data.shards (and, "
+                    "if it was 0, the number of processes) the run was saved with; set data.shards "
+                    "explicitly to move a run between process counts."
+                )
+            state[name] = json.loads(path.read_text())
+        iterator.set_state(state)
+        return iterator
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def structure(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+    @classmethod
+    def typestr(cls) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 def _manager(workdir: str | pathlib.Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -52,7 +127,7 @@ class Checkpointer:
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = DataSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
@@ -68,9 +143,11 @@ class Checkpointer:
         for candidate in steps:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                items["data"] = DataRestore(data_iterator)
             try:
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except CheckpointMismatchError:
+                raise
             except (ValueError, TypeError) as e:
                 if _is_shape_mismatch(e):
                     raise CheckpointMismatchError(

@@ -174,7 +174,6 @@ def load_init_params(spec: str, model_cfg: ModelConfig):
 def _checkpoint_manager(workdir: pathlib.Path):
     """A manager that only reads `<workdir>/checkpoints`: it creates and cleans up nothing, so it
     is safe on the workdir of a run that is still training. None if there is no such folder."""
-    import grain
     import orbax.checkpoint as ocp
 
     directory = workdir.absolute() / "checkpoints"
@@ -184,7 +183,7 @@ def _checkpoint_manager(workdir: pathlib.Path):
         directory,
         options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
         # Handlers for both items, so that Orbax does not warn about the one not read.
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": checkpoint.DataStateHandler()},
     )
 
 

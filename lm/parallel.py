@@ -43,6 +43,9 @@ class ParallelConfig:
     use_pmap: pure data parallelism with `jax.pmap` instead of jit over the mesh.
     coordinator_address/num_processes/process_id: explicit multi-host start-up; when unset,
       `jax.distributed.initialize()` autodetects TPU pods and SLURM if `distributed` is True.
+    initialization_timeout: seconds to wait for all processes to join before failing.
+    heartbeat_timeout_seconds: a process silent this long (dead, or cut off) fails the job:
+      the others exit with an error instead of hanging in a collective.
     """
 
     mesh: tuple = (-1, 1, 1)
@@ -51,6 +54,8 @@ class ParallelConfig:
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
+    initialization_timeout: int = 300
+    heartbeat_timeout_seconds: int = 100
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ParallelConfig:
@@ -72,9 +77,15 @@ def initialize_distributed(config: ParallelConfig) -> None:
     # Cross-process collectives on CPU (tests, CPU clusters); no effect on TPU/GPU backends.
     # Must not touch the backend here: initialize() has to come before any JAX computation.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
+    kwargs = dict(initialization_timeout=config.initialization_timeout,
+                  heartbeat_timeout_seconds=config.heartbeat_timeout_seconds)
     if explicit:
-        kwargs = dict(
+        if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
+            raise ValueError(
+                f"parallel.coordinator_address={config.coordinator_address!r} needs "
+                f"parallel.num_processes >= 1 and 0 <= parallel.process_id < num_processes, got "
+                f"num_processes={config.num_processes}, process_id={config.process_id}")
+        kwargs.update(
             coordinator_address=config.coordinator_address,
             num_processes=config.num_processes,
             process_id=config.process_id,

@@ -220,7 +220,7 @@ def test_deterministic_and_seed_dependent(setup):
 
 def test_records_reshuffled_each_epoch(setup):
     cfg, _ = setup
-    records = pipeline._records(cfg, 'train', seed=1, process_index=0, process_count=1,
+    records = pipeline._records(cfg, 'train', seed=1, shard=0, num_shards=1,
                                 repeat=True)
     n = len(sources.get_source(cfg, 'train'))
     epochs = [[records[e * n + i]['name'] for i in range(n)] for e in range(3)]
@@ -252,6 +252,61 @@ def test_batch_size_must_divide(setup):
     cfg, tok = setup
     with pytest.raises(ValueError, match='multiple of the number of processes'):
         pipeline.make_dataset(cfg, 'train', tok, seed=0, process_index=0, process_count=3)
+
+
+def _global_batches(cfg, tok, process_count, n, seed=0, states=None):
+    """The first n global batches: every process's batch, rows stacked in process order."""
+    its = [iter(pipeline.make_dataset(cfg, 'train', tok, seed=seed, process_index=p,
+                                      process_count=process_count)) for p in range(process_count)]
+    if states is not None:
+        for it in its:
+            it.set_state(states)
+    batches = [[next(it) for it in its] for _ in range(n)]
+    merged = {}
+    for it in its:
+        merged.update(json.loads(json.dumps(it.get_state())))
+    return [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in batches], merged
+
+
+def test_fixed_data_shards_give_the_same_global_batches_on_any_process_count(setup):
+    cfg, tok = setup
+    cfg = dataclasses.replace(cfg, shards=4)
+    one, _ = _global_batches(cfg, tok, 1, 6)
+    assert one[0]['inputs'].shape == (cfg.batch_size, 32)
+    for processes in (2, 4):
+        assert_batches_equal(_global_batches(cfg, tok, processes, 6)[0], one)
+    # Default (one shard per process): the layout changes with the process count.
+    default_two, _ = _global_batches(dataclasses.replace(cfg, shards=0), tok, 2, 6)
+    assert any(not np.array_equal(a['inputs'], b['inputs']) for a, b in zip(default_two, one, strict=True))
+
+
+def test_data_state_saved_by_two_processes_resumes_in_one(setup):
+    """The shards' states written by two processes continue in one process holding all shards."""
+    cfg, tok = setup
+    cfg = dataclasses.replace(cfg, shards=2)
+    reference, _ = _global_batches(cfg, tok, 1, 7)
+    _, states = _global_batches(cfg, tok, 2, 3)
+    assert sorted(states) == ['shard_0-of-2', 'shard_1-of-2']
+    resumed, _ = _global_batches(cfg, tok, 1, 4, states=states)
+    assert_batches_equal(resumed, reference[3:])
+
+
+def test_shards_must_be_a_multiple_of_processes(setup):
+    cfg, tok = setup
+    with pytest.raises(ValueError, match='multiple of 4'):
+        pipeline.make_dataset(dataclasses.replace(cfg, shards=2), 'train', tok, seed=0,
+                              process_index=0, process_count=4)
+    with pytest.raises(ValueError, match='divide'):
+        dataclasses.replace(cfg, shards=3)
+
+
+def test_one_pass_over_several_shards_covers_each_record_once(setup):
+    cfg, tok = setup
+    cfg = dataclasses.replace(cfg, shards=2)
+    docs = doc_tokens(cfg, 'train', tok)
+    batches = list(pipeline.make_dataset(cfg, 'train', tok, seed=0, repeat=False))
+    got = collections.Counter(int(t) for b in batches for t in b['targets'][b['weights'] > 0])
+    assert got == collections.Counter(t for d in docs for t in d[1:])
 
 
 def test_count_batches_gives_lockstep_eval(setup):

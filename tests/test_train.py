@@ -127,20 +127,37 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
     assert Checkpointer(tmp_path).latest_step() == 2
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
-    def trainer_for(mesh):
-        return create_trainer(CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(mesh=mesh))
+@pytest.mark.parametrize("saved_on, restored_on", [
+    ((8, 1, 1), (2, 2, 2)),
+    ((1, 8, 1), "one device"),  # FSDP over 8 devices -> a single device
+    ("one device", (1, 8, 1)),  # and the reverse
+])
+def test_restore_onto_a_different_mesh(tmp_path, saved_on, restored_on):
+    def trainer_for(layout):
+        if layout == "one device":
+            return create_trainer(CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(),
+                                  devices=jax.devices()[:1])
+        return create_trainer(CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(mesh=layout))
 
     train_config = TrainConfig(steps=2, log_every=1, eval_every=0, checkpoint_every=2, progress=False)
-    saved = train_loop(trainer_for((8, 1, 1)), train_config, tmp_path, synthetic_batches())
-    target = trainer_for((2, 2, 2))
+    saved = train_loop(trainer_for(saved_on), train_config, tmp_path, synthetic_batches())
+    target = trainer_for(restored_on)
     checkpointer = Checkpointer(tmp_path)
     step, restored = checkpointer.restore(target.abstract_state)
     checkpointer.close()
     assert step == 2
     kernel = restored.params["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]
-    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+    assert kernel.sharding == target.abstract_state.params["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"].sharding
+    if restored_on == (2, 2, 2):
+        assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+    elif restored_on == (1, 8, 1):
+        assert tuple(kernel.sharding.spec)[0] == "fsdp" and len(kernel.sharding.device_set) == 8
+        assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 8
+    else:
+        assert kernel.sharding.device_set == {jax.devices()[0]}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(saved.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.opt_state),
+                 jax.device_get(saved.opt_state))
 
 
 def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path, caplog):

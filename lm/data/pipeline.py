@@ -28,8 +28,10 @@ tasks ``'span_corruption'`` / ``'translation'``
     ``encoder_segment_ids`` [B, Le] plus the decoder fields above), one per row.
 
 Determinism: the stream is a pure function of (cfg, split, tokenizer, seed,
-process_index, process_count). Records are sharded ``records[p::count]``
-before shuffling; each epoch is reshuffled. ``repeat=False`` makes one pass
+process_index, process_count). Records are sharded ``records[k::shards]`` into
+data shards before shuffling (by default one shard per process); each epoch is
+reshuffled. With a fixed ``cfg.shards`` the global batch (all processes' rows in
+process order) does not depend on the number of processes. ``repeat=False`` makes one pass
 and pads the last batch with all-padding rows.
 """
 
@@ -74,7 +76,12 @@ class DataConfig:
         the tokenizer and to fit :func:`unigram_entropy`.
       noise_density, mean_noise_span_length: T5 span corruption.
       shuffle: shuffle records (each epoch), LM pieces and packed rows.
-      worker_count: grain worker processes (0 = a background thread).
+      worker_count: grain worker processes per data shard (0 = a background thread).
+      shards: independent data streams (0 = one per process). Shard ``k`` reads
+        ``records[k::shards]`` and gives ``batch_size // shards`` rows of every
+        batch; process ``p`` of ``n`` reads shards ``p*shards/n .. (p+1)*shards/n - 1``.
+        A fixed value makes the global batches the same on any number of processes
+        that divides it, so a checkpoint resumes on another number of hosts.
     """
 
     source: str = 'shakespeare'
@@ -91,6 +98,7 @@ class DataConfig:
     mean_noise_span_length: float = 3.0
     shuffle: bool = True
     worker_count: int = 0
+    shards: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -103,6 +111,9 @@ class DataConfig:
                 raise ValueError(f'data.{name} must be positive, got {getattr(self, name)}.')
         if self.worker_count < 0:
             raise ValueError(f'data.worker_count must be >= 0, got {self.worker_count}.')
+        if self.shards < 0 or (self.shards and self.batch_size % self.shards):
+            raise ValueError(f'data.shards={self.shards} must be 0 (one per process) or divide '
+                             f'data.batch_size={self.batch_size}.')
         if not 0 < self.noise_density < 1:
             raise ValueError(f'data.noise_density must be in (0, 1), got {self.noise_density}.')
         if self.mean_noise_span_length < 1:
@@ -363,23 +374,44 @@ def per_process_batch_size(cfg: DataConfig, process_count: int) -> int:
     return cfg.batch_size // process_count
 
 
+def process_shards(cfg: DataConfig, process_index: int, process_count: int) -> tuple[range, int]:
+    """(the data shards process ``process_index`` reads, the number of shards).
+
+    ``cfg.shards == 0`` means one shard per process (shard = process index).
+    """
+    per_process_batch_size(cfg, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+    num = cfg.shards or process_count
+    if num % process_count:
+        raise ValueError(f'data.shards={num} is not a multiple of the {process_count} processes; '
+                         f'set data.shards to a multiple of {process_count} (or 0: one per process).')
+    per = num // process_count
+    return range(process_index * per, (process_index + 1) * per), num
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    """The key of one data shard's iterator state in checkpoints: 'shard_3-of-8'."""
+    return f'shard_{shard}-of-{num_shards}'
+
+
 def derive_seed(seed: int, *salt: int) -> int:
     """A 32-bit seed from ``seed`` and ``salt`` integers (independent streams)."""
     return int(np.random.SeedSequence([int(seed) % (1 << 63), *salt]).generate_state(1)[0])
 
 
-def _records(cfg: DataConfig, split: str, *, seed: int, process_index: int, process_count: int,
+def _records(cfg: DataConfig, split: str, *, seed: int, shard: int, num_shards: int,
              repeat: bool) -> grain.MapDataset:
-    """This process's shard of ``split``, shuffled per epoch and repeated as asked."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+    """One data shard of ``split`` (``records[shard::num_shards]``), shuffled per epoch and
+    repeated as asked."""
     source = sources.get_source(cfg, split)
-    records = grain.MapDataset.source(source)[process_index::process_count]
-    if len(records) == 0:
+    records = grain.MapDataset.source(source)[shard::num_shards]
+    if len(records) == 0 and repeat:  # one pass (evaluation): an empty shard only pads
         raise ValueError(f'Split {split!r} of {cfg.source!r} has {len(source)} records, fewer '
-                         f'than the {process_count} processes; use fewer processes or more data.')
+                         f'than the {num_shards} data shards (data.shards, or one per process); '
+                         'use fewer shards or processes, or more data.')
     if cfg.shuffle:
-        records = _EpochShuffle(records, derive_seed(seed, process_index, 0))
+        records = _EpochShuffle(records, derive_seed(seed, shard, 0))
     return records.repeat() if repeat else records
 
 
@@ -465,8 +497,10 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int
       split: 'train', 'validation', 'test' (or a TFDS split string).
       tokenizer: from :func:`get_tokenizer`.
       seed: drives record shuffling, piece shuffling, packing and noise.
-      process_index, process_count: this process reads ``records[index::count]``
-        and gets ``cfg.batch_size // process_count`` rows per batch.
+      process_index, process_count: this process reads its data shards
+        (:func:`process_shards`; by default shard = process, ``records[index::count]``)
+        and gets ``cfg.batch_size // process_count`` rows per batch, its shards' rows
+        in shard order.
       repeat: True = endless, reshuffled each epoch; False = one pass, the last
         batch padded with all-padding rows (segment_ids 0, weights 0).
       num_batches: with ``repeat=False``, yield exactly this many batches
@@ -474,17 +508,29 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int
         :func:`count_batches` so that every process runs the same number of
         steps in multi-host evaluation).
       prefetch: compute batches ahead in a background thread (or in
-        ``cfg.worker_count`` processes).
+        ``cfg.worker_count`` processes) per shard.
 
     Returns:
       IterDataset of dicts of numpy arrays [B, L]. ``iter(ds)`` supports
-      ``get_state()`` (a JSON-serialisable dict of ints) and ``set_state()``,
-      which resumes exactly, mid-epoch included.
+      ``get_state()`` (a JSON-serialisable dict ``{shard_name(k, n): state of shard k}``)
+      and ``set_state()``, which resumes exactly, mid-epoch included.
     """
-    rows = per_process_batch_size(cfg, process_count)
-    records = _records(cfg, split, seed=seed, process_index=process_index,
-                       process_count=process_count, repeat=repeat)
-    shard_seed = derive_seed(seed, process_index)
+    shards, num_shards = process_shards(cfg, process_index, process_count)
+    rows = cfg.batch_size // num_shards
+    if not repeat and num_batches is None and len(shards) > 1:
+        num_batches = count_batches(cfg, split, tokenizer, seed=seed, process_count=num_shards)
+    streams = {shard_name(k, num_shards): _shard_batches(
+        cfg, split, tokenizer, seed=seed, shard=k, num_shards=num_shards, rows=rows,
+        repeat=repeat, num_batches=num_batches, prefetch=prefetch) for k in shards}
+    return _ConcatShards(streams)
+
+
+def _shard_batches(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int, shard: int,
+                   num_shards: int, rows: int, repeat: bool, num_batches: int | None,
+                   prefetch: bool) -> grain.IterDataset:
+    """Batches of ``rows`` rows from one data shard."""
+    records = _records(cfg, split, seed=seed, shard=shard, num_shards=num_shards, repeat=repeat)
+    shard_seed = derive_seed(seed, shard)
     if cfg.task == 'lm':
         examples = _lm_rows(records, cfg, tokenizer, rows, shard_seed)
     else:
@@ -502,6 +548,48 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int
     return batches
 
 
+class _ConcatShardsIterator(grain.DatasetIterator):
+    """Next batch = the shards' next batches stacked along rows, in shard order."""
+
+    def __init__(self, parents: dict[str, grain.DatasetIterator]):
+        super().__init__(list(parents.values()))
+        self._named = parents
+
+    @property
+    def shard_names(self) -> list[str]:
+        """The data shards this iterator reads (their states are saved one file each)."""
+        return list(self._named)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(it) for it in self._named.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {name: it.get_state() for name, it in self._named.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self._named) - set(state))
+        if missing:
+            raise ValueError(f'the data-iterator state has no entry for shard(s) {missing} '
+                             f'(it holds {sorted(state)}); data.shards must be the value the run '
+                             'was saved with.')
+        for name, it in self._named.items():
+            it.set_state(state[name])
+
+
+class _ConcatShards(grain.IterDataset):
+    """Several shards' batch streams (name -> IterDataset) read as one, rows concatenated."""
+
+    def __init__(self, streams: dict[str, grain.IterDataset]):
+        super().__init__(list(streams.values()))
+        self._streams = streams
+
+    def __iter__(self) -> _ConcatShardsIterator:
+        return _ConcatShardsIterator({name: ds.__iter__() for name, ds in self._streams.items()})
+
+
 def _ensure_flags_parsed() -> None:
     """grain's worker processes read absl flags; outside ``absl.app.run`` (tests,
     notebooks) mark them parsed with their defaults."""
@@ -513,15 +601,17 @@ def _ensure_flags_parsed() -> None:
 
 def count_batches(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int,
                   process_count: int = 1) -> int:
-    """The most batches any process gets from one pass (``repeat=False``) over ``split``.
+    """The most batches any data shard gets from one pass (``repeat=False``) over ``split``.
 
     Pass it as ``num_batches`` to :func:`make_dataset` so that all processes
     evaluate in lockstep. Runs the pipeline of every shard (cheap for eval splits).
     """
-    return max(sum(1 for _ in make_dataset(cfg, split, tokenizer, seed=seed, process_index=p,
-                                           process_count=process_count, repeat=False,
-                                           prefetch=False))
-               for p in range(process_count))
+    _, num_shards = process_shards(cfg, 0, process_count)
+    rows = cfg.batch_size // num_shards
+    return max(sum(1 for _ in _shard_batches(cfg, split, tokenizer, seed=seed, shard=k,
+                                             num_shards=num_shards, rows=rows, repeat=False,
+                                             num_batches=None, prefetch=False))
+               for k in range(num_shards))
 
 
 # ---------------------------------------------------------------------------
@@ -582,4 +672,5 @@ def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer) -> float:
 
 __all__ = ['DataConfig', 'TASKS', 'get_tokenizer', 'make_dataset', 'count_batches',
            'bytes_per_token', 'unigram_entropy', 'empty_batch', 'per_process_batch_size',
+           'process_shards', 'shard_name',
            'training_texts', 'derive_seed', 'Tokenizer']
