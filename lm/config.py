@@ -99,3 +99,67 @@ def check_lora_targets(model: ModelConfig, lora_config: lora.LoraConfig) -> None
     module = build_model(model)
     boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **dummy_inputs(model))["params"])
     lora.find_targets(boxed, lora_config)
+
+
+# ------------------------------------------------------------------------------------ sweeps
+# A sweep is a list of override dicts, each mapping dotted config keys to values
+# ({"optimizer.learning_rate": 1e-3, "model.d_model": 64}); an experiment file's optional
+# `get_sweep(arg)` returns one, and `python -m launch.sweep` trains one run per dict. The key
+# "name", if present, names the run's workdir instead of the name made from the overrides.
+
+
+def _check_points(points, where: str) -> list[dict[str, Any]]:
+    if isinstance(points, dict) or not isinstance(points, (list, tuple)):
+        raise TypeError(f"{where}: expected a list of override dicts, got {type(points).__name__}")
+    for i, point in enumerate(points):
+        if not isinstance(point, dict):
+            raise TypeError(f"{where}: item {i} is a {type(point).__name__}, not an override dict")
+    return list(points)
+
+
+def _merge(dicts: tuple[dict[str, Any], ...], where: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for d in dicts:
+        for key, value in d.items():
+            if key in merged:
+                raise ValueError(f"{where}: key {key!r} is set by more than one factor "
+                                 f"({merged[key]!r} and {value!r})")
+            merged[key] = value
+    return merged
+
+
+def sweep_axis(key: str, values) -> list[dict[str, Any]]:
+    """One config key over values: sweep_axis("optimizer.learning_rate", [1e-3, 3e-3]) ->
+    [{"optimizer.learning_rate": 0.001}, {"optimizer.learning_rate": 0.003}]."""
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"sweep_axis: the key must be a dotted config key, got {key!r}")
+    if isinstance(values, (str, bytes, dict)):
+        raise TypeError(f"sweep_axis({key!r}, ...): values must be a list, got {type(values).__name__}")
+    return [{key: v} for v in values]
+
+
+def sweep_product(*factors) -> list[dict[str, Any]]:
+    """The cartesian product of lists of override dicts, each combination merged into one dict
+    (the first factor varies slowest). A key set by two factors is an error.
+
+    sweep_product(sweep_axis("a", [1, 2]), sweep_axis("b", [3, 4]))
+      -> [{a: 1, b: 3}, {a: 1, b: 4}, {a: 2, b: 3}, {a: 2, b: 4}]
+    """
+    import itertools
+
+    lists = [_check_points(f, f"sweep_product argument {i}") for i, f in enumerate(factors)]
+    return [_merge(combo, "sweep_product") for combo in itertools.product(*lists)]
+
+
+def sweep_zip(*factors) -> list[dict[str, Any]]:
+    """Elementwise merge of equal-length lists of override dicts (keys that change together).
+
+    sweep_zip(sweep_axis("model.d_model", [128, 256]), sweep_axis("model.mlp_dim", [512, 1024]))
+      -> [{d_model: 128, mlp_dim: 512}, {d_model: 256, mlp_dim: 1024}]
+    """
+    lists = [_check_points(f, f"sweep_zip argument {i}") for i, f in enumerate(factors)]
+    lengths = [len(x) for x in lists]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"sweep_zip: the lists have different lengths {lengths}; zip needs equal "
+                         "lengths (use sweep_product for all combinations)")
+    return [_merge(row, "sweep_zip") for row in zip(*lists, strict=True)]
