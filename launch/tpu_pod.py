@@ -125,9 +125,14 @@ def plan(options, lm_args: list[str]) -> list:
     return steps
 
 
-def check_workdir(lm_args: list[str]) -> None:
+def check_workdir(lm_args: list[str], parser_: common.Parser) -> None:
     workdir = common.workdir_of(lm_args)
-    if workdir and not common.is_url(workdir):
+    if workdir and common.is_url(workdir):
+        parser_.error(
+            f"--workdir {workdir}: lm.main writes its workdir with local file calls and does not "
+            "take object-store URLs; mount the bucket with gcsfuse (or use Filestore/NFS) at the "
+            "same path on every worker and pass that path")
+    if workdir:
         common.warn(PROG, (
             f"--workdir {workdir} is a path on each worker. On a multi-host slice every worker "
             "must see the same workdir (process 0 writes the tokenizer and checkpoints the others "
@@ -137,8 +142,9 @@ def check_workdir(lm_args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, lm_args = parser().parse(argv)
-    check_workdir(lm_args)
+    parser_ = parser()
+    options, lm_args = parser_.parse(argv)
+    check_workdir(lm_args, parser_)
     steps = plan(options, lm_args)
     if options.dry_run:
         for step in steps:

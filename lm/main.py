@@ -673,6 +673,11 @@ def main(argv):
     if _WORKDIR.value is None and not (command in ("sample", "eval", "icl", "convert") and _MODEL.value):
         raise app.UsageError("--workdir is required (sample, eval, icl and convert also take --model NAME "
                              "instead)")
+    if _WORKDIR.value and "://" in _WORKDIR.value:
+        raise app.UsageError(
+            f"--workdir {_WORKDIR.value}: object-store URLs are not supported (the workdir is "
+            "written with local file calls); mount the bucket (e.g. gcsfuse) at the same path on "
+            "every host and pass that path")
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     if command == "train":
         if _CONFIG.value is None:

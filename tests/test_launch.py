@@ -102,7 +102,7 @@ def test_tpu_pod_dry_run(capsys):
 
 def test_tpu_pod_setup_dry_run(capsys):
     code = tpu_pod.main(["--tpu", "pod-1", "--zone", "z", "--repo_dir", "/opt/lm", "--setup", "--dry_run",
-                         "--", "--config", "experiments/x.py", "--workdir", "gs://bucket/x"])
+                         "--", "--config", "experiments/x.py", "--workdir", "/mnt/shared/x"])
     assert code == 0
     out, err = capsys.readouterr()
     tarball = os.path.join(tempfile.gettempdir(), "lm-src-pod-1.tar.gz")
@@ -114,9 +114,13 @@ def test_tpu_pod_setup_dry_run(capsys):
         "tar -xzf lm-src.tar.gz -C /opt/lm && rm lm-src.tar.gz && cd /opt/lm && python3 -m pip "
         "install -e . \"jax[tpu]\"'",
         "gcloud compute tpus tpu-vm ssh pod-1 --zone=z --worker=all --command 'cd /opt/lm && python3 "
-        "-m lm.main --config experiments/x.py --workdir gs://bucket/x --config.parallel.distributed=True'",
+        "-m lm.main --config experiments/x.py --workdir /mnt/shared/x --config.parallel.distributed=True'",
     ]
-    assert err == ""  # a gs:// workdir is shared: no warning
+    assert "every worker must see the same workdir" in err
+    # lm.main cannot write to an object store: refused before anything runs.
+    message = usage_error(tpu_pod.main, ["--tpu", "t", "--zone", "z", "--dry_run", "--", "--workdir",
+                                         "gs://bucket/x"], capsys)
+    assert "gcsfuse" in message
 
 
 def test_tpu_pod_setup_only_and_errors(capsys):
