@@ -1,6 +1,8 @@
 """Scores of in-context learning and of induction heads (Olsson et al. 2022).
 
-Pure functions on arrays (numpy or jax; they run under `jax.jit`). Conventions:
+Pure functions on arrays (numpy or jax; they run under `jax.jit`). The attention-pattern
+scores (induction, previous token, gathering sown weights) are `lm.inspect`'s, re-exported
+here; the loss-based ones are below. Conventions:
 
 - `tokens` [batch, length] int: the sequences the model read.
 - `attn` [..., batch, heads, q, k]: softmax attention weights of a causal self-attention
@@ -17,12 +19,17 @@ Pure functions on arrays (numpy or jax; they run under `jax.jit`). Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-import jax
 import jax.numpy as jnp
 import optax
+
+# Attention-pattern scores live with the rest of the model instrumentation in lm.inspect.
+from lm.inspect import (  # noqa: F401 - re-exported: lm.icl.scores.induction_score etc.
+    attention_weights,
+    head_scores,
+    induction_score,
+    induction_targets,
+    previous_token_score,
+)
 
 
 def per_token_loss(logits, tokens):
@@ -34,80 +41,6 @@ def per_token_loss(logits, tokens):
     ce = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), tokens[:, 1:])
     return jnp.concatenate([jnp.full((ce.shape[0], 1), jnp.nan, ce.dtype), ce], axis=1)
-
-
-def _batched(attn, tokens):
-    attn = jnp.asarray(attn, jnp.float32)
-    tokens = jnp.asarray(tokens)
-    q, k = attn.shape[-2:]
-    if q != k:
-        raise ValueError(f"self-attention weights need q_len == k_len, got [.., {q}, {k}]")
-    if tokens.ndim != 2 or tokens.shape[0] != attn.shape[-4] or tokens.shape[1] < q:
-        raise ValueError(
-            f"tokens {tuple(tokens.shape)} do not fit attention {tuple(attn.shape)} "
-            "([.., batch, heads, q, k] over tokens [batch, >= q])")
-    return attn, tokens[:, :q]
-
-
-def induction_targets(tokens, occurrence: str = "all"):
-    """Where an induction head attends: [batch, q, k] float mask.
-
-    target[b, t, k] = 1 when tokens[b, k - 1] == tokens[b, t] for 1 <= k <= t, i.e. k is the
-    token right after an earlier occurrence s = k - 1 < t of the query's token.
-    occurrence: 'all' (every earlier occurrence) or 'last' (only the most recent one).
-    """
-    tokens = jnp.asarray(tokens)
-    n = tokens.shape[1]
-    t = jnp.arange(n)[:, None]
-    k = jnp.arange(n)[None, :]
-    prev = jnp.concatenate([jnp.full_like(tokens[:, :1], -1), tokens[:, :-1]], axis=1)
-    match = (prev[:, None, :] == tokens[:, :, None]) & (k >= 1) & (k <= t)  # [b, q, k]
-    if occurrence == "last":
-        last = jnp.max(jnp.where(match, k, -1), axis=-1, keepdims=True)
-        match = match & (k == last)
-    elif occurrence != "all":
-        raise ValueError(f"occurrence={occurrence!r}: use 'all' or 'last'")
-    return match.astype(jnp.float32)
-
-
-def _pooled(attn, targets, valid):
-    """Mean over (batch, query) with valid[b, t] of the attention mass on targets[b, t, :]."""
-    mass = jnp.einsum("...bhqk,bqk->...bhq", attn, targets)
-    total = jnp.einsum("...bhq,bq->...h", mass, valid)
-    return total / jnp.maximum(valid.sum(), 1.0)
-
-
-def induction_score(attn, tokens, *, occurrence: str = "all"):
-    """Mean attention from a repeated token to the token after its earlier occurrence(s).
-
-    attn [..., batch, heads, q, k], tokens [batch, length >= q] -> [..., heads].
-
-    Over every query position t whose token appeared before (at some s < t), the attention
-    weight from t to s + 1, summed over the earlier occurrences s ('all', the default: a head
-    that splits its attention among several earlier occurrences still scores 1) or taken at
-    the most recent one only ('last'), then averaged over all such (sequence, t). A perfect
-    induction head scores 1; attention spread uniformly over the t + 1 visible keys scores the
-    mean of (number of targets) / (t + 1). On a random span repeated twice ([A][A]) the
-    positions counted are essentially the second copy, and the target of its i-th token is
-    the (i + 1)-th token of the first copy.
-    """
-    attn, tokens = _batched(attn, tokens)
-    targets = induction_targets(tokens, occurrence)
-    valid = (targets.sum(-1) > 0).astype(jnp.float32)
-    return _pooled(attn, targets, valid)
-
-
-def previous_token_score(attn, tokens=None):
-    """Mean attention from each position t >= 1 to t - 1.
-
-    attn [..., batch, heads, q, k] -> [..., heads]; `tokens` is accepted for symmetry with
-    `induction_score` and not used. Uniform causal attention scores mean_t 1 / (t + 1).
-    """
-    attn = jnp.asarray(attn, jnp.float32)
-    q = attn.shape[-2]
-    prev = jnp.diagonal(attn, offset=-1, axis1=-2, axis2=-1)  # [..., batch, heads, q - 1]
-    del tokens
-    return prev.mean(axis=(-1, -3)) if q > 1 else jnp.zeros(attn.shape[:-4] + attn.shape[-3:-2])
 
 
 def in_context_score(per_token_loss, early: int | None = None, late: int | None = None):
@@ -188,32 +121,3 @@ def repeat_loss_ratio(per_token_loss, span, *, start: int = 0, skip_first: int =
     """
     first, second = copy_losses(per_token_loss, span, start=start, skip_first=skip_first)
     return second / first
-
-
-def attention_weights(intermediates: Mapping[str, Any]):
-    """The sown self-attention weights of a DecoderOnly, stacked by layer.
-
-    intermediates: the `intermediates` collection returned by
-    `model.apply({'params': p}, tokens, mutable=['intermediates'])` on a model built with
-    `capture_attention=True` (the whole returned variables dict is accepted too) ->
-    [layers, batch, heads, q, k], layer_0 first.
-    """
-    tree = intermediates.get("intermediates", intermediates)
-    if "decoder" not in tree:
-        raise ValueError("no decoder attention in intermediates: build the model with "
-                         "capture_attention=True and apply it with mutable=['intermediates']")
-    layers = tree["decoder"]
-    names = sorted((n for n in layers if n.startswith("layer_")), key=lambda n: int(n[6:]))
-    if not names:
-        raise ValueError("the intermediates hold no layer_i entries")
-    weights = []
-    for name in names:
-        sown = layers[name]["self_attention"]["attention_weights"]
-        weights.append(sown[-1] if isinstance(sown, tuple | list) else sown)
-    return jnp.stack(weights)
-
-
-def head_scores(attn, tokens) -> dict[str, jax.Array]:
-    """{'induction': [..., heads], 'previous_token': [..., heads]} for attention over tokens."""
-    return {"induction": induction_score(attn, tokens),
-            "previous_token": previous_token_score(attn, tokens)}

@@ -1,0 +1,307 @@
+"""Look inside a decoder-only model: attention per layer and head, log-probs, residual stream.
+
+    from lm import convert, inspect
+    pretrained = convert.load_pretrained("smollm2")
+    seen = inspect.inspect_text(pretrained.config, pretrained.params, pretrained.tokenizer,
+                                "The cat sat on the mat. The cat sat on the")
+    seen.attention            # [layers, heads, q, k] softmax weights
+    seen.log_probs            # [length] log p(token t | tokens before it), NaN at t = 0
+    seen.residual             # [layers + 1, length, d_model]
+    inspect.head_scores(seen.attention[:, None], seen.tokens[None])["induction"]  # [layers, heads]
+
+Everything comes from one forward pass of the model's own modules: attention weights are
+what `lm.models.attention` sows with `capture_attention=True` (no second implementation of
+attention), and the residual stream is Flax's `capture_intermediates` of the embedding
+dropout (the stream entering layer 0) and of each Block (the stream after it).
+
+The per-head scores are pure functions on weights `attn` [..., batch, heads, q, k] of a
+causal self-attention over `tokens` [batch, length >= q]; leading axes (e.g. layers) are
+kept, so `attn` [layers, batch, heads, q, k] gives scores [layers, heads].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.models.transformer import Block, ModelConfig, Stack, build_model
+
+# --------------------------------------------------------------------------- head scores
+
+
+def _batched(attn, tokens):
+    attn = jnp.asarray(attn, jnp.float32)
+    tokens = jnp.asarray(tokens)
+    q, k = attn.shape[-2:]
+    if q != k:
+        raise ValueError(f"self-attention weights need q_len == k_len, got [.., {q}, {k}]")
+    if tokens.ndim != 2 or tokens.shape[0] != attn.shape[-4] or tokens.shape[1] < q:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} do not fit attention {tuple(attn.shape)} "
+            "([.., batch, heads, q, k] over tokens [batch, >= q])")
+    return attn, tokens[:, :q]
+
+
+def induction_targets(tokens, occurrence: str = "all"):
+    """Where an induction head attends: [batch, q, k] float mask.
+
+    target[b, t, k] = 1 when tokens[b, k - 1] == tokens[b, t] for 1 <= k <= t, i.e. k is the
+    token right after an earlier occurrence s = k - 1 < t of the query's token.
+    occurrence: 'all' (every earlier occurrence) or 'last' (only the most recent one).
+    """
+    tokens = jnp.asarray(tokens)
+    n = tokens.shape[1]
+    t = jnp.arange(n)[:, None]
+    k = jnp.arange(n)[None, :]
+    prev = jnp.concatenate([jnp.full_like(tokens[:, :1], -1), tokens[:, :-1]], axis=1)
+    match = (prev[:, None, :] == tokens[:, :, None]) & (k >= 1) & (k <= t)  # [b, q, k]
+    if occurrence == "last":
+        last = jnp.max(jnp.where(match, k, -1), axis=-1, keepdims=True)
+        match = match & (k == last)
+    elif occurrence != "all":
+        raise ValueError(f"occurrence={occurrence!r}: use 'all' or 'last'")
+    return match.astype(jnp.float32)
+
+
+def _pooled(attn, targets, valid):
+    """Mean over (batch, query) with valid[b, t] of the attention mass on targets[b, t, :]."""
+    mass = jnp.einsum("...bhqk,bqk->...bhq", attn, targets)
+    total = jnp.einsum("...bhq,bq->...h", mass, valid)
+    return total / jnp.maximum(valid.sum(), 1.0)
+
+
+def induction_score(attn, tokens, *, occurrence: str = "all"):
+    """Mean attention from a repeated token to the token after its earlier occurrence(s).
+
+    attn [..., batch, heads, q, k], tokens [batch, length >= q] -> [..., heads].
+
+    Over every query position t whose token appeared before (at some s < t), the attention
+    weight from t to s + 1, summed over the earlier occurrences s ('all', the default: a head
+    that splits its attention among several earlier occurrences still scores 1) or taken at
+    the most recent one only ('last'), then averaged over all such (sequence, t). A perfect
+    induction head scores 1; attention spread uniformly over the t + 1 visible keys scores the
+    mean of (number of targets) / (t + 1). On a random span repeated twice ([A][A]) the
+    positions counted are essentially the second copy, and the target of its i-th token is
+    the (i + 1)-th token of the first copy.
+    """
+    attn, tokens = _batched(attn, tokens)
+    targets = induction_targets(tokens, occurrence)
+    valid = (targets.sum(-1) > 0).astype(jnp.float32)
+    return _pooled(attn, targets, valid)
+
+
+def previous_token_score(attn, tokens=None):
+    """Mean attention from each position t >= 1 to t - 1.
+
+    attn [..., batch, heads, q, k] -> [..., heads]; `tokens` is accepted for symmetry with
+    `induction_score` and not used. Uniform causal attention scores mean_t 1 / (t + 1).
+    """
+    attn = jnp.asarray(attn, jnp.float32)
+    q = attn.shape[-2]
+    prev = jnp.diagonal(attn, offset=-1, axis1=-2, axis2=-1)  # [..., batch, heads, q - 1]
+    del tokens
+    return prev.mean(axis=(-1, -3)) if q > 1 else jnp.zeros(attn.shape[:-4] + attn.shape[-3:-2])
+
+
+def attention_entropy(attn, tokens=None):
+    """Mean entropy (nats) of each query's attention distribution, over queries t >= 1.
+
+    attn [..., batch, heads, q, k] -> [..., heads]. 0 = every query looks at one key;
+    uniform causal attention gives mean_t log(t + 1). Query 0 (one visible key) is left out.
+    """
+    attn = jnp.asarray(attn, jnp.float32)
+    del tokens
+    plogp = jnp.where(attn > 0, attn * jnp.log(jnp.where(attn > 0, attn, 1.0)), 0.0)
+    entropy = -plogp.sum(-1)[..., 1:]  # [..., batch, heads, q - 1]
+    return entropy.mean(axis=(-1, -3))
+
+
+def first_token_score(attn, tokens=None):
+    """Mean attention from each query t >= 1 to position 0 (the 'attention sink').
+
+    attn [..., batch, heads, q, k] -> [..., heads].
+    """
+    attn = jnp.asarray(attn, jnp.float32)
+    del tokens
+    return attn[..., 1:, 0].mean(axis=(-1, -3))
+
+
+SCORES = {
+    "induction": induction_score,
+    "previous_token": previous_token_score,
+    "entropy": attention_entropy,
+    "first_token": first_token_score,
+}
+
+
+def head_scores(attn, tokens, names=("induction", "previous_token")) -> dict[str, jax.Array]:
+    """{name: [..., heads]} for attention over tokens; names from SCORES (all with names=None)."""
+    return {name: SCORES[name](attn, tokens) for name in (names or SCORES)}
+
+
+def attention_weights(intermediates: Mapping[str, Any]):
+    """The sown self-attention weights of a DecoderOnly, stacked by layer.
+
+    intermediates: the `intermediates` collection returned by
+    `model.apply({'params': p}, tokens, mutable=['intermediates'])` on a model built with
+    `capture_attention=True` (the whole returned variables dict is accepted too) ->
+    [layers, batch, heads, q, k], layer_0 first.
+    """
+    tree = intermediates.get("intermediates", intermediates)
+    if "decoder" not in tree:
+        raise ValueError("no decoder attention in intermediates: build the model with "
+                         "capture_attention=True and apply it with mutable=['intermediates']")
+    layers = tree["decoder"]
+    names = sorted((n for n in layers if n.startswith("layer_")), key=lambda n: int(n[6:]))
+    if not names:
+        raise ValueError("the intermediates hold no layer_i entries")
+    weights = []
+    for name in names:
+        sown = layers[name]["self_attention"]["attention_weights"]
+        weights.append(sown[-1] if isinstance(sown, tuple | list) else sown)
+    return jnp.stack(weights)
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+def _residual_filter(module: nn.Module, method_name: str) -> bool:
+    """Block outputs, and the stream entering the first block (the Stack's dropout)."""
+    if method_name != "__call__":
+        return False
+    if isinstance(module, Block):
+        return True
+    return isinstance(module, nn.Dropout) and isinstance(module.parent, Stack)
+
+
+def _stacked_residual(intermediates) -> jax.Array:
+    decoder = intermediates["decoder"]
+    names = sorted((n for n in decoder if n.startswith("layer_")), key=lambda n: int(n[6:]))
+    dropouts = [n for n in decoder if n.startswith("Dropout")]
+    streams = [decoder[dropouts[0]]["__call__"][0]] if dropouts else []
+    streams += [decoder[n]["__call__"][0] for n in names]
+    return jnp.stack(streams)
+
+
+@functools.lru_cache(maxsize=8)
+def _capture_fn(config: ModelConfig, keep_logits: bool):
+    if config.architecture != "decoder":
+        raise NotImplementedError(
+            f"lm.inspect reads decoder-only models; this one is {config.architecture!r} (its "
+            "sown weights are under intermediates['encoder'/'decoder'] with "
+            "capture_attention=True)")
+    model = build_model(dataclasses.replace(config, capture_attention=True))
+
+    @jax.jit
+    def run(params, tokens):
+        logits, state = model.apply({"params": params}, tokens, mutable=["intermediates"],
+                                    capture_intermediates=_residual_filter)
+        inter = state["intermediates"]
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        token_log_probs = jnp.concatenate(
+            [jnp.full((tokens.shape[0], 1), jnp.nan, picked.dtype), picked], axis=1)
+        out = {
+            "attention": jnp.moveaxis(attention_weights(inter), 0, 1),  # [batch, layers, heads, q, k]
+            "log_probs": token_log_probs,
+            "residual": jnp.moveaxis(_stacked_residual(inter), 0, 1).astype(jnp.float32),
+        }
+        if keep_logits:
+            out["logits"] = logits
+        return out
+
+    return run
+
+
+def capture(config: ModelConfig, params, tokens, *, keep_logits: bool = True) -> dict[str, np.ndarray]:
+    """One forward pass over tokens [batch, length] of a decoder-only model.
+
+    Returns numpy arrays: attention [batch, layers, heads, length, length]; log_probs
+    [batch, length] (column t: log p(tokens[t] | tokens[:t]), NaN at t = 0); residual
+    [batch, layers + 1, length, d_model] (entry 0: embeddings plus positions entering layer
+    0; entry i: after layer i - 1; the final norm is not applied); logits [batch, length,
+    vocab] float32 unless keep_logits=False (row t predicts token t + 1; a 262k vocabulary
+    makes this the largest output).
+    """
+    tokens = jnp.asarray(np.asarray(tokens, np.int32))
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > config.max_len:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_len {config.max_len}")
+    return jax.tree.map(np.asarray, _capture_fn(config, keep_logits)(params, tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """What one prompt looks like inside the model (see `capture` for the arrays).
+
+    tokens [length]; labels: a readable string per token (for plot axes); attention [layers,
+    heads, length, length]; log_probs [length]; residual [layers + 1, length, d_model];
+    logits [length, vocab] or None.
+    """
+
+    tokens: np.ndarray
+    labels: list[str]
+    attention: np.ndarray
+    log_probs: np.ndarray
+    residual: np.ndarray
+    logits: np.ndarray | None
+
+    def scores(self, names=None) -> dict[str, np.ndarray]:
+        """Per-head scores on this prompt: {name: [layers, heads]} (all of SCORES by default)."""
+        out = head_scores(self.attention[:, None], self.tokens[None], names)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def token_labels(tokenizer, tokens) -> list[str]:
+    """A short printable label per token id: its text, with whitespace made visible."""
+    labels = []
+    for i in np.asarray(tokens).tolist():
+        text = tokenizer.decode([i]) if tokenizer is not None else ""
+        if not text.strip():
+            text = tokenizer.id_to_piece(i) if tokenizer is not None else str(i)
+        labels.append(text.replace("\n", "\\n").replace("\t", "\\t"))
+    return labels
+
+
+def inspect_tokens(config: ModelConfig, params, tokens, tokenizer=None, *,
+                   keep_logits: bool = True) -> Inspection:
+    """`Inspection` of one token sequence [length]; labels from the tokenizer if given."""
+    tokens = np.asarray(tokens, np.int32).reshape(-1)
+    out = capture(config, params, tokens[None], keep_logits=keep_logits)
+    return Inspection(
+        tokens=tokens,
+        labels=token_labels(tokenizer, tokens) if tokenizer is not None else [str(t) for t in tokens],
+        attention=out["attention"][0],
+        log_probs=out["log_probs"][0],
+        residual=out["residual"][0],
+        logits=out["logits"][0] if keep_logits else None,
+    )
+
+
+def inspect_text(config: ModelConfig, params, tokenizer, text: str, *, bos: bool = True,
+                 keep_logits: bool = True) -> Inspection:
+    """`Inspection` of a prompt: encoded by the tokenizer, after a bos token if `bos` and the
+    tokenizer has one."""
+    ids = tokenizer.encode(text)
+    bos_id = getattr(tokenizer, "bos_id", -1)
+    if bos and bos_id is not None and bos_id >= 0:
+        ids = [bos_id, *ids]
+    return inspect_tokens(config, params, ids, tokenizer, keep_logits=keep_logits)
+
+
+def repeated_random_tokens(vocab: int, span: int, *, batch: int = 1, seed: int = 0,
+                           prefix=(), low: int = 0) -> np.ndarray:
+    """[batch, len(prefix) + 2 * span]: `prefix`, then a random span of ids in [low, vocab)
+    written twice, the probe on which induction heads show (Olsson et al. 2022)."""
+    rng = np.random.default_rng(seed)
+    spans = rng.integers(low, vocab, size=(batch, span))
+    prefix = np.broadcast_to(np.asarray(prefix, np.int64), (batch, len(prefix)))
+    return np.concatenate([prefix, spans, spans], axis=1).astype(np.int32)
