@@ -305,3 +305,116 @@ def repeated_random_tokens(vocab: int, span: int, *, batch: int = 1, seed: int =
     spans = rng.integers(low, vocab, size=(batch, span))
     prefix = np.broadcast_to(np.asarray(prefix, np.int64), (batch, len(prefix)))
     return np.concatenate([prefix, spans, spans], axis=1).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------- plots
+# Matplotlib figures for notebooks: each function returns the Figure (shown inline by
+# Jupyter; `fig.savefig(path)` to keep it). The backend is left as the caller set it.
+
+
+def plot_attention(weights, labels, *, title: str = "", ax=None, colorbar: bool = True):
+    """Heatmap of one head's attention weights [q, k]: queries down, keys across, tokens on
+    both axes."""
+    import matplotlib.pyplot as plt
+
+    weights = np.asarray(weights)
+    n = weights.shape[-1]
+    if ax is None:
+        size = min(12.0, 2.5 + 0.28 * n)
+        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    else:
+        fig = ax.figure
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if labels is not None and n <= 80:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("key (attended-to token)")
+    ax.set_ylabel("query (attending token)")
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
+    return fig
+
+
+def plot_layer_heads(layer_weights, labels, *, layer: int, columns: int = 4, scores=None):
+    """A grid of every head of one layer: layer_weights [heads, q, k]; `scores` [heads] (e.g.
+    induction scores) are added to the panel titles."""
+    import matplotlib.pyplot as plt
+
+    layer_weights = np.asarray(layer_weights)
+    heads, n = layer_weights.shape[0], layer_weights.shape[-1]
+    columns = min(columns, heads)
+    rows = -(-heads // columns)
+    show_labels = labels is not None and n <= 24
+    height = 3.3 + (0.9 if show_labels else 0.0)  # room for the rotated key labels
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns + 1.0, height * rows), squeeze=False,
+                             layout="constrained")
+    for h in range(rows * columns):
+        ax = axes[h // columns, h % columns]
+        if h >= heads:
+            ax.axis("off")
+            continue
+        image = ax.imshow(layer_weights[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        title = f"head {h}" + (f" ({scores[h]:.2f})" if scores is not None else "")
+        ax.set_title(title, fontsize=9)
+        if show_labels:
+            ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(n), labels, fontsize=6)
+        else:
+            ax.set_xlabel("key position", fontsize=8)
+            ax.set_ylabel("query position", fontsize=8)
+    fig.suptitle(f"layer {layer}: attention of every head (rows: queries, columns: keys)")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    return fig
+
+
+def plot_head_scores(scores, *, name: str = "induction score", title: str = ""):
+    """Heatmap of a per-head score [layers, heads], values written in the cells when few."""
+    import matplotlib.pyplot as plt
+
+    scores = np.asarray(scores)
+    layers, heads = scores.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * heads, 1.2 + 0.3 * layers))
+    image = ax.imshow(scores, cmap="magma", aspect="auto", interpolation="nearest",
+                      vmin=0.0, vmax=max(1.0, float(np.nanmax(scores))))
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    if layers * heads <= 400:
+        for layer in range(layers):
+            for head in range(heads):
+                value = scores[layer, head]
+                ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if value < 0.6 else "black")
+    ax.set_title(title or f"{name} per head")
+    fig.colorbar(image, ax=ax, label=name)
+    fig.tight_layout()
+    return fig
+
+
+def plot_log_probs(labels, log_probs, *, title: str = ""):
+    """Per-token surprise: a bar per token of -log p(token | tokens before it), in nats."""
+    import matplotlib.pyplot as plt
+
+    surprise = -np.asarray(log_probs, np.float64)
+    n = len(surprise)
+    fig, ax = plt.subplots(figsize=(min(16.0, 2.0 + 0.32 * n), 3.6))
+    values = np.nan_to_num(surprise, nan=0.0)
+    colors = plt.get_cmap("RdYlGn_r")(np.clip(values / max(values.max(), 1e-9), 0, 1))
+    ax.bar(range(n), values, color=colors)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
+    ax.set_ylabel("-log p(token | prefix) [nats]")
+    ax.set_xlabel("token")
+    ax.set_title(title or f"per-token surprise (mean {np.nanmean(surprise):.2f} nats)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def top_heads(scores, k: int = 5) -> list[tuple[int, int, float]]:
+    """The k highest-scoring heads of a [layers, heads] score: [(layer, head, score), ...]."""
+    scores = np.asarray(scores)
+    order = np.argsort(scores, axis=None)[::-1][:k]
+    return [(int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.flat[i])) for i in order]

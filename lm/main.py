@@ -614,12 +614,12 @@ def icl_command(workdir: pathlib.Path | None) -> None:
     curves = fewshot.fewshot_curves(lm, tasks, shots=shots, seeds=_SEEDS.value,
                                     limit=_LIMIT.value if _LIMIT.value is not None else 100,
                                     control=not _NO_CONTROL.value, progress=True)
-    curves = {"model": described, "step": step, **curves}
+    chance = {t.name: sum(1 / d.num_options for d in t.load()) / len(t.load()) for t in tasks}
+    curves = {"model": described, "step": step, "chance": chance, **curves}
     out.mkdir(parents=True, exist_ok=True)
     table = fewshot.format_curves(curves)
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     (out / "curves.md").write_text(table + "\n")
-    chance = {t.name: sum(1 / d.num_options for d in t.load()) / len(t.load()) for t in tasks}
     fewshot.plot_curves(curves, out / "fewshot.png", chance=chance, title=described)
     print(table)
     print(f"wrote {out / 'curves.json'} and {out / 'fewshot.png'}")

@@ -143,3 +143,22 @@ def test_a_copying_pattern_scores_as_induction():
         attn[0, 0, t] = 0
         attn[0, 0, t, t - 5 + 1] = 1.0  # the token after the earlier occurrence
     np.testing.assert_allclose(inspect.induction_score(attn, tokens), [1.0], atol=1e-6)
+
+
+def test_plots_have_labels_titles_and_colour_bars():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    seen = inspect.inspect_tokens(GPT, init(GPT), np.arange(2, 10))
+    fig = inspect.plot_attention(seen.attention[0, 1], seen.labels, title="layer 0, head 1")
+    heat, bar = fig.axes
+    assert heat.get_title() == "layer 0, head 1" and "query" in heat.get_ylabel()
+    assert [t.get_text() for t in heat.get_xticklabels()] == seen.labels
+    assert bar.get_ylabel() == "attention weight"
+    grid = inspect.plot_layer_heads(seen.attention[1], seen.labels, layer=1, scores=np.arange(4.0))
+    assert sum(ax.get_title().startswith("head") for ax in grid.axes) == GPT.num_heads
+    scores = seen.scores()
+    assert inspect.plot_head_scores(scores["induction"]).axes[0].get_xlabel() == "head"
+    assert inspect.plot_log_probs(seen.labels, seen.log_probs).axes[0].get_ylabel().startswith("-log p")
+    best = inspect.top_heads(np.array([[0.1, 0.9], [0.7, 0.2]]), k=2)
+    assert best == [(0, 1, 0.9), (1, 0, 0.7)]

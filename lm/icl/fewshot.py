@@ -15,6 +15,7 @@ reads the input-label mapping rather than the format and the label space.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Sequence
 
@@ -70,6 +71,18 @@ def summarize(runs: list[dict]) -> dict:
                 out.setdefault(task, {}).setdefault(labels, {})[k] = {
                     "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
     return out
+
+
+def load_curves(path: str | pathlib.Path) -> dict:
+    """curves.json (written by `python -m lm.main icl`) -> the dict `fewshot_curves` returned,
+    with the numbers of demonstrations k as int keys again (JSON keeps only strings)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "curves.json"
+    curves = json.loads(path.read_text())
+    curves["summary"] = {task: {labels: {int(k): v for k, v in by_k.items()} for labels, by_k in by_labels.items()}
+                         for task, by_labels in curves["summary"].items()}
+    return curves
 
 
 def format_curves(curves: dict) -> str:

@@ -370,6 +370,41 @@ def flatten_probe(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def unflatten_probe(row: dict[str, float]) -> dict[str, Any]:
+    """A metrics.jsonl row written by `flatten_probe` -> the probe result it came from: the
+    scalars, and per-head scores as [layers, heads] arrays (the `.../max` entries dropped)."""
+    out: dict[str, Any] = {"step": int(row["step"])}
+    heads: dict[str, dict[tuple[int, int], float]] = {}
+    for key, value in row.items():
+        if not key.startswith("probe/"):
+            continue
+        parts = key[len("probe/"):].split("/")
+        if len(parts) == 1:
+            out[parts[0]] = value
+        elif len(parts) == 3 and parts[2].startswith("head"):
+            heads.setdefault(parts[0], {})[(int(parts[1][5:]), int(parts[2][4:]))] = value
+    for name, cells in heads.items():
+        layers = 1 + max(layer for layer, _ in cells)
+        count = 1 + max(head for _, head in cells)
+        table = np.full((layers, count), np.nan)
+        for (layer, head), value in cells.items():
+            table[layer, head] = value
+        out[name] = table
+    return out
+
+
+def load_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The probe results of a run (from WORKDIR/metrics.jsonl), in step order, as
+    `plot_scores`, `plot_in_context` and `summarize` take them."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train an induction experiment there first "
+                                "(python -m lm.main --config experiments/induction_heads.py:two_layer "
+                                f"--workdir {workdir})")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [unflatten_probe(row) for row in rows if "probe/in_context_score" in row]
+
+
 # ---------------------------------------------------------------------------------- plots
 
 

@@ -312,6 +312,20 @@ def format_table(errors: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def plot_saved_errors(workdir: str | pathlib.Path, path: str | pathlib.Path) -> dict[str, Any]:
+    """Plots a finished run's WORKDIR/errors.json (see `plot_errors`) to `path`; returns the
+    errors.json contents."""
+    source = pathlib.Path(workdir) / "errors.json"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist: run a regression experiment there first "
+                                "(python -m lm.main --config experiments/garg_linear_regression.py:small "
+                                f"--workdir {workdir})")
+    saved = json.loads(source.read_text())
+    icl = RegressionConfig(function=saved["function"], n_dims=saved["n_dims"], n_points=saved["n_points"])
+    plot_errors(saved["errors"], icl, pathlib.Path(path), saved["step"])
+    return saved
+
+
 def plot_errors(
     errors: dict[str, list[float]], icl: RegressionConfig, path: pathlib.Path, step: int
 ) -> None:
