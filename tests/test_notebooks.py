@@ -5,7 +5,6 @@ test adds a cell after it that overrides them, runs every cell with nbclient (an
 fails the test) and checks the PNGs the notebook wrote and what it printed.
 """
 
-import pathlib
 import re
 
 import pytest
