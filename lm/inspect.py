@@ -1,4 +1,4 @@
-"""Look inside a decoder-only model: attention per layer and head, log-probs, residual stream.
+"""Look inside a model: attention per layer and head, log-probs, residual stream.
 
     from lm import convert, inspect
     pretrained = convert.load_pretrained("smollm2")
@@ -146,25 +146,29 @@ def head_scores(attn, tokens, names=("induction", "previous_token")) -> dict[str
     return {name: SCORES[name](attn, tokens) for name in (names or SCORES)}
 
 
-def attention_weights(intermediates: Mapping[str, Any]):
-    """The sown self-attention weights of a DecoderOnly, stacked by layer.
+def attention_weights(intermediates: Mapping[str, Any], stack: str = "decoder", kind: str = "self_attention"):
+    """The sown attention weights of one stack, stacked by layer.
 
     intermediates: the `intermediates` collection returned by
     `model.apply({'params': p}, tokens, mutable=['intermediates'])` on a model built with
-    `capture_attention=True` (the whole returned variables dict is accepted too) ->
-    [layers, batch, heads, q, k], layer_0 first.
+    `capture_attention=True` (the whole returned variables dict is accepted too).
+    stack: 'decoder' or (encoder-decoder models) 'encoder'; kind: 'self_attention' or
+    (decoder of an encoder-decoder) 'cross_attention'.
+    Returns [layers, batch, heads, q, k], layer_0 first.
     """
     tree = intermediates.get("intermediates", intermediates)
-    if "decoder" not in tree:
-        raise ValueError("no decoder attention in intermediates: build the model with "
+    if stack not in tree:
+        raise ValueError(f"no {stack} attention in intermediates: build the model with "
                          "capture_attention=True and apply it with mutable=['intermediates']")
-    layers = tree["decoder"]
+    layers = tree[stack]
     names = sorted((n for n in layers if n.startswith("layer_")), key=lambda n: int(n[6:]))
     if not names:
         raise ValueError("the intermediates hold no layer_i entries")
     weights = []
     for name in names:
-        sown = layers[name]["self_attention"]["attention_weights"]
+        if kind not in layers[name]:
+            raise ValueError(f"{stack} layer {name} has no {kind}")
+        sown = layers[name][kind]["attention_weights"]
         weights.append(sown[-1] if isinstance(sown, tuple | list) else sown)
     return jnp.stack(weights)
 
@@ -181,27 +185,29 @@ def _residual_filter(module: nn.Module, method_name: str) -> bool:
     return isinstance(module, nn.Dropout) and isinstance(module.parent, Stack)
 
 
-def _stacked_residual(intermediates) -> jax.Array:
-    decoder = intermediates["decoder"]
-    names = sorted((n for n in decoder if n.startswith("layer_")), key=lambda n: int(n[6:]))
-    dropouts = [n for n in decoder if n.startswith("Dropout")]
-    streams = [decoder[dropouts[0]]["__call__"][0]] if dropouts else []
-    streams += [decoder[n]["__call__"][0] for n in names]
+def _stacked_residual(intermediates, stack: str = "decoder") -> jax.Array:
+    layers = intermediates[stack]
+    names = sorted((n for n in layers if n.startswith("layer_")), key=lambda n: int(n[6:]))
+    dropouts = [n for n in layers if n.startswith("Dropout")]
+    streams = [layers[dropouts[0]]["__call__"][0]] if dropouts else []
+    streams += [layers[n]["__call__"][0] for n in names]
     return jnp.stack(streams)
+
+
+def _by_batch(x):
+    """[layers, batch, ...] -> [batch, layers, ...]."""
+    return jnp.moveaxis(x, 0, 1)
 
 
 @functools.lru_cache(maxsize=8)
 def _capture_fn(config: ModelConfig, keep_logits: bool):
-    if config.architecture != "decoder":
-        raise NotImplementedError(
-            f"lm.inspect reads decoder-only models; this one is {config.architecture!r} (its "
-            "sown weights are under intermediates['encoder'/'decoder'] with "
-            "capture_attention=True)")
     model = build_model(dataclasses.replace(config, capture_attention=True))
+    seq2seq = config.architecture != "decoder"
 
     @jax.jit
-    def run(params, tokens):
-        logits, state = model.apply({"params": params}, tokens, mutable=["intermediates"],
+    def run(params, tokens, encoder_tokens):
+        inputs = {"encoder_inputs": encoder_tokens} if seq2seq else {}
+        logits, state = model.apply({"params": params}, tokens, **inputs, mutable=["intermediates"],
                                     capture_intermediates=_residual_filter)
         inter = state["intermediates"]
         log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -209,10 +215,14 @@ def _capture_fn(config: ModelConfig, keep_logits: bool):
         token_log_probs = jnp.concatenate(
             [jnp.full((tokens.shape[0], 1), jnp.nan, picked.dtype), picked], axis=1)
         out = {
-            "attention": jnp.moveaxis(attention_weights(inter), 0, 1),  # [batch, layers, heads, q, k]
+            "attention": _by_batch(attention_weights(inter)),
             "log_probs": token_log_probs,
-            "residual": jnp.moveaxis(_stacked_residual(inter), 0, 1).astype(jnp.float32),
+            "residual": _by_batch(_stacked_residual(inter)).astype(jnp.float32),
         }
+        if seq2seq:
+            out["encoder_attention"] = _by_batch(attention_weights(inter, "encoder"))
+            out["cross_attention"] = _by_batch(attention_weights(inter, "decoder", "cross_attention"))
+            out["encoder_residual"] = _by_batch(_stacked_residual(inter, "encoder")).astype(jnp.float32)
         if keep_logits:
             out["logits"] = logits
         return out
@@ -220,22 +230,35 @@ def _capture_fn(config: ModelConfig, keep_logits: bool):
     return run
 
 
-def capture(config: ModelConfig, params, tokens, *, keep_logits: bool = True) -> dict[str, np.ndarray]:
-    """One forward pass over tokens [batch, length] of a decoder-only model.
+def capture(config: ModelConfig, params, tokens, *, encoder_tokens=None,
+            keep_logits: bool = True) -> dict[str, np.ndarray]:
+    """One forward pass over tokens [batch, length] (the decoder's inputs).
 
-    Returns numpy arrays: attention [batch, layers, heads, length, length]; log_probs
-    [batch, length] (column t: log p(tokens[t] | tokens[:t]), NaN at t = 0); residual
-    [batch, layers + 1, length, d_model] (entry 0: embeddings plus positions entering layer
-    0; entry i: after layer i - 1; the final norm is not applied); logits [batch, length,
-    vocab] float32 unless keep_logits=False (row t predicts token t + 1; a 262k vocabulary
-    makes this the largest output).
+    Returns numpy arrays: attention [batch, layers, heads, length, length] (decoder
+    self-attention); log_probs [batch, length] (column t: log p(tokens[t] | tokens[:t]), NaN
+    at t = 0); residual [batch, layers + 1, length, d_model] (entry 0: embeddings plus
+    positions entering layer 0; entry i: after layer i - 1; the final norm is not applied);
+    logits [batch, length, vocab] float32 unless keep_logits=False (row t predicts token
+    t + 1; a 262k vocabulary makes this the largest output).
+    Encoder-decoder models also need encoder_tokens [batch, src_len] and add
+    encoder_attention [batch, enc_layers, heads, src_len, src_len], cross_attention [batch,
+    layers, heads, length, src_len] and encoder_residual [batch, enc_layers + 1, src_len, d_model].
     """
     tokens = jnp.asarray(np.asarray(tokens, np.int32))
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
     if tokens.shape[1] > config.max_len:
         raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_len {config.max_len}")
-    return jax.tree.map(np.asarray, _capture_fn(config, keep_logits)(params, tokens))
+    seq2seq = config.architecture != "decoder"
+    if seq2seq != (encoder_tokens is not None):
+        raise ValueError("an encoder-decoder model needs encoder_tokens [batch, src_len]" if seq2seq
+                         else "encoder_tokens are only for encoder-decoder models")
+    if seq2seq:
+        encoder_tokens = jnp.asarray(np.asarray(encoder_tokens, np.int32))
+        if encoder_tokens.ndim != 2 or encoder_tokens.shape[0] != tokens.shape[0]:
+            raise ValueError(f"encoder_tokens {tuple(encoder_tokens.shape)} must be [batch, src_len] with "
+                             f"the batch of tokens {tuple(tokens.shape)}")
+    return jax.tree.map(np.asarray, _capture_fn(config, keep_logits)(params, tokens, encoder_tokens))
 
 
 @dataclasses.dataclass(frozen=True)

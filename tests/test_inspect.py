@@ -162,3 +162,24 @@ def test_plots_have_labels_titles_and_colour_bars():
     assert inspect.plot_log_probs(seen.labels, seen.log_probs).axes[0].get_ylabel().startswith("-log p")
     best = inspect.top_heads(np.array([[0.1, 0.9], [0.7, 0.2]]), k=2)
     assert best == [(0, 1, 0.9), (1, 0, 0.7)]
+
+
+def test_encoder_decoder_capture_gives_all_three_attentions():
+    config = T.preset("t5", **T.TINY)
+    params = init(config, seed=2)
+    rng = np.random.default_rng(2)
+    source, target = rng.integers(2, config.vocab_size, (2, 9)), rng.integers(2, config.vocab_size, (2, 6))
+    out = inspect.capture(config, params, target, encoder_tokens=source)
+    layers, heads = config.num_layers, config.num_heads
+    assert out["encoder_attention"].shape == (2, config.num_encoder_layers or layers, heads, 9, 9)
+    assert out["attention"].shape == (2, layers, heads, 6, 6)
+    assert out["cross_attention"].shape == (2, layers, heads, 6, 9)
+    for key in ("encoder_attention", "attention", "cross_attention"):
+        np.testing.assert_allclose(out[key].sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(out["attention"], k=1) == 0)  # the decoder is causal, the encoder not
+    assert np.any(np.triu(out["encoder_attention"], k=1) > 0)
+    model = T.build_model(config)
+    np.testing.assert_allclose(out["logits"], model.apply({"params": params}, target, encoder_inputs=source),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="encoder_tokens"):
+        inspect.capture(config, params, target)
