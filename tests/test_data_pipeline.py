@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -429,3 +430,58 @@ def test_bytes_per_token_and_unigram_entropy(setup):
     want = -np.mean([math.log((train[t] + 1) / total) for t in valid])
     assert h == pytest.approx(want)
     assert 0 < h < math.log(tok.vocab_size)
+
+
+# ---------------------------------------------------------------------------
+# Data state in checkpoints (lm.checkpoint.DataStateHandler).
+
+
+def _save_and_reload(tmp_path, cfg, tok, restore_cfg, rename=None):
+    """Saves a checkpoint after 3 batches of `cfg`, then restores it into an iterator of
+    `restore_cfg`; returns (the next 2 batches after restoring, the checkpoint's files)."""
+    import jax.numpy as jnp
+
+    from lm.checkpoint import Checkpointer
+
+    state = {'x': jnp.arange(3.0)}
+    it = iter(pipeline.make_dataset(cfg, 'train', tok, seed=4))
+    for _ in range(3):
+        next(it)
+    saver = Checkpointer(tmp_path, async_save=False)
+    saver.save(3, state, it)
+    saver.close()
+    data_dir = tmp_path / 'checkpoints' / '3' / 'data'
+    if rename:
+        (data_dir / rename[0]).rename(data_dir / rename[1])
+    files = sorted(p.name for p in data_dir.iterdir())
+    resumed = iter(pipeline.make_dataset(restore_cfg, 'train', tok, seed=4))
+    loader = Checkpointer(tmp_path, async_save=False)
+    try:
+        loader.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), resumed)
+    finally:
+        loader.close()
+    return [next(resumed) for _ in range(2)], files
+
+
+def test_checkpointed_data_state_resumes_and_reads_the_pre_shard_format(setup, tmp_path):
+    cfg, tok = setup
+    reference = take(pipeline.make_dataset(cfg, 'train', tok, seed=4), 5)[3:]
+    resumed, files = _save_and_reload(tmp_path / 'a', cfg, tok, cfg)
+    assert 'shard_0-of-1.json' in files
+    assert_batches_equal(resumed, reference)
+    # Checkpoints written before data shards existed hold grain's process_0-of-1.json.
+    resumed, files = _save_and_reload(tmp_path / 'b', cfg, tok, cfg,
+                                      rename=('shard_0-of-1.json', 'process_0-of-1.json'))
+    assert 'process_0-of-1.json' in files
+    assert_batches_equal(resumed, reference)
+
+
+def test_data_state_of_other_shards_is_a_clear_error_and_kept(setup, tmp_path):
+    from lm.checkpoint import CheckpointMismatchError
+
+    cfg, tok = setup
+    with pytest.raises(CheckpointMismatchError, match='data.shards'):
+        _save_and_reload(tmp_path, dataclasses.replace(cfg, shards=2), tok, cfg)
+    data_dir = tmp_path / 'checkpoints' / '3' / 'data'
+    assert sorted(p.name for p in data_dir.glob('*.json')) == ['shard_0-of-2.json', 'shard_1-of-2.json']
+    assert not (tmp_path / 'unreadable_checkpoints').exists()  # not set aside as corrupt
