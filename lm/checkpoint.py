@@ -21,8 +21,11 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from lm.models.transformer import EXECUTION_FIELDS, scanned_period, stack_layers, unstack_layers
 
 
 class CheckpointMismatchError(ValueError):
@@ -141,11 +144,8 @@ class Checkpointer:
         last_error = None
         unreadable = []
         for candidate in steps:
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
-                items["data"] = DataRestore(data_iterator)
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+                restored = self._restore_step(candidate, abstract_state, data_iterator)
             except CheckpointMismatchError:
                 raise
             except (ValueError, TypeError) as e:
@@ -164,6 +164,39 @@ class Checkpointer:
             logging.warning("checkpoint %s is unreadable (%s); trying an earlier one", candidate, last_error)
             unreadable.append(candidate)
         raise RuntimeError(f"no readable checkpoint in {self.workdir}: {last_error}")
+
+    def _saved_tree(self, step: int):
+        """The saved state's tree of array metadata (no array is read)."""
+        return ocp.PyTreeCheckpointHandler().metadata(self.manager.directory / str(step) / "state").tree
+
+    def _restore_step(self, step: int, abstract_state, data_iterator):
+        """One step's items. A checkpoint saved in the other layer layout (unrolled `layer_i`
+        before scanned layers existed, or with another `model.scan_layers`) is read onto the
+        host in its own layout, converted, and laid out with the target shardings."""
+        items = {}
+        if data_iterator is not None:
+            items["data"] = DataRestore(data_iterator)
+        saved_period = scanned_period(self._saved_tree(step))
+        target_period = scanned_period(abstract_state)
+        if saved_period == target_period:
+            items["state"] = ocp.args.StandardRestore(abstract_state)
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        unrolled = unstack_layers(abstract_state)
+        saved_like = stack_layers(unrolled, saved_period) if saved_period else unrolled
+        # A checkpointer of its own: the manager keeps one handler type per item, and it saves
+        # the state with the standard handler.
+        saved = ocp.PyTreeCheckpointer().restore(
+            self.manager.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=saved_like,
+                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_like)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
+        state = unstack_layers(saved)
+        state = stack_layers(state, target_period) if target_period else state
+        logging.info("converted checkpoint %d from %s to %s layers", step,
+                     f"scanned (period {saved_period})" if saved_period else "unrolled",
+                     f"scanned (period {target_period})" if target_period else "unrolled")
+        shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+        return {**restored, "state": jax.device_put(state, shardings)}
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints to <workdir>/unreadable_checkpoints/ (kept, not deleted),
@@ -215,6 +248,8 @@ def check_compatible(saved: dict[str, Any] | None, current: dict[str, Any], sect
     for section in sections:
         old, new = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(old) | set(new)):
+            if section == "model" and key in EXECUTION_FIELDS:
+                continue  # how the model runs (layer layout, kernels): checkpoints convert
             if old.get(key) != new.get(key):
                 diffs.append(f"{section}.{key}: saved {old.get(key)!r}, now {new.get(key)!r}")
     if diffs:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.models.transformer import DecoderOnly, EncoderDecoder, init_cache
+from lm.models.transformer import DecoderOnly, EncoderDecoder, gather_batch, init_cache
 
 
 def sample_logits(logits, rng, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -172,15 +172,10 @@ def length_penalty(lengths, alpha: float):
 
 
 def _gather_beams(tree, beam_index, batch: int, beams: int):
-    """Reorders every [batch * beams, ...] leaf by beam_index [batch, beams]; scalars pass through."""
+    """Reorders the [batch * beams] rows of every leaf (the cache's too, whose scanned layers
+    hold rows on axis 1) by beam_index [batch, beams]; scalars pass through."""
     flat = (beam_index + jnp.arange(batch)[:, None] * beams).reshape(-1)
-
-    def gather(x):
-        if x.ndim == 0 or x.shape[0] != batch * beams:
-            return x
-        return x[flat]
-
-    return jax.tree.map(gather, tree)
+    return gather_batch(tree, flat)
 
 
 def _beam_loop(apply_step, cache, logits, position, *, batch, beams, max_new_tokens, eos_id, alpha):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.models.transformer import Block, ModelConfig, Stack, build_model
+from lm.models.transformer import Block, ModelConfig, Stack, build_model, unstack_layers
 
 # --------------------------------------------------------------------------- head scores
 
@@ -154,9 +154,9 @@ def attention_weights(intermediates: Mapping[str, Any], stack: str = "decoder", 
     `capture_attention=True` (the whole returned variables dict is accepted too).
     stack: 'decoder' or (encoder-decoder models) 'encoder'; kind: 'self_attention' or
     (decoder of an encoder-decoder) 'cross_attention'.
-    Returns [layers, batch, heads, q, k], layer_0 first.
+    Returns [layers, batch, heads, q, k], layer_0 first (scanned layers are unstacked).
     """
-    tree = intermediates.get("intermediates", intermediates)
+    tree = unstack_layers(intermediates.get("intermediates", intermediates))
     if stack not in tree:
         raise ValueError(f"no {stack} attention in intermediates: build the model with "
                          "capture_attention=True and apply it with mutable=['intermediates']")
@@ -186,7 +186,7 @@ def _residual_filter(module: nn.Module, method_name: str) -> bool:
 
 
 def _stacked_residual(intermediates, stack: str = "decoder") -> jax.Array:
-    layers = intermediates[stack]
+    layers = unstack_layers(intermediates)[stack]
     names = sorted((n for n in layers if n.startswith("layer_")), key=lambda n: int(n[6:]))
     dropouts = [n for n in layers if n.startswith("Dropout")]
     streams = [layers[dropouts[0]]["__call__"][0]] if dropouts else []

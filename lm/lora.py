@@ -15,6 +15,8 @@ Adapters are a nested dict that mirrors the path of the kernel they adapt:
     {'decoder': {'layer_0': {'self_attention': {'query': {'kernel': {'lora_a': A, 'lora_b': B}}}}}}
 
 so Orbax saves them like any parameter tree, and `merge` finds each kernel by its path.
+A kernel of scanned layers ([layers, *kernel], path `.../layers/block_0/...`) gets one pair per
+layer: A [layers, in, r], B [layers, r, out].
 Nothing here imports from `lm`: `lm.train` builds on it.
 """
 
@@ -83,15 +85,16 @@ class Target:
     path: tuple[str, ...]  # e.g. ('decoder', 'layer_0', 'self_attention', 'query', 'kernel')
     shape: tuple[int, ...]
     names: tuple[str | None, ...]  # the kernel's logical axis names (None where unnamed)
-    num_in: int  # how many leading dims are the input side
+    num_in: int  # how many dims (after any stacked ones) are the input side
+    stacked: int = 0  # leading 'layers' dims of scanned layers: one adapter pair per layer
 
     @property
     def fan_in(self) -> int:
-        return int(np.prod(self.shape[: self.num_in]))
+        return int(np.prod(self.shape[self.stacked: self.stacked + self.num_in]))
 
     @property
     def fan_out(self) -> int:
-        return int(np.prod(self.shape[self.num_in:]))
+        return int(np.prod(self.shape[self.stacked + self.num_in:]))
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -143,7 +146,9 @@ def find_targets(boxed_params, config: LoraConfig) -> list[Target]:
         if len(shape) > 2 and not isinstance(leaf, nn.Partitioned):
             raise ValueError(f"LoRA needs logical axis names to split the {len(shape)}-D kernel "
                              f"{'/'.join(keys)}: pass the boxed params from model.init")
-        found.append(Target(keys, shape, names, _num_input_dims(names, len(shape))))
+        stacked = 1 if names[0] == "layers" else 0  # scanned layers: [layers, *kernel]
+        found.append(Target(keys, shape, names, _num_input_dims(names[stacked:], len(shape) - stacked),
+                            stacked))
     unknown = [t for t in config.targets if t not in used and t.split("/")[-1] not in KNOWN_TARGETS]
     if unknown:
         raise ValueError(f"train.lora_targets names {unknown}, which match no kernel of this model; "
@@ -177,11 +182,12 @@ def init(rng: jax.Array, boxed_params, config: LoraConfig) -> dict:
     adapters: dict = {}
     for i, t in enumerate(find_targets(boxed_params, config)):
         key = jax.random.fold_in(rng, i)
-        a = jax.random.normal(key, (t.fan_in, config.rank), jnp.float32) / math.sqrt(t.fan_in)
-        b = jnp.zeros((config.rank, t.fan_out), jnp.float32)
+        layers, layer_names = t.shape[:t.stacked], t.names[:t.stacked]
+        a = jax.random.normal(key, layers + (t.fan_in, config.rank), jnp.float32) / math.sqrt(t.fan_in)
+        b = jnp.zeros(layers + (config.rank, t.fan_out), jnp.float32)
         _set(adapters, t.path, {
-            A: nn.Partitioned(a, names=(t.names[0], None)),
-            B: nn.Partitioned(b, names=(None, t.names[t.num_in])),
+            A: nn.Partitioned(a, names=layer_names + (t.names[t.stacked], None)),
+            B: nn.Partitioned(b, names=layer_names + (None, t.names[t.stacked + t.num_in])),
         })
     return adapters
 
@@ -196,7 +202,8 @@ def _pairs(adapters) -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def delta(a: jax.Array, b: jax.Array, shape: Sequence[int], scale: float) -> jax.Array:
-    """(alpha / r) * A @ B reshaped to the kernel's shape, in float32.
+    """(alpha / r) * A @ B reshaped to the kernel's shape, in float32. Leading (scanned
+    layers) dims of A [..., in, r] and B [..., r, out] are batch dims of the product.
 
     Row-major reshape of [in, out] is the kernel's layout for any in/out split, so the merge
     needs no knowledge of where the split was. HIGHEST precision: on TPU the default would

@@ -260,7 +260,8 @@ def read_params(workdir: pathlib.Path, saved_config: dict | None = None):
 
 
 def _param_shapes(model_values: dict) -> dict[str, tuple]:
-    config = ModelConfig.from_dict(model_values)
+    """{path: shape} in the unrolled layout, so that sources of either layout compare."""
+    config = dataclasses.replace(ModelConfig.from_dict(model_values), scan_layers=False)
     model = build_model(config)
     abstract = jax.eval_shape(
         lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), **dummy_inputs(config))["params"]))

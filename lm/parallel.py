@@ -3,6 +3,9 @@
 Model parameters carry logical axis names (see `lm.models.layers`). A rules table maps
 each logical name to mesh axes of the mesh `('data', 'fsdp', 'tensor')`; a mesh axis is
 dropped for a dimension it does not divide, so any model runs on any mesh shape.
+
+The table is `DEFAULT_RULES`, changed per run by `parallel.rules` (see `parse_rules`), e.g.
+`--config.parallel.rules=embed=none,mlp=fsdp+tensor`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -32,7 +35,42 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked axis of scanned layers: each device holds every layer
 )
+
+
+def parse_rules(text: str) -> tuple[tuple[str, Any], ...]:
+    """`parallel.rules` -> rules entries.
+
+    Syntax: comma-separated `LOGICAL=AXES`, where AXES is `none` (replicated) or mesh axes
+    joined by `+` (e.g. `data+tensor`); spaces are ignored and "" changes nothing.
+    Example: "embed=fsdp, mlp=tensor, heads=none, vocab=data+tensor".
+    """
+    rules = {}
+    for entry in text.replace(" ", "").split(","):
+        if not entry:
+            continue
+        name, sep, axes = entry.partition("=")
+        if not (sep and name.isidentifier() and axes):
+            raise ValueError(f"parallel.rules entry {entry!r} is not LOGICAL=AXES, e.g. 'mlp=tensor' "
+                             f"or 'embed=none' or 'vocab=data+tensor'")
+        if name in rules:
+            raise ValueError(f"parallel.rules sets {name!r} twice (entry {entry!r})")
+        mesh_axes = () if axes.lower() == "none" else tuple(axes.split("+"))
+        bad = [a for a in mesh_axes if a not in MESH_AXES]
+        if bad or len(set(mesh_axes)) < len(mesh_axes):
+            raise ValueError(f"parallel.rules entry {entry!r}: AXES must be 'none' or distinct mesh "
+                             f"axes from {MESH_AXES} joined by '+'")
+        # The same forms as DEFAULT_RULES: None, one axis name, or a tuple of them.
+        rules[name] = mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None)
+    return tuple(rules.items())
+
+
+def with_overrides(rules, overrides) -> tuple[tuple[str, Any], ...]:
+    """`rules` with each override replacing the entry of its logical name, or appended."""
+    table = dict(rules)
+    table.update(overrides)
+    return tuple(table.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +78,8 @@ class ParallelConfig:
     """How the computation is laid out over devices and processes.
 
     mesh: sizes of ('data', 'fsdp', 'tensor'); one entry may be -1 to take the remaining devices.
+    rules: changes to DEFAULT_RULES (logical axis -> mesh axes), e.g. "embed=none,mlp=fsdp+tensor";
+      syntax in `parse_rules`, checked here. `logical_rules` is the table the run uses.
     use_pmap: pure data parallelism with `jax.pmap` instead of jit over the mesh.
     coordinator_address/num_processes/process_id: explicit multi-host start-up; when unset,
       `jax.distributed.initialize()` autodetects TPU pods and SLURM if `distributed` is True.
@@ -49,6 +89,7 @@ class ParallelConfig:
     """
 
     mesh: tuple = (-1, 1, 1)
+    rules: str = ""
     use_pmap: bool = False
     distributed: bool = False
     coordinator_address: str = ""
@@ -65,6 +106,14 @@ class ParallelConfig:
         if "mesh" in values:
             values["mesh"] = tuple(int(x) for x in values["mesh"])
         return config_from_dict(cls, values, prefix="parallel")
+
+    def __post_init__(self):
+        parse_rules(self.rules)  # a bad entry fails when the config is read, before the run starts
+
+    @property
+    def logical_rules(self) -> tuple[tuple[str, Any], ...]:
+        """DEFAULT_RULES with `rules` applied: what `param_shardings` gets for this run."""
+        return with_overrides(DEFAULT_RULES, parse_rules(self.rules))
 
 
 def initialize_distributed(config: ParallelConfig) -> None:
@@ -116,13 +165,15 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), in jax's device order
+    for the hardware (e.g. rings on TPU)."""
     devices = jax.devices() if devices is None else list(devices)
     resolved = mesh_shape(shape, len(devices))
-    try:
-        device_array = jax.experimental.mesh_utils.create_device_mesh(resolved, devices)
-    except Exception:  # odd shapes on CPU: any order is fine there
-        device_array = np.asarray(devices).reshape(resolved)
-    return Mesh(device_array, MESH_AXES)
+    # Auto axes: the steps are jit-compiled with explicit NamedShardings and XLA propagates
+    # them inside. jax.make_mesh's default, Explicit, puts shardings into the array types,
+    # which the model code is not written for.
+    return jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def _mesh_axes_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
@@ -156,6 +207,17 @@ def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
         shapes,
         is_leaf=lambda x: isinstance(x, P),
     )
+
+
+def check_rules_apply(config: ParallelConfig, boxed_params) -> None:
+    """A `parallel.rules` entry for a logical axis that no parameter carries and DEFAULT_RULES
+    does not list is most likely misspelt: say so instead of silently changing nothing."""
+    specs = jax.tree.leaves(nn.get_partition_spec(boxed_params), is_leaf=lambda x: isinstance(x, P))
+    known = {name for spec in specs for name in spec if name} | {name for name, _ in DEFAULT_RULES}
+    unknown = [name for name, _ in parse_rules(config.rules) if name not in known]
+    if unknown:
+        raise ValueError(f"parallel.rules names logical axes {unknown} that no parameter carries; "
+                         f"known logical axes: {sorted(known)}")
 
 
 def _path_keys(path) -> tuple:

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from lm import lora, parallel
 from lm.checkpoint import Checkpointer
-from lm.models.transformer import ModelConfig, config_from_dict, dummy_inputs
+from lm.models.transformer import ModelConfig, config_from_dict, dummy_inputs, to_layout, unstack_layers
 
 # ------------------------------------------------------------------------------ configs
 
@@ -389,11 +389,16 @@ def create_trainer(
         return model.init(rng, **inputs)["params"]
 
     abstract_boxed = jax.eval_shape(boxed_params, jax.random.PRNGKey(0))
-    p_shardings = parallel.param_shardings(abstract_boxed, mesh)
+    parallel.check_rules_apply(parallel_config, abstract_boxed)
+    rules = parallel_config.logical_rules
+    p_shardings = parallel.param_shardings(abstract_boxed, mesh, rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     if init_params is not None:
-        check_params_fit(init_params, abstract_params)
+        # Checked layer by layer (the names a user can find in the source), then laid out as
+        # this model's layers are (imports and older runs come unrolled).
+        check_params_fit(unstack_layers(init_params), unstack_layers(abstract_params))
+        init_params = to_layout(init_params, model_config)
 
     if lora_config is None:
         trainable_shardings = p_shardings
@@ -401,7 +406,7 @@ def create_trainer(
     else:
         abstract_boxed_adapters = jax.eval_shape(
             lambda rng: lora.init(rng, abstract_boxed, lora_config), jax.random.PRNGKey(0))
-        trainable_shardings = parallel.param_shardings(abstract_boxed_adapters, mesh)
+        trainable_shardings = parallel.param_shardings(abstract_boxed_adapters, mesh, rules)
         abstract_trainable = nn.meta.unbox(abstract_boxed_adapters)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
     opt_shardings = parallel.matching_shardings(abstract_opt, abstract_trainable, trainable_shardings, mesh)

@@ -174,7 +174,7 @@ def test_export_rejects_what_the_layout_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="position='sinusoidal'"):
         hf.export_hf((T.preset('gpt2', **T.TINY, position='sinusoidal'), params), tmp_path / 'b')
     pretrained = golden('llama')
-    broken = jax.tree.map(lambda x: x, pretrained.params)
+    broken = T.unstack_layers(pretrained.params)  # name layers one by one
     del broken['decoder']['layer_1']['mlp']['wi_up']
     broken['decoder']['layer_0']['mlp']['wo']['kernel'] = np.zeros((3, 64), np.float32)
     with pytest.raises(CheckpointFormatError,

@@ -34,7 +34,7 @@ def test_layer0_attention_and_residual_equal_a_hand_computation():
     stream = embed + np.asarray(params["decoder"]["position_embedding"])[:length]
     np.testing.assert_allclose(out["residual"][:, 0], stream, rtol=1e-5, atol=1e-6)
     # Layer 0 attention: softmax(q k^T / sqrt(d)) under the causal mask, from the params.
-    layer = params["decoder"]["layer_0"]
+    layer = T.unstack_layers(params)["decoder"]["layer_0"]  # the model scans its layers
     norm = layer["pre_attention_norm"]
     h = layer_norm(stream, np.asarray(norm["scale"]), np.asarray(norm["bias"]), GPT.norm_eps)
     attn_params = layer["self_attention"]

@@ -56,20 +56,19 @@ def test_config_shapes_are_as_spelled_out():
 
 def test_adapters_read_each_kernel_as_a_matrix():
     adapters = flat(unbox(lora.init(jax.random.PRNGKey(1), boxed_params(), LORA)))
-    expected = {}
-    for layer in range(CONFIG.num_layers):
-        for name, (fan_in, fan_out) in MATRICES.items():
-            module = "mlp" if name.startswith("w") else "self_attention"
-            prefix = f"decoder/layer_{layer}/{module}/{name}/kernel"
-            expected[f"{prefix}/lora_a"] = (fan_in, RANK)
-            expected[f"{prefix}/lora_b"] = (RANK, fan_out)
+    expected = {}  # scanned layers: one pair per layer, stacked like the kernel [layers, ...]
+    for name, (fan_in, fan_out) in MATRICES.items():
+        module = "mlp" if name.startswith("w") else "self_attention"
+        prefix = f"decoder/layers/block_0/{module}/{name}/kernel"
+        expected[f"{prefix}/lora_a"] = (CONFIG.num_layers, fan_in, RANK)
+        expected[f"{prefix}/lora_b"] = (CONFIG.num_layers, RANK, fan_out)
     assert {k: v.shape for k, v in adapters.items()} == expected
     assert lora.count(adapters) == EXPECTED_TRAINABLE == 2 * RANK * 512
     for key, value in adapters.items():
         if key.endswith("lora_b"):
             assert not value.any()  # B = 0: the merged model starts as the base
         else:
-            assert abs(value.std() * np.sqrt(value.shape[0]) - 1.0) < 0.35  # std 1/sqrt(in)
+            assert abs(value.std() * np.sqrt(value.shape[-2]) - 1.0) < 0.35  # std 1/sqrt(in)
 
 
 def test_merge_adds_the_scaled_low_rank_product_to_targeted_kernels_only():
@@ -84,13 +83,13 @@ def test_merge_adds_the_scaled_low_rank_product_to_targeted_kernels_only():
     for key, w in base_flat.items():
         if f"{key}/lora_a" in ad:
             a, b = ad[f"{key}/lora_a"].astype(np.float64), ad[f"{key}/lora_b"].astype(np.float64)
-            want = w + (ALPHA / RANK) * (a @ b).reshape(w.shape)
+            want = w + (ALPHA / RANK) * (a @ b).reshape(w.shape)  # a @ b: one product per layer
             np.testing.assert_allclose(merged[key], want, rtol=1e-5, atol=1e-5)
             assert not np.allclose(merged[key], w)
             changed += 1
         else:  # norms, embeddings: untouched
             np.testing.assert_array_equal(merged[key], w)
-    assert changed == CONFIG.num_layers * len(MATRICES)
+    assert changed == len(MATRICES)  # each a stack of CONFIG.num_layers kernels
 
 
 def test_merged_model_at_init_gives_the_base_logits():
@@ -110,7 +109,7 @@ def test_targets_are_checked():
         lora.init(jax.random.PRNGKey(0), boxed_params(), lora.LoraConfig(rank=2, targets=("lm_head",)))
     only = unbox(lora.init(jax.random.PRNGKey(0), boxed_params(),
                            lora.LoraConfig(rank=2, targets=("query", "mlp/wo"))))
-    assert sorted(flat(only)) == sorted(f"decoder/layer_{i}/{m}/kernel/lora_{s}" for i in range(2)
+    assert sorted(flat(only)) == sorted(f"decoder/layers/block_0/{m}/kernel/lora_{s}"
                                         for m in ("self_attention/query", "mlp/wo") for s in "ab")
     with pytest.raises(ValueError, match="lora_rank"):
         TrainConfig(lora_rank=-1)
@@ -227,11 +226,11 @@ def test_lora_on_eight_devices_matches_one(pretrained, lora_trainer, lora_one_de
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state.params, ref_state.params)
     jax.tree.map(np.testing.assert_array_equal, state.frozen, pretrained)
     if not use_pmap:  # adapters shard like the side of the kernel they touch
-        mlp = trainer.state_shardings.params["decoder"]["layer_0"]["mlp"]
-        assert tuple(mlp["wi_gate"]["kernel"]["lora_a"].spec) == ("fsdp", None)
-        assert tuple(mlp["wi_gate"]["kernel"]["lora_b"].spec) == (None, "tensor")
-        frozen = trainer.state_shardings.frozen["decoder"]["layer_0"]["mlp"]
-        assert tuple(frozen["wi_gate"]["kernel"].spec) == ("fsdp", "tensor")
+        mlp = trainer.state_shardings.params["decoder"]["layers"]["block_0"]["mlp"]
+        assert tuple(mlp["wi_gate"]["kernel"]["lora_a"].spec) == (None, "fsdp", None)
+        assert tuple(mlp["wi_gate"]["kernel"]["lora_b"].spec) == (None, None, "tensor")
+        frozen = trainer.state_shardings.frozen["decoder"]["layers"]["block_0"]["mlp"]
+        assert tuple(frozen["wi_gate"]["kernel"].spec) == (None, "fsdp", "tensor")
 
 
 def test_lora_resume_is_exact(tmp_path, pretrained, lora_trainer):
@@ -259,13 +258,13 @@ def test_lora_resume_is_exact(tmp_path, pretrained, lora_trainer):
 def test_init_params_become_the_state_on_any_mesh(pretrained):
     trainer = trainer_for(None, pretrained, mesh=(2, 2, 2))
     state = trainer.init_fn(0)
-    kernel = state.params["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]
-    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+    kernel = state.params["decoder"]["layers"]["block_0"]["mlp"]["wi_gate"]["kernel"]
+    assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), pretrained)
     assert int(state.step) == 0
     fresh_moments = jax.tree.leaves(state.opt_state[1][0].mu)
     assert all(not np.any(np.asarray(m)) for m in fresh_moments)  # a fresh optimizer
-    wrong = jax.tree.map(lambda x: x, pretrained)
+    wrong = T.unstack_layers(pretrained)  # init params may come unrolled (imports, older runs)
     wrong["decoder"]["layer_0"]["mlp"]["wo"]["kernel"] = np.zeros((3, 3), np.float32)
     with pytest.raises(ValueError, match="decoder/layer_0/mlp/wo/kernel: shape"):
         trainer_for(None, wrong)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lm.data.tokenizers import PretrainedTokenizer, byte_level_bpe, sentencepiece_bpe
-from lm.models.transformer import ModelConfig
+from lm.models.transformer import ModelConfig, to_layout
 
 SUPPORTED = ('llama', 'gemma3')
 
@@ -225,4 +225,5 @@ def load_gguf(path: str | os.PathLike) -> Pretrained:
     path = pathlib.Path(path)
     reader = _reader(path)
     config = read_config(reader)
-    return Pretrained(config, read_params(reader, config), read_tokenizer(reader), str(path))
+    params = to_layout(read_params(reader, config), config)  # GGUF names layers one by one
+    return Pretrained(config, params, read_tokenizer(reader), str(path))

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from lm.convert.gguf import CheckpointFormatError, Pretrained
-from lm.models.transformer import ModelConfig
+from lm.models.transformer import ModelConfig, to_layout, unstack_layers
 
 SUPPORTED = ('gpt2', 'llama', 't5')
 CONFIG_FILE = 'config.json'
@@ -56,7 +56,7 @@ _HF_ACTIVATION = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu
 
 # Fields that do not change what a checkpoint computes; export does not need to express them.
 _RUNTIME_FIELDS = ('capture_attention', 'dtype', 'param_dtype', 'init_std', 'dropout',
-                   'attention_dropout')
+                   'attention_dropout', 'attention_impl', 'scan_layers', 'remat')
 _DEFAULTS = ModelConfig()
 
 
@@ -517,12 +517,16 @@ def _tensor_table(config: ModelConfig) -> _Layout:
 
 
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Flat {path: shape} of the params `build_model(config).init` makes (no allocation)."""
+    """Flat {path: shape} of the params `build_model(config).init` makes (no allocation), in
+    the unrolled layout (`layer_i`) that the tensor tables name."""
+    import dataclasses
+
     import flax.linen as nn
     import jax
 
     from lm.models.transformer import build_model, dummy_inputs
 
+    config = dataclasses.replace(config, scan_layers=False)
     model = build_model(config)
 
     def init():
@@ -564,7 +568,7 @@ def check_params(params: Any, config: ModelConfig) -> dict[Path, tuple[int, ...]
     extra or misshapen param.
     """
     want = param_shapes(config)
-    got = {path: tuple(np.shape(leaf)) for path, leaf in _flatten(params).items()}
+    got = {path: tuple(np.shape(leaf)) for path, leaf in _flatten(unstack_layers(params)).items()}
     problems = []
     if missing := set(want) - set(got):
         problems.append(f'missing {_names(missing)}')
@@ -592,7 +596,8 @@ def _layout_for(config: ModelConfig, shapes: dict[Path, tuple[int, ...]]) -> _La
 
 def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
                    source: str = 'the checkpoint') -> dict[str, Any]:
-    """Our float32 params (nested dicts) from HF-named tensors, checked name by name.
+    """Our float32 params (nested dicts, in the layout `config` builds) from HF-named
+    tensors, checked name by name.
 
     Raises CheckpointFormatError naming a missing, unexpected or misshapen tensor.
     """
@@ -644,7 +649,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
             flat[path] = np.ascontiguousarray(part)
     # The table covers exactly the leaves of jax.eval_shape(model.init) (`_layout_for`).
     assert {p: a.shape for p, a in flat.items()} == shapes
-    return _unflatten(flat)
+    return to_layout(_unflatten(flat), config)
 
 
 def params_to_hf(params: Any, config: ModelConfig, *, dtype: str = 'float32'
@@ -653,7 +658,7 @@ def params_to_hf(params: Any, config: ModelConfig, *, dtype: str = 'float32'
     shapes = check_params(params, config)
     layout = _layout_for(config, shapes)
     np_dtype = _numpy_dtype(dtype)
-    flat = {path: np.asarray(leaf) for path, leaf in _flatten(params).items()}
+    flat = {path: np.asarray(leaf) for path, leaf in _flatten(unstack_layers(params)).items()}
     return {t.name: np.ascontiguousarray(t.to_hf([flat[p] for p in t.ours]).astype(np_dtype))
             for t in layout.tensors}
 

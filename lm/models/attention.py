@@ -1,9 +1,26 @@
 """Multi-head attention with grouped-query heads, explicit masks and a KV cache.
 
 Shapes: queries [batch, q_len, heads, head_dim], keys/values [batch, k_len, kv_heads,
-head_dim]; masks are boolean [batch, 1, q_len, k_len] with True meaning "may attend".
-With `capture_attention=True` the softmax weights [batch, heads, q_len, k_len] are sown
-into the `intermediates` collection under the name `attention_weights`.
+head_dim] (kv_heads divides heads: grouped-query, multi-query when 1); masks are boolean,
+broadcastable to [batch, 1, q_len, k_len], True meaning "may attend"; an optional bias
+broadcastable to [batch, heads, q_len, k_len] is added to the logits (T5's relative
+positions).
+
+All attention in the models goes through `attend`, which runs one of
+  'reference'  `dot_product_attention`: einsums with float32 logits and softmax. The
+               parity reference, and the only path with attention dropout.
+  'xla'        `jax.nn.dot_product_attention(implementation='xla')`: mask and bias
+               handled inside, grouped heads without repeating k/v.
+  'cudnn'      the same call with implementation='cudnn': cuDNN flash attention on CUDA
+               GPUs, bf16/fp16 only; jax folds the dense mask into its bias.
+  'auto'       cuDNN where it applies (see `resolve_implementation`), else XLA.
+They agree up to rounding (tests/test_attention_parity.py). Query rows with no key to
+attend to (padding) get finite outputs whose values depend on the implementation.
+
+With `capture_attention=True` the softmax weights [batch, heads, q_len, k_len] (before
+attention dropout) are sown into the `intermediates` collection under the name
+`attention_weights`. A fused kernel does not return them, so they are then recomputed
+from the same q/k by `attention_weights`, the one definition the reference core uses too.
 """
 
 from __future__ import annotations
@@ -13,10 +30,13 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend import backend as jax_backend
 
 from lm.models.layers import DEFAULT_INIT_STD, RMSNorm, apply_rotary, normal, param_init
 
 NEG_INF = -1e30
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def causal_mask(q_len: int, k_len: int | None = None, offset: int = 0) -> jax.Array:
@@ -54,33 +74,121 @@ def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
     return jnp.broadcast_to(k_valid[:, None, None, :] != 0, (k_valid.shape[0], 1, 1, k_valid.shape[1]))
 
 
-def dot_product_attention(
-    q, k, v, mask, *, bias=None, scale=None, dropout_rng=None, dropout_rate=0.0, deterministic=True
-):
-    """Grouped-query attention core.
+def _backend() -> str:
+    """jax.default_backend(), except that a GPU without CUDA (ROCm: no cuDNN) is 'rocm'."""
+    backend = jax.default_backend()
+    if backend == "gpu" and "cuda" not in jax_backend.get_backend().platform_version.lower():
+        return "rocm"
+    return backend
 
-    q [b, t, h, d], k/v [b, s, kv, d], mask [b, 1, t, s], bias [b or 1, h, t, s] added to the
-    logits (T5's relative positions) -> (out [b, t, h, d], weights [b, h, t, s]).
-    `scale` multiplies the logits (default d^-1/2; T5 folds it into its weights and uses 1).
-    Logits and softmax are computed in float32.
+
+def resolve_implementation(implementation: str, dtype, head_dim: int, backend: str | None = None,
+                           *, lengths: tuple[int, int] | None = None) -> str:
+    """The implementation `attend` runs, 'reference', 'xla' or 'cudnn', chosen at trace time.
+
+    'auto' takes cuDNN where jax 0.10's cuDNN path accepts the inputs: backend 'gpu'
+    (CUDA; default: the running one), bf16/fp16, head_dim a multiple of 8 and <= 128
+    (Hopper would allow 256), and, when `lengths` (q_len, k_len) are given, both even:
+    its backward pass with a bias - the folded mask always is one - needs that, and
+    'auto' cannot know whether it will be differentiated. Anything else gets 'xla'.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    backend = _backend() if backend is None else backend
+    dtype = jnp.dtype(dtype)
+    if implementation == "cudnn":
+        if dtype not in _CUDNN_DTYPES:
+            raise ValueError(f"model.attention_impl='cudnn' needs bfloat16 or float16 inputs, got {dtype}; "
+                             "use 'xla' or 'auto'")
+        if backend != "gpu":
+            raise ValueError(f"model.attention_impl='cudnn' needs a CUDA GPU, the backend is {backend!r}; "
+                             "use 'xla' or 'auto'")
+    if implementation != "auto":
+        return implementation
+    fits = backend == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+    if lengths is not None:
+        fits = fits and all(n % 2 == 0 for n in lengths)
+    return "cudnn" if fits else "xla"
+
+
+def attention_weights(q, k, mask, bias=None, scale=None):
+    """Softmax attention weights, float32 [b, h, t, s].
+
+    q [b, t, h, d], k [b, s, kv, d]; mask broadcastable to [b, 1, t, s] or None; bias
+    broadcastable to [b, h, t, s], added to the logits. `scale` multiplies the logits
+    (default d^-1/2; T5 folds it into its weights and uses 1).
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     if h % kv:
         raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({kv})")
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k,
+                        preferred_element_type=jnp.float32).reshape(b, h, t, -1)
     logits = logits * jnp.float32(d**-0.5 if scale is None else scale)
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], kv, h // kv, t, -1)
+        logits = logits + bias.astype(jnp.float32)
     if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1)
+        # Finite: a row with nothing to attend to becomes uniform, not NaN.
+        logits = jnp.where(mask, logits, NEG_INF)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def dot_product_attention(
+    q, k, v, mask, *, bias=None, scale=None, dropout_rng=None, dropout_rate=0.0, deterministic=True
+):
+    """Reference grouped-query attention: `attention_weights`, dropout, weighted sum of v.
+
+    q [b, t, h, d], k/v [b, s, kv, d], mask/bias/scale as in `attention_weights`
+    -> (out [b, t, h, d], weights [b, h, t, s] float32, before dropout).
+    """
+    b, t, h, _ = q.shape
+    kv = k.shape[2]
+    weights = attention_weights(q, k, mask, bias, scale)
+    probs = weights
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
-    return out.reshape(b, t, h, d), weights.reshape(b, h, t, -1)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.reshape(b, kv, h // kv, t, -1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, v.shape[-1]), weights
+
+
+def attend(q, k, v, mask, *, bias=None, scale=None, causal=False, implementation="auto",
+           dropout_rng=None, dropout_rate=0.0, deterministic=True, return_weights=False):
+    """Attention by `implementation`: q [b, t, h, d], k/v [b, s, kv, d] -> [b, t, h, d].
+
+    mask/bias/scale as in `attention_weights`. `causal` says the mask already contains
+    causality, so cuDNN may skip the blocks above the diagonal. It reaches cuDNN only when
+    t == s (jax's causal mask is top-left, query i sees keys <= i: wrong for queries at
+    the end of a cache) and never XLA (which would only rebuild the same mask); the dense
+    mask is always passed as well, so correctness never depends on the hint.
+    With attention dropout (not deterministic, rate > 0) the reference core runs whatever
+    `implementation` says: the fused kernels cannot express dropout.
+    With `return_weights`, returns (out, softmax weights [b, h, t, s]).
+    """
+    t, s = q.shape[1], k.shape[1]
+    impl = resolve_implementation(implementation, q.dtype, q.shape[-1], lengths=(t, s))
+    if not deterministic and dropout_rate > 0.0:
+        impl = "reference"
+    if impl == "reference":
+        out, weights = dot_product_attention(
+            q, k, v, mask, bias=bias, scale=scale, dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate, deterministic=deterministic)
+        return (out, weights) if return_weights else out
+    if impl == "xla":
+        out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="xla")
+    else:
+        # jax's cuDNN path rejects a folded mask/bias not spanning [.., t, s] (e.g. the
+        # [b, 1, 1, s] padding mask); the kernel takes the bias in the inputs' dtype.
+        def full(x):
+            return None if x is None else jnp.broadcast_to(x, x.shape[:2] + (t, s))
+
+        fused_bias = None if bias is None else full(bias).astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, fused_bias, full(mask), scale=scale,
+                                           is_causal=causal and t == s, implementation="cudnn")
+    if return_weights:
+        return out, attention_weights(q, k, mask, bias, scale)
+    return out
 
 
 def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
@@ -128,6 +236,7 @@ class Attention(nn.Module):
     relative_max_distance: int = 128
     dropout: float = 0.0
     capture_attention: bool = False
+    implementation: str = "auto"  # one of IMPLEMENTATIONS, see `attend`
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = DEFAULT_INIT_STD
@@ -156,6 +265,7 @@ class Attention(nn.Module):
         relative_table: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        causal: bool = False,
     ) -> jax.Array:
         """x [batch, q_len, embed] -> [batch, q_len, embed].
 
@@ -164,6 +274,7 @@ class Attention(nn.Module):
           window and relative positions.
         segment_ids: [batch, q_len] (0 = padding); when decoding, marks which new keys are real.
         relative_table: [buckets, heads] T5 relative-position biases (self-attention only).
+        causal: the mask includes causality (a hint for cuDNN, see `attend`).
         """
         is_cross = kv_inputs is not None
         kv_in = kv_inputs if is_cross else x
@@ -194,11 +305,14 @@ class Attention(nn.Module):
         dropout_rng = None
         if not deterministic and self.dropout > 0.0:
             dropout_rng = self.make_rng("dropout")
-        out, weights = dot_product_attention(
-            q, k, v, mask, bias=bias, scale=self.scale or None, dropout_rng=dropout_rng,
+        out = attend(
+            q, k, v, mask, bias=bias, scale=self.scale or None, causal=causal,
+            implementation=self.implementation, dropout_rng=dropout_rng,
             dropout_rate=self.dropout, deterministic=deterministic,
+            return_weights=self.capture_attention,
         )
         if self.capture_attention:
+            out, weights = out
             self.sow("intermediates", "attention_weights", weights)
         return nn.DenseGeneral(
             x.shape[-1],

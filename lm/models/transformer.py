@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.models import layers
 from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
 
+# ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
+# a model may be imported or exported) with other values.
+EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# model.remat -> what a layer saves for the backward pass (jax.checkpoint policies); the rest
+# is recomputed. 'none' saves everything (no rematerialisation).
+REMAT_POLICIES = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # matmul outputs kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's inputs kept
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +77,11 @@ class ModelConfig:
     capture_attention: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # How the model runs, not what it is: none of these change the parameters' values, so a
+    # run may resume with other settings (checkpoints convert between the layouts on load).
+    attention_impl: str = "auto"  # auto | xla | cudnn | reference (lm.models.attention)
+    scan_layers: bool = True  # identical layers (or repeating periods) under nn.scan
+    remat: str = "none"  # none | dots_saveable | full: what a layer keeps for the backward pass
 
     def __post_init__(self):
         for key, allowed in [
@@ -72,6 +92,8 @@ class ModelConfig:
             ("mlp_activation", tuple(layers.ACTIVATIONS)),
             ("dtype", tuple(DTYPES)),
             ("param_dtype", tuple(DTYPES)),
+            ("attention_impl", ATTENTION_IMPLEMENTATIONS),
+            ("remat", tuple(REMAT_POLICIES)),
         ]:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -99,6 +121,11 @@ class ModelConfig:
         if not self.sliding_window:
             return False
         return not (self.global_every and (index + 1) % self.global_every == 0)
+
+    @property
+    def layer_period(self) -> int:
+        """Layers per repeating unit: 1, or Gemma 3's five local layers and one global."""
+        return self.global_every if self.sliding_window and self.global_every else 1
 
     @property
     def encoder_layers(self) -> int:
@@ -258,10 +285,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, mask, *, positions, segment_ids=None, encoded=None, cross_mask=None,
+        self, x, mask, positions, segment_ids=None, encoded=None, cross_mask=None,
         relative_table=None, deterministic=True, decode=False,
     ):
-        """x [batch, length, embed] -> [batch, length, embed]."""
+        """x [batch, length, embed] -> [batch, length, embed].
+
+        Positional-only friendly (the remat wrapper marks `deterministic` and `decode`, the last
+        two, as static by position): see `_layer`.
+        """
         c = self.config
         self_attention = self._attention("self_attention")
         x = self._residual(
@@ -269,6 +300,7 @@ class Block(nn.Module):
             lambda h: self_attention(
                 h, mask, positions=positions, segment_ids=segment_ids,
                 relative_table=relative_table, deterministic=deterministic, decode=decode,
+                causal=self.causal,
             ),
             "pre_attention_norm" if c.norm_placement == "pre" else "post_attention_norm",
             deterministic,
@@ -305,8 +337,44 @@ class Block(nn.Module):
         )
 
 
+def _layer(c: ModelConfig, scanned: bool):
+    """Block, rematerialised as `model.remat` says. Inside nn.scan common-subexpression
+    elimination cannot undo the remat, so `prevent_cse` (which costs speed) is off there."""
+    if c.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not scanned,
+                    static_argnums=(8, 9))  # deterministic, decode (self is 0)
+
+
+class _Period(nn.Module):
+    """One repeating unit of layers (`block_0` .. `block_{period-1}`), the body of the scan.
+
+    Returns (x, None): the scan's carry and (empty) per-step output.
+    """
+
+    config: ModelConfig
+    causal: bool
+    cross: bool
+    deterministic: bool
+    decode: bool
+
+    @nn.compact
+    def __call__(self, x, *inputs):
+        c = self.config
+        for j in range(c.layer_period):
+            x = _layer(c, scanned=True)(c, causal=self.causal, cross=self.cross,
+                                        local=c.is_local_layer(j), name=f"block_{j}")(
+                x, *inputs, self.deterministic, self.decode)
+        return x, None
+
+
 class Stack(nn.Module):
-    """Embedded tokens -> positions -> N blocks -> final norm (pre-norm only)."""
+    """Embedded tokens -> positions -> N blocks -> final norm (pre-norm only).
+
+    Parameter layout: with `scan_layers`, `layers/block_j/...` with a leading [N / period]
+    axis (logical name `layers`) and `layer_i` for any remainder; without, `layer_0 ..
+    layer_{N-1}`. `stack_layers` / `unstack_layers` convert between the two.
+    """
 
     config: ModelConfig
     num_layers: int
@@ -339,13 +407,25 @@ class Stack(nn.Module):
                 c.weight_dtype,
             )
         x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
-        for i in range(self.num_layers):
-            x = Block(c, causal=self.causal, cross=self.cross, local=c.is_local_layer(i),
-                      name=f"layer_{i}")(
-                x, mask, positions=positions, segment_ids=segment_ids, encoded=encoded,
-                cross_mask=cross_mask, relative_table=relative_table, deterministic=deterministic,
-                decode=decode,
+        inputs = (mask, positions, segment_ids, encoded, cross_mask, relative_table)
+        period = c.layer_period
+        repeats = self.num_layers // period if c.scan_layers else 0
+        if repeats:
+            # Parameters (and caches, sown weights) of block_j gain a leading [repeats] axis:
+            # layer r * period + j. One compiled layer body, whatever the depth.
+            scanned = nn.scan(
+                _Period,
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * len(inputs),
+                length=repeats,
+                metadata_params={nn.PARTITION_NAME: "layers"},
             )
+            x, _ = scanned(c, self.causal, self.cross, deterministic, decode, name="layers")(x, *inputs)
+        for i in range(repeats * period, self.num_layers):  # unscanned: all, or a remainder
+            x = _layer(c, scanned=False)(c, causal=self.causal, cross=self.cross,
+                                         local=c.is_local_layer(i), name=f"layer_{i}")(
+                x, *inputs, deterministic, decode)
         if c.norm_placement == "pre":
             x = layers.make_norm(c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
         return x
@@ -527,6 +607,104 @@ def init_cache(model: nn.Module, params, batch: int, max_len: int, encoder_len: 
 
     shapes = jax.eval_shape(init_fn)["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+# ----------------------------------------------------------------- scanned <-> unrolled layout
+
+_LAYER_KEY = re.compile(r"layer_(\d+)$")
+_BLOCK_KEY = re.compile(r"block_(\d+)$")
+
+
+def _is_scanned_stack(node) -> bool:
+    return isinstance(node, Mapping) and isinstance(node.get("layers"), Mapping) and any(
+        _BLOCK_KEY.match(str(k)) for k in node["layers"])
+
+
+def _is_unrolled_stack(node) -> bool:
+    return (isinstance(node, Mapping) and "layers" not in node
+            and any(_LAYER_KEY.match(str(k)) for k in node))
+
+
+def _take(x, r: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[r]
+
+
+def _stack(*xs):
+    if isinstance(xs[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+    return (jnp if isinstance(xs[0], jax.Array) else np).stack(xs)
+
+
+def unstack_layers(tree):
+    """Any tree in the scanned layout (params, optimizer moments, caches, sown intermediates)
+    -> the unrolled one: `layers/block_j` [repeats, ...] becomes `layer_{r * period + j}`.
+    Trees already unrolled pass through. Leaves may be arrays or ShapeDtypeStructs."""
+
+    def convert(node):
+        if not _is_scanned_stack(node):
+            return node
+        blocks = node["layers"]
+        period = sum(1 for k in blocks if _BLOCK_KEY.match(str(k)))
+        repeats = jax.tree.leaves(blocks["block_0"])[0].shape[0]
+        out = {k: v for k, v in node.items() if k != "layers"}
+        for r in range(repeats):
+            for j in range(period):
+                out[f"layer_{r * period + j}"] = jax.tree.map(lambda x, r=r: _take(x, r), blocks[f"block_{j}"])
+        return out
+
+    return jax.tree.map(convert, tree, is_leaf=_is_scanned_stack)
+
+
+def stack_layers(tree, period: int):
+    """The inverse of `unstack_layers`: `layer_i` entries -> `layers/block_j` with a leading
+    [num_layers // period] axis; the last num_layers % period layers stay unrolled (as
+    `Stack` builds them)."""
+
+    def convert(node):
+        if not _is_unrolled_stack(node):
+            return node
+        count = sum(1 for k in node if _LAYER_KEY.match(str(k)))
+        repeats = count // period
+        if not repeats:
+            return node
+        out = {k: v for k, v in node.items()
+               if not (_LAYER_KEY.match(str(k)) and int(str(k)[6:]) < repeats * period)}
+        out["layers"] = {
+            f"block_{j}": jax.tree.map(_stack, *[node[f"layer_{r * period + j}"] for r in range(repeats)])
+            for j in range(period)
+        }
+        return out
+
+    return jax.tree.map(convert, tree, is_leaf=_is_unrolled_stack)
+
+
+def scanned_period(tree) -> int:
+    """The period of a tree in the scanned layout (blocks per scan step); 0 if unrolled."""
+    stacks = [n for n in jax.tree.leaves(tree, is_leaf=_is_scanned_stack) if _is_scanned_stack(n)]
+    return sum(1 for k in stacks[0]["layers"] if _BLOCK_KEY.match(str(k))) if stacks else 0
+
+
+def to_layout(tree, config: ModelConfig):
+    """A tree in either layout -> the layout that `config` builds (old unrolled checkpoints and
+    imported models load into scanned models, and back)."""
+    tree = unstack_layers(tree)
+    return stack_layers(tree, config.layer_period) if config.scan_layers else tree
+
+
+def gather_batch(tree, index: jax.Array):
+    """Reorders the batch rows of a cache (or any tree of [batch, ...] leaves) by `index`.
+
+    In the scanned layout a stack's leaves are [repeats, batch, ...]; scalars (and the scanned
+    cache indices [repeats]) pass through."""
+
+    def gather(path, x):
+        scanned = any(getattr(k, "key", None) == "layers" for k in path)
+        axis = 1 if scanned else 0
+        return jnp.take(x, index, axis=axis) if x.ndim > axis else x
+
+    return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 def count_params(params) -> int:
