@@ -1,6 +1,18 @@
 """Benchmarks that run a peer side by side, in the same process, and print ratios.
 
-    python -m lm.bench decode --model smollm2 [--new_tokens 64] [--batches 1,8]
+    python -m lm.bench decode --model smollm2 [--new_tokens 64] [--batches 1,8] [--precision fp32,bf16]
+    python -m lm.bench layers [--depths 4,30] [--batch 4 --seq 512]
+    python -m lm.bench step [--steps 10 --rounds 3]
+    python -m lm.bench mfu --shape gpt2_124m --batch 16 --seq 1024 --precision bf16
+
+`layers`: the real train step (`lm.train.create_trainer`) at SmolLM2-135M's shape, compiled at
+several depths with scanned and with unrolled layers (compile seconds and their ratio), and
+its temporary memory (`compiled.memory_analysis()`) under each `model.remat` policy.
+`step`: train-step tokens/s on the main job's shape (experiments/shakespeare_gpt.py) for
+the model as it was (unrolled layers, the reference attention core) and as it is now
+(scanned layers, fused attention), and in bf16, interleaved in one process; medians.
+`mfu`: one shape's train-step tokens/s and MFU (6N + 12 L d T FLOPs per token against the
+device's peak, `lm.train.peak_flops_per_device`), then greedy decoding with those weights.
 
 `decode`: greedy generation with our jit-compiled, KV-cached decoder against
 `transformers`' `generate` on the same GGUF weights (dequantised to float32 by both)
@@ -13,15 +25,18 @@ only our numbers are printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lm import decode
+from lm import decode, parallel
 from lm.convert import PRETRAINED_ASSETS, load_pretrained
-from lm.models.transformer import build_model
+from lm.models.transformer import ModelConfig, for_inference, preset
+from lm.train import OptimizerConfig, create_trainer
 
 PROMPTS = [
     'The history of the old harbour town begins with',
@@ -46,10 +61,12 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def ours(spec: str, batches: list[int], new_tokens: int, repeats: int) -> dict[int, float]:
+def ours(spec: str, batches: list[int], new_tokens: int, repeats: int,
+         precision: str = "fp32") -> dict[int, float]:
     """Our tokens/s per batch size."""
     pretrained = load_pretrained(spec)
-    model, params = build_model(pretrained.config), jax.device_put(pretrained.params)
+    model, params = for_inference(pretrained.config, pretrained.params, precision)
+    params = jax.device_put(params)
     tok = pretrained.tokenizer
     prefix = [tok.bos_id] if tok.add_bos else []
     results = {}
@@ -99,19 +116,191 @@ def transformers_peer(spec: str, batches: list[int], new_tokens: int,
     return results
 
 
-def decode_benchmark(spec: str, batches: list[int], new_tokens: int, repeats: int) -> str:
-    """Runs both sides and returns the printed table."""
-    mine = ours(spec, batches, new_tokens, repeats)
+def decode_benchmark(spec: str, batches: list[int], new_tokens: int, repeats: int,
+                     precisions: tuple[str, ...] = ("fp32",)) -> str:
+    """Runs both sides and returns the printed table: one column per precision of ours (the
+    peer runs float32); ratios against the peer."""
+    mine = {p: ours(spec, batches, new_tokens, repeats, p) for p in precisions}
     peer = transformers_peer(spec, batches, new_tokens, repeats)
-    lines = [f'decode {spec}: greedy, {new_tokens} new tokens, float32, '
-             f'{jax.devices()[0].platform} ({jax.device_count()} device(s))',
-             f'{"batch":>5} {"lm tok/s":>10} {"transformers tok/s":>19} {"ratio":>6}']
+    lines = [f'decode {spec}: greedy, {new_tokens} new tokens, '
+             f'{jax.devices()[0].platform} ({jax.device_count()} device(s)); tokens/s',
+             f'{"batch":>5} ' + ' '.join(f'{"lm " + p:>10}' for p in precisions)
+             + f' {"transformers fp32":>18} ' + ' '.join(f'{"ratio " + p:>10}' for p in precisions)]
     for batch in batches:
+        row = f'{batch:>5} ' + ' '.join(f'{mine[p][batch]:>10.1f}' for p in precisions)
         if peer is None:
-            lines.append(f'{batch:>5} {mine[batch]:>10.1f} {"(not installed)":>19} {"-":>6}')
+            row += f' {"(not installed)":>18} ' + ' '.join(f'{"-":>10}' for _ in precisions)
         else:
-            lines.append(f'{batch:>5} {mine[batch]:>10.1f} {peer[batch]:>19.1f} '
-                         f'{mine[batch] / peer[batch]:>5.2f}x')
+            row += f' {peer[batch]:>18.1f} ' + ' '.join(
+                f'{mine[p][batch] / peer[batch]:>9.2f}x' for p in precisions)
+        lines.append(row)
+    return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------ train step
+
+# SmolLM2-135M: 30 layers of d_model 576, 9 heads (3 KV heads), SwiGLU 1536, vocab 49,152.
+SMOLLM2_SHAPE = preset("llama")
+# The main job's model (experiments/shakespeare_gpt.py; tests/test_bench.py keeps them equal),
+# with its 4,096-piece tokenizer, batch 16 x 256 tokens.
+MAIN_JOB_SHAPE = preset("gpt2", d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, max_len=256,
+                        dropout=0.0, vocab_size=4096)
+MAIN_JOB_BATCH = (16, 256)
+
+
+def _trainer(config: ModelConfig):
+    from lm.models.transformer import build_model
+
+    return create_trainer(config, build_model(config), OptimizerConfig(), 1000, parallel.ParallelConfig(),
+                          devices=jax.devices()[:1])
+
+
+def _abstract_batch(trainer, batch: int, length: int) -> dict:
+    sharding = parallel.batch_sharding(trainer.mesh)
+    spec = lambda dtype: jax.ShapeDtypeStruct((batch, length), dtype, sharding=sharding)
+    return {"inputs": spec(jnp.int32), "targets": spec(jnp.int32), "segment_ids": spec(jnp.int32),
+            "positions": spec(jnp.int32), "weights": spec(jnp.float32)}
+
+
+def compile_step(config: ModelConfig, batch: int, length: int):
+    """(seconds to lower and compile the train step, the compiled executable)."""
+    trainer = _trainer(config)
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(trainer.abstract_state, _abstract_batch(trainer, batch, length)).compile()
+    return time.perf_counter() - start, compiled
+
+
+def layers_benchmark(depths: list[int], batch: int, length: int, remat_depth: int) -> str:
+    """Compile time against depth (scanned and unrolled), temporary memory against remat."""
+    lines = [f'train step at SmolLM2-135M shape (d_model {SMOLLM2_SHAPE.d_model}, vocab '
+             f'{SMOLLM2_SHAPE.vocab_size}), batch {batch} x {length}, float32, '
+             f'{jax.devices()[0].platform}; compile = lower + XLA compile',
+             f'{"layers":>6} {"scanned s":>10} {"unrolled s":>11}']
+    times = {}
+    for depth in depths:
+        for scan in (True, False):
+            config = dataclasses.replace(SMOLLM2_SHAPE, num_layers=depth, scan_layers=scan)
+            times[depth, scan] = compile_step(config, batch, length)[0]
+        lines.append(f'{depth:>6} {times[depth, True]:>10.1f} {times[depth, False]:>11.1f}')
+    low, high = min(depths), max(depths)
+    lines.append(f'{high} / {low} layers: scanned {times[high, True] / times[low, True]:.2f}x, '
+                 f'unrolled {times[high, False] / times[low, False]:.2f}x')
+    lines.append(f'temporary memory at {remat_depth} scanned layers (memory_analysis().temp_size_in_bytes):')
+    memory = {}
+    for remat in ("none", "dots_saveable", "full"):
+        config = dataclasses.replace(SMOLLM2_SHAPE, num_layers=remat_depth, remat=remat)
+        memory[remat] = compile_step(config, batch, length)[1].memory_analysis().temp_size_in_bytes
+        lines.append(f'  remat={remat:<14} {memory[remat] / 2**20:>9.1f} MiB '
+                     f'({memory[remat] / memory["none"]:.2f} of none)')
+    return '\n'.join(lines)
+
+
+STEP_VARIANTS = {
+    # name: ModelConfig changes. 'before' is the model as it was: unrolled layers and the
+    # hand-written attention core.
+    'before: unrolled, reference attention': dict(scan_layers=False, attention_impl='reference'),
+    'now: scanned, fused attention (auto)': dict(),
+    'now, remat=full': dict(remat='full'),
+    'now, precision=bf16': dict(precision='bf16'),
+}
+
+
+def step_benchmark(steps: int, rounds: int) -> str:
+    """Train-step tokens/s of each variant on the main job's shape, rounds interleaved."""
+    batch, length = MAIN_JOB_BATCH
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, MAIN_JOB_SHAPE.vocab_size, (batch, length + 1)).astype(np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                  "segment_ids": np.ones((batch, length), np.int32),
+                  "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+                  "weights": np.ones((batch, length), np.float32)}
+    runs = {}
+    for name, changes in STEP_VARIANTS.items():
+        trainer = _trainer(dataclasses.replace(MAIN_JOB_SHAPE, **changes))
+        state, device_batch = trainer.init_fn(0), trainer.put_batch(host_batch)
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, device_batch)  # compile + first step
+        jax.block_until_ready(metrics)
+        runs[name] = dict(trainer=trainer, state=state, batch=device_batch, times=[],
+                          first=time.perf_counter() - start)
+    for _ in range(rounds):
+        for run in runs.values():
+            for _ in range(steps):
+                start = time.perf_counter()
+                run["state"], metrics = run["trainer"].train_step(run["state"], run["batch"])
+                jax.block_until_ready(metrics)
+                run["times"].append(time.perf_counter() - start)
+    base = statistics.median(next(iter(runs.values()))["times"])
+    lines = [f'train step, main job shape ({MAIN_JOB_SHAPE.num_layers} layers, d_model '
+             f'{MAIN_JOB_SHAPE.d_model}, vocab {MAIN_JOB_SHAPE.vocab_size}), batch {batch} x {length}, '
+             f'{jax.devices()[0].platform}; {rounds} rounds x {steps} steps, interleaved',
+             f'{"variant":<40} {"ms/step median (min, max)":>27} {"tokens/s":>9} {"vs before":>9} '
+             f'{"first step s":>12}']
+    for name, run in runs.items():
+        median = statistics.median(run["times"])
+        lines.append(f'{name:<40} {1e3 * median:>10.1f} ({1e3 * min(run["times"]):.1f}, '
+                     f'{1e3 * max(run["times"]):.1f}) {batch * length / median:>9.0f} '
+                     f'{base / median:>8.2f}x {run["first"]:>12.1f}')
+    return '\n'.join(lines)
+
+
+SHAPES = {
+    # GPT-2 small at the padded vocabulary peers train with (nanoGPT, MaxText): 124M parameters.
+    'gpt2_124m': preset('gpt2', vocab_size=50_304, dropout=0.0),
+    'smollm2_135m': SMOLLM2_SHAPE,
+}
+
+
+def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: int, remat: str,
+                  decode_batches: list[int], new_tokens: int) -> str:
+    """Train-step tokens/s and model FLOPs utilisation of one shape on the first device (random
+    weights and tokens), then greedy-decoding tokens/s of the same weights."""
+    from lm.train import flops_per_token, peak_flops_per_device
+
+    config = dataclasses.replace(SHAPES[shape], precision=precision, remat=remat,
+                                 max_len=max(SHAPES[shape].max_len, length))
+    trainer = _trainer(config)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, config.vocab_size, (batch, length + 1)).astype(np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                  "segment_ids": np.ones((batch, length), np.int32),
+                  "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+                  "weights": np.ones((batch, length), np.float32)}
+    state, device_batch = trainer.init_fn(0), trainer.put_batch(host_batch)
+    start = time.perf_counter()
+    for _ in range(3):  # compile and warm up
+        state, metrics = trainer.train_step(state, device_batch)
+    jax.block_until_ready(metrics)
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, device_batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    tokens_per_s = batch * length / median
+    flops = flops_per_token(config, trainer.num_params, length)
+    peak = peak_flops_per_device()
+    device = jax.devices()[0]
+    lines = [f'{shape}: {trainer.num_params / 1e6:.1f}M parameters, {config.num_layers} layers, '
+             f'precision {precision}, remat {remat}, batch {batch} x {length}, '
+             f'{device.platform} {device.device_kind}',
+             f'train step: {1e3 * median:.1f} ms median ({1e3 * min(times):.1f}, {1e3 * max(times):.1f}) '
+             f'over {steps} steps, {tokens_per_s:,.0f} tokens/s, {flops / 1e9:.2f} GFLOP/token, '
+             f'MFU {100 * tokens_per_s * flops / peak:.1f}% of {peak / 1e12:.1f} TFLOP/s; '
+             f'compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics["loss"]):.3f}']
+    model, params = for_inference(config, trainer.model_params(state))
+    for decode_batch in decode_batches:
+        prompts = [list(map(int, tokens[i % batch, :16])) for i in range(decode_batch)]
+
+        def run(prompts=prompts):
+            decode.generate(model, params, prompts, max_new_tokens=new_tokens)
+
+        seconds = _timed(run, 2)
+        lines.append(f'decode ({precision} weights) batch {decode_batch}: '
+                     f'{decode_batch * new_tokens / seconds:,.1f} tokens/s '
+                     f'({new_tokens} new tokens after 16, greedy)')
     return '\n'.join(lines)
 
 
@@ -124,10 +313,39 @@ def main(argv=None) -> None:
     dec.add_argument('--new_tokens', type=int, default=64)
     dec.add_argument('--batches', default='1,8', help='comma-separated batch sizes')
     dec.add_argument('--repeats', type=int, default=3)
+    dec.add_argument('--precision', default='fp32', help='ours, comma-separated: fp32, bf16')
+    lay = sub.add_parser('layers', help='train-step compile time against depth, memory against remat')
+    lay.add_argument('--depths', default='4,30', help='comma-separated numbers of layers')
+    lay.add_argument('--batch', type=int, default=4)
+    lay.add_argument('--seq', type=int, default=512)
+    lay.add_argument('--remat_depth', type=int, default=30)
+    step = sub.add_parser('step', help='train-step tokens/s on the main job shape, before and now')
+    step.add_argument('--steps', type=int, default=10)
+    step.add_argument('--rounds', type=int, default=3)
+    mfu = sub.add_parser('mfu', help='train-step tokens/s and MFU of a model shape, decode tokens/s')
+    mfu.add_argument('--shape', default='gpt2_124m', choices=sorted(SHAPES))
+    mfu.add_argument('--batch', type=int, default=16)
+    mfu.add_argument('--seq', type=int, default=1024)
+    mfu.add_argument('--precision', default='bf16', choices=['fp32', 'bf16'])
+    mfu.add_argument('--remat', default='none', choices=['none', 'dots_saveable', 'full'])
+    mfu.add_argument('--steps', type=int, default=20)
+    mfu.add_argument('--decode_batches', default='1,64', help='comma-separated; empty: no decoding')
+    mfu.add_argument('--new_tokens', type=int, default=64)
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(',') if b]
     np.set_printoptions(precision=3)
-    print(decode_benchmark(args.model, batches, args.new_tokens, args.repeats), flush=True)
+    if args.command == 'decode':
+        batches = [int(b) for b in args.batches.split(',') if b]
+        precisions = tuple(p for p in args.precision.split(',') if p)
+        print(decode_benchmark(args.model, batches, args.new_tokens, args.repeats, precisions), flush=True)
+    elif args.command == 'layers':
+        depths = [int(d) for d in args.depths.split(',') if d]
+        print(layers_benchmark(depths, args.batch, args.seq, args.remat_depth), flush=True)
+    elif args.command == 'step':
+        print(step_benchmark(args.steps, args.rounds), flush=True)
+    else:
+        decode_batches = [int(b) for b in args.decode_batches.split(',') if b]
+        print(mfu_benchmark(args.shape, args.batch, args.seq, args.precision, args.steps, args.remat,
+                            decode_batches, args.new_tokens), flush=True)
 
 
 if __name__ == '__main__':

@@ -46,7 +46,7 @@ from lm.decode import (
     generate,
     generate_seq2seq,
 )
-from lm.models.transformer import ModelConfig, build_model, dummy_inputs
+from lm.models.transformer import ModelConfig, build_model, dummy_inputs, for_inference
 from lm.train import TrainConfig, Trainer, create_trainer, train_loop
 
 COMMANDS = ("train", "sample", "eval", "icl", "convert")
@@ -70,6 +70,10 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "eval: longest input (cap
 _SHOTS = flags.DEFINE_list("shots", ["0", "1", "2", "4", "8", "16"], "icl: numbers of demonstrations k.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "icl: draws of the demonstrations per k (mean and spread).")
 _NO_CONTROL = flags.DEFINE_boolean("no_control", False, "icl: skip the random-label control.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", None, ["fp32", "bf16"],
+    "sample, eval, icl: bf16 runs bfloat16 weights and compute (default: the run's model.precision; "
+    "fp32 for imported models).")
 _MODEL = flags.DEFINE_string(
     "model", None,
     "sample, eval, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.")
@@ -524,11 +528,11 @@ def sample_command(workdir: pathlib.Path | None) -> None:
         pretrained = convert.load_pretrained(_MODEL.value)
         if pretrained.tokenizer is None:
             raise ValueError(f"--model {_MODEL.value!r} has no tokenizer.json to encode prompts with")
-        model, params, tokenizer = build_model(pretrained.config), pretrained.params, pretrained.tokenizer
-        data_cfg, prompts = DataConfig(), _PROMPT.value or ["The"]
+        model, params = for_inference(pretrained.config, pretrained.params, _PRECISION.value)
+        tokenizer, data_cfg, prompts = pretrained.tokenizer, DataConfig(), _PROMPT.value or ["The"]
     else:
         trainer, state, tokenizer, data_cfg, train_cfg = restore_for_inference(workdir)
-        model, params = trainer.model, trainer.model_params(state)
+        model, params = for_inference(trainer.model_config, trainer.model_params(state), _PRECISION.value)
         prompts = _PROMPT.value or default_prompts(data_cfg, tokenizer, train_cfg)
     for text in samples(model, params, tokenizer, data_cfg, prompts,
                         max_new_tokens=_MAX_NEW.value,
@@ -557,10 +561,11 @@ def _model_to_evaluate(workdir: pathlib.Path | None):
         pretrained = convert.load_pretrained(_MODEL.value)
         if pretrained.tokenizer is None:
             raise ValueError(f"--model {_MODEL.value!r} has no tokenizer to encode prompts with")
-        return (build_model(pretrained.config), pretrained.params, pretrained.tokenizer, DataConfig(),
-                _MODEL.value, None)
+        model, params = for_inference(pretrained.config, pretrained.params, _PRECISION.value)
+        return model, params, pretrained.tokenizer, DataConfig(), _MODEL.value, None
     trainer, state, tokenizer, data_cfg, _ = restore_for_inference(workdir)
-    return trainer.model, trainer.model_params(state), tokenizer, data_cfg, str(workdir), int(state.step)
+    model, params = for_inference(trainer.model_config, trainer.model_params(state), _PRECISION.value)
+    return model, params, tokenizer, data_cfg, str(workdir), int(state.step)
 
 
 def _default_out(workdir: pathlib.Path | None, kind: str) -> pathlib.Path:

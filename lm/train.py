@@ -28,7 +28,13 @@ from jax.sharding import PartitionSpec as P
 
 from lm import lora, parallel
 from lm.checkpoint import Checkpointer
-from lm.models.transformer import ModelConfig, config_from_dict, dummy_inputs, to_layout, unstack_layers
+from lm.models.transformer import (
+    ModelConfig,
+    config_from_dict,
+    dummy_inputs,
+    to_layout,
+    unstack_layers,
+)
 
 # ------------------------------------------------------------------------------ configs
 

@@ -72,12 +72,12 @@ def test_misspelt_logical_axis_is_a_clear_error():
 
 
 def _wi(tree):
-    return tree["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]  # [embed, mlp]
+    return tree["decoder"]["layers"]["block_0"]["mlp"]["wi_gate"]["kernel"]  # [layers, embed, mlp]
 
 
 def test_rules_from_config_reach_the_compiled_step():
     default = create_trainer(CONFIG, T.build_model(CONFIG), OPT, 10, parallel.ParallelConfig(mesh=(2, 1, 4)))
-    assert _wi(default.state_shardings.params).spec == P("fsdp", "tensor")
+    assert _wi(default.state_shardings.params).spec == P(None, "fsdp", "tensor")
 
     trainer = create_trainer(CONFIG, T.build_model(CONFIG), OPT, 10,
                              parallel.ParallelConfig(mesh=(2, 1, 4), rules="embed=tensor,mlp=none"))
@@ -87,11 +87,11 @@ def test_rules_from_config_reach_the_compiled_step():
     compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
     (state_in, _), _ = compiled.input_shardings
     state_out, _ = compiled.output_shardings
-    want = NamedSharding(trainer.mesh, P("tensor", None))
+    want = NamedSharding(trainer.mesh, P(None, "tensor", None))
     for state in (state_in, state_out):
-        assert _wi(state.params).is_equivalent_to(want, 2)
-        assert _wi(state.opt_state[1][0].mu).is_equivalent_to(want, 2)  # Adam's moments follow
-    assert not _wi(state_in.params).is_equivalent_to(_wi(default.state_shardings.params), 2)
+        assert _wi(state.params).is_equivalent_to(want, 3)
+        assert _wi(state.opt_state[1][0].mu).is_equivalent_to(want, 3)  # Adam's moments follow
+    assert not _wi(state_in.params).is_equivalent_to(_wi(default.state_shardings.params), 3)
 
 
 def test_rules_pass_through_the_config_and_its_command_line():

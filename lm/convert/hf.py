@@ -56,7 +56,7 @@ _HF_ACTIVATION = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu
 
 # Fields that do not change what a checkpoint computes; export does not need to express them.
 _RUNTIME_FIELDS = ('capture_attention', 'dtype', 'param_dtype', 'init_std', 'dropout',
-                   'attention_dropout', 'attention_impl', 'scan_layers', 'remat')
+                   'attention_dropout', 'attention_impl', 'scan_layers', 'remat', 'precision')
 _DEFAULTS = ModelConfig()
 
 

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.models import layers
+from lm.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
 
 # ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
 # a model may be imported or exported) with other values.
-EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
+EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat", "precision")
+PRECISIONS = ("fp32", "bf16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # model.remat -> what a layer saves for the backward pass (jax.checkpoint policies); the rest
@@ -75,7 +76,11 @@ class ModelConfig:
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model)
     init_std: float = 0.02
     capture_attention: bool = False
-    dtype: str = "float32"  # compute dtype
+    # precision='bf16': bfloat16 matmuls and activations; float32 master weights, optimizer
+    # state, norms, softmax and loss; inference (`for_inference`) runs bfloat16 weights too.
+    # `dtype` / `param_dtype` are the low-level knobs it sets (compute dtype; storage dtype).
+    precision: str = "fp32"  # fp32 | bf16
+    dtype: str = "float32"  # compute dtype (bfloat16 when precision='bf16')
     param_dtype: str = "float32"
     # How the model runs, not what it is: none of these change the parameters' values, so a
     # run may resume with other settings (checkpoints convert between the layouts on load).
@@ -94,6 +99,7 @@ class ModelConfig:
             ("param_dtype", tuple(DTYPES)),
             ("attention_impl", ATTENTION_IMPLEMENTATIONS),
             ("remat", tuple(REMAT_POLICIES)),
+            ("precision", PRECISIONS),
         ]:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -133,7 +139,7 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
-        return DTYPES[self.dtype]
+        return jnp.bfloat16 if self.precision == "bf16" else DTYPES[self.dtype]
 
     @property
     def weight_dtype(self):
@@ -262,6 +268,7 @@ class Block(nn.Module):
             relative_max_distance=c.relative_max_distance,
             dropout=c.attention_dropout,
             capture_attention=c.capture_attention,
+            implementation=c.attention_impl,
             dtype=c.compute_dtype,
             param_dtype=c.weight_dtype,
             init_std=c.init_std,
@@ -581,6 +588,17 @@ class EncoderDecoder(nn.Module):
 def build_model(config: ModelConfig) -> nn.Module:
     """The module for a config's architecture."""
     return DecoderOnly(config) if config.architecture == "decoder" else EncoderDecoder(config)
+
+
+def for_inference(config: ModelConfig, params, precision: str | None = None):
+    """(model, params) to sample and evaluate with. precision (default: the config's) 'bf16'
+    casts the floating-point weights to bfloat16 once, halving what each decoded token reads;
+    'fp32' keeps them as they are."""
+    config = dataclasses.replace(config, precision=precision or config.precision)
+    if config.precision == "bf16":
+        params = jax.tree.map(
+            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return build_model(config), params
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
