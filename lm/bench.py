@@ -198,8 +198,9 @@ def layers_benchmark(depths: list[int], batch: int, length: int, remat_depth: in
 STEP_VARIANTS = {
     # name: ModelConfig changes. 'before' is the model as it was: unrolled layers and the
     # hand-written attention core.
-    'before: unrolled, reference attention': dict(scan_layers=False, attention_impl='reference'),
-    'now: scanned, fused attention (auto)': dict(),
+    'before: unrolled, reference attention': dict(scan_layers=False, attention_impl='reference', remat='none'),
+    'now (scanned, xla attention, remat dots)': dict(),
+    'now, remat=none': dict(remat='none'),
     'now, remat=full': dict(remat='full'),
     'now, precision=bf16': dict(precision='bf16'),
 }
