@@ -311,3 +311,33 @@ def test_interrupted_run_resumes_exactly_through_the_real_pipeline(trained, tmp_
         return restored["params"]
 
     jax.tree.map(np.testing.assert_array_equal, params_at_20(workdir), params_at_20(unbroken))
+
+
+def test_workdir_from_before_scanned_layers_resumes(trained, tmp_path):
+    """A workdir written before scanned layers existed (unrolled checkpoints, a config.json
+    without the execution keys) resumes under today's defaults (scanned layers) and continues
+    as the unrolled run would have."""
+    root, source, _, _ = trained
+    schedule = "--config.optimizer.decay_steps=20"
+    old, unbroken = tmp_path / "old", tmp_path / "unbroken"
+    unrolled = "--config.model.scan_layers=False"
+    run_cli(TINY, "--config.train.steps=10", schedule, unrolled, workdir=old, source=source, data_dir=root / "data")
+    config = json.loads((old / "config.json").read_text())
+    for key in ("attention_impl", "scan_layers", "remat", "precision"):
+        del config["model"][key]
+    (old / "config.json").write_text(json.dumps(config))
+    run_cli(TINY, "--config.train.steps=20", schedule, workdir=old, source=source, data_dir=root / "data")
+    from lm.checkpoint import Checkpointer
+    from lm.models.transformer import scanned_period
+
+    checkpointer = Checkpointer(old, async_save=False)
+    layouts = {step: scanned_period(checkpointer._saved_tree(step)) for step in checkpointer.all_steps()}
+    checkpointer.close()
+    assert layouts == {10: 0, 20: 1}  # saved unrolled, continued scanned
+    run_cli(TINY, "--config.train.steps=20", schedule, unrolled, workdir=unbroken, source=source,
+            data_dir=root / "data")
+    resumed, want = metrics(old), metrics(unbroken)
+    assert [m["step"] for m in resumed] == [m["step"] for m in want] == [5, 10, 15, 20]
+    # Steps 15 and 20 ran scanned: the same sums in another order (float32 rounding).
+    np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in want], rtol=1e-5)
+    np.testing.assert_allclose(resumed[-1]["eval/loss"], want[-1]["eval/loss"], rtol=1e-5)
