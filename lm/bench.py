@@ -162,6 +162,15 @@ def _abstract_batch(trainer, batch: int, length: int) -> dict:
             "positions": spec(jnp.int32), "weights": spec(jnp.float32)}
 
 
+def random_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A full (unpadded) LM batch of uniformly random tokens, as the data pipeline lays it out."""
+    tokens = np.random.default_rng(seed).integers(1, vocab_size, (batch, length + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "segment_ids": np.ones((batch, length), np.int32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+            "weights": np.ones((batch, length), np.float32)}
+
+
 def compile_step(config: ModelConfig, batch: int, length: int):
     """(seconds to lower and compile the train step, the compiled executable)."""
     trainer = _trainer(config)
@@ -209,12 +218,7 @@ STEP_VARIANTS = {
 def step_benchmark(steps: int, rounds: int) -> str:
     """Train-step tokens/s of each variant on the main job's shape, rounds interleaved."""
     batch, length = MAIN_JOB_BATCH
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, MAIN_JOB_SHAPE.vocab_size, (batch, length + 1)).astype(np.int32)
-    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                  "segment_ids": np.ones((batch, length), np.int32),
-                  "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-                  "weights": np.ones((batch, length), np.float32)}
+    host_batch = random_batch(MAIN_JOB_SHAPE.vocab_size, batch, length)
     runs = {}
     for name, changes in STEP_VARIANTS.items():
         trainer = _trainer(dataclasses.replace(MAIN_JOB_SHAPE, **changes))
@@ -261,12 +265,8 @@ def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: in
     config = dataclasses.replace(SHAPES[shape], precision=precision, remat=remat,
                                  max_len=max(SHAPES[shape].max_len, length))
     trainer = _trainer(config)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, config.vocab_size, (batch, length + 1)).astype(np.int32)
-    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                  "segment_ids": np.ones((batch, length), np.int32),
-                  "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-                  "weights": np.ones((batch, length), np.float32)}
+    host_batch = random_batch(config.vocab_size, batch, length)
+    tokens = host_batch["inputs"]
     state, device_batch = trainer.init_fn(0), trainer.put_batch(host_batch)
     start = time.perf_counter()
     for _ in range(3):  # compile and warm up
