@@ -17,10 +17,11 @@ the full 3,000 steps (about 85 minutes here) are meant for a faster machine. Mos
 96-token row is padding (verses average about 35 tokens); --config.data.seq_len=64 is faster.
 """
 
-from lm.config import experiment
+from lm.config import experiment, experiment_args
 
 
 def get_config(arg: str | None = None):
+    args = experiment_args(arg, "tiny")
     config = experiment(
         preset="transformer_base",
         model=dict(d_model=256, num_layers=3, num_heads=4, mlp_dim=1024, dropout=0.1),
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None):
         optimizer=dict(name="adamw", learning_rate=1e-3, warmup_steps=200, b2=0.98, weight_decay=0.01),
         train=dict(steps=3000, log_every=50, eval_every=500, checkpoint_every=500, sample_tokens=64),
     )
-    if arg == "tiny":
+    if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, dropout=0.0)
         config.data.update(seq_len=32, encoder_len=32, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)

@@ -38,10 +38,11 @@ The results are in WORKDIR/results.md and results.csv; rerunning the command ski
 finished points and resumes the unfinished ones from their checkpoints.
 """
 
-from lm.config import experiment, sweep_axis, sweep_product, sweep_zip
+from lm.config import experiment, experiment_args, sweep_axis, sweep_product, sweep_zip
 
 
 def get_config(arg: str | None = None):
+    args = experiment_args(arg, "tiny")
     config = experiment(
         preset="gpt2",
         model=dict(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, max_len=256, dropout=0.0),
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None):
         train=dict(steps=480, log_every=20, eval_every=160, checkpoint_every=160,
                    sample_prompt="ROMEO.\n", sample_tokens=120),
     )
-    if arg == "tiny":
+    if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_len=64)
         config.data.update(seq_len=64, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)
@@ -60,7 +61,7 @@ def get_config(arg: str | None = None):
 
 def get_sweep(arg: str | None = None):
     """Learning rate x model width (d_model and mlp_dim change together): 4 points."""
-    widths = (16, 32) if arg == "tiny" else (128, 256)
+    widths = (16, 32) if "tiny" in experiment_args(arg, "tiny") else (128, 256)
     return sweep_product(
         sweep_axis("optimizer.learning_rate", [1e-3, 3e-3]),
         sweep_zip(sweep_axis("model.d_model", list(widths)),

@@ -18,10 +18,11 @@ Measured on the 2-core CPU dev machine (2026-11-30, scanned layers), 4.00M param
 Arg: 'tiny' gives a seconds-long smoke run (used by the tests).
 """
 
-from lm.config import experiment
+from lm.config import experiment, experiment_args
 
 
 def get_config(arg: str | None = None):
+    args = experiment_args(arg, "tiny")
     config = experiment(
         preset="llama",
         model=dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=704,
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None):
         train=dict(steps=480, log_every=20, eval_every=160, checkpoint_every=160,
                    sample_prompt="ROMEO.\n", sample_tokens=120),
     )
-    if arg == "tiny":
+    if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
         config.data.update(seq_len=64, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)

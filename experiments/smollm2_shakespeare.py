@@ -21,10 +21,11 @@ Arg: 'lora' trains rank-8 adapters on every attention and MLP projection instead
 135M parameters; 'tiny' is a few-step smoke run (used by the slow tests).
 """
 
-from lm.config import experiment
+from lm.config import experiment, experiment_args
 
 
 def get_config(arg: str | None = None):
+    args = experiment_args(arg, "lora", "tiny")
     config = experiment(
         preset="llama",  # SmolLM2-135M: 30 layers, d 576, 9 heads / 3 KV heads, vocab 49,152
         model=dict(vocab_size=0),
@@ -34,10 +35,10 @@ def get_config(arg: str | None = None):
                    eval_at_start=True, checkpoint_every=20, keep_checkpoints=1,
                    sample_prompt="ROMEO.\n", sample_tokens=60),
     )
-    if arg and "lora" in arg.split(","):
+    if "lora" in args:
         config.train.update(lora_rank=8, lora_alpha=16.0)
         config.optimizer.update(learning_rate=1e-3)
-    if arg and "tiny" in arg.split(","):
+    if "tiny" in args:
         config.data.update(seq_len=32, batch_size=2)
         config.train.update(steps=3, log_every=1, eval_every=3, eval_batches=2, checkpoint_every=3,
                             sample_tokens=8)

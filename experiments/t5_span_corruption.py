@@ -10,10 +10,11 @@ Any text source works: --config.data.source=text:/path/*.txt or tfds:NAME.
 Arg: 'tiny' gives a short smoke run.
 """
 
-from lm.config import experiment
+from lm.config import experiment, experiment_args
 
 
 def get_config(arg: str | None = None):
+    args = experiment_args(arg, "tiny")
     config = experiment(
         preset="t5",
         model=dict(d_model=256, num_layers=3, num_heads=4, head_dim=64, mlp_dim=704),
@@ -22,7 +23,7 @@ def get_config(arg: str | None = None):
         optimizer=dict(name="adafactor", learning_rate=1e-2, warmup_steps=100, weight_decay=0.0),
         train=dict(steps=1000, log_every=50, eval_every=250, checkpoint_every=250, sample_tokens=32),
     )
-    if arg == "tiny":
+    if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
         config.data.update(encoder_len=64, seq_len=24, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)

@@ -16,7 +16,7 @@ Arg: 'tiny' pairs with t5_span_corruption.py:tiny (used by the slow tests).
 import importlib.util
 import pathlib
 
-from lm.config import experiment
+from lm.config import experiment, experiment_args
 
 
 def _pretraining_config(arg):
@@ -29,6 +29,7 @@ def _pretraining_config(arg):
 
 
 def get_config(arg: str | None = None):
+    args = experiment_args(arg, "tiny")
     pretrained = _pretraining_config(arg)
     config = experiment(
         preset="t5",
@@ -39,7 +40,7 @@ def get_config(arg: str | None = None):
         train=dict(init_from="workdirs/t5_span", steps=600, log_every=50, eval_every=200,
                    eval_batches=16, eval_at_start=True, checkpoint_every=200, sample_tokens=48),
     )
-    if arg == "tiny":
+    if "tiny" in args:
         config.data.update(seq_len=24, encoder_len=32, batch_size=8)
         config.train.update(steps=10, log_every=5, eval_every=10, eval_batches=4, checkpoint_every=10,
                             sample_tokens=8)

@@ -95,7 +95,10 @@ def get_points(module, arg: tuple[str, ...], path: str) -> list[dict[str, Any]]:
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"{path} has no get_sweep(arg): add one that returns a list of override dicts "
                          "(see lm.config.sweep_product)")
-    points = module.get_sweep(*arg)
+    try:
+        points = module.get_sweep(*arg)
+    except ValueError as e:  # e.g. an unknown experiment arg: the file's own one-line message
+        raise SweepError(f"{path}: {e}") from None
     if not isinstance(points, (list, tuple)) or not all(isinstance(p, dict) for p in points):
         raise SweepError(f"{path}: get_sweep({', '.join(map(repr, arg))}) must return a list of dicts, "
                          f"got {points!r}")

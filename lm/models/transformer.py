@@ -93,6 +93,18 @@ class ModelConfig:
     remat: str = "dots_saveable"
 
     def __post_init__(self):
+        for key, low in [("vocab_size", 1), ("d_model", 1), ("num_layers", 1), ("num_heads", 1),
+                         ("max_len", 1), ("num_encoder_layers", 0), ("num_kv_heads", 0), ("head_dim", 0),
+                         ("mlp_dim", 0), ("relative_buckets", 1), ("relative_max_distance", 1),
+                         ("sliding_window", 0), ("global_every", 0)]:
+            if getattr(self, key) < low:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be >= {low}")
+        for key in ("dropout", "attention_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be in [0, 1): the fraction "
+                                 "of activations dropped in training (0 = no dropout)")
+        if self.norm_eps <= 0:
+            raise ValueError(f"model.norm_eps={self.norm_eps} must be > 0")
         for key, allowed in [
             ("architecture", ("decoder", "encoder_decoder")),
             ("norm", ("layernorm", "rmsnorm")),

