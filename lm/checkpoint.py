@@ -14,9 +14,13 @@ checkpoint of another model shape is a clear error and is left untouched.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import pathlib
+import re
+import shutil
 import time
 from typing import Any
 
@@ -30,6 +34,11 @@ from lm.models.transformer import EXECUTION_FIELDS, scanned_period, stack_layers
 
 class CheckpointMismatchError(ValueError):
     """The workdir holds a run that the current config cannot continue."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a file-size limit, ...). The
+    message names the step, the path, the free space and the last complete checkpoint."""
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -120,6 +129,7 @@ class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
         self.workdir = pathlib.Path(workdir)
         self.manager = _manager(workdir, keep, async_save)
+        self._in_flight = None  # the step of the save being written in the background
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -128,10 +138,18 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+        """Starts saving `step` (in the background when async). A save that fails, this one or
+        the one still in flight, raises CheckpointSaveError; the failed step is not committed."""
+        self.wait()  # the previous save: a failure is reported as that step's
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = DataSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - any failed write: one clear error (the cause chained)
+            raise self._save_failed(step, e) from e
+        self._in_flight = step if saved else None
+        return saved
 
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
         """Restores into `abstract_state` (a tree of ShapeDtypeStruct with shardings).
@@ -139,31 +157,74 @@ class Checkpointer:
         Tries the requested (or latest) step, then earlier ones if a checkpoint is unreadable.
         Returns (step, state); the data iterator is restored in place. Raises
         CheckpointMismatchError when the saved arrays do not fit the abstract state.
+
+        Each step is first inspected (`_inspect`): a step whose directory, commit marker or
+        metadata is missing or unreadable is unreadable; one whose readable metadata describes
+        another tree (paths, shapes or dtypes; layer layouts compared unrolled) is a mismatch,
+        raised before anything is moved. A step that passes and still fails to restore has
+        array files that cannot be read (truncated, garbage): unreadable. Unreadable steps fall
+        back to the previous one with a warning and are set aside (`_set_aside`).
         """
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         last_error = None
         unreadable = []
-        for candidate in steps:
-            try:
-                restored = self._restore_step(candidate, abstract_state, data_iterator)
-            except CheckpointMismatchError:
-                raise
-            except (ValueError, TypeError) as e:
-                if _is_shape_mismatch(e):
-                    raise CheckpointMismatchError(
-                        f"the checkpoint at step {candidate} in {self.workdir} does not match the "
-                        f"model being built ({e}). Use a new --workdir, or restore the config the "
-                        "run was started with (config.json in the workdir)."
-                    ) from e
-                last_error = e
-            except Exception as e:  # noqa: BLE001 - unreadable files: try an older checkpoint
-                last_error = e
-            else:
-                self._set_aside(unreadable)
-                return candidate, restored["state"]
-            logging.warning("checkpoint %s is unreadable (%s); trying an earlier one", candidate, last_error)
+        for i, candidate in enumerate(steps):
+            problem = self._inspect(candidate, abstract_state)  # raises CheckpointMismatchError
+            if problem is None:
+                try:
+                    restored = self._restore_step(candidate, abstract_state, data_iterator)
+                except CheckpointMismatchError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the metadata fit, so the array files are bad
+                    problem = f"its array files cannot be read ({type(e).__name__}: {e})"
+                else:
+                    self._set_aside(unreadable)
+                    return candidate, restored["state"]
+            last_error = f"step {candidate}: {problem}"
+            later = steps[i + 1] if i + 1 < len(steps) else None
+            logging.warning("checkpoint %d in %s is unreadable: %s; %s", candidate, self.workdir, problem,
+                            f"falling back to step {later}" if later is not None
+                            else "no earlier step to fall back to")
             unreadable.append(candidate)
         raise RuntimeError(f"no readable checkpoint in {self.workdir}: {last_error}")
+
+    def _inspect(self, step: int, abstract_state) -> str | None:
+        """What makes `step` unreadable (None if nothing does), decided from the checkpoint's
+        own files: no exception text is read. Raises CheckpointMismatchError when its metadata
+        is readable and describes another model than `abstract_state`."""
+        directory = pathlib.Path(self.manager.directory) / str(step)
+        if not directory.is_dir():
+            return f"{directory} is missing"
+        if not any(directory.iterdir()):
+            return f"{directory} is empty"
+        if not ocp.step.is_path_finalized(directory):
+            return f"{directory} was never finalized"
+        step_metadata = _read_json(directory / "_CHECKPOINT_METADATA")
+        committed = (directory / "commit_success.txt").is_file() or (
+            isinstance(step_metadata, dict) and step_metadata.get("commit_timestamp_nsecs"))
+        if not committed:
+            return f"{directory} has no commit marker (commit_success.txt or a commit time in _CHECKPOINT_METADATA)"
+        state_dir = directory / "state"
+        if not state_dir.is_dir():
+            return f"{state_dir} is missing"
+        tree_metadata = _read_json(state_dir / "_METADATA")
+        if not isinstance(tree_metadata, dict) or not isinstance(tree_metadata.get("tree_metadata"), dict):
+            return f"{state_dir / '_METADATA'} is missing or not Orbax tree metadata"
+        try:
+            saved = self._saved_tree(step)
+            saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+        except Exception as e:  # noqa: BLE001 - any failure to parse the metadata makes it unreadable
+            return f"its metadata cannot be parsed ({type(e).__name__}: {e})"
+        diffs = _tree_differences(unstack_layers(saved), unstack_layers(abstract_state))
+        if diffs:
+            raise CheckpointMismatchError(
+                f"the checkpoint at step {step} in {self.workdir} does not match the model being "
+                f"built (layers compared unrolled): {'; '.join(diffs[:5])}"
+                + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+                + ". Use a new --workdir, or restore the config the run was started with "
+                "(config.json in the workdir). Nothing was moved."
+            )
+        return None
 
     def _saved_tree(self, step: int):
         """The saved state's tree of array metadata (no array is read)."""
@@ -212,16 +273,106 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; CheckpointSaveError if it failed."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see save()
+            raise self._save_failed(step, e) from e
 
     def close(self):
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        """The error for a failed save of `step`: its partial files are removed (they are in
+        Orbax's temporary directory, never taken for a checkpoint, and take space), and the
+        message says why, how much space is free, what is kept and what to do."""
+        directory = pathlib.Path(self.manager.directory)
+        if step is not None and jax.process_index() == 0:
+            for partial in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self.manager.reload()
+            last = self.manager.latest_step()
+        except Exception:  # noqa: BLE001 - the message must not fail in turn
+            last = None
+        kept = (f"the last complete checkpoint (step {last}) is intact and a rerun resumes from it"
+                if last is not None else "no complete checkpoint was saved before it")
+        what = f"step {step}" if step is not None else "a checkpoint"
+        return CheckpointSaveError(
+            f"could not save {what} to {directory / str(step) if step is not None else directory}: "
+            f"{_write_failure(error)}. {_free_space(directory)}. The partial checkpoint was not kept; "
+            f"{kept}. Free some space (or raise the limit), or rerun with a --workdir on a disk "
+            "with room (copy the workdir there first to keep its checkpoints)."
+        )
 
-def _is_shape_mismatch(error: Exception) -> bool:
-    text = str(error).lower()
-    return "shape" in text or "mismatch" in text or "structure" in text or "tree" in text
+
+def _read_json(path: pathlib.Path):
+    """The parsed JSON file at `path`, or None if it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _tree_differences(saved, wanted) -> list[str]:
+    """Each path present in only one tree, or with another shape or dtype: parameters first,
+    then the rest (optimizer state, ...), each sorted by path."""
+    def table(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {_path_name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+    old, new = table(saved), table(wanted)
+    diffs = []
+    for name in sorted(set(old) | set(new), key=lambda n: (not n.startswith("params/"), n)):
+        if name not in new:
+            diffs.append(f"{name} only in the checkpoint")
+        elif name not in old:
+            diffs.append(f"{name} only in the model")
+        elif old[name] != new[name]:
+            diffs.append(f"{name}: saved {old[name][0]} {old[name][1]}, model {new[name][0]} {new[name][1]}")
+    return diffs
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                 errno.EFBIG: "a file would exceed the file-size limit (ulimit -f)"}
+
+
+def _write_failure(error: Exception) -> str:
+    """Why a write failed, from an OSError or the OS error code in a TensorStore error's text
+    (Orbax reports array writes as `ValueError: OUT_OF_RANGE: ... [os_error_code='28']`)."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        match = re.search(r"os_error_code='?(\d+)", str(error))
+        code = int(match.group(1)) if match else None
+    if code in _WRITE_ERRNOS:  # the full error (a temporary file's path) is chained: LM_DEBUG=1
+        return f"{_WRITE_ERRNOS[code]} ({errno.errorcode[code]}: {os.strerror(code)})"
+    cause = f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
+    return cause if len(cause) <= 600 else cause[:300] + " ... " + cause[-300:]
+
+
+def _free_space(directory: pathlib.Path) -> str:
+    path = directory
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as e:
+        return f"The free space on {path} is unknown ({e})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on the filesystem of {path}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def write_config(workdir: str | pathlib.Path, config: dict[str, Any]) -> None:

@@ -734,9 +734,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise ValueError(message) from e
 
 
-# Bad input, or an asset out of reach: one line that names the problem and the fix, exit status 2.
+# Bad input, an asset out of reach, or a checkpoint that cannot be written (disk full): one line that
+# names the problem and the fix, exit status 2.
 # Anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, assets.AssetUnavailableError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, assets.AssetUnavailableError,
+                   checkpoint.CheckpointSaveError)  # a failed save (disk full): one line too
 
 
 def run():
