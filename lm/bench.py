@@ -35,7 +35,7 @@ import numpy as np
 
 from lm import decode, parallel
 from lm.convert import PRETRAINED_ASSETS, load_pretrained
-from lm.models.transformer import ModelConfig, for_inference, preset
+from lm.models.transformer import ModelConfig, build_model, for_inference, preset
 from lm.train import OptimizerConfig, create_trainer
 
 PROMPTS = [
@@ -149,8 +149,6 @@ MAIN_JOB_BATCH = (16, 256)
 
 
 def _trainer(config: ModelConfig):
-    from lm.models.transformer import build_model
-
     return create_trainer(config, build_model(config), OptimizerConfig(), 1000, parallel.ParallelConfig(),
                           devices=jax.devices()[:1])
 

@@ -295,10 +295,11 @@ class Checkpointer:
         try:
             self.manager.reload()
             last = self.manager.latest_step()
-        except Exception:  # noqa: BLE001 - the message must not fail in turn
-            last = None
-        kept = (f"the last complete checkpoint (step {last}) is intact and a rerun resumes from it"
-                if last is not None else "no complete checkpoint was saved before it")
+        except Exception as e:  # noqa: BLE001 - the message must not fail in turn; it says so instead
+            kept = f"the complete checkpoints could not be listed ({type(e).__name__}: {e})"
+        else:
+            kept = (f"the last complete checkpoint (step {last}) is intact and a rerun resumes from it"
+                    if last is not None else "no complete checkpoint was saved before it")
         what = f"step {step}" if step is not None else "a checkpoint"
         return CheckpointSaveError(
             f"could not save {what} to {directory / str(step) if step is not None else directory}: "
@@ -316,16 +317,13 @@ def _read_json(path: pathlib.Path):
         return None
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _tree_differences(saved, wanted) -> list[str]:
     """Each path present in only one tree, or with another shape or dtype: parameters first,
     then the rest (optimizer state, ...), each sorted by path."""
     def table(tree):
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {_path_name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+        return {jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
+                for p, x in leaves}
 
     old, new = table(saved), table(wanted)
     diffs = []

@@ -726,6 +726,9 @@ def _data_position(step: int, dropped) -> int:
     return position
 
 
+_LOWER_LR = "Lower optimizer.learning_rate or clip gradients (optimizer.clip_norm)"
+
+
 def _describe_nonfinite(step: int, metrics) -> str:
     loss, norm = (float(np.asarray(metrics[k]).reshape(-1)[0]) for k in ("loss", "grad_norm"))
     if math.isfinite(loss) and math.isfinite(norm):
@@ -848,16 +851,22 @@ def train_loop(
                 return s, p, jax.device_get(m)
         return None
 
+    def last_good_checkpoint():
+        """(its step or None, a phrase for messages), after the saves in flight have landed
+        (they hold states from before any non-finite step)."""
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        return last, (f"the last checkpoint (step {last}) is kept" if last is not None
+                      else "no checkpoint had been saved")
+
     def handle_nonfinite(bad):
         """abort: raise. rollback: restore the last good state, drop the bad step's batch;
         -> (state, step) to continue from."""
         nonlocal position, skipped_batches, rollbacks
         bad_step, bad_position, metrics = bad
-        checkpointer.wait()  # saves in flight are of states before the bad step: let them land
-        last = checkpointer.latest_step()
+        last, kept = last_good_checkpoint()
         what = _describe_nonfinite(bad_step, metrics)
-        kept = f"the last checkpoint (step {last}) is kept" if last is not None else "no checkpoint had been saved"
-        lower = "Lower optimizer.learning_rate or clip gradients (optimizer.clip_norm)"
+        lower = _LOWER_LR
         if policy == "abort":
             raise NonFiniteError(f"{what}. Stopped (train.nonfinite=abort), saving nothing after it: {kept}. "
                                  f"{lower}; or set train.nonfinite=skip or rollback to train past bad batches.")
@@ -955,14 +964,10 @@ def train_loop(
                         logged.update(run_evaluators(state))
                     writer.write(step, logged)
                     if skips_in_a_row >= SKIP_LIMIT:
-                        checkpointer.wait()
-                        last_saved = checkpointer.latest_step()
                         raise NonFiniteError(
                             f"steps {step - skips_in_a_row + 1} to {step} were all not finite and changed nothing "
                             f"(train.nonfinite=skip): {SKIP_LIMIT} or more in a row mean the state, not a batch, "
-                            "is broken. Stopped: " + (f"the last checkpoint (step {last_saved}) is kept"
-                                                      if last_saved is not None else "no checkpoint had been saved")
-                            + ". Lower optimizer.learning_rate or clip gradients (optimizer.clip_norm).")
+                            f"is broken. Stopped: {last_good_checkpoint()[1]}. {_LOWER_LR}.")
                     if progress is not None:
                         progress.set_postfix(
                             loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",

@@ -519,8 +519,6 @@ def _tensor_table(config: ModelConfig) -> _Layout:
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
     """Flat {path: shape} of the params `build_model(config).init` makes (no allocation), in
     the unrolled layout (`layer_i`) that the tensor tables name."""
-    import dataclasses
-
     import flax.linen as nn
     import jax
 
