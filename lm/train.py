@@ -626,6 +626,23 @@ def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float
 # ------------------------------------------------------------------------------ the loop
 
 
+def _drop_torn_line(path: pathlib.Path) -> None:
+    """A run killed in the middle of writing a line leaves it without its newline; the next
+    line would be glued to it. Cut it off (its step is trained and logged again on resume)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    logging.warning("%s ended in a partly written line (the run was killed while writing it): dropped %r",
+                    path, data[keep:][:80])
+
+
 class MetricWriter:
     """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
 
@@ -635,7 +652,9 @@ class MetricWriter:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        path = workdir / "metrics.jsonl"
+        _drop_torn_line(path)
+        self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]):
@@ -653,21 +672,48 @@ class MetricWriter:
             self.tb.close()
 
 
-class _StopFlag:
-    """Set by SIGTERM: the loop saves a checkpoint and returns normally."""
+class _Preemption:
+    """Whether the loop should save a checkpoint and stop because of a preemption notice.
+
+    One process: SIGTERM sets a flag. Several processes (`jax.distributed`): a checkpoint save
+    is collective, so a SIGTERM to any one of them must stop all of them at the same step.
+    JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM in
+    every process and agrees on a step through the coordinator in the background;
+    `multihost_utils.reached_preemption_sync_point(step)` turns True in every process at that
+    step. It is a host-side check of local state (no communication unless a notice came),
+    called once per step by every process, as the service requires. Installing a Python
+    SIGTERM handler there would replace the service's, so none is installed.
+    """
 
     def __init__(self):
-        self.stop = False
+        self.coordinated = jax.process_count() > 1
+        self._signalled = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.coordinated:
+            if not jax.config.jax_enable_preemption_service:
+                raise ValueError("a multi-process run needs JAX's preemption service to stop every process at "
+                                 "the same step on SIGTERM: do not set jax_enable_preemption_service=False")
+        elif threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
-        self.stop = True
+        self._signalled = True
+
+    def reached(self, step: int) -> bool:
+        """True: save `step` and stop (the same step in every process)."""
+        if not self.coordinated:
+            return self._signalled
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            logging.warning("preemption notice (SIGTERM to a process of this run): every process saves step "
+                            "%d and stops", step)
+            return True
+        return False
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -758,7 +804,7 @@ def train_loop(
     its gradient norm, and the parameters and optimizer state it produced (`make_train_step`).
     The loop reads those flags only where it syncs with the device anyway: when it logs (with
     the metrics it reads there) and before every checkpoint save (the scheduled ones, the last
-    one, SIGTERM's). So detection costs no sync per step, a bad step is found within
+    one, a preemption's). So detection costs no sync per step, a bad step is found within
     `log_every` (or `checkpoint_every`) steps, and no state after a non-finite step is saved.
     - abort: stop with NonFiniteError naming the first bad step. Saves in flight finish (their
       states are from before it); nothing later is saved, so the last checkpoint is good.
@@ -909,9 +955,10 @@ def train_loop(
     pending = []  # (step, metrics) since the last log
     skips_in_a_row = 0  # skip: steps skipped up to the last logged one (SKIP_LIMIT)
     step = start
+    stop = False  # a preemption notice: save and stop
     try:
-        with _StopFlag() as flag:
-            while step < total and not flag.stop:
+        with _Preemption() as preemption:
+            while step < total and not (stop := preemption.reached(step)):
                 batch, batch_position = next_batch()
                 state, metrics = trainer.train_step(state, trainer.put_batch(batch))
                 step += 1
@@ -980,7 +1027,7 @@ def train_loop(
                     progress.update(1)
                 if is_save:
                     save(state, step)
-            if flag.stop and step < total:
+            if stop and step < total:
                 bad = first_nonfinite()
                 if bad is not None:  # rollback: back at a saved step, which is not saved again
                     state, step = handle_nonfinite(bad)

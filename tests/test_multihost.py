@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -125,3 +126,59 @@ def test_a_dead_process_stops_the_other_with_a_clear_error(corpus):
     log = open(f"{workdir}.p0.log").read()
     assert "another task died" in log or "stopped sending heartbeats" in log, log[-3000:]
     print(json.dumps({"exit": code, "seconds_after_kill": round(waited, 1)}))
+
+
+def wait_for_steps(workdir, procs, count, timeout=240):
+    deadline = time.time() + timeout
+    while not (workdir / "metrics.jsonl").exists() or len(metrics(workdir)) < count:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+        time.sleep(0.2)
+
+
+def saved_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_same_params(workdir, other):
+    from lm.main import read_params
+
+    ours, theirs = read_params(workdir), read_params(other)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_step_and_resumes_exactly(corpus):
+    """A TPU maintenance event signals one host: every process saves the same step, exits 0,
+    and the rerun ends with the parameters of a run that was never stopped, bit for bit."""
+    root, source, data_dir, cache = corpus
+    steps = 40
+    preempted, unbroken = root / "preempted", root / "never_stopped"
+    # No scheduled checkpoint before the end: the one saved step is the preemption's.
+    extra = ("--config.train.checkpoint_every=1000", "--config.train.eval_every=0")
+    procs = start_pair(preempted, source, data_dir, steps, *extra, cache=cache)
+    try:
+        wait_for_steps(preempted, procs, 2)
+        procs[1].send_signal(signal.SIGTERM)  # process 1 only
+        signalled = time.time()
+        wait_all(procs, preempted)  # both exit 0
+        stopped_after = time.time() - signalled
+    finally:
+        for p in procs:
+            p.kill()
+    stop = metrics(preempted)[-1]["step"]
+    assert 2 <= stop < steps, f"stopped at step {stop} of {steps}: the signal came too late to test anything"
+    assert saved_steps(preempted) == [stop]
+    data_state = sorted(p.name for p in (preempted / "checkpoints" / str(stop) / "data").glob("*.json"))
+    assert data_state == ["shard_0-of-2.json", "shard_1-of-2.json"]
+    for i in range(2):
+        assert f"every process saves step {stop} and stops" in open(f"{preempted}.p{i}.log").read()
+
+    wait_all(start_pair(preempted, source, data_dir, steps, *extra, cache=cache), preempted)
+    wait_all(start_pair(unbroken, source, data_dir, steps, *extra, cache=cache), unbroken)
+    resumed, reference = metrics(preempted), metrics(unbroken)
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]  # exactly
+    assert_same_params(preempted, unbroken)
+    print(json.dumps({"stopped_at_step": stop, "seconds_to_exit_after_sigterm": round(stopped_after, 1)}))

@@ -223,3 +223,18 @@ def test_checkpoint_converts_between_unrolled_and_scanned_layers(tmp_path, saved
     # The scanned and unrolled programs round differently (measured: 5.8e-7 relative at most).
     np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [unbroken[s] for s in range(1, 5)],
                                rtol=1e-5)
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_and_the_file_stays_one_json_per_line(tmp_path):
+    from lm.train import MetricWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')  # SIGKILL mid-write
+    writer = MetricWriter(tmp_path)
+    writer.write(2, {"loss": 2.25})
+    writer.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
+    whole = path.read_text()
+    MetricWriter(tmp_path).close()  # a whole file is left as it is
+    assert path.read_text() == whole
