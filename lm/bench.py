@@ -35,6 +35,7 @@ import numpy as np
 
 from lm import decode, parallel
 from lm.convert import PRETRAINED_ASSETS, load_pretrained
+from lm.models.attention import IMPLEMENTATIONS, resolve_implementation
 from lm.models.transformer import ModelConfig, build_model, for_inference, preset
 from lm.train import OptimizerConfig, create_trainer
 
@@ -59,6 +60,21 @@ def _timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_peak(dtype=jnp.bfloat16, size: int = 0, repeats: int = 10) -> float:
+    """Measured FLOP/s of one square matrix product on the first device (median of `repeats`
+    after a warm-up), on random data: the ceiling MFU is quoted against beside the datasheet's.
+    size 0: 8192 on an accelerator, 2048 on CPU."""
+    size = size or (2048 if jax.default_backend() == 'cpu' else 8192)
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
+    product = jax.jit(jnp.matmul)
+
+    def run():
+        jax.block_until_ready(product(a, b))
+
+    return 2 * size**3 / _timed(run, repeats)
 
 
 def ours(spec: str, batches: list[int], new_tokens: int, repeats: int,
@@ -255,12 +271,12 @@ SHAPES = {
 
 
 def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: int, remat: str,
-                  decode_batches: list[int], new_tokens: int) -> str:
+                  decode_batches: list[int], new_tokens: int, attention_impl: str = 'auto') -> str:
     """Train-step tokens/s and model FLOPs utilisation of one shape on the first device (random
     weights and tokens), then greedy-decoding tokens/s of the same weights."""
     from lm.train import flops_per_token, peak_flops_per_device
 
-    config = dataclasses.replace(SHAPES[shape], precision=precision, remat=remat,
+    config = dataclasses.replace(SHAPES[shape], precision=precision, remat=remat, attention_impl=attention_impl,
                                  max_len=max(SHAPES[shape].max_len, length))
     trainer = _trainer(config)
     host_batch = random_batch(config.vocab_size, batch, length)
@@ -281,14 +297,20 @@ def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: in
     tokens_per_s = batch * length / median
     flops = flops_per_token(config, trainer.num_params, length)
     peak = peak_flops_per_device()
+    measured = matmul_peak(jnp.bfloat16 if precision == 'bf16' else jnp.float32)
     device = jax.devices()[0]
+    attention = attention_impl
+    if attention == 'auto':
+        dtype = jnp.bfloat16 if precision == 'bf16' else jnp.float32
+        attention += f' ({resolve_implementation("auto", dtype, config.dim_per_head, lengths=(length, length))})'
     lines = [f'{shape}: {trainer.num_params / 1e6:.1f}M parameters, {config.num_layers} layers, '
-             f'precision {precision}, remat {remat}, batch {batch} x {length}, '
+             f'precision {precision}, remat {remat}, attention {attention}, batch {batch} x {length}, '
              f'{device.platform} {device.device_kind}',
              f'train step: {1e3 * median:.1f} ms median ({1e3 * min(times):.1f}, {1e3 * max(times):.1f}) '
              f'over {steps} steps, {tokens_per_s:,.0f} tokens/s, {flops / 1e9:.2f} GFLOP/token, '
-             f'MFU {100 * tokens_per_s * flops / peak:.1f}% of {peak / 1e12:.1f} TFLOP/s; '
-             f'compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics["loss"]):.3f}']
+             f'MFU {100 * tokens_per_s * flops / peak:.1f}% of {peak / 1e12:.1f} TFLOP/s (datasheet), '
+             f'{100 * tokens_per_s * flops / measured:.1f}% of {measured / 1e12:.1f} TFLOP/s (measured '
+             f'{precision} matmul); compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics["loss"]):.3f}']
     model, params = for_inference(config, trainer.model_params(state))
     for decode_batch in decode_batches:
         prompts = [list(map(int, tokens[i % batch, :16])) for i in range(decode_batch)]
@@ -330,6 +352,7 @@ def main(argv=None) -> None:
     mfu.add_argument('--steps', type=int, default=20)
     mfu.add_argument('--decode_batches', default='1,64', help='comma-separated; empty: no decoding')
     mfu.add_argument('--new_tokens', type=int, default=64)
+    mfu.add_argument('--attention', default='auto', choices=list(IMPLEMENTATIONS), help='model.attention_impl')
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3)
     if args.command == 'decode':
@@ -344,7 +367,7 @@ def main(argv=None) -> None:
     else:
         decode_batches = [int(b) for b in args.decode_batches.split(',') if b]
         print(mfu_benchmark(args.shape, args.batch, args.seq, args.precision, args.steps, args.remat,
-                            decode_batches, args.new_tokens), flush=True)
+                            decode_batches, args.new_tokens, args.attention), flush=True)
 
 
 if __name__ == '__main__':
