@@ -724,6 +724,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     arg) raised as a ValueError that `run` prints as one line."""
     try:
         return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # config_flags: an override names no field of the config
+        if "--config." not in " ".join(argv):
+            raise
+        inner = e
+        while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError(text))
+            inner = inner.args[0]
+        text = str(inner.args[0]) if inner.args else str(inner)
+        name, _, suggestion = text.partition("\n")  # 'stepz'\nDid you mean "steps" instead of "stepz"?
+        hint = name.strip("'") + (f" ({suggestion.strip()})" if suggestion.strip() else "")
+        raise ValueError(f"an override names a field the experiment's config does not have: {hint}. "
+                         "Fix the --config.SECTION.FIELD name (the fields are in config.json of any "
+                         "workdir, or the experiment file)") from e
     except flags.Error as e:
         message, marker = str(e), "Error whilst parsing config file"
         cause = e.__context__  # config_flags wraps an experiment file's error in a traceback
