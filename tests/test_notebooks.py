@@ -7,12 +7,11 @@ fails the test) and checks the PNGs the notebook wrote and what it printed.
 
 import re
 
+import nbclient  # the [dev] extra: the README's setup installs it
+import nbformat
 import pytest
 
 from tests.test_main import ROOT, TINY, run_cli, write_corpus
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = ROOT / "notebooks"
 
