@@ -18,7 +18,6 @@ import errno
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lm import storage
 from lm.models.transformer import EXECUTION_FIELDS, scanned_period, stack_layers, unstack_layers
 
 
@@ -112,22 +112,40 @@ class DataRestore(ocp.args.CheckpointArgs):
     item: Any
 
 
-def _manager(workdir: str | pathlib.Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def check_checkpoint_store(workdir: storage.PathLike) -> None:
+    """Orbax 0.12 writes arrays through TensorStore to local paths and gs:// only: its path
+    handling turns `s3://b/x` into `s3:/b/x` and writes a local directory named `s3:`. So an
+    s3:// workdir is refused before anything is written (other outputs, such as `eval --out
+    s3://...`, go through epath and work)."""
+    if str(workdir).startswith("s3://"):
+        raise ValueError(f"--workdir {workdir}: checkpoints cannot be written to S3 with orbax-checkpoint "
+                         f"{ocp.__version__} (it supports local paths and gs:// only); use a gs:// or local "
+                         "--workdir, or mount the bucket (e.g. mountpoint-s3) and pass its path. "
+                         "`eval`/`icl --out s3://...` do write to S3")
+
+
+def checkpoints_dir(workdir: storage.PathLike) -> epath.Path:
+    """<workdir>/checkpoints, absolute (Orbax requires it) for a local workdir."""
+    check_checkpoint_store(workdir)
+    workdir = storage.as_path(workdir)
+    return (workdir if storage.is_remote(workdir) else workdir.absolute()) / "checkpoints"
+
+
+def _manager(workdir: storage.PathLike, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=("state", "data"))
 
 
 class Checkpointer:
     """Saves and restores (TrainState, data iterator) pairs in `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-        self.workdir = pathlib.Path(workdir)
+    def __init__(self, workdir: storage.PathLike, keep: int = 3, async_save: bool = True):
+        self.workdir = storage.as_path(workdir)
         self.manager = _manager(workdir, keep, async_save)
         self._in_flight = None  # the step of the save being written in the background
 
@@ -192,7 +210,7 @@ class Checkpointer:
         """What makes `step` unreadable (None if nothing does), decided from the checkpoint's
         own files: no exception text is read. Raises CheckpointMismatchError when its metadata
         is readable and describes another model than `abstract_state`."""
-        directory = pathlib.Path(self.manager.directory) / str(step)
+        directory = epath.Path(self.manager.directory) / str(step)
         if not directory.is_dir():
             return f"{directory} is missing"
         if not any(directory.iterdir()):
@@ -269,7 +287,7 @@ class Checkpointer:
         for step in steps:
             source = self.workdir / "checkpoints" / str(step)
             if source.exists():
-                source.rename(aside / f"{step}-{int(time.time())}")
+                storage.move(source, aside / f"{step}-{int(time.time())}")
         self.manager.reload()
 
     def wait(self):
@@ -288,10 +306,10 @@ class Checkpointer:
         """The error for a failed save of `step`: its partial files are removed (they are in
         Orbax's temporary directory, never taken for a checkpoint, and take space), and the
         message says why, how much space is free, what is kept and what to do."""
-        directory = pathlib.Path(self.manager.directory)
+        directory = epath.Path(self.manager.directory)
         if step is not None and jax.process_index() == 0:
             for partial in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+                partial.rmtree(missing_ok=True)
         try:
             self.manager.reload()
             last = self.manager.latest_step()
@@ -309,7 +327,7 @@ class Checkpointer:
         )
 
 
-def _read_json(path: pathlib.Path):
+def _read_json(path: epath.Path):
     """The parsed JSON file at `path`, or None if it is missing or not JSON."""
     try:
         return json.loads(path.read_text())
@@ -354,7 +372,9 @@ def _write_failure(error: Exception) -> str:
     return cause if len(cause) <= 600 else cause[:300] + " ... " + cause[-300:]
 
 
-def _free_space(directory: pathlib.Path) -> str:
+def _free_space(directory: epath.Path) -> str:
+    if storage.is_remote(directory):
+        return f"{directory} is on an object store, which reports no free space (check its quota)"
     path = directory
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -373,20 +393,17 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def write_config(workdir: str | pathlib.Path, config: dict[str, Any]) -> None:
+def write_config(workdir: storage.PathLike, config: dict[str, Any]) -> None:
     """Writes config.json if absent (atomic); an existing one is never overwritten."""
-    path = pathlib.Path(workdir) / "config.json"
+    path = storage.as_path(workdir) / "config.json"
     if path.exists() or jax.process_index() != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    tmp.rename(path)
+    storage.write_atomic(path, json.dumps(config, indent=2, sort_keys=True, default=str))
 
 
-def read_config(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+def read_config(workdir: storage.PathLike) -> dict[str, Any] | None:
     """The workdir's config.json (None if there is none); ValueError naming it if unreadable."""
-    path = pathlib.Path(workdir) / "config.json"
+    path = storage.as_path(workdir) / "config.json"
     if not path.exists():
         return None
     try:

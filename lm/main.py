@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import checkpoint, lora, parallel
+from lm import checkpoint, lora, parallel, storage
 from lm import config as config_lib
 from lm.data import assets, pipeline
 from lm.decode import (
@@ -151,7 +150,7 @@ def init_source(spec: str) -> InitSource:
     from lm import convert
 
     # Workdirs of ours are recognised first: they hold a config.json too.
-    if not is_lm_workdir(pathlib.Path(spec)) and convert.is_pretrained_spec(spec):
+    if not is_lm_workdir(storage.as_path(spec)) and convert.is_pretrained_spec(spec):
         return _pretrained_source(spec)
     return _workdir_source(spec)
 
@@ -185,7 +184,7 @@ def _checkpoint_manager(workdir: pathlib.Path):
     is safe on the workdir of a run that is still training. None if there is no such folder."""
     import orbax.checkpoint as ocp
 
-    directory = workdir.absolute() / "checkpoints"
+    directory = checkpoint.checkpoints_dir(workdir)
     if not directory.is_dir():
         return None
     return ocp.CheckpointManager(
@@ -207,7 +206,7 @@ def has_checkpoint(workdir: pathlib.Path) -> bool:
 
 
 def _workdir_source(spec: str) -> InitSource:
-    path = pathlib.Path(spec)
+    path = storage.as_path(spec)
     if not path.is_dir():
         raise ValueError(f"train.init_from={spec!r}: no such workdir; pass the --workdir of a run that has "
                          "saved a checkpoint")
@@ -221,7 +220,7 @@ def _workdir_source(spec: str) -> InitSource:
     tokenizer = path / "tokenizer.model"
     if not tokenizer.exists():
         named = saved.get("data", {}).get("tokenizer")
-        tokenizer = pathlib.Path(named) if named else None
+        tokenizer = storage.as_path(named) if named else None
     return InitSource(spec=spec, model=saved["model"], tokenizer=tokenizer,
                       load=lambda: read_params(path, saved))
 
@@ -316,7 +315,7 @@ def adopt_tokenizer(source: InitSource, data_cfg, workdir: pathlib.Path) -> None
     embeddings. An explicit data.tokenizer wins (with a warning if it is another file)."""
     same = (lambda a, b: a.read_bytes() == b.read_bytes())
     if data_cfg.tokenizer:
-        if source.tokenizer is not None and not same(pathlib.Path(data_cfg.tokenizer), source.tokenizer):
+        if source.tokenizer is not None and not same(storage.as_path(data_cfg.tokenizer), source.tokenizer):
             logging.warning("data.tokenizer=%s is not the tokenizer of init_from %s: token ids may not match "
                             "the source's embeddings", data_cfg.tokenizer, source.spec)
         return
@@ -332,10 +331,7 @@ def adopt_tokenizer(source: InitSource, data_cfg, workdir: pathlib.Path) -> None
                 "use a new --workdir")
         return
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        shutil.copyfile(source.tokenizer, tmp)
-        tmp.rename(target)
+        storage.write_atomic(target, source.tokenizer.read_bytes())
 
 
 def _check_lora_unchanged(saved: dict | None, values: dict) -> None:
@@ -483,7 +479,7 @@ def train_command(config, workdir: pathlib.Path) -> None:
             baseline = json.loads(baseline_file.read_text())["unigram_loss"]
         else:
             baseline = pipeline.unigram_entropy(data_cfg, tokenizer)
-            baseline_file.write_text(json.dumps({"unigram_loss": baseline}))
+            storage.write_atomic(baseline_file, json.dumps({"unigram_loss": baseline}))
         print(f"unigram baseline on validation: {baseline:.3f} nats/token")
 
     def on_end(state):
@@ -498,7 +494,7 @@ def train_command(config, workdir: pathlib.Path) -> None:
                         max_new_tokens=train_cfg.sample_tokens, temperature=train_cfg.sample_temperature,
                         seed=train_cfg.seed)
         text = "\n\n".join(texts)
-        (workdir / "samples.txt").write_text(text + "\n")
+        storage.write_atomic(workdir / "samples.txt", text + "\n")
         print("\n===== samples =====\n" + text + "\n===================")
 
     state = train_loop(trainer, train_cfg, workdir, data, evaluators=evaluators, seq_len=data_cfg.seq_len,
@@ -586,7 +582,7 @@ def _model_to_evaluate(workdir: pathlib.Path | None):
 def _default_out(workdir: pathlib.Path | None, kind: str) -> pathlib.Path:
     """WORKDIR/KIND for a workdir, KIND/MODEL for --model."""
     if _MODEL.value:
-        return pathlib.Path(kind) / pathlib.Path(_MODEL.value).name
+        return storage.as_path(kind) / pathlib.Path(_MODEL.value).name
     return workdir / kind
 
 
@@ -601,7 +597,7 @@ def eval_command(workdir: pathlib.Path | None) -> None:
     from lm.evaluation import evaluate, format_table, get_tasks
 
     model, params, tokenizer, data_cfg, described, step = _model_to_evaluate(workdir)
-    out = pathlib.Path(_OUT.value or _default_out(workdir, "eval"))
+    out = storage.as_path(_OUT.value or _default_out(workdir, "eval"))
     tasks = get_tasks(_TASKS.value, data_cfg)  # unknown names fail before any work
     lm = harness_model(model, params, tokenizer, data_cfg, batch_size=_BATCH_SIZE.value,
                        max_length=_MAX_LENGTH.value)
@@ -609,8 +605,8 @@ def eval_command(workdir: pathlib.Path | None) -> None:
     results = {"model": described, "step": step, **results}
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
+    storage.write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    storage.write_atomic(out / "results.md", table + "\n")
     print(table)
     print(f"wrote {out / 'results.json'}")
 
@@ -623,7 +619,7 @@ def icl_command(workdir: pathlib.Path | None) -> None:
     if not _TASKS.value:
         raise app.UsageError("icl needs --tasks (e.g. --tasks sst2,arc_easy)")
     model, params, tokenizer, data_cfg, described, step = _model_to_evaluate(workdir)
-    out = pathlib.Path(_OUT.value or _default_out(workdir, "icl"))
+    out = storage.as_path(_OUT.value or _default_out(workdir, "icl"))
     tasks = get_tasks(_TASKS.value, data_cfg)
     bad = [t.name for t in tasks if t.kind != "multiple_choice"]
     if bad:
@@ -639,8 +635,8 @@ def icl_command(workdir: pathlib.Path | None) -> None:
     curves = {"model": described, "step": step, "chance": chance, **curves}
     out.mkdir(parents=True, exist_ok=True)
     table = fewshot.format_curves(curves)
-    (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
-    (out / "curves.md").write_text(table + "\n")
+    storage.write_atomic(out / "curves.json", json.dumps(curves, indent=2) + "\n")
+    storage.write_atomic(out / "curves.md", table + "\n")
     fewshot.plot_curves(curves, out / "fewshot.png", chance=chance, title=described)
     print(table)
     print(f"wrote {out / 'curves.json'} and {out / 'fewshot.png'}")
@@ -694,12 +690,12 @@ def main(argv):
     if _WORKDIR.value is None and not (command in ("sample", "eval", "icl", "convert") and _MODEL.value):
         raise app.UsageError("--workdir is required (sample, eval, icl and convert also take --model NAME "
                              "instead)")
-    if _WORKDIR.value and "://" in _WORKDIR.value:
-        raise app.UsageError(
-            f"--workdir {_WORKDIR.value}: object-store URLs are not supported (the workdir is "
-            "written with local file calls); mount the bucket (e.g. gcsfuse) at the same path on "
-            "every host and pass that path")
-    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
+    workdir = storage.as_path(_WORKDIR.value) if _WORKDIR.value else None
+    if workdir is not None:
+        checkpoint.check_checkpoint_store(workdir)
+        storage.check_reachable(workdir)  # a bucket that is missing or out of reach: one line, now
+    if _OUT.value:
+        storage.check_reachable(_OUT.value)
     if command == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config experiments/NAME.py")

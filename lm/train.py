@@ -12,8 +12,6 @@ import functools
 import json
 import logging
 import math
-import os
-import pathlib
 import signal
 import threading
 import time
@@ -29,7 +27,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm import lora, parallel
+from lm import lora, parallel, storage
 from lm.checkpoint import Checkpointer
 from lm.models.transformer import (
     ModelConfig,
@@ -626,42 +624,62 @@ def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float
 # ------------------------------------------------------------------------------ the loop
 
 
-def _drop_torn_line(path: pathlib.Path) -> None:
-    """A run killed in the middle of writing a line leaves it without its newline; the next
-    line would be glued to it. Cut it off (its step is trained and logged again on resume)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-    logging.warning("%s ended in a partly written line (the run was killed while writing it): dropped %r",
-                    path, data[keep:][:80])
+class _StoreRecordWriter:
+    """tensorboardX's record writer for gs:// and s3:// logdirs, through epath (and so through
+    the same credentials and endpoints as every other file of the workdir): an object store
+    cannot append, so each flush uploads the event file whole (as tensorboardX's own S3 writer
+    does; event files of a run are small)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.closed = storage.as_path(path), bytearray(), False
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def flush(self) -> None:
+        self.path.write_bytes(bytes(self.buffer))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class _StoreRecordWriterFactory:
+    def open(self, path: str) -> _StoreRecordWriter:
+        return _StoreRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no directories to create
+
+
+def _register_store_writers() -> None:
+    from tensorboardX import record_writer
+
+    for scheme in storage.REMOTE_SCHEMES:
+        record_writer.register_writer_factory(scheme.split(":")[0], _StoreRecordWriterFactory())
 
 
 class MetricWriter:
     """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: storage.PathLike):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        path = workdir / "metrics.jsonl"
-        _drop_torn_line(path)
-        self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
+        _register_store_writers()
+        self.jsonl = storage.LineLog(storage.as_path(workdir) / "metrics.jsonl")
+        if self.jsonl.dropped is not None:
+            logging.warning("%s ended in a partly written line (the run was killed while writing it): "
+                            "dropped %r", self.jsonl.path, self.jsonl.dropped[:80])
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write(json.dumps({"step": step, **metrics}))
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
@@ -731,12 +749,12 @@ ROLLBACK_LIMIT = 3  # rollbacks with no checkpoint saved in between: the run div
 SKIP_LIMIT = 10  # steps skipped in a row: the state, not a batch, is broken; stop
 
 
-def read_skipped_batches(workdir: str | pathlib.Path) -> list[dict]:
+def read_skipped_batches(workdir: storage.PathLike) -> list[dict]:
     """The batches that rollbacks dropped (WORKDIR/skipped_batches.json), in the order dropped:
     `{"position": p, "step": s, "restored_step": r}`: the batch at position p of the run's
     data stream (0 = the first batch the run drew) made step s non-finite, and the run went
     back to step r."""
-    path = pathlib.Path(workdir) / SKIPPED_BATCHES
+    path = storage.as_path(workdir) / SKIPPED_BATCHES
     if not path.exists():
         return []
     try:
@@ -749,17 +767,11 @@ def read_skipped_batches(workdir: str | pathlib.Path) -> list[dict]:
     return batches
 
 
-def _write_skipped_batches(workdir: pathlib.Path, batches: list[dict]) -> None:
+def _write_skipped_batches(workdir, batches: list[dict]) -> None:
     """Atomically and durably (before any checkpoint that depends on it), on process 0."""
-    if jax.process_index() != 0:
-        return
-    path = workdir / SKIPPED_BATCHES
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"batches": batches}, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    if jax.process_index() == 0:
+        storage.write_atomic(storage.as_path(workdir) / SKIPPED_BATCHES,
+                             json.dumps({"batches": batches}, indent=1) + "\n")
 
 
 def _data_position(step: int, dropped) -> int:
@@ -786,7 +798,7 @@ def _describe_nonfinite(step: int, metrics) -> str:
 def train_loop(
     trainer: Trainer,
     train_config: TrainConfig,
-    workdir: str | pathlib.Path,
+    workdir: storage.PathLike,
     data_iterator,
     *,
     evaluators: dict[str, Callable[[TrainState], dict[str, float]]] | None = None,
@@ -824,7 +836,7 @@ def train_loop(
       checkpoint saved in between the run is diverging, not meeting bad batches: it stops as
       abort does, and the batches those rollbacks dropped are taken off the list again.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     evaluators = evaluators or {}
     policy = train_config.nonfinite

@@ -41,7 +41,6 @@ import atexit
 import collections
 import dataclasses
 import math
-import pathlib
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping
@@ -50,6 +49,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from lm import storage
 from lm.data import sources
 from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -192,7 +192,7 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
-        root = pathlib.Path(workdir) if workdir else pathlib.Path(tempfile.mkdtemp(prefix='lm-'))
+        root = storage.as_path(workdir if workdir else tempfile.mkdtemp(prefix='lm-'))
         path = root / 'tokenizer.model'
         if (root / 'tokenizer.json').exists():  # an imported model's, adopted by a fine-tune
             tok = load_tokenizer(root / 'tokenizer.json')

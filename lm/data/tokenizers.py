@@ -13,14 +13,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import pathlib
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
+
+from lm import storage
 
 if TYPE_CHECKING:  # `tokenizers` is only imported when an imported model needs it.
     import tokenizers
@@ -143,7 +143,7 @@ class PretrainedTokenizer:
             'bos_id': self.bos_id, 'eos_id': self.eos_id, 'add_bos': self.add_bos}})
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write(pathlib.Path(path), self.to_json().encode('utf-8'))
+        storage.write_atomic(path, self.to_json())
         self.path = str(path)
 
     @classmethod
@@ -331,26 +331,12 @@ def train_tokenizer(texts: Iterable[str], model_path: str | os.PathLike, vocab_s
         raise ValueError(f'SentencePiece could not train a {vocab_size}-piece {model_type} '
                          f'model on {len(lines)} lines: {_first_line(e)}. Use a smaller '
                          f'vocab_size or more text.') from e
-    _atomic_write(pathlib.Path(model_path), model.getvalue())
+    storage.write_atomic(model_path, model.getvalue())
     return Tokenizer(model.getvalue(), model_path)
 
 
 def _first_line(e: Exception) -> str:
     return re.sub(r'\s+', ' ', str(e)).strip()[:300]
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | PretrainedTokenizer:
@@ -361,7 +347,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | PretrainedTokenizer:
       FileNotFoundError: no such file.
       ValueError: the file is not a SentencePiece model (or not our tokenizer JSON).
     """
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f'Tokenizer model {path} does not exist; set data.tokenizer to '
                                 'an existing .model file or leave it empty to train one.')

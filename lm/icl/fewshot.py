@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lm import storage
 from lm.evaluation.harness import FEWSHOT_SEED, evaluate_task
 from lm.evaluation.tasks import Task
 
@@ -141,6 +142,6 @@ def plot_curves(curves: dict, path: str | pathlib.Path, chance: dict[str, float]
         fig.suptitle(title)
     fig.tight_layout()
     path = pathlib.Path(path)
-    fig.savefig(path, dpi=120)
+    storage.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from lm import checkpoint as ckpt
+from lm import storage
 from lm.config import field_defaults, filled_sections
 from lm.icl import scores
 from lm.models.transformer import ModelConfig, build_model, config_from_dict, count_params
@@ -440,7 +441,7 @@ def plot_scores(history: list[dict[str, Any]], path: pathlib.Path, title: str = 
     axes[0, -1].legend(fontsize=8, loc="upper left", ncol=2)
     fig.suptitle(title or "attention of each head on repeated random tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -480,7 +481,7 @@ def plot_in_context(history: list[dict[str, Any]], path: pathlib.Path, title: st
     ax2.grid(alpha=0.3)
     fig.suptitle(title or "in-context learning")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

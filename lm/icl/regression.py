@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from lm import storage
 from lm.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
@@ -352,7 +353,7 @@ def plot_errors(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    storage.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
