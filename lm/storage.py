@@ -9,6 +9,7 @@ A leaf module: it imports nothing of lm.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -20,7 +21,23 @@ REMOTE_SCHEMES = ("gs://", "s3://")
 
 def as_path(path: PathLike) -> epath.Path:
     """An epath.Path for a local path or a gs:// / s3:// URL."""
+    if is_remote(path):
+        _fresh_listings()
     return epath.Path(path)
+
+
+@functools.cache
+def _fresh_listings() -> None:
+    """fsspec caches directory listings per process, so a process that listed a bucket keeps
+    seeing that listing after another process (a training run, another host) wrote to it:
+    Orbax then misses new checkpoints (seen here: a reader listed steps [6, 9] after a run had
+    saved 12 and 15). Listings of object stores are read fresh. fsspec's per-protocol defaults
+    are its documented configuration (`fsspec.config.conf`); set once, before any gs:// or s3://
+    filesystem is made by epath."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: PathLike) -> bool:
@@ -127,21 +144,12 @@ def check_reachable(path: PathLike) -> None:
     scheme, _, rest = str(path).partition("://")
     bucket = f"{scheme}://{rest.split('/')[0]}"
     store, credentials, create = _STORES[scheme]
-    try:
-        exists = as_path(bucket).exists()
+    try:  # listing (not exists(), which s3fs answers False on any error) tells the causes apart
+        next(iter(as_path(bucket).iterdir()), None)
+    except FileNotFoundError as e:
+        raise ValueError(f"{store} bucket {bucket} does not exist (or these credentials cannot see it); "
+                         f"create it (`{create} {bucket}`) or fix the URL in {path}") from e
     except Exception as e:  # noqa: BLE001 - gcsfs/s3fs raise botocore, aiohttp, google-auth errors alike
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"{store} bucket {bucket} is out of reach ({type(e).__name__}: {first}); check the "
                          f"network and {credentials}") from e
-    if not exists:
-        raise ValueError(f"{store} bucket {bucket} does not exist (or these credentials cannot see it); "
-                         f"create it (`{create} {bucket}`) or fix the URL in {path}")
-
-
-def save_figure(fig, path: PathLike, **kwargs) -> None:
-    """`fig.savefig` to a local path or an object store (matplotlib writes local files only)."""
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=as_path(path).suffix.lstrip(".") or "png", **kwargs)
-    write_atomic(path, buffer.getvalue())
