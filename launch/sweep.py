@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -44,8 +45,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
+
+from lm import storage
 
 DEFAULT_METRIC = "eval/loss"
 # Metrics shown in results.md when present (results.csv has every logged metric).
@@ -305,9 +309,9 @@ def command(spec: str, root: pathlib.Path, point: Point) -> list[str]:
 # ------------------------------------------------------------------------- workdir reading
 
 
-def read_metrics(workdir: pathlib.Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: storage.PathLike) -> list[dict[str, Any]]:
     """The rows of WORKDIR/metrics.jsonl ([] if none; a torn last line is ignored)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = storage.as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     rows = []
@@ -356,7 +360,7 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
     def start(point):
         workdir = root / point.name
         workdir.mkdir(parents=True, exist_ok=True)
-        log = open(workdir / "sweep.log", "a")  # noqa: SIM115 - closed when the process ends
+        log = open(log_path(root, point), "a")  # noqa: SIM115 - closed when the process ends
         cmd = command(spec, root, point)
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
@@ -364,7 +368,7 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         running[proc] = (point, time.monotonic(), log)
-        print(f"start {point.name} (log: {workdir / 'sweep.log'})", flush=True)
+        print(f"start {point.name} (log: {log_path(root, point)})", flush=True)
 
     try:
         while queue or running:
@@ -374,6 +378,7 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
             for proc in [p for p in running if p.poll() is not None]:
                 point, began, log = running.pop(proc)
                 log.close()
+                upload_log(root, point)
                 codes[point.name] = proc.returncode
                 done += 1
                 took = time.monotonic() - began
@@ -381,7 +386,7 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
                     print(f"[{done}/{total}] done {point.name} in {took:.0f} s", flush=True)
                 else:
                     print(f"[{done}/{total}] FAILED {point.name} (exit {proc.returncode}) after {took:.0f} s; "
-                          f"log: {root / point.name / 'sweep.log'}", flush=True)
+                          f"log: {log_path(root, point)}", flush=True)
     except KeyboardInterrupt:
         print(f"interrupted: stopping {len(running)} running point(s) (they save a checkpoint)", flush=True)
         for proc in running:
@@ -393,9 +398,26 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
                 proc.kill()
                 proc.wait()
             log.close()
+            upload_log(root, point)
             codes[point.name] = proc.returncode
         raise
     return codes
+
+
+def log_path(root: storage.PathLike, point: Point) -> pathlib.Path:
+    """Where a point's output goes while it runs: ROOT/NAME/sweep.log for a local root; for a
+    bucket (no appends there) a local file, copied into ROOT/NAME/sweep.log when the point ends."""
+    if not storage.is_remote(root):
+        return pathlib.Path(root) / point.name / "sweep.log"
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    local = pathlib.Path(tempfile.gettempdir()) / f"lm-sweep-{digest}" / f"{point.name}.log"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return local
+
+
+def upload_log(root: storage.PathLike, point: Point) -> None:
+    if storage.is_remote(root):
+        storage.write_atomic(storage.as_path(root) / point.name / "sweep.log", log_path(root, point).read_bytes())
 
 
 # -------------------------------------------------------------------------------- results
@@ -417,7 +439,7 @@ def collect_results(root: pathlib.Path, points: list[Point], codes: dict[str, in
     codes = codes or {}
     rows = []
     for point in points:
-        workdir = pathlib.Path(root) / point.name
+        workdir = storage.as_path(root) / point.name
         step, metrics = final_metrics(read_metrics(workdir))
         rows.append({"name": point.name, "overrides": dict(point.overrides),
                      "status": point_status(workdir, point.steps, codes.get(point.name)),
@@ -471,13 +493,13 @@ def markdown_table(rows, metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(root: pathlib.Path, rows, metric: str) -> str:
+def write_results(root: storage.PathLike, rows, metric: str) -> str:
     """Writes ROOT/results.csv (every metric) and ROOT/results.md; returns the Markdown table."""
-    root = pathlib.Path(root)
+    root = storage.as_path(root)
     root.mkdir(parents=True, exist_ok=True)
     keys, _ = table_columns(rows, metric)
     all_metrics = sorted({m for r in rows for m in r["metrics"]}, key=lambda m: (m != metric, m))
-    with open(root / "results.csv.tmp", "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", *keys, "status", "step", *all_metrics, "log"])
         for r in rows:
@@ -486,9 +508,9 @@ def write_results(root: pathlib.Path, rows, metric: str) -> str:
                              r["status"], "" if r["step"] is None else r["step"],
                              *("" if r["metrics"].get(m) is None else r["metrics"][m] for m in all_metrics),
                              r["log"]])
-    os.replace(root / "results.csv.tmp", root / "results.csv")
+        storage.write_atomic(root / "results.csv", f.getvalue())
     table = markdown_table(rows, metric)
-    (root / "results.md").write_text(f"Sweep results, sorted by {metric}.\n\n{table}\n")
+    storage.write_atomic(root / "results.md", f"Sweep results, sorted by {metric}.\n\n{table}\n")
     return table
 
 
@@ -517,7 +539,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    root = pathlib.Path(args.workdir)
+    root = storage.as_path(args.workdir)
+    storage.check_reachable(root)
     points = plan_sweep(args.experiment, extra)
     finished = [p for p in points if is_finished(root / p.name, p.steps)]
     todo = [p for p in points if p not in finished]

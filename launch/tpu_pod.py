@@ -126,19 +126,18 @@ def plan(options, lm_args: list[str]) -> list:
 
 
 def check_workdir(lm_args: list[str], parser_: common.Parser) -> None:
+    """A gs:// workdir is shared by every worker as it is; a path must be a shared mount."""
     workdir = common.workdir_of(lm_args)
-    if workdir and common.is_url(workdir):
-        parser_.error(
-            f"--workdir {workdir}: lm.main writes its workdir with local file calls and does not "
-            "take object-store URLs; mount the bucket with gcsfuse (or use Filestore/NFS) at the "
-            "same path on every worker and pass that path")
-    if workdir:
+    if workdir and workdir.startswith("s3://"):
+        parser_.error(f"--workdir {workdir}: lm.main writes checkpoints to gs:// or a path, not s3:// "
+                      "(orbax-checkpoint writes arrays to local paths and gs:// only); use a gs:// bucket")
+    if workdir and not common.is_url(workdir):
         common.warn(PROG, (
             f"--workdir {workdir} is a path on each worker. On a multi-host slice every worker "
             "must see the same workdir (process 0 writes the tokenizer and checkpoints the others "
-            "read): use a directory they all share, such as a bucket mounted with gcsfuse or a "
-            "Filestore/NFS mount at the same path on every worker. Ignore this on a single-host "
-            "TPU VM."))
+            "read): use a gs:// bucket (--workdir gs://BUCKET/RUN) or a directory they all share, "
+            "such as a Filestore/NFS mount at the same path on every worker. Ignore this on a "
+            "single-host TPU VM."))
 
 
 def main(argv: list[str] | None = None) -> int:

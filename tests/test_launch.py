@@ -117,10 +117,16 @@ def test_tpu_pod_setup_dry_run(capsys):
         "-m lm.main --config experiments/x.py --workdir /mnt/shared/x --config.parallel.distributed=True'",
     ]
     assert "every worker must see the same workdir" in err
-    # lm.main cannot write to an object store: refused before anything runs.
+    # A gs:// workdir goes to lm.main as it is (every worker reaches the bucket), without the
+    # shared-path warning; s3:// (no Orbax checkpoints there) is refused before anything runs.
+    assert tpu_pod.main(["--tpu", "pod-1", "--zone", "z", "--dry_run", "--", "--config", "experiments/x.py",
+                         "--workdir", "gs://bucket/x"]) == 0
+    out, err = capsys.readouterr()
+    assert lines(out)[-1].endswith("--workdir gs://bucket/x --config.parallel.distributed=True'")
+    assert "every worker must see the same workdir" not in err
     message = usage_error(tpu_pod.main, ["--tpu", "t", "--zone", "z", "--dry_run", "--", "--workdir",
-                                         "gs://bucket/x"], capsys)
-    assert "gcsfuse" in message
+                                         "s3://bucket/x"], capsys)
+    assert "use a gs:// bucket" in message
 
 
 def test_tpu_pod_setup_only_and_errors(capsys):

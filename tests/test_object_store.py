@@ -206,3 +206,30 @@ def test_store_problems_are_one_line_before_anything_runs(gcs, s3, corpus, case)
     assert re.search(expected, lines[0]), lines[0]
     assert sorted(p.name for p in root.iterdir()) == before  # no local 's3:' or 'gs:' directory
     print(f"{case}: {time.time() - start:.1f} s: {lines[0]}")
+
+
+@pytest.mark.slow
+def test_sweep_with_a_bucket_root(gcs, corpus, monkeypatch):
+    """launch.sweep with --workdir gs://...: every point's workdir, log and the results table
+    land in the bucket; a rerun finds them there and trains nothing."""
+    import csv
+    import io
+
+    for key, value in gcs.items():
+        monkeypatch.setenv(key, value)
+    root, source, data_dir, cache = corpus
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "LM_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "launch.sweep", "experiments/shakespeare_gpt.py:tiny", "--workdir=gs://runs/sweep",
+           "--parallel=2", "--config.train.steps=6", f"--config.data.source={source}",
+           f"--config.data.data_dir={data_dir}", "--config.data.vocab_size=320", "--config.train.sample_tokens=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep_root = storage.as_path("gs://runs/sweep")
+    rows = list(csv.DictReader(io.StringIO((sweep_root / "results.csv").read_text())))
+    assert len(rows) == 4 and all(r["status"] == "finished" and r["step"] == "6" for r in rows), rows
+    for r in rows:
+        assert r["log"] == f"gs://runs/sweep/{r['name']}/sweep.log"
+        assert "validation loss" in storage.as_path(r["log"]).read_text()
+        assert "6" in {p.name for p in (sweep_root / r["name"] / "checkpoints").iterdir()}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and proc.stdout.count("skip ") == 4 and "0 to run" in proc.stdout, proc.stdout
