@@ -679,8 +679,21 @@ def convert_command(workdir: pathlib.Path | None) -> None:
     else:
         trainer, state, _, _, _ = restore_for_inference(workdir)
         model = (trainer.model_config, jax.device_get(trainer.model_params(state)))
-    out = export_hf(model, _OUT.value)
-    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    if not storage.is_remote(_OUT.value):
+        out = export_hf(model, _OUT.value)
+        print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+        return
+    # safetensors writes local files: export beside us, then upload each file.
+    import tempfile
+
+    target = storage.as_path(_OUT.value)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty; choose a new --out directory")
+    with tempfile.TemporaryDirectory(prefix="lm-convert-") as local:
+        names = sorted(p.name for p in export_hf(model, local).iterdir())
+        for name in names:
+            storage.write_atomic(target / name, (pathlib.Path(local) / name).read_bytes())
+    print(f"wrote {target}: " + ", ".join(names))
 
 
 def main(argv):

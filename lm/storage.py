@@ -153,3 +153,12 @@ def check_reachable(path: PathLike) -> None:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(f"{store} bucket {bucket} is out of reach ({type(e).__name__}: {first}); check the "
                          f"network and {credentials}") from e
+
+
+def save_figure(fig, path: PathLike, **kwargs) -> None:
+    """`fig.savefig` to a local path or an object store (matplotlib writes local files only)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=as_path(path).suffix.lstrip(".") or "png", **kwargs)
+    write_atomic(path, buffer.getvalue())

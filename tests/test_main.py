@@ -183,13 +183,6 @@ def test_bad_config_override_names_the_key(tmp_path, flag, expected):
     assert not (tmp_path / "run").exists()
 
 
-def test_object_store_workdir_is_refused_with_the_fix(tmp_path):
-    proc = run_cli(TINY, workdir="gs://bucket/run", source=None, data_dir=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "gcsfuse" in proc.stderr
-    assert not pathlib.Path(ROOT / "gs:").exists()
-
-
 @pytest.mark.parametrize("content, expected", [(b"", "empty"), (b"\x00\x01\x02binary\xff\xfe", "text")])
 def test_bad_corpus_is_a_clear_error_and_writes_nothing(tmp_path, content, expected):
     (tmp_path / "corpus").mkdir()

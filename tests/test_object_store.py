@@ -171,6 +171,9 @@ def test_gs_workdir_trains_stops_resumes_samples_and_evaluates_like_a_local_one(
     code, _, err = finish(lm(["eval", f"--workdir={local}", "--tasks=heldout", f"--out={root / 'evals'}"],
                              corpus, {}))
     assert code == 0, err[-3000:]
+    code, out, err = finish(lm(["convert", f"--workdir={bucket}", "--out=gs://runs/hf"], corpus, gcs))
+    assert code == 0, err[-3000:]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in storage.as_path("gs://runs/hf").iterdir()}
     remote = json.loads(storage.as_path("s3://runs/evals/results.json").read_text())
     here = json.loads((root / "evals" / "results.json").read_text())
     assert remote["step"] == here["step"] == STEPS

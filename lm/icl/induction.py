@@ -217,7 +217,7 @@ def load_text(config: InductionConfig, workdir: pathlib.Path) -> TextData:
         chars = np.unique(train_bytes)
         table = np.zeros(256, np.int32)
         table[chars] = np.arange(1, chars.size + 1)
-        (workdir / "characters.json").write_text(json.dumps(
+        storage.write_atomic(workdir / "characters.json", json.dumps(
             {"unknown": 0, "characters": [bytes([int(c)]).decode("latin-1") for c in chars]}))
         train = table[train_bytes]
         valid = table[np.frombuffer(valid_text.encode("utf-8"), np.uint8)]
@@ -397,7 +397,7 @@ def unflatten_probe(row: dict[str, float]) -> dict[str, Any]:
 def load_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     """The probe results of a run (from WORKDIR/metrics.jsonl), in step order, as
     `plot_scores`, `plot_in_context` and `summarize` take them."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = storage.as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train an induction experiment there first "
                                 "(python -m lm.main --config experiments/induction_heads.py:two_layer "
@@ -533,7 +533,7 @@ def run(config, workdir) -> dict[str, Any]:
     """Trains the model of `config` (sections icl, model, optimizer) and probes it as it
     trains; writes metrics.jsonl, the plots, summary.json and the final parameters to
     `workdir`; returns the summary."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.as_path(workdir)
     icl, _, _ = build_configs(config)  # validate everything before any work
     _prepare_workdir(workdir)
     t0 = time.time()
@@ -643,7 +643,7 @@ def run(config, workdir) -> dict[str, Any]:
     summary.update(num_layers=model_config.num_layers, num_heads=model_config.num_heads,
                    data=icl.data, steps=icl.steps, num_params=count_params(state.params),
                    train_time_s=round(train_time, 1), wall_time_s=round(time.time() - t0, 1))
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     print("summary: " + json.dumps({k: summary[k] for k in (
         "repeat_loss_ratio", "in_context_score", "max_induction", "max_previous_token",
         "wall_time_s")}), flush=True)

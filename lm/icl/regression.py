@@ -316,14 +316,14 @@ def format_table(errors: dict[str, list[float]]) -> str:
 def plot_saved_errors(workdir: str | pathlib.Path, path: str | pathlib.Path) -> dict[str, Any]:
     """Plots a finished run's WORKDIR/errors.json (see `plot_errors`) to `path`; returns the
     errors.json contents."""
-    source = pathlib.Path(workdir) / "errors.json"
+    source = storage.as_path(workdir) / "errors.json"
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: run a regression experiment there first "
                                 "(python -m lm.main --config experiments/garg_linear_regression.py:small "
                                 f"--workdir {workdir})")
     saved = json.loads(source.read_text())
     icl = RegressionConfig(function=saved["function"], n_dims=saved["n_dims"], n_points=saved["n_points"])
-    plot_errors(saved["errors"], icl, pathlib.Path(path), saved["step"])
+    plot_errors(saved["errors"], icl, storage.as_path(path), saved["step"])
     return saved
 
 
@@ -379,7 +379,7 @@ def run(config, workdir) -> dict[str, Any]:
     config: ConfigDict with sections icl, model, optimizer (see `experiment`).
     Returns {"step", "errors": {predictor: [error at k]}, "train_seconds", "num_params"}.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.as_path(workdir)
     icl, model_config, opt_config = build_configs(config)
     resolved = {
         "icl": dataclasses.asdict(icl),
@@ -425,7 +425,7 @@ def run(config, workdir) -> dict[str, Any]:
         train_seconds = json.loads((workdir / "errors.json").read_text()).get("train_seconds")
     if train_seconds is not None:
         result["train_seconds"] = train_seconds
-    (workdir / "errors.json").write_text(json.dumps(result, indent=2))
+    storage.write_atomic(workdir / "errors.json", json.dumps(result, indent=2))
     plot_errors(errors, icl, workdir / "error_vs_k.png", final_step)
     print(format_table(errors), flush=True)
     print(f"wrote {workdir / 'errors.json'} and {workdir / 'error_vs_k.png'}", flush=True)
