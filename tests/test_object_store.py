@@ -171,6 +171,10 @@ def test_gs_workdir_trains_stops_resumes_samples_and_evaluates_like_a_local_one(
     code, _, err = finish(lm(["eval", f"--workdir={local}", "--tasks=heldout", f"--out={root / 'evals'}"],
                              corpus, {}))
     assert code == 0, err[-3000:]
+    code, _, err = finish(lm(["icl", f"--workdir={bucket}", "--tasks=heldout_order", "--shots=0,2", "--seeds=1",
+                              "--limit=6", "--out=gs://runs/icl"], corpus, gcs))
+    assert code == 0, err[-3000:]
+    assert {"curves.json", "curves.md", "fewshot.png"} <= {p.name for p in storage.as_path("gs://runs/icl").iterdir()}
     code, out, err = finish(lm(["convert", f"--workdir={bucket}", "--out=gs://runs/hf"], corpus, gcs))
     assert code == 0, err[-3000:]
     assert {"config.json", "model.safetensors"} <= {p.name for p in storage.as_path("gs://runs/hf").iterdir()}
