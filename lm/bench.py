@@ -348,7 +348,8 @@ def main(argv=None) -> None:
     mfu.add_argument('--batch', type=int, default=16)
     mfu.add_argument('--seq', type=int, default=1024)
     mfu.add_argument('--precision', default='bf16', choices=['fp32', 'bf16'])
-    mfu.add_argument('--remat', default='none', choices=['none', 'dots_saveable', 'full'])
+    mfu.add_argument('--remat', default='dots_saveable', choices=['none', 'dots_saveable', 'full'],
+                     help='model.remat (default: the model default)')
     mfu.add_argument('--steps', type=int, default=20)
     mfu.add_argument('--decode_batches', default='1,64', help='comma-separated; empty: no decoding')
     mfu.add_argument('--new_tokens', type=int, default=64)
