@@ -1,4 +1,4 @@
-"""Command line: train | sample | eval.
+"""Command line: train | sample | eval | icl | convert.
 
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt --config.train.steps=100
@@ -7,7 +7,9 @@
     python -m lm.main eval --workdir /tmp/gpt --split test
     python -m lm.main eval --model smollm2 --tasks arc_easy,piqa --num_fewshot 0 --limit 100
     python -m lm.main eval --workdir /tmp/gpt --tasks heldout,heldout_order
+    python -m lm.main icl --workdir /tmp/gpt --tasks heldout_order --shots 0,2,4  # few-shot curves
     python -m lm.main convert --model smollm2 --out /tmp/smollm2_hf     # or --workdir /tmp/gpt
+    python -m lm.main --config experiments/shakespeare_gpt.py --workdir gs://bucket/gpt  # a bucket workdir
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
 
@@ -170,13 +172,6 @@ def _pretrained_source(spec: str) -> InitSource:
     pretrained.tokenizer.save(tokenizer)
     return InitSource(spec=spec, model=dataclasses.asdict(pretrained.config), tokenizer=tokenizer,
                       load=lambda: pretrained.params)
-
-
-def load_init_params(spec: str, model_cfg: ModelConfig):
-    """The host parameter pytree that `spec` gives for a model of `model_cfg` (checked to fit)."""
-    source = init_source(spec)
-    check_init_source(source, dataclasses.asdict(model_cfg))
-    return source.load()
 
 
 def _checkpoint_manager(workdir: pathlib.Path):

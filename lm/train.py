@@ -108,7 +108,7 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0  # 0 = guess from the device kind (for MFU)
     progress: bool = True
     # Fine-tuning. init_from: start from another run's parameters (a workdir; see
-    # lm.main.load_init_params) when this workdir has no checkpoint of its own yet.
+    # lm.main.init_source) when this workdir has no checkpoint of its own yet.
     init_from: str = ""
     # LoRA (lm.lora): rank 0 = off (train every parameter); else only adapters on the
     # kernels named in lora_targets (comma-separated module names) are trained.
