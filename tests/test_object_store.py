@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ import pytest
 
 from lm import storage
 from tests.test_main import ROOT, write_corpus
-from tests.test_multihost import assert_same_params
+from tests.test_multihost import assert_same_params, free_port
 
 STEPS = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_http(url: str, proc, timeout: float = 30.0) -> None:
