@@ -25,14 +25,26 @@ def get_config(arg: str | None = None):
     config = experiment(
         preset="transformer_base",
         model=dict(d_model=256, num_layers=3, num_heads=4, mlp_dim=1024, dropout=0.1),
-        data=dict(source="bible:4-l", task="translation", seq_len=96, encoder_len=96, batch_size=32,
-                  vocab_size=8000),
-        optimizer=dict(name="adamw", learning_rate=1e-3, warmup_steps=200, b2=0.98, weight_decay=0.01),
-        train=dict(steps=3000, log_every=50, eval_every=500, checkpoint_every=500, sample_tokens=64),
+        data=dict(
+            source="bible:4-l",
+            task="translation",
+            seq_len=96,
+            encoder_len=96,
+            batch_size=32,
+            vocab_size=8000,
+        ),
+        optimizer=dict(
+            name="adamw", learning_rate=1e-3, warmup_steps=200, b2=0.98, weight_decay=0.01
+        ),
+        train=dict(
+            steps=3000, log_every=50, eval_every=500, checkpoint_every=500, sample_tokens=64
+        ),
     )
     if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, dropout=0.0)
         config.data.update(seq_len=32, encoder_len=32, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)
-        config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=8)
+        config.train.update(
+            steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=8
+        )
     return config

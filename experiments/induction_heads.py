@@ -41,8 +41,18 @@ from lm.icl.induction import experiment
 def get_config(arg: str | None = None):
     arg = arg or "two_layer"
     model = dict(d_model=128, num_layers=2, num_heads=8, mlp_dim=0, position="learned")
-    icl = dict(data="repeated_random", length=64, span=32, min_span=8, max_gap=16, vocab=128,
-               batch_size=32, steps=3000, eval_every=250, log_every=100)
+    icl = dict(
+        data="repeated_random",
+        length=64,
+        span=32,
+        min_span=8,
+        max_gap=16,
+        vocab=128,
+        batch_size=32,
+        steps=3000,
+        eval_every=250,
+        log_every=100,
+    )
     optimizer = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
     if arg == "two_layer":
         pass
@@ -52,8 +62,18 @@ def get_config(arg: str | None = None):
         icl.update(data="text", tokenizer="char", length=128)
     elif arg == "tiny":
         model.update(d_model=32, num_heads=2)
-        icl.update(length=16, span=6, min_span=3, max_gap=2, vocab=16, batch_size=8, steps=6,
-                   eval_every=3, log_every=2, probe_batches=1)
+        icl.update(
+            length=16,
+            span=6,
+            min_span=3,
+            max_gap=2,
+            vocab=16,
+            batch_size=8,
+            steps=6,
+            eval_every=3,
+            log_every=2,
+            probe_batches=1,
+        )
     else:
         raise ValueError(f"unknown arg {arg!r}: use two_layer, one_layer, text or tiny")
     return experiment(icl=icl, model=model, optimizer=optimizer)

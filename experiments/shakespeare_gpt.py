@@ -47,15 +47,25 @@ def get_config(arg: str | None = None):
         preset="gpt2",
         model=dict(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, max_len=256, dropout=0.0),
         data=dict(source="shakespeare", task="lm", seq_len=256, batch_size=16, vocab_size=4096),
-        optimizer=dict(name="adamw", learning_rate=2e-3, warmup_steps=50, weight_decay=0.1, clip_norm=1.0),
-        train=dict(steps=480, log_every=20, eval_every=160, checkpoint_every=160,
-                   sample_prompt="ROMEO.\n", sample_tokens=120),
+        optimizer=dict(
+            name="adamw", learning_rate=2e-3, warmup_steps=50, weight_decay=0.1, clip_norm=1.0
+        ),
+        train=dict(
+            steps=480,
+            log_every=20,
+            eval_every=160,
+            checkpoint_every=160,
+            sample_prompt="ROMEO.\n",
+            sample_tokens=120,
+        ),
     )
     if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_len=64)
         config.data.update(seq_len=64, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)
-        config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16)
+        config.train.update(
+            steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16
+        )
     return config
 
 
@@ -64,6 +74,8 @@ def get_sweep(arg: str | None = None):
     widths = (16, 32) if "tiny" in experiment_args(arg, "tiny") else (128, 256)
     return sweep_product(
         sweep_axis("optimizer.learning_rate", [1e-3, 3e-3]),
-        sweep_zip(sweep_axis("model.d_model", list(widths)),
-                  sweep_axis("model.mlp_dim", [4 * w for w in widths])),
+        sweep_zip(
+            sweep_axis("model.d_model", list(widths)),
+            sweep_axis("model.mlp_dim", [4 * w for w in widths]),
+        ),
     )

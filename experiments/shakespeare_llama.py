@@ -25,16 +25,31 @@ def get_config(arg: str | None = None):
     args = experiment_args(arg, "tiny")
     config = experiment(
         preset="llama",
-        model=dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=704,
-                   rope_base=10_000.0, max_len=256),
+        model=dict(
+            d_model=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            mlp_dim=704,
+            rope_base=10_000.0,
+            max_len=256,
+        ),
         data=dict(source="shakespeare", task="lm", seq_len=256, batch_size=16, vocab_size=4096),
         optimizer=dict(name="adamw", learning_rate=2e-3, warmup_steps=50),
-        train=dict(steps=480, log_every=20, eval_every=160, checkpoint_every=160,
-                   sample_prompt="ROMEO.\n", sample_tokens=120),
+        train=dict(
+            steps=480,
+            log_every=20,
+            eval_every=160,
+            checkpoint_every=160,
+            sample_prompt="ROMEO.\n",
+            sample_tokens=120,
+        ),
     )
     if "tiny" in args:
         config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
         config.data.update(seq_len=64, batch_size=8, vocab_size=512)
         config.optimizer.update(warmup_steps=5)
-        config.train.update(steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16)
+        config.train.update(
+            steps=20, log_every=5, eval_every=10, checkpoint_every=10, sample_tokens=16
+        )
     return config

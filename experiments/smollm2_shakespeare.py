@@ -31,15 +31,25 @@ def get_config(arg: str | None = None):
         model=dict(vocab_size=0),
         data=dict(source="shakespeare", task="lm", seq_len=128, batch_size=8),
         optimizer=dict(name="adamw", learning_rate=5e-5, warmup_steps=10, weight_decay=0.0),
-        train=dict(init_from="smollm2", steps=40, log_every=10, eval_every=20, eval_batches=8,
-                   eval_at_start=True, checkpoint_every=20, keep_checkpoints=1,
-                   sample_prompt="ROMEO.\n", sample_tokens=60),
+        train=dict(
+            init_from="smollm2",
+            steps=40,
+            log_every=10,
+            eval_every=20,
+            eval_batches=8,
+            eval_at_start=True,
+            checkpoint_every=20,
+            keep_checkpoints=1,
+            sample_prompt="ROMEO.\n",
+            sample_tokens=60,
+        ),
     )
     if "lora" in args:
         config.train.update(lora_rank=8, lora_alpha=16.0)
         config.optimizer.update(learning_rate=1e-3)
     if "tiny" in args:
         config.data.update(seq_len=32, batch_size=2)
-        config.train.update(steps=3, log_every=1, eval_every=3, eval_batches=2, checkpoint_every=3,
-                            sample_tokens=8)
+        config.train.update(
+            steps=3, log_every=1, eval_every=3, eval_batches=2, checkpoint_every=3, sample_tokens=8
+        )
     return config

@@ -34,14 +34,34 @@ def get_config(arg: str | None = None):
     config = experiment(
         preset="t5",
         model=dict(pretrained.model),
-        data=dict(source="bible:4-l", task="translation", seq_len=64, encoder_len=96,
-                  batch_size=16, vocab_size=pretrained.data.vocab_size),
+        data=dict(
+            source="bible:4-l",
+            task="translation",
+            seq_len=64,
+            encoder_len=96,
+            batch_size=16,
+            vocab_size=pretrained.data.vocab_size,
+        ),
         optimizer=dict(name="adafactor", learning_rate=1e-3, warmup_steps=50, weight_decay=0.0),
-        train=dict(init_from="workdirs/t5_span", steps=600, log_every=50, eval_every=200,
-                   eval_batches=16, eval_at_start=True, checkpoint_every=200, sample_tokens=48),
+        train=dict(
+            init_from="workdirs/t5_span",
+            steps=600,
+            log_every=50,
+            eval_every=200,
+            eval_batches=16,
+            eval_at_start=True,
+            checkpoint_every=200,
+            sample_tokens=48,
+        ),
     )
     if "tiny" in args:
         config.data.update(seq_len=24, encoder_len=32, batch_size=8)
-        config.train.update(steps=10, log_every=5, eval_every=10, eval_batches=4, checkpoint_every=10,
-                            sample_tokens=8)
+        config.train.update(
+            steps=10,
+            log_every=5,
+            eval_every=10,
+            eval_batches=4,
+            checkpoint_every=10,
+            sample_tokens=8,
+        )
     return config

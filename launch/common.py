@@ -31,23 +31,35 @@ class Parser(argparse.ArgumentParser):
     (message and exit status 2).
     """
 
-    def __init__(self, prog: str, description: str, example: str, owned: Sequence[str] = (),
-                 lm_args_optional: Callable[[argparse.Namespace], bool] | None = None):
-        super().__init__(prog=prog, description=description,
-                         usage="%(prog)s [options] -- <lm.main arguments>",
-                         epilog=f"example:\n  {example}",
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    def __init__(
+        self,
+        prog: str,
+        description: str,
+        example: str,
+        owned: Sequence[str] = (),
+        lm_args_optional: Callable[[argparse.Namespace], bool] | None = None,
+    ):
+        super().__init__(
+            prog=prog,
+            description=description,
+            usage="%(prog)s [options] -- <lm.main arguments>",
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         self.example = example
         self.owned = tuple(owned)
         self.lm_args_optional = lm_args_optional
-        self.add_argument("--dry_run", action="store_true",
-                          help="print what would run (commands, environment, scripts) and run nothing")
+        self.add_argument(
+            "--dry_run",
+            action="store_true",
+            help="print what would run (commands, environment, scripts) and run nothing",
+        )
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
         argv = list(sys.argv[1:] if argv is None else argv)
         if SEPARATOR in argv:
             at = argv.index(SEPARATOR)
-            own, lm_args = argv[:at], argv[at + 1:]
+            own, lm_args = argv[:at], argv[at + 1 :]
         else:
             own, lm_args = argv, []
         options = self.parse_args(own)
@@ -58,11 +70,15 @@ class Parser(argparse.ArgumentParser):
         return options, lm_args
 
 
-def check_lm_args(lm_args: Sequence[str], owned: Sequence[str], parser: argparse.ArgumentParser) -> None:
+def check_lm_args(
+    lm_args: Sequence[str], owned: Sequence[str], parser: argparse.ArgumentParser
+) -> None:
     """Usage errors for arguments that would make a broken lm.main command."""
     if any(a in ("lm.main", "lm/main.py") for a in lm_args[:3]):
-        parser.error("give only lm.main's arguments after `--` (the launcher adds `python -m "
-                     f"lm.main` itself): got {shlex.join(lm_args[:4])} ...")
+        parser.error(
+            "give only lm.main's arguments after `--` (the launcher adds `python -m "
+            f"lm.main` itself): got {shlex.join(lm_args[:4])} ..."
+        )
     for flag in owned:
         if flag_value(lm_args, flag) is not None or flag in lm_args:
             parser.error(f"{parser.prog} sets {flag} itself; remove it from the lm.main arguments")
@@ -73,7 +89,7 @@ def flag_value(args: Sequence[str], name: str) -> str | None:
     value = None
     for i, arg in enumerate(args):
         if arg.startswith(name + "="):
-            value = arg[len(name) + 1:]
+            value = arg[len(name) + 1 :]
         elif arg == name and i + 1 < len(args):
             value = args[i + 1]
     return value
@@ -97,8 +113,12 @@ def is_url(path: str) -> bool:
     return bool(_URL.match(path))
 
 
-def lm_command(lm_args: Sequence[str], extra: Iterable[str] = (), python: str = "python",
-               program: str | None = None) -> list[str]:
+def lm_command(
+    lm_args: Sequence[str],
+    extra: Iterable[str] = (),
+    python: str = "python",
+    program: str | None = None,
+) -> list[str]:
     """argv of `python -m lm.main <lm_args> <extra>`; `program` replaces `python -m lm.main`."""
     head = shlex.split(program) if program else [*split_python(python), "-m", "lm.main"]
     return [*head, *lm_args, *extra]
@@ -110,8 +130,11 @@ def split_python(python: str) -> list[str]:
 
 
 def explicit_flags(coordinator: str, num_processes: int | str, process_id: int | str) -> list[str]:
-    return [f"{COORDINATOR}={coordinator}", f"{NUM_PROCESSES}={num_processes}",
-            f"{PROCESS_ID}={process_id}"]
+    return [
+        f"{COORDINATOR}={coordinator}",
+        f"{NUM_PROCESSES}={num_processes}",
+        f"{PROCESS_ID}={process_id}",
+    ]
 
 
 def quote(arg: str) -> str:

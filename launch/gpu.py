@@ -50,25 +50,50 @@ class Process:
 
 def parser() -> common.Parser:
     p = common.Parser(
-        PROG, "Run `python -m lm.main` on the GPUs of this machine: one process for all of them "
-              "(default) or one process per GPU.",
+        PROG,
+        "Run `python -m lm.main` on the GPUs of this machine: one process for all of them "
+        "(default) or one process per GPU.",
         example=f"{PROG} --gpus 8 -- --config experiments/X.py --workdir /tmp/X",
-        owned=[common.DISTRIBUTED.split("=")[0], *common.EXPLICIT])
-    p.add_argument("--gpus", type=common.positive_int, required=True, help="number of GPUs to use (>= 1)")
+        owned=[common.DISTRIBUTED.split("=")[0], *common.EXPLICIT],
+    )
+    p.add_argument(
+        "--gpus", type=common.positive_int, required=True, help="number of GPUs to use (>= 1)"
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--one_process", dest="per_gpu", action="store_false",
-                      help="one process drives all GPUs (the default)")
-    mode.add_argument("--processes_per_gpu", "--process_per_gpu", dest="per_gpu", action="store_true",
-                      help="one process per GPU, joined through a coordinator on 127.0.0.1")
+    mode.add_argument(
+        "--one_process",
+        dest="per_gpu",
+        action="store_false",
+        help="one process drives all GPUs (the default)",
+    )
+    mode.add_argument(
+        "--processes_per_gpu",
+        "--process_per_gpu",
+        dest="per_gpu",
+        action="store_true",
+        help="one process per GPU, joined through a coordinator on 127.0.0.1",
+    )
     p.set_defaults(per_gpu=False)
-    p.add_argument("--port", type=common.port_number, default=None,
-                   help="coordinator port for --processes_per_gpu (default: a free one)")
-    p.add_argument("--log_dir", default=None,
-                   help="per-process logs for --processes_per_gpu (default: WORKDIR/logs)")
-    p.add_argument("--python", default=sys.executable,
-                   help="the Python that runs lm.main (default: this one)")
-    p.add_argument("--grace", type=float, default=30.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping processes (default 30)")
+    p.add_argument(
+        "--port",
+        type=common.port_number,
+        default=None,
+        help="coordinator port for --processes_per_gpu (default: a free one)",
+    )
+    p.add_argument(
+        "--log_dir",
+        default=None,
+        help="per-process logs for --processes_per_gpu (default: WORKDIR/logs)",
+    )
+    p.add_argument(
+        "--python", default=sys.executable, help="the Python that runs lm.main (default: this one)"
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds between SIGTERM and SIGKILL when stopping processes (default 30)",
+    )
     # Testing only: replaces `python -m lm.main` with another command (shell-split).
     p.add_argument("--program", default=None, help=argparse.SUPPRESS)
     return p
@@ -155,16 +180,21 @@ class Supervisor:
             popen = subprocess.Popen(proc.argv, **kwargs)
             self.popens.append(popen)
             if popen.stdout is not None:
-                thread = threading.Thread(target=_tee, args=(popen.stdout, log_file, sys.stdout.buffer),
-                                          daemon=True)
+                thread = threading.Thread(
+                    target=_tee, args=(popen.stdout, log_file, sys.stdout.buffer), daemon=True
+                )
                 thread.start()
                 self.threads.append(thread)
 
     def on_signal(self, signum, frame) -> None:
         self.signals += 1
         if self.signals == 1:
-            print(f"\n{PROG}: {signal.Signals(signum).name}: sending SIGTERM to the processes "
-                  "(again to kill them)", file=sys.stderr, flush=True)
+            print(
+                f"\n{PROG}: {signal.Signals(signum).name}: sending SIGTERM to the processes "
+                "(again to kill them)",
+                file=sys.stderr,
+                flush=True,
+            )
             self.send(signal.SIGTERM)
         else:
             self.send(signal.SIGKILL)
@@ -218,15 +248,22 @@ def run(processes: list[Process], grace: float) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if failed is not None:
-        how = f"exited with status {code}" if code > 0 else f"was killed by {signal.Signals(-code).name}"
+        how = (
+            f"exited with status {code}"
+            if code > 0
+            else f"was killed by {signal.Signals(-code).name}"
+        )
         where = f"its log: {failed.log}" if failed.log else "its output is above"
         others = "; stopped the other processes" if len(processes) > 1 else ""
         tail = _tail(failed.log) if failed.log and failed.index != 0 else ""
         if tail:
             print(f"--- last lines of {failed.log} ---\n{tail}\n---", file=sys.stderr)
-        print(f"{PROG}: error: process {failed.index} of {len(processes)} "
-              f"(CUDA_VISIBLE_DEVICES={failed.env.get('CUDA_VISIBLE_DEVICES')}) {how}{others}; "
-              f"{where}", file=sys.stderr)
+        print(
+            f"{PROG}: error: process {failed.index} of {len(processes)} "
+            f"(CUDA_VISIBLE_DEVICES={failed.env.get('CUDA_VISIBLE_DEVICES')}) {how}{others}; "
+            f"{where}",
+            file=sys.stderr,
+        )
         return code if code > 0 else 1
     if code:
         print(f"{PROG}: stopped (exit status {code})", file=sys.stderr)
@@ -250,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.shell_line())
         return 0
     if len(processes) > 1:
-        print(f"{PROG}: {len(processes)} processes, logs in {os.path.dirname(processes[0].log)}; "
-              "showing process 0", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: {len(processes)} processes, logs in {os.path.dirname(processes[0].log)}; "
+            "showing process 0",
+            file=sys.stderr,
+            flush=True,
+        )
     return run(processes, options.grace)
 
 

@@ -49,31 +49,63 @@ DEVICES_COMMENT_PER_NODE = """\
 
 def parser() -> common.Parser:
     p = common.Parser(
-        PROG, "Write (and with --submit, submit) an sbatch script that runs `srun python -m lm.main "
-              "<args>` with the multi-host flags on every node.",
+        PROG,
+        "Write (and with --submit, submit) an sbatch script that runs `srun python -m lm.main "
+        "<args>` with the multi-host flags on every node.",
         example=f"{PROG} --nodes 2 --gpus_per_node 8 --partition gpu --time 24:00:00 --submit -- "
-                "--config experiments/X.py --workdir /shared/runs/X",
-        owned=[common.DISTRIBUTED.split("=")[0], *common.EXPLICIT])
-    p.add_argument("--nodes", type=common.positive_int, required=True, help="number of nodes (>= 1)")
-    p.add_argument("--gpus_per_node", type=common.positive_int, required=True, help="GPUs per node (>= 1)")
+        "--config experiments/X.py --workdir /shared/runs/X",
+        owned=[common.DISTRIBUTED.split("=")[0], *common.EXPLICIT],
+    )
+    p.add_argument(
+        "--nodes", type=common.positive_int, required=True, help="number of nodes (>= 1)"
+    )
+    p.add_argument(
+        "--gpus_per_node", type=common.positive_int, required=True, help="GPUs per node (>= 1)"
+    )
     p.add_argument("--partition", default=None, help="#SBATCH --partition")
     p.add_argument("--time", default=None, help="#SBATCH --time, e.g. 24:00:00 or 2-00:00:00")
     p.add_argument("--account", default=None, help="#SBATCH --account")
-    p.add_argument("--job_name", default=None, help="#SBATCH --job-name (default: lm-<config name>)")
-    p.add_argument("--per_node", action="store_true",
-                   help="one process per node driving all its GPUs (default: one process per GPU)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="another #SBATCH line, e.g. --sbatch=--mem=0 or --sbatch=--constraint=h100 "
-                        "(repeatable)")
-    p.add_argument("--prelude", action="append", default=[], metavar="LINE",
-                   help="shell line run before srun, e.g. 'module load cuda' or 'source venv/bin/activate' "
-                        "(repeatable)")
-    p.add_argument("--repo_dir", default=None,
-                   help="the repository on the cluster, where the job runs (default: the current directory)")
+    p.add_argument(
+        "--job_name", default=None, help="#SBATCH --job-name (default: lm-<config name>)"
+    )
+    p.add_argument(
+        "--per_node",
+        action="store_true",
+        help="one process per node driving all its GPUs (default: one process per GPU)",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="another #SBATCH line, e.g. --sbatch=--mem=0 or --sbatch=--constraint=h100 "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--prelude",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run before srun, e.g. 'module load cuda' or 'source venv/bin/activate' "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--repo_dir",
+        default=None,
+        help="the repository on the cluster, where the job runs (default: the current directory)",
+    )
     p.add_argument("--python", default="python", help="Python on the nodes (default python)")
-    p.add_argument("--port", type=common.port_number, default=None,
-                   help="coordinator port (default: 61440 + SLURM_JOB_ID %% 4096, as JAX picks it)")
-    p.add_argument("--script", default=None, help="where to write the sbatch script (default: WORKDIR/sbatch.sh)")
+    p.add_argument(
+        "--port",
+        type=common.port_number,
+        default=None,
+        help="coordinator port (default: 61440 + SLURM_JOB_ID %% 4096, as JAX picks it)",
+    )
+    p.add_argument(
+        "--script",
+        default=None,
+        help="where to write the sbatch script (default: WORKDIR/sbatch.sh)",
+    )
     p.add_argument("--submit", action="store_true", help="run sbatch on the script")
     return p
 
@@ -83,15 +115,20 @@ def script_path(options, lm_args: list[str], parser_: common.Parser) -> str:
         return options.script
     workdir = common.workdir_of(lm_args)
     if not workdir or common.is_url(workdir):
-        parser_.error("pass --script PATH: the lm.main arguments have no local --workdir to write "
-                      "the sbatch script to")
+        parser_.error(
+            "pass --script PATH: the lm.main arguments have no local --workdir to write "
+            "the sbatch script to"
+        )
     return os.path.join(workdir, "sbatch.sh")
 
 
 def sbatch_lines(options, lm_args: list[str], output: str) -> list[str]:
     g = options.gpus_per_node
-    tasks = ["--ntasks-per-node=1", f"--gpus-per-node={g}"] if options.per_node else \
-        [f"--ntasks-per-node={g}", "--gpus-per-task=1"]
+    tasks = (
+        ["--ntasks-per-node=1", f"--gpus-per-node={g}"]
+        if options.per_node
+        else [f"--ntasks-per-node={g}", "--gpus-per-task=1"]
+    )
     name = options.job_name or f"lm-{common.config_name(lm_args) or 'run'}"
     lines = [f"--job-name={name}", f"--nodes={options.nodes}", *tasks]
     if options.partition:
@@ -108,7 +145,9 @@ def sbatch_lines(options, lm_args: list[str], output: str) -> list[str]:
 def task_command(options, lm_args: list[str]) -> str:
     """The shell text each srun task runs; $SLURM_PROCID etc. are expanded per task."""
     argv = common.lm_command(lm_args, [common.DISTRIBUTED], python=options.python)
-    explicit = " ".join(common.explicit_flags('"$LM_COORDINATOR"', '"$SLURM_NTASKS"', '"$SLURM_PROCID"'))
+    explicit = " ".join(
+        common.explicit_flags('"$LM_COORDINATOR"', '"$SLURM_NTASKS"', '"$SLURM_PROCID"')
+    )
     run = f"exec {common.join(argv)} \\\n  {explicit}\n"
     if options.per_node:
         return "\n" + run
@@ -117,7 +156,8 @@ def task_command(options, lm_args: list[str]) -> str:
         "  export JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID  # GPUs not bound to tasks: take ours\n"
         "else\n"
         "  export JAX_LOCAL_DEVICE_IDS=0  # the one GPU SLURM bound to this task\n"
-        "fi\n" + run)
+        "fi\n" + run
+    )
 
 
 def script_text(options, lm_args: list[str], command_line: str, output: str) -> str:
@@ -160,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--dry_run and --submit exclude each other")
     script = script_path(options, lm_args, p)
     output = os.path.join(os.path.dirname(os.path.abspath(script)), "slurm-%j.out")
-    recorded = [a for a in argv[:argv.index(common.SEPARATOR)] if a not in ("--dry_run", "--submit")]
-    recorded += argv[argv.index(common.SEPARATOR):]
+    recorded = [
+        a for a in argv[: argv.index(common.SEPARATOR)] if a not in ("--dry_run", "--submit")
+    ]
+    recorded += argv[argv.index(common.SEPARATOR) :]
     text = script_text(options, lm_args, common.join([*PROG.split(), *recorded]), output)
     submit = ["sbatch", script]
     if options.dry_run:
@@ -181,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return subprocess.run(submit).returncode
     except FileNotFoundError:
-        print(f"{PROG}: error: sbatch not found; run this on a SLURM login node, or submit "
-              f"{script} there", file=sys.stderr)
+        print(
+            f"{PROG}: error: sbatch not found; run this on a SLURM login node, or submit "
+            f"{script} there",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -97,15 +97,19 @@ def load_experiment(spec: str):
 
 def get_points(module, arg: tuple[str, ...], path: str) -> list[dict[str, Any]]:
     if not hasattr(module, "get_sweep"):
-        raise SweepError(f"{path} has no get_sweep(arg): add one that returns a list of override dicts "
-                         "(see lm.config.sweep_product)")
+        raise SweepError(
+            f"{path} has no get_sweep(arg): add one that returns a list of override dicts "
+            "(see lm.config.sweep_product)"
+        )
     try:
         points = module.get_sweep(*arg)
     except ValueError as e:  # e.g. an unknown experiment arg: the file's own one-line message
         raise SweepError(f"{path}: {e}") from None
     if not isinstance(points, (list, tuple)) or not all(isinstance(p, dict) for p in points):
-        raise SweepError(f"{path}: get_sweep({', '.join(map(repr, arg))}) must return a list of dicts, "
-                         f"got {points!r}")
+        raise SweepError(
+            f"{path}: get_sweep({', '.join(map(repr, arg))}) must return a list of dicts, "
+            f"got {points!r}"
+        )
     if not points:
         raise SweepError(f"{path}: get_sweep({', '.join(map(repr, arg))}) returned no points")
     return [dict(p) for p in points]
@@ -141,12 +145,16 @@ def check_keys(keys, valid: dict[str, Any], where: str) -> None:
         else:
             choices = sorted({k.split(".", 1)[0] for k in valid})
             if any(k.startswith(key + ".") for k in valid):
-                raise SweepError(f"{where}: {key!r} is a config section, not a key; sweep its keys "
-                                 f"({', '.join(k for k in sorted(valid) if k.startswith(key + '.'))})")
+                raise SweepError(
+                    f"{where}: {key!r} is a config section, not a key; sweep its keys "
+                    f"({', '.join(k for k in sorted(valid) if k.startswith(key + '.'))})"
+                )
         close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.8)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         label = f"keys of {section!r}" if siblings else "sections"
-        raise SweepError(f"{where}: unknown config key {key!r}{hint}; valid {label}: {', '.join(choices)}")
+        raise SweepError(
+            f"{where}: unknown config key {key!r}{hint}; valid {label}: {', '.join(choices)}"
+        )
 
 
 # ---------------------------------------------------------------- values on the command line
@@ -166,8 +174,10 @@ def format_value(value: Any, key: str = "value") -> str:
     if isinstance(value, (tuple, list)):
         items = [format_value(v, key) if not isinstance(v, str) else repr(v) for v in value]
         return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-    raise SweepError(f"{key}: cannot pass a {type(value).__name__} ({value!r}) on the command line; "
-                     "use a bool, int, float, str or tuple")
+    raise SweepError(
+        f"{key}: cannot pass a {type(value).__name__} ({value!r}) on the command line; "
+        "use a bool, int, float, str or tuple"
+    )
 
 
 def override_flags(overrides: dict[str, Any]) -> list[str]:
@@ -201,7 +211,9 @@ def resolve_config(spec: str, flags: list[str], where: str = "") -> dict[str, An
 def target_steps(values: dict[str, Any]) -> int | None:
     """The step a finished run has logged: train.steps (icl.steps for the ICL experiments)."""
     for section in ("train", "icl"):
-        steps = values.get(section, {}).get("steps") if isinstance(values.get(section), dict) else None
+        steps = (
+            values.get(section, {}).get("steps") if isinstance(values.get(section), dict) else None
+        )
         if isinstance(steps, int):
             return steps
     return None
@@ -251,8 +263,10 @@ def point_names(points: list[dict[str, Any]]) -> list[str]:
         if "name" in point:
             name = point["name"]
             if not isinstance(name, str) or not name or NAME_CHARS.search(name) or name[0] in ".-":
-                raise SweepError(f"point {i}: name {name!r} is not a plain file name (letters, digits and "
-                                 "._=,+- only, not starting with '.' or '-')")
+                raise SweepError(
+                    f"point {i}: name {name!r} is not a plain file name (letters, digits and "
+                    "._=,+- only, not starting with '.' or '-')"
+                )
             explicit.append(True)
         else:
             parts = [f"{shorts[k]}={name_value(v)}" for k, v in point.items()]
@@ -289,7 +303,9 @@ def plan_sweep(spec: str, extra_flags: list[str] = ()) -> list[Point]:
     swept = {k for p in points for k in p if k != "name"}
     both = sorted(swept & {k for k, _ in extra})
     if both:
-        raise SweepError(f"--config.{both[0]} is swept by get_sweep; it cannot also be set for every point")
+        raise SweepError(
+            f"--config.{both[0]} is swept by get_sweep; it cannot also be set for every point"
+        )
     for i, p in enumerate(points):
         check_keys([k for k in p if k != "name"], valid, f"sweep point {i} {p}")
     names = point_names(points)
@@ -298,12 +314,21 @@ def plan_sweep(spec: str, extra_flags: list[str] = ()) -> list[Point]:
         overrides = {k: v for k, v in p.items() if k != "name"}
         flags = override_flags(overrides) + list(extra_flags)
         values = resolve_config(spec, flags, f"sweep point {name}")
-        planned.append(Point(name=name, overrides=overrides, flags=flags, steps=target_steps(values)))
+        planned.append(
+            Point(name=name, overrides=overrides, flags=flags, steps=target_steps(values))
+        )
     return planned
 
 
 def command(spec: str, root: pathlib.Path, point: Point) -> list[str]:
-    return [sys.executable, "-m", "lm.main", f"--config={spec}", f"--workdir={root / point.name}", *point.flags]
+    return [
+        sys.executable,
+        "-m",
+        "lm.main",
+        f"--config={spec}",
+        f"--workdir={root / point.name}",
+        *point.flags,
+    ]
 
 
 # ------------------------------------------------------------------------- workdir reading
@@ -346,8 +371,13 @@ def is_finished(workdir: pathlib.Path, steps: int | None) -> bool:
 # -------------------------------------------------------------------------------- running
 
 
-def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int,
-               codes: dict[str, int] | None = None) -> dict[str, int]:
+def run_points(
+    spec: str,
+    root: pathlib.Path,
+    points: list[Point],
+    parallel: int,
+    codes: dict[str, int] | None = None,
+) -> dict[str, int]:
     """Runs the points as subprocesses, `parallel` at a time; -> {name: exit status} (also
     filled into `codes` as they end). On KeyboardInterrupt the running points get SIGTERM (they
     checkpoint and stop) and the interrupt is raised again once they have ended."""
@@ -365,8 +395,13 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
         # Own session: a Ctrl-C in the terminal reaches the sweep, which stops the points cleanly.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         running[proc] = (point, time.monotonic(), log)
         print(f"start {point.name} (log: {log_path(root, point)})", flush=True)
 
@@ -385,10 +420,16 @@ def run_points(spec: str, root: pathlib.Path, points: list[Point], parallel: int
                 if proc.returncode == 0:
                     print(f"[{done}/{total}] done {point.name} in {took:.0f} s", flush=True)
                 else:
-                    print(f"[{done}/{total}] FAILED {point.name} (exit {proc.returncode}) after {took:.0f} s; "
-                          f"log: {log_path(root, point)}", flush=True)
+                    print(
+                        f"[{done}/{total}] FAILED {point.name} (exit {proc.returncode}) after {took:.0f} s; "
+                        f"log: {log_path(root, point)}",
+                        flush=True,
+                    )
     except KeyboardInterrupt:
-        print(f"interrupted: stopping {len(running)} running point(s) (they save a checkpoint)", flush=True)
+        print(
+            f"interrupted: stopping {len(running)} running point(s) (they save a checkpoint)",
+            flush=True,
+        )
         for proc in running:
             proc.send_signal(signal.SIGTERM)
         for proc, (point, _, log) in running.items():
@@ -417,7 +458,9 @@ def log_path(root: storage.PathLike, point: Point) -> pathlib.Path:
 
 def upload_log(root: storage.PathLike, point: Point) -> None:
     if storage.is_remote(root):
-        storage.write_atomic(storage.as_path(root) / point.name / "sweep.log", log_path(root, point).read_bytes())
+        storage.write_atomic(
+            storage.as_path(root) / point.name / "sweep.log", log_path(root, point).read_bytes()
+        )
 
 
 # -------------------------------------------------------------------------------- results
@@ -433,17 +476,25 @@ def point_status(workdir: pathlib.Path, steps: int | None, code: int | None) -> 
     return "not started"
 
 
-def collect_results(root: pathlib.Path, points: list[Point], codes: dict[str, int] | None = None
-                    ) -> list[dict[str, Any]]:
+def collect_results(
+    root: pathlib.Path, points: list[Point], codes: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
     """One row per point: name, its overrides, status, final step, final metrics, log path."""
     codes = codes or {}
     rows = []
     for point in points:
         workdir = storage.as_path(root) / point.name
         step, metrics = final_metrics(read_metrics(workdir))
-        rows.append({"name": point.name, "overrides": dict(point.overrides),
-                     "status": point_status(workdir, point.steps, codes.get(point.name)),
-                     "step": step, "metrics": metrics, "log": str(workdir / "sweep.log")})
+        rows.append(
+            {
+                "name": point.name,
+                "overrides": dict(point.overrides),
+                "status": point_status(workdir, point.steps, codes.get(point.name)),
+                "step": step,
+                "metrics": metrics,
+                "log": str(workdir / "sweep.log"),
+            }
+        )
     return rows
 
 
@@ -453,7 +504,9 @@ def _number(value) -> float | None:
     return float(value)
 
 
-def sort_results(rows: list[dict[str, Any]], metric: str, mode: str = "min") -> list[dict[str, Any]]:
+def sort_results(
+    rows: list[dict[str, Any]], metric: str, mode: str = "min"
+) -> list[dict[str, Any]]:
     """By `metric` (mode 'min' or 'max'); points without it (or with NaN) last, in sweep order."""
     if mode not in ("min", "max"):
         raise SweepError(f"--mode must be min or max, not {mode!r}")
@@ -487,8 +540,13 @@ def markdown_table(rows, metric: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         status = r["status"] + (f", log: {r['log']}" if r["status"].startswith("failed") else "")
-        cells = [r["name"], *(format_value(r["overrides"][k]) if k in r["overrides"] else "" for k in keys),
-                 status, _cell(r["step"]), *(_cell(r["metrics"].get(m)) for m in metrics)]
+        cells = [
+            r["name"],
+            *(format_value(r["overrides"][k]) if k in r["overrides"] else "" for k in keys),
+            status,
+            _cell(r["step"]),
+            *(_cell(r["metrics"].get(m)) for m in metrics),
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -503,11 +561,16 @@ def write_results(root: storage.PathLike, rows, metric: str) -> str:
         writer = csv.writer(f)
         writer.writerow(["name", *keys, "status", "step", *all_metrics, "log"])
         for r in rows:
-            writer.writerow([r["name"], *(format_value(r["overrides"][k]) if k in r["overrides"] else ""
-                                          for k in keys),
-                             r["status"], "" if r["step"] is None else r["step"],
-                             *("" if r["metrics"].get(m) is None else r["metrics"][m] for m in all_metrics),
-                             r["log"]])
+            writer.writerow(
+                [
+                    r["name"],
+                    *(format_value(r["overrides"][k]) if k in r["overrides"] else "" for k in keys),
+                    r["status"],
+                    "" if r["step"] is None else r["step"],
+                    *("" if r["metrics"].get(m) is None else r["metrics"][m] for m in all_metrics),
+                    r["log"],
+                ]
+            )
         storage.write_atomic(root / "results.csv", f.getvalue())
     table = markdown_table(rows, metric)
     storage.write_atomic(root / "results.md", f"Sweep results, sorted by {metric}.\n\n{table}\n")
@@ -521,12 +584,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m launch.sweep",
         description="Run an experiment's get_sweep() points with python -m lm.main, N at a time. "
-                    "Extra --config.KEY=VALUE flags are passed to every point.")
-    parser.add_argument("experiment", help="experiments/NAME.py[:arg]; the arg goes to get_sweep and get_config")
-    parser.add_argument("--workdir", required=True, help="sweep root: one workdir per point, results.csv/.md")
+        "Extra --config.KEY=VALUE flags are passed to every point.",
+    )
+    parser.add_argument(
+        "experiment", help="experiments/NAME.py[:arg]; the arg goes to get_sweep and get_config"
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="sweep root: one workdir per point, results.csv/.md"
+    )
     parser.add_argument("--parallel", type=int, default=1, help="points run at once (default 1)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="sort the table by this metric")
-    parser.add_argument("--mode", choices=("min", "max"), default="min", help="min: lower is better")
+    parser.add_argument(
+        "--mode", choices=("min", "max"), default="min", help="min: lower is better"
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
@@ -544,8 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     points = plan_sweep(args.experiment, extra)
     finished = [p for p in points if is_finished(root / p.name, p.steps)]
     todo = [p for p in points if p not in finished]
-    print(f"sweep {args.experiment}: {len(points)} points, {len(finished)} finished, {len(todo)} to run"
-          f"{f' ({args.parallel} at a time)' if todo else ''}", flush=True)
+    print(
+        f"sweep {args.experiment}: {len(points)} points, {len(finished)} finished, {len(todo)} to run"
+        f"{f' ({args.parallel} at a time)' if todo else ''}",
+        flush=True,
+    )
     for p in finished:
         print(f"skip {p.name}: finished (step {p.steps})", flush=True)
     if args.dry_run:
@@ -554,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     codes: dict[str, int] = {}
     interrupted = False
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM: stop like Ctrl-C
+    previous = signal.signal(
+        signal.SIGTERM, signal.default_int_handler
+    )  # SIGTERM: stop like Ctrl-C
     try:
         run_points(args.experiment, root, todo, args.parallel, codes)
     except KeyboardInterrupt:

@@ -47,18 +47,38 @@ class Pack:
     tarball: str
 
     def describe(self) -> str:
-        return (f"# pack the working tree of {self.repo} (git ls-files --cached --others "
-                f"--exclude-standard) into {self.tarball}")
+        return (
+            f"# pack the working tree of {self.repo} (git ls-files --cached --others "
+            f"--exclude-standard) into {self.tarball}"
+        )
 
     def run(self) -> None:
         try:
-            listed = subprocess.run(
-                ["git", "-C", str(self.repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                check=True, capture_output=True).stdout.decode().split("\0")
+            listed = (
+                subprocess.run(
+                    [
+                        "git",
+                        "-C",
+                        str(self.repo),
+                        "ls-files",
+                        "-z",
+                        "--cached",
+                        "--others",
+                        "--exclude-standard",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+                .stdout.decode()
+                .split("\0")
+            )
         except (OSError, subprocess.CalledProcessError) as e:
-            detail = e.stderr.decode().strip() if isinstance(e, subprocess.CalledProcessError) else e
-            raise RuntimeError(f"--setup packs a git working tree; `git ls-files` in {self.repo} "
-                               f"failed: {detail}") from None
+            detail = (
+                e.stderr.decode().strip() if isinstance(e, subprocess.CalledProcessError) else e
+            )
+            raise RuntimeError(
+                f"--setup packs a git working tree; `git ls-files` in {self.repo} failed: {detail}"
+            ) from None
         files = [f for f in listed if f and (self.repo / f).is_file()]  # skips deleted files
         with tarfile.open(self.tarball, "w:gz") as tar:
             for name in files:
@@ -68,22 +88,34 @@ class Pack:
 
 def parser() -> common.Parser:
     p = common.Parser(
-        PROG, "Run `python -m lm.main <args> --config.parallel.distributed=True` on every worker "
-              "of a TPU VM through `gcloud compute tpus tpu-vm ssh --worker=all`.",
+        PROG,
+        "Run `python -m lm.main <args> --config.parallel.distributed=True` on every worker "
+        "of a TPU VM through `gcloud compute tpus tpu-vm ssh --worker=all`.",
         example=f"{PROG} --tpu my-v4-32 --zone us-central2-b -- --config experiments/X.py "
-                "--workdir /mnt/shared/X",
+        "--workdir /mnt/shared/X",
         owned=[common.DISTRIBUTED.split("=")[0]],
-        lm_args_optional=lambda options: options.setup)
+        lm_args_optional=lambda options: options.setup,
+    )
     p.add_argument("--tpu", required=True, help="TPU VM name")
     p.add_argument("--zone", required=True, help="its zone, e.g. us-central2-b")
     p.add_argument("--project", default=None, help="Google Cloud project (default: gcloud's)")
-    p.add_argument("--repo_dir", default="~/lm",
-                   help="the repository on the workers (default ~/lm; ~/ is expanded there)")
+    p.add_argument(
+        "--repo_dir",
+        default="~/lm",
+        help="the repository on the workers (default ~/lm; ~/ is expanded there)",
+    )
     p.add_argument("--python", default="python3", help="Python on the workers (default python3)")
-    p.add_argument("--setup", action="store_true",
-                   help="copy this working tree to the workers and pip install it with jax[tpu] first")
-    p.add_argument("--gcloud_arg", action="append", default=[],
-                   help="extra flag for every gcloud call, e.g. --gcloud_arg=--internal-ip (repeatable)")
+    p.add_argument(
+        "--setup",
+        action="store_true",
+        help="copy this working tree to the workers and pip install it with jax[tpu] first",
+    )
+    p.add_argument(
+        "--gcloud_arg",
+        action="append",
+        default=[],
+        help="extra flag for every gcloud call, e.g. --gcloud_arg=--internal-ip (repeatable)",
+    )
     return p
 
 
@@ -106,8 +138,10 @@ def setup_command(options) -> str:
     repo = common.quote_path(options.repo_dir)
     install = common.join([*common.split_python(options.python), "-m", "pip", "install", "-e", "."])
     install += ' "jax[tpu]"'  # double quotes: no glob, and no nested single quotes in --command
-    return (f"mkdir -p {repo} && tar -xzf {REMOTE_TARBALL} -C {repo} && rm {REMOTE_TARBALL} "
-            f"&& cd {repo} && {install}")
+    return (
+        f"mkdir -p {repo} && tar -xzf {REMOTE_TARBALL} -C {repo} && rm {REMOTE_TARBALL} "
+        f"&& cd {repo} && {install}"
+    )
 
 
 def plan(options, lm_args: list[str]) -> list:
@@ -129,15 +163,21 @@ def check_workdir(lm_args: list[str], parser_: common.Parser) -> None:
     """A gs:// workdir is shared by every worker as it is; a path must be a shared mount."""
     workdir = common.workdir_of(lm_args)
     if workdir and workdir.startswith("s3://"):
-        parser_.error(f"--workdir {workdir}: lm.main writes checkpoints to gs:// or a path, not s3:// "
-                      "(orbax-checkpoint writes arrays to local paths and gs:// only); use a gs:// bucket")
+        parser_.error(
+            f"--workdir {workdir}: lm.main writes checkpoints to gs:// or a path, not s3:// "
+            "(orbax-checkpoint writes arrays to local paths and gs:// only); use a gs:// bucket"
+        )
     if workdir and not common.is_url(workdir):
-        common.warn(PROG, (
-            f"--workdir {workdir} is a path on each worker. On a multi-host slice every worker "
-            "must see the same workdir (process 0 writes the tokenizer and checkpoints the others "
-            "read): use a gs:// bucket (--workdir gs://BUCKET/RUN) or a directory they all share, "
-            "such as a Filestore/NFS mount at the same path on every worker. Ignore this on a "
-            "single-host TPU VM."))
+        common.warn(
+            PROG,
+            (
+                f"--workdir {workdir} is a path on each worker. On a multi-host slice every worker "
+                "must see the same workdir (process 0 writes the tokenizer and checkpoints the others "
+                "read): use a gs:// bucket (--workdir gs://BUCKET/RUN) or a directory they all share, "
+                "such as a Filestore/NFS mount at the same path on every worker. Ignore this on a "
+                "single-host TPU VM."
+            ),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: running {common.join(step)}", file=sys.stderr, flush=True)
             code = subprocess.run(step).returncode
         except FileNotFoundError:
-            print(f"{PROG}: error: {step[0]} not found; install the Google Cloud CLI", file=sys.stderr)
+            print(
+                f"{PROG}: error: {step[0]} not found; install the Google Cloud CLI", file=sys.stderr
+            )
             return 1
         except RuntimeError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
         if code:
-            print(f"{PROG}: error: `{' '.join(step[:5])} ...` exited with status {code}", file=sys.stderr)
+            print(
+                f"{PROG}: error: `{' '.join(step[:5])} ...` exited with status {code}",
+                file=sys.stderr,
+            )
             return code
     return 0
 

@@ -40,14 +40,14 @@ from lm.models.transformer import ModelConfig, build_model, for_inference, prese
 from lm.train import OptimizerConfig, create_trainer
 
 PROMPTS = [
-    'The history of the old harbour town begins with',
-    'In a small village at the edge of the forest, there lived',
-    'def quicksort(items):',
-    'The three most important ideas in physics are',
-    'Once upon a time',
-    'The recipe calls for two cups of flour and',
-    'Dear friends, thank you all for coming tonight. I want to',
-    'The train left the station at noon, and by evening',
+    "The history of the old harbour town begins with",
+    "In a small village at the edge of the forest, there lived",
+    "def quicksort(items):",
+    "The three most important ideas in physics are",
+    "Once upon a time",
+    "The recipe calls for two cups of flour and",
+    "Dear friends, thank you all for coming tonight. I want to",
+    "The train left the station at noon, and by evening",
 ]
 
 
@@ -66,7 +66,7 @@ def matmul_peak(dtype=jnp.bfloat16, size: int = 0, repeats: int = 10) -> float:
     """Measured FLOP/s of one square matrix product on the first device (median of `repeats`
     after a warm-up), on random data: the ceiling MFU is quoted against beside the datasheet's.
     size 0: 8192 on an accelerator, 2048 on CPU."""
-    size = size or (2048 if jax.default_backend() == 'cpu' else 8192)
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
     keys = jax.random.split(jax.random.key(0), 2)
     a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
     product = jax.jit(jnp.matmul)
@@ -77,8 +77,9 @@ def matmul_peak(dtype=jnp.bfloat16, size: int = 0, repeats: int = 10) -> float:
     return 2 * size**3 / _timed(run, repeats)
 
 
-def ours(spec: str, batches: list[int], new_tokens: int, repeats: int,
-         precision: str = "fp32") -> dict[int, float]:
+def ours(
+    spec: str, batches: list[int], new_tokens: int, repeats: int, precision: str = "fp32"
+) -> dict[int, float]:
     """Our tokens/s per batch size."""
     pretrained = load_pretrained(spec)
     model, params = for_inference(pretrained.config, pretrained.params, precision)
@@ -97,8 +98,9 @@ def ours(spec: str, batches: list[int], new_tokens: int, repeats: int,
     return results
 
 
-def transformers_peer(spec: str, batches: list[int], new_tokens: int,
-                      repeats: int) -> dict[int, float] | None:
+def transformers_peer(
+    spec: str, batches: list[int], new_tokens: int, repeats: int
+) -> dict[int, float] | None:
     """transformers' tokens/s per batch size on the same GGUF file, or None if unavailable."""
     try:
         import torch
@@ -109,48 +111,66 @@ def transformers_peer(spec: str, batches: list[int], new_tokens: int,
 
     from lm.data.assets import fetch
 
-    path = pathlib.Path(fetch(PRETRAINED_ASSETS[spec]) if spec in PRETRAINED_ASSETS
-                        else spec.removeprefix('gguf:'))
+    path = pathlib.Path(
+        fetch(PRETRAINED_ASSETS[spec]) if spec in PRETRAINED_ASSETS else spec.removeprefix("gguf:")
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer.padding_side = 'left'
+    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     results = {}
     for batch in batches:
-        inputs = tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors='pt',
-                           padding=True)
+        inputs = tokenizer(
+            [PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt", padding=True
+        )
 
         def run(inputs=inputs):
             with torch.inference_mode():
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
-            assert out.shape[1] - inputs['input_ids'].shape[1] == new_tokens
+                out = model.generate(
+                    **inputs,
+                    do_sample=False,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
 
         results[batch] = batch * new_tokens / _timed(run, repeats)
     return results
 
 
-def decode_benchmark(spec: str, batches: list[int], new_tokens: int, repeats: int,
-                     precisions: tuple[str, ...] = ("fp32",)) -> str:
+def decode_benchmark(
+    spec: str,
+    batches: list[int],
+    new_tokens: int,
+    repeats: int,
+    precisions: tuple[str, ...] = ("fp32",),
+) -> str:
     """Runs both sides and returns the printed table: one column per precision of ours (the
     peer runs float32); ratios against the peer."""
     mine = {p: ours(spec, batches, new_tokens, repeats, p) for p in precisions}
     peer = transformers_peer(spec, batches, new_tokens, repeats)
-    lines = [f'decode {spec}: greedy, {new_tokens} new tokens, '
-             f'{jax.devices()[0].platform} ({jax.device_count()} device(s)); tokens/s',
-             f'{"batch":>5} ' + ' '.join(f'{"lm " + p:>10}' for p in precisions)
-             + f' {"transformers fp32":>18} ' + ' '.join(f'{"ratio " + p:>10}' for p in precisions)]
+    lines = [
+        f"decode {spec}: greedy, {new_tokens} new tokens, "
+        f"{jax.devices()[0].platform} ({jax.device_count()} device(s)); tokens/s",
+        f"{'batch':>5} "
+        + " ".join(f"{'lm ' + p:>10}" for p in precisions)
+        + f" {'transformers fp32':>18} "
+        + " ".join(f"{'ratio ' + p:>10}" for p in precisions),
+    ]
     for batch in batches:
-        row = f'{batch:>5} ' + ' '.join(f'{mine[p][batch]:>10.1f}' for p in precisions)
+        row = f"{batch:>5} " + " ".join(f"{mine[p][batch]:>10.1f}" for p in precisions)
         if peer is None:
-            row += f' {"(not installed)":>18} ' + ' '.join(f'{"-":>10}' for _ in precisions)
+            row += f" {'(not installed)':>18} " + " ".join(f"{'-':>10}" for _ in precisions)
         else:
-            row += f' {peer[batch]:>18.1f} ' + ' '.join(
-                f'{mine[p][batch] / peer[batch]:>9.2f}x' for p in precisions)
+            row += f" {peer[batch]:>18.1f} " + " ".join(
+                f"{mine[p][batch] / peer[batch]:>9.2f}x" for p in precisions
+            )
         lines.append(row)
-    return '\n'.join(lines)
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ train step
@@ -159,73 +179,109 @@ def decode_benchmark(spec: str, batches: list[int], new_tokens: int, repeats: in
 SMOLLM2_SHAPE = preset("llama")
 # The main job's model (experiments/shakespeare_gpt.py; tests/test_bench.py keeps them equal),
 # with its 4,096-piece tokenizer, batch 16 x 256 tokens.
-MAIN_JOB_SHAPE = preset("gpt2", d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, max_len=256,
-                        dropout=0.0, vocab_size=4096)
+MAIN_JOB_SHAPE = preset(
+    "gpt2",
+    d_model=256,
+    num_layers=4,
+    num_heads=4,
+    mlp_dim=1024,
+    max_len=256,
+    dropout=0.0,
+    vocab_size=4096,
+)
 MAIN_JOB_BATCH = (16, 256)
 
 
 def _trainer(config: ModelConfig):
-    return create_trainer(config, build_model(config), OptimizerConfig(), 1000, parallel.ParallelConfig(),
-                          devices=jax.devices()[:1])
+    return create_trainer(
+        config,
+        build_model(config),
+        OptimizerConfig(),
+        1000,
+        parallel.ParallelConfig(),
+        devices=jax.devices()[:1],
+    )
 
 
 def _abstract_batch(trainer, batch: int, length: int) -> dict:
     sharding = parallel.batch_sharding(trainer.mesh)
     spec = lambda dtype: jax.ShapeDtypeStruct((batch, length), dtype, sharding=sharding)
-    return {"inputs": spec(jnp.int32), "targets": spec(jnp.int32), "segment_ids": spec(jnp.int32),
-            "positions": spec(jnp.int32), "weights": spec(jnp.float32)}
+    return {
+        "inputs": spec(jnp.int32),
+        "targets": spec(jnp.int32),
+        "segment_ids": spec(jnp.int32),
+        "positions": spec(jnp.int32),
+        "weights": spec(jnp.float32),
+    }
 
 
 def random_batch(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A full (unpadded) LM batch of uniformly random tokens, as the data pipeline lays it out."""
-    tokens = np.random.default_rng(seed).integers(1, vocab_size, (batch, length + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((batch, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-            "weights": np.ones((batch, length), np.float32)}
+    tokens = (
+        np.random.default_rng(seed).integers(1, vocab_size, (batch, length + 1)).astype(np.int32)
+    )
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((batch, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+        "weights": np.ones((batch, length), np.float32),
+    }
 
 
 def compile_step(config: ModelConfig, batch: int, length: int):
     """(seconds to lower and compile the train step, the compiled executable)."""
     trainer = _trainer(config)
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(trainer.abstract_state, _abstract_batch(trainer, batch, length)).compile()
+    compiled = trainer.train_step.lower(
+        trainer.abstract_state, _abstract_batch(trainer, batch, length)
+    ).compile()
     return time.perf_counter() - start, compiled
 
 
 def layers_benchmark(depths: list[int], batch: int, length: int, remat_depth: int) -> str:
     """Compile time against depth (scanned and unrolled), temporary memory against remat."""
-    lines = [f'train step at SmolLM2-135M shape (d_model {SMOLLM2_SHAPE.d_model}, vocab '
-             f'{SMOLLM2_SHAPE.vocab_size}), batch {batch} x {length}, float32, '
-             f'{jax.devices()[0].platform}; compile = lower + XLA compile',
-             f'{"layers":>6} {"scanned s":>10} {"unrolled s":>11}']
+    lines = [
+        f"train step at SmolLM2-135M shape (d_model {SMOLLM2_SHAPE.d_model}, vocab "
+        f"{SMOLLM2_SHAPE.vocab_size}), batch {batch} x {length}, float32, "
+        f"{jax.devices()[0].platform}; compile = lower + XLA compile",
+        f"{'layers':>6} {'scanned s':>10} {'unrolled s':>11}",
+    ]
     times = {}
     for depth in depths:
         for scan in (True, False):
             config = dataclasses.replace(SMOLLM2_SHAPE, num_layers=depth, scan_layers=scan)
             times[depth, scan] = compile_step(config, batch, length)[0]
-        lines.append(f'{depth:>6} {times[depth, True]:>10.1f} {times[depth, False]:>11.1f}')
+        lines.append(f"{depth:>6} {times[depth, True]:>10.1f} {times[depth, False]:>11.1f}")
     low, high = min(depths), max(depths)
-    lines.append(f'{high} / {low} layers: scanned {times[high, True] / times[low, True]:.2f}x, '
-                 f'unrolled {times[high, False] / times[low, False]:.2f}x')
-    lines.append(f'temporary memory at {remat_depth} scanned layers (memory_analysis().temp_size_in_bytes):')
+    lines.append(
+        f"{high} / {low} layers: scanned {times[high, True] / times[low, True]:.2f}x, "
+        f"unrolled {times[high, False] / times[low, False]:.2f}x"
+    )
+    lines.append(
+        f"temporary memory at {remat_depth} scanned layers (memory_analysis().temp_size_in_bytes):"
+    )
     memory = {}
     for remat in ("none", "dots_saveable", "full"):
         config = dataclasses.replace(SMOLLM2_SHAPE, num_layers=remat_depth, remat=remat)
         memory[remat] = compile_step(config, batch, length)[1].memory_analysis().temp_size_in_bytes
-        lines.append(f'  remat={remat:<14} {memory[remat] / 2**20:>9.1f} MiB '
-                     f'({memory[remat] / memory["none"]:.2f} of none)')
-    return '\n'.join(lines)
+        lines.append(
+            f"  remat={remat:<14} {memory[remat] / 2**20:>9.1f} MiB "
+            f"({memory[remat] / memory['none']:.2f} of none)"
+        )
+    return "\n".join(lines)
 
 
 STEP_VARIANTS = {
     # name: ModelConfig changes. 'before' is the model as it was: unrolled layers and the
     # hand-written attention core.
-    'before: unrolled, reference attention': dict(scan_layers=False, attention_impl='reference', remat='none'),
-    'now (scanned, xla attention, remat dots)': dict(),
-    'now, remat=none': dict(remat='none'),
-    'now, remat=full': dict(remat='full'),
-    'now, precision=bf16': dict(precision='bf16'),
+    "before: unrolled, reference attention": dict(
+        scan_layers=False, attention_impl="reference", remat="none"
+    ),
+    "now (scanned, xla attention, remat dots)": dict(),
+    "now, remat=none": dict(remat="none"),
+    "now, remat=full": dict(remat="full"),
+    "now, precision=bf16": dict(precision="bf16"),
 }
 
 
@@ -240,8 +296,13 @@ def step_benchmark(steps: int, rounds: int) -> str:
         start = time.perf_counter()
         state, metrics = trainer.train_step(state, device_batch)  # compile + first step
         jax.block_until_ready(metrics)
-        runs[name] = dict(trainer=trainer, state=state, batch=device_batch, times=[],
-                          first=time.perf_counter() - start)
+        runs[name] = dict(
+            trainer=trainer,
+            state=state,
+            batch=device_batch,
+            times=[],
+            first=time.perf_counter() - start,
+        )
     for _ in range(rounds):
         for run in runs.values():
             for _ in range(steps):
@@ -250,34 +311,52 @@ def step_benchmark(steps: int, rounds: int) -> str:
                 jax.block_until_ready(metrics)
                 run["times"].append(time.perf_counter() - start)
     base = statistics.median(next(iter(runs.values()))["times"])
-    lines = [f'train step, main job shape ({MAIN_JOB_SHAPE.num_layers} layers, d_model '
-             f'{MAIN_JOB_SHAPE.d_model}, vocab {MAIN_JOB_SHAPE.vocab_size}), batch {batch} x {length}, '
-             f'{jax.devices()[0].platform}; {rounds} rounds x {steps} steps, interleaved',
-             f'{"variant":<40} {"ms/step median (min, max)":>27} {"tokens/s":>9} {"vs before":>9} '
-             f'{"first step s":>12}']
+    lines = [
+        f"train step, main job shape ({MAIN_JOB_SHAPE.num_layers} layers, d_model "
+        f"{MAIN_JOB_SHAPE.d_model}, vocab {MAIN_JOB_SHAPE.vocab_size}), batch {batch} x {length}, "
+        f"{jax.devices()[0].platform}; {rounds} rounds x {steps} steps, interleaved",
+        f"{'variant':<40} {'ms/step median (min, max)':>27} {'tokens/s':>9} {'vs before':>9} "
+        f"{'first step s':>12}",
+    ]
     for name, run in runs.items():
         median = statistics.median(run["times"])
-        lines.append(f'{name:<40} {1e3 * median:>10.1f} ({1e3 * min(run["times"]):.1f}, '
-                     f'{1e3 * max(run["times"]):.1f}) {batch * length / median:>9.0f} '
-                     f'{base / median:>8.2f}x {run["first"]:>12.1f}')
-    return '\n'.join(lines)
+        lines.append(
+            f"{name:<40} {1e3 * median:>10.1f} ({1e3 * min(run['times']):.1f}, "
+            f"{1e3 * max(run['times']):.1f}) {batch * length / median:>9.0f} "
+            f"{base / median:>8.2f}x {run['first']:>12.1f}"
+        )
+    return "\n".join(lines)
 
 
 SHAPES = {
     # GPT-2 small at the padded vocabulary peers train with (nanoGPT, MaxText): 124M parameters.
-    'gpt2_124m': preset('gpt2', vocab_size=50_304, dropout=0.0),
-    'smollm2_135m': SMOLLM2_SHAPE,
+    "gpt2_124m": preset("gpt2", vocab_size=50_304, dropout=0.0),
+    "smollm2_135m": SMOLLM2_SHAPE,
 }
 
 
-def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: int, remat: str,
-                  decode_batches: list[int], new_tokens: int, attention_impl: str = 'auto') -> str:
+def mfu_benchmark(
+    shape: str,
+    batch: int,
+    length: int,
+    precision: str,
+    steps: int,
+    remat: str,
+    decode_batches: list[int],
+    new_tokens: int,
+    attention_impl: str = "auto",
+) -> str:
     """Train-step tokens/s and model FLOPs utilisation of one shape on the first device (random
     weights and tokens), then greedy-decoding tokens/s of the same weights."""
     from lm.train import flops_per_token, peak_flops_per_device
 
-    config = dataclasses.replace(SHAPES[shape], precision=precision, remat=remat, attention_impl=attention_impl,
-                                 max_len=max(SHAPES[shape].max_len, length))
+    config = dataclasses.replace(
+        SHAPES[shape],
+        precision=precision,
+        remat=remat,
+        attention_impl=attention_impl,
+        max_len=max(SHAPES[shape].max_len, length),
+    )
     trainer = _trainer(config)
     host_batch = random_batch(config.vocab_size, batch, length)
     tokens = host_batch["inputs"]
@@ -297,20 +376,22 @@ def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: in
     tokens_per_s = batch * length / median
     flops = flops_per_token(config, trainer.num_params, length)
     peak = peak_flops_per_device()
-    measured = matmul_peak(jnp.bfloat16 if precision == 'bf16' else jnp.float32)
+    measured = matmul_peak(jnp.bfloat16 if precision == "bf16" else jnp.float32)
     device = jax.devices()[0]
     attention = attention_impl
-    if attention == 'auto':
-        dtype = jnp.bfloat16 if precision == 'bf16' else jnp.float32
-        attention += f' ({resolve_implementation("auto", dtype, config.dim_per_head, lengths=(length, length))})'
-    lines = [f'{shape}: {trainer.num_params / 1e6:.1f}M parameters, {config.num_layers} layers, '
-             f'precision {precision}, remat {remat}, attention {attention}, batch {batch} x {length}, '
-             f'{device.platform} {device.device_kind}',
-             f'train step: {1e3 * median:.1f} ms median ({1e3 * min(times):.1f}, {1e3 * max(times):.1f}) '
-             f'over {steps} steps, {tokens_per_s:,.0f} tokens/s, {flops / 1e9:.2f} GFLOP/token, '
-             f'MFU {100 * tokens_per_s * flops / peak:.1f}% of {peak / 1e12:.1f} TFLOP/s (datasheet), '
-             f'{100 * tokens_per_s * flops / measured:.1f}% of {measured / 1e12:.1f} TFLOP/s (measured '
-             f'{precision} matmul); compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics["loss"]):.3f}']
+    if attention == "auto":
+        dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+        attention += f" ({resolve_implementation('auto', dtype, config.dim_per_head, lengths=(length, length))})"
+    lines = [
+        f"{shape}: {trainer.num_params / 1e6:.1f}M parameters, {config.num_layers} layers, "
+        f"precision {precision}, remat {remat}, attention {attention}, batch {batch} x {length}, "
+        f"{device.platform} {device.device_kind}",
+        f"train step: {1e3 * median:.1f} ms median ({1e3 * min(times):.1f}, {1e3 * max(times):.1f}) "
+        f"over {steps} steps, {tokens_per_s:,.0f} tokens/s, {flops / 1e9:.2f} GFLOP/token, "
+        f"MFU {100 * tokens_per_s * flops / peak:.1f}% of {peak / 1e12:.1f} TFLOP/s (datasheet), "
+        f"{100 * tokens_per_s * flops / measured:.1f}% of {measured / 1e12:.1f} TFLOP/s (measured "
+        f"{precision} matmul); compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics['loss']):.3f}",
+    ]
     model, params = for_inference(config, trainer.model_params(state))
     for decode_batch in decode_batches:
         prompts = [list(map(int, tokens[i % batch, :16])) for i in range(decode_batch)]
@@ -319,57 +400,87 @@ def mfu_benchmark(shape: str, batch: int, length: int, precision: str, steps: in
             decode.generate(model, params, prompts, max_new_tokens=new_tokens)
 
         seconds = _timed(run, 2)
-        lines.append(f'decode ({precision} weights) batch {decode_batch}: '
-                     f'{decode_batch * new_tokens / seconds:,.1f} tokens/s '
-                     f'({new_tokens} new tokens after 16, greedy)')
-    return '\n'.join(lines)
+        lines.append(
+            f"decode ({precision} weights) batch {decode_batch}: "
+            f"{decode_batch * new_tokens / seconds:,.1f} tokens/s "
+            f"({new_tokens} new tokens after 16, greedy)"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m lm.bench', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    dec = sub.add_parser('decode', help='greedy decoding tokens/s against transformers.generate')
-    dec.add_argument('--model', default='smollm2', help='smollm2, gemma3 or gguf:PATH')
-    dec.add_argument('--new_tokens', type=int, default=64)
-    dec.add_argument('--batches', default='1,8', help='comma-separated batch sizes')
-    dec.add_argument('--repeats', type=int, default=3)
-    dec.add_argument('--precision', default='fp32', help='ours, comma-separated: fp32, bf16')
-    lay = sub.add_parser('layers', help='train-step compile time against depth, memory against remat')
-    lay.add_argument('--depths', default='4,30', help='comma-separated numbers of layers')
-    lay.add_argument('--batch', type=int, default=4)
-    lay.add_argument('--seq', type=int, default=512)
-    lay.add_argument('--remat_depth', type=int, default=30)
-    step = sub.add_parser('step', help='train-step tokens/s on the main job shape, before and now')
-    step.add_argument('--steps', type=int, default=10)
-    step.add_argument('--rounds', type=int, default=3)
-    mfu = sub.add_parser('mfu', help='train-step tokens/s and MFU of a model shape, decode tokens/s')
-    mfu.add_argument('--shape', default='gpt2_124m', choices=sorted(SHAPES))
-    mfu.add_argument('--batch', type=int, default=16)
-    mfu.add_argument('--seq', type=int, default=1024)
-    mfu.add_argument('--precision', default='bf16', choices=['fp32', 'bf16'])
-    mfu.add_argument('--remat', default='dots_saveable', choices=['none', 'dots_saveable', 'full'],
-                     help='model.remat (default: the model default)')
-    mfu.add_argument('--steps', type=int, default=20)
-    mfu.add_argument('--decode_batches', default='1,64', help='comma-separated; empty: no decoding')
-    mfu.add_argument('--new_tokens', type=int, default=64)
-    mfu.add_argument('--attention', default='auto', choices=list(IMPLEMENTATIONS), help='model.attention_impl')
+    parser = argparse.ArgumentParser(
+        prog="python -m lm.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    dec = sub.add_parser("decode", help="greedy decoding tokens/s against transformers.generate")
+    dec.add_argument("--model", default="smollm2", help="smollm2, gemma3 or gguf:PATH")
+    dec.add_argument("--new_tokens", type=int, default=64)
+    dec.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    dec.add_argument("--repeats", type=int, default=3)
+    dec.add_argument("--precision", default="fp32", help="ours, comma-separated: fp32, bf16")
+    lay = sub.add_parser(
+        "layers", help="train-step compile time against depth, memory against remat"
+    )
+    lay.add_argument("--depths", default="4,30", help="comma-separated numbers of layers")
+    lay.add_argument("--batch", type=int, default=4)
+    lay.add_argument("--seq", type=int, default=512)
+    lay.add_argument("--remat_depth", type=int, default=30)
+    step = sub.add_parser("step", help="train-step tokens/s on the main job shape, before and now")
+    step.add_argument("--steps", type=int, default=10)
+    step.add_argument("--rounds", type=int, default=3)
+    mfu = sub.add_parser(
+        "mfu", help="train-step tokens/s and MFU of a model shape, decode tokens/s"
+    )
+    mfu.add_argument("--shape", default="gpt2_124m", choices=sorted(SHAPES))
+    mfu.add_argument("--batch", type=int, default=16)
+    mfu.add_argument("--seq", type=int, default=1024)
+    mfu.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    mfu.add_argument(
+        "--remat",
+        default="dots_saveable",
+        choices=["none", "dots_saveable", "full"],
+        help="model.remat (default: the model default)",
+    )
+    mfu.add_argument("--steps", type=int, default=20)
+    mfu.add_argument("--decode_batches", default="1,64", help="comma-separated; empty: no decoding")
+    mfu.add_argument("--new_tokens", type=int, default=64)
+    mfu.add_argument(
+        "--attention", default="auto", choices=list(IMPLEMENTATIONS), help="model.attention_impl"
+    )
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3)
-    if args.command == 'decode':
-        batches = [int(b) for b in args.batches.split(',') if b]
-        precisions = tuple(p for p in args.precision.split(',') if p)
-        print(decode_benchmark(args.model, batches, args.new_tokens, args.repeats, precisions), flush=True)
-    elif args.command == 'layers':
-        depths = [int(d) for d in args.depths.split(',') if d]
+    if args.command == "decode":
+        batches = [int(b) for b in args.batches.split(",") if b]
+        precisions = tuple(p for p in args.precision.split(",") if p)
+        print(
+            decode_benchmark(args.model, batches, args.new_tokens, args.repeats, precisions),
+            flush=True,
+        )
+    elif args.command == "layers":
+        depths = [int(d) for d in args.depths.split(",") if d]
         print(layers_benchmark(depths, args.batch, args.seq, args.remat_depth), flush=True)
-    elif args.command == 'step':
+    elif args.command == "step":
         print(step_benchmark(args.steps, args.rounds), flush=True)
     else:
-        decode_batches = [int(b) for b in args.decode_batches.split(',') if b]
-        print(mfu_benchmark(args.shape, args.batch, args.seq, args.precision, args.steps, args.remat,
-                            decode_batches, args.new_tokens, args.attention), flush=True)
+        decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
+        print(
+            mfu_benchmark(
+                args.shape,
+                args.batch,
+                args.seq,
+                args.precision,
+                args.steps,
+                args.remat,
+                decode_batches,
+                args.new_tokens,
+                args.attention,
+            ),
+            flush=True,
+        )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

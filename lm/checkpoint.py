@@ -118,10 +118,12 @@ def check_checkpoint_store(workdir: storage.PathLike) -> None:
     s3:// workdir is refused before anything is written (other outputs, such as `eval --out
     s3://...`, go through epath and work)."""
     if str(workdir).startswith("s3://"):
-        raise ValueError(f"--workdir {workdir}: checkpoints cannot be written to S3 with orbax-checkpoint "
-                         f"{ocp.__version__} (it supports local paths and gs:// only); use a gs:// or local "
-                         "--workdir, or mount the bucket (e.g. mountpoint-s3) and pass its path. "
-                         "`eval`/`icl --out s3://...` do write to S3")
+        raise ValueError(
+            f"--workdir {workdir}: checkpoints cannot be written to S3 with orbax-checkpoint "
+            f"{ocp.__version__} (it supports local paths and gs:// only); use a gs:// or local "
+            "--workdir, or mount the bucket (e.g. mountpoint-s3) and pass its path. "
+            "`eval`/`icl --out s3://...` do write to S3"
+        )
 
 
 def checkpoints_dir(workdir: storage.PathLike) -> epath.Path:
@@ -131,14 +133,18 @@ def checkpoints_dir(workdir: storage.PathLike) -> epath.Path:
     return (workdir if storage.is_remote(workdir) else workdir.absolute()) / "checkpoints"
 
 
-def _manager(workdir: storage.PathLike, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def _manager(
+    workdir: storage.PathLike, keep: int, async_save: bool = True
+) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(
+        checkpoints_dir(workdir), options=options, item_names=("state", "data")
+    )
 
 
 class Checkpointer:
@@ -200,9 +206,15 @@ class Checkpointer:
                     return candidate, restored["state"]
             last_error = f"step {candidate}: {problem}"
             later = steps[i + 1] if i + 1 < len(steps) else None
-            logging.warning("checkpoint %d in %s is unreadable: %s; %s", candidate, self.workdir, problem,
-                            f"falling back to step {later}" if later is not None
-                            else "no earlier step to fall back to")
+            logging.warning(
+                "checkpoint %d in %s is unreadable: %s; %s",
+                candidate,
+                self.workdir,
+                problem,
+                f"falling back to step {later}"
+                if later is not None
+                else "no earlier step to fall back to",
+            )
             unreadable.append(candidate)
         raise RuntimeError(f"no readable checkpoint in {self.workdir}: {last_error}")
 
@@ -219,14 +231,17 @@ class Checkpointer:
             return f"{directory} was never finalized"
         step_metadata = _read_json(directory / "_CHECKPOINT_METADATA")
         committed = (directory / "commit_success.txt").is_file() or (
-            isinstance(step_metadata, dict) and step_metadata.get("commit_timestamp_nsecs"))
+            isinstance(step_metadata, dict) and step_metadata.get("commit_timestamp_nsecs")
+        )
         if not committed:
             return f"{directory} has no commit marker (commit_success.txt or a commit time in _CHECKPOINT_METADATA)"
         state_dir = directory / "state"
         if not state_dir.is_dir():
             return f"{state_dir} is missing"
         tree_metadata = _read_json(state_dir / "_METADATA")
-        if not isinstance(tree_metadata, dict) or not isinstance(tree_metadata.get("tree_metadata"), dict):
+        if not isinstance(tree_metadata, dict) or not isinstance(
+            tree_metadata.get("tree_metadata"), dict
+        ):
             return f"{state_dir / '_METADATA'} is missing or not Orbax tree metadata"
         try:
             saved = self._saved_tree(step)
@@ -246,7 +261,11 @@ class Checkpointer:
 
     def _saved_tree(self, step: int):
         """The saved state's tree of array metadata (no array is read)."""
-        return ocp.PyTreeCheckpointHandler().metadata(self.manager.directory / str(step) / "state").tree
+        return (
+            ocp.PyTreeCheckpointHandler()
+            .metadata(self.manager.directory / str(step) / "state")
+            .tree
+        )
 
     def _restore_step(self, step: int, abstract_state, data_iterator):
         """One step's items. A checkpoint saved in the other layer layout (unrolled `layer_i`
@@ -265,15 +284,23 @@ class Checkpointer:
         # A checkpointer of its own: the manager keeps one handler type per item, and it saves
         # the state with the standard handler.
         saved = ocp.PyTreeCheckpointer().restore(
-            self.manager.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+            self.manager.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
                 item=saved_like,
-                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_like)))
+                restore_args=jax.tree.map(
+                    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_like
+                ),
+            ),
+        )
         restored = self.manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
         state = unstack_layers(saved)
         state = stack_layers(state, target_period) if target_period else state
-        logging.info("converted checkpoint %d from %s to %s layers", step,
-                     f"scanned (period {saved_period})" if saved_period else "unrolled",
-                     f"scanned (period {target_period})" if target_period else "unrolled")
+        logging.info(
+            "converted checkpoint %d from %s to %s layers",
+            step,
+            f"scanned (period {saved_period})" if saved_period else "unrolled",
+            f"scanned (period {target_period})" if target_period else "unrolled",
+        )
         shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
         return {**restored, "state": jax.device_put(state, shardings)}
 
@@ -316,8 +343,11 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the message must not fail in turn; it says so instead
             kept = f"the complete checkpoints could not be listed ({type(e).__name__}: {e})"
         else:
-            kept = (f"the last complete checkpoint (step {last}) is intact and a rerun resumes from it"
-                    if last is not None else "no complete checkpoint was saved before it")
+            kept = (
+                f"the last complete checkpoint (step {last}) is intact and a rerun resumes from it"
+                if last is not None
+                else "no complete checkpoint was saved before it"
+            )
         what = f"step {step}" if step is not None else "a checkpoint"
         return CheckpointSaveError(
             f"could not save {what} to {directory / str(step) if step is not None else directory}: "
@@ -338,10 +368,13 @@ def _read_json(path: epath.Path):
 def _tree_differences(saved, wanted) -> list[str]:
     """Each path present in only one tree, or with another shape or dtype: parameters first,
     then the rest (optimizer state, ...), each sorted by path."""
+
     def table(tree):
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
-                for p, x in leaves}
+        return {
+            jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
+            for p, x in leaves
+        }
 
     old, new = table(saved), table(wanted)
     diffs = []
@@ -351,12 +384,17 @@ def _tree_differences(saved, wanted) -> list[str]:
         elif name not in old:
             diffs.append(f"{name} only in the model")
         elif old[name] != new[name]:
-            diffs.append(f"{name}: saved {old[name][0]} {old[name][1]}, model {new[name][0]} {new[name][1]}")
+            diffs.append(
+                f"{name}: saved {old[name][0]} {old[name][1]}, model {new[name][0]} {new[name][1]}"
+            )
     return diffs
 
 
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                 errno.EFBIG: "a file would exceed the file-size limit (ulimit -f)"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file would exceed the file-size limit (ulimit -f)",
+}
 
 
 def _write_failure(error: Exception) -> str:
@@ -409,15 +447,20 @@ def read_config(workdir: storage.PathLike) -> dict[str, Any] | None:
     try:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it from a copy, or start a new "
-                         "--workdir") from e
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); restore it from a copy, or start a new --workdir"
+        ) from e
     if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a {type(config).__name__}, not a config; restore it from a "
-                         "copy, or start a new --workdir")
+        raise ValueError(
+            f"{path} holds a {type(config).__name__}, not a config; restore it from a "
+            "copy, or start a new --workdir"
+        )
     return config
 
 
-def check_compatible(saved: dict[str, Any] | None, current: dict[str, Any], sections=("model",)) -> None:
+def check_compatible(
+    saved: dict[str, Any] | None, current: dict[str, Any], sections=("model",)
+) -> None:
     """Refuses to resume a run whose model differs: names each differing key."""
     if saved is None:
         return

@@ -39,8 +39,9 @@ def field_defaults(cls) -> dict[str, Any]:
     return out
 
 
-def filled_sections(sections: dict[str, tuple[type, dict[str, Any], dict[str, Any] | None]]
-                    ) -> ml_collections.ConfigDict:
+def filled_sections(
+    sections: dict[str, tuple[type, dict[str, Any], dict[str, Any] | None]],
+) -> ml_collections.ConfigDict:
     """{name: (dataclass, base values, overrides)} -> a ConfigDict whose every section holds
     every field of its dataclass: the defaults, then the base values, then the overrides.
     An override key the dataclass lacks is an error that names it."""
@@ -50,12 +51,16 @@ def filled_sections(sections: dict[str, tuple[type, dict[str, Any], dict[str, An
         overrides = dict(overrides or {})
         bad = sorted(set(overrides) - set(values))
         if bad:
-            raise ValueError(f"unknown key(s) {[name + '.' + k for k in bad]}; valid: {sorted(values)}")
+            raise ValueError(
+                f"unknown key(s) {[name + '.' + k for k in bad]}; valid: {sorted(values)}"
+            )
         config[name] = {**values, **overrides}
     return config
 
 
-def experiment(*, preset: str | None = None, **sections: dict[str, Any]) -> ml_collections.ConfigDict:
+def experiment(
+    *, preset: str | None = None, **sections: dict[str, Any]
+) -> ml_collections.ConfigDict:
     """A complete experiment config.
 
     preset: a model family from `lm.models.transformer.PRESETS`, overridden by `model=...`.
@@ -66,8 +71,12 @@ def experiment(*, preset: str | None = None, **sections: dict[str, Any]) -> ml_c
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; use {sorted(SECTIONS)}")
     # vocab_size 0 = take the tokenizer's size (a preset's vocabulary belongs to its tokenizer)
     model_base = {**(PRESETS[preset] if preset is not None else {}), "vocab_size": 0}
-    return filled_sections({name: (cls, model_base if name == "model" else {}, sections.get(name))
-                            for name, cls in SECTIONS.items()})
+    return filled_sections(
+        {
+            name: (cls, model_base if name == "model" else {}, sections.get(name))
+            for name, cls in SECTIONS.items()
+        }
+    )
 
 
 def experiment_args(arg: str | None, *known: str) -> set[str]:
@@ -78,8 +87,10 @@ def experiment_args(arg: str | None, *known: str) -> set[str]:
     unknown = sorted(words - set(known))
     if unknown:
         several = " (several: comma-separated)" if len(known) > 1 else ""
-        raise ValueError(f"unknown experiment arg {','.join(unknown)!r}: this experiment takes "
-                         f"{' or '.join(':' + k for k in known)}{several}, or no arg")
+        raise ValueError(
+            f"unknown experiment arg {','.join(unknown)!r}: this experiment takes "
+            f"{' or '.join(':' + k for k in known)}{several}, or no arg"
+        )
     return words
 
 
@@ -100,7 +111,9 @@ def build(values: dict[str, Any]):
     par = ParallelConfig.from_dict(values.get("parallel", {}))
     model_values = dict(values.get("model", {}))
     # Validate the keys now even if the vocabulary comes from the tokenizer later.
-    model = ModelConfig.from_dict({**model_values, "vocab_size": model_values.get("vocab_size") or 1})
+    model = ModelConfig.from_dict(
+        {**model_values, "vocab_size": model_values.get("vocab_size") or 1}
+    )
     if train.lora.enabled:
         check_lora_targets(model, train.lora)
     return model_values, data, optimizer, train, par
@@ -110,7 +123,9 @@ def check_lora_targets(model: ModelConfig, lora_config: lora.LoraConfig) -> None
     """Raises ValueError if train.lora_targets names no kernel of the model (or a misspelt one),
     before a run writes anything. Shapes only: nothing is initialised."""
     module = build_model(model)
-    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), **dummy_inputs(model))["params"])
+    boxed = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), **dummy_inputs(model))["params"]
+    )
     lora.find_targets(boxed, lora_config)
 
 
@@ -135,8 +150,10 @@ def _merge(dicts: tuple[dict[str, Any], ...], where: str) -> dict[str, Any]:
     for d in dicts:
         for key, value in d.items():
             if key in merged:
-                raise ValueError(f"{where}: key {key!r} is set by more than one factor "
-                                 f"({merged[key]!r} and {value!r})")
+                raise ValueError(
+                    f"{where}: key {key!r} is set by more than one factor "
+                    f"({merged[key]!r} and {value!r})"
+                )
             merged[key] = value
     return merged
 
@@ -147,7 +164,9 @@ def sweep_axis(key: str, values) -> list[dict[str, Any]]:
     if not isinstance(key, str) or not key:
         raise TypeError(f"sweep_axis: the key must be a dotted config key, got {key!r}")
     if isinstance(values, (str, bytes, dict)):
-        raise TypeError(f"sweep_axis({key!r}, ...): values must be a list, got {type(values).__name__}")
+        raise TypeError(
+            f"sweep_axis({key!r}, ...): values must be a list, got {type(values).__name__}"
+        )
     return [{key: v} for v in values]
 
 
@@ -173,6 +192,8 @@ def sweep_zip(*factors) -> list[dict[str, Any]]:
     lists = [_check_points(f, f"sweep_zip argument {i}") for i, f in enumerate(factors)]
     lengths = [len(x) for x in lists]
     if len(set(lengths)) > 1:
-        raise ValueError(f"sweep_zip: the lists have different lengths {lengths}; zip needs equal "
-                         "lengths (use sweep_product for all combinations)")
+        raise ValueError(
+            f"sweep_zip: the lists have different lengths {lengths}; zip needs equal "
+            "lengths (use sweep_product for all combinations)"
+        )
     return [_merge(row, "sweep_zip") for row in zip(*lists, strict=True)]

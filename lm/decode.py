@@ -47,8 +47,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | No
     valid = np.zeros((len(prompts), length), bool)
     for i, p in enumerate(prompts):
         if len(p):
-            tokens[i, length - len(p):] = p
-            valid[i, length - len(p):] = True
+            tokens[i, length - len(p) :] = p
+            valid[i, length - len(p) :] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     return tokens, valid, positions
 
@@ -75,8 +75,10 @@ def check_sampling(config, temperature: float, top_k: int, top_p: float) -> None
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if not 0 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k={top_k} must be between 0 (all tokens) and the model's vocabulary size, "
-                         f"{config.vocab_size}")
+        raise ValueError(
+            f"top_k={top_k} must be between 0 (all tokens) and the model's vocabulary size, "
+            f"{config.vocab_size}"
+        )
     if not 0 <= top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in [0, 1] (1 = all tokens)")
 
@@ -89,13 +91,29 @@ def context_limit(config) -> int | None:
 @functools.partial(
     jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
 )
-def _generate(model, params, tokens, valid, positions, rng, *, max_new_tokens, temperature, top_k,
-              top_p, eos_id):
+def _generate(
+    model,
+    params,
+    tokens,
+    valid,
+    positions,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    eos_id,
+):
     batch, prompt_len = tokens.shape
     cache = init_cache(model, params, batch, prompt_len + max_new_tokens)
     logits, mutated = model.apply(
-        {"params": params, "cache": cache}, tokens, segment_ids=valid.astype(jnp.int32),
-        positions=positions, decode=True, mutable=["cache"],
+        {"params": params, "cache": cache},
+        tokens,
+        segment_ids=valid.astype(jnp.int32),
+        positions=positions,
+        decode=True,
+        mutable=["cache"],
     )
     next_position = positions[:, -1] + 1
 
@@ -105,8 +123,11 @@ def _generate(model, params, tokens, valid, positions, rng, *, max_new_tokens, t
         token = jnp.where(done, 0, token)
         done = done | (token == eos_id) if eos_id is not None else done
         logits, mutated = model.apply(
-            {"params": params, "cache": cache}, token[:, None], positions=position[:, None],
-            decode=True, mutable=["cache"],
+            {"params": params, "cache": cache},
+            token[:, None],
+            positions=position[:, None],
+            decode=True,
+            mutable=["cache"],
         )
         return (mutated["cache"], logits[:, -1], position + 1, done), token
 
@@ -135,9 +156,17 @@ def generate(
     check_sampling(model.config, temperature, top_k, top_p)
     tokens, valid, positions = left_pad(prompts, length=pad_to)
     out = _generate(
-        model, params, tokens, valid, positions, jax.random.PRNGKey(seed),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p), eos_id=eos_id,
+        model,
+        params,
+        tokens,
+        valid,
+        positions,
+        jax.random.PRNGKey(seed),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        eos_id=eos_id,
     )
     return _cut_at_eos(out, eos_id)
 
@@ -146,14 +175,21 @@ def generate(
 def _generate_seq2seq(model, params, source, source_valid, *, max_new_tokens, bos_id, eos_id):
     batch = source.shape[0]
     seg = source_valid.astype(jnp.int32)
-    encoded = model.apply({"params": params}, source, encoder_segment_ids=seg, method=EncoderDecoder.encode)
+    encoded = model.apply(
+        {"params": params}, source, encoder_segment_ids=seg, method=EncoderDecoder.encode
+    )
     cache = init_cache(model, params, batch, max_new_tokens, encoder_len=source.shape[1])
 
     def step(carry, index):
         cache, token, done = carry
         logits, mutated = model.apply(
-            {"params": params, "cache": cache}, encoded, token[:, None], encoder_segment_ids=seg,
-            positions=jnp.full((batch, 1), index), decode=True, mutable=["cache"],
+            {"params": params, "cache": cache},
+            encoded,
+            token[:, None],
+            encoder_segment_ids=seg,
+            positions=jnp.full((batch, 1), index),
+            decode=True,
+            mutable=["cache"],
             method=EncoderDecoder.decode,
         )
         next_token = jnp.where(done, 0, jnp.argmax(logits[:, -1], -1).astype(jnp.int32))
@@ -161,20 +197,29 @@ def _generate_seq2seq(model, params, source, source_valid, *, max_new_tokens, bo
         return (mutated["cache"], next_token, done), next_token
 
     start = jnp.full((batch,), bos_id, jnp.int32)
-    _, out = jax.lax.scan(step, (cache, start, jnp.zeros((batch,), bool)), jnp.arange(max_new_tokens))
+    _, out = jax.lax.scan(
+        step, (cache, start, jnp.zeros((batch,), bool)), jnp.arange(max_new_tokens)
+    )
     return out.T
 
 
 def generate_seq2seq(
-    model: EncoderDecoder, params, sources: Sequence[Sequence[int]], *, max_new_tokens: int, bos_id: int,
-    eos_id: int, pad_to: int | None = None,
+    model: EncoderDecoder,
+    params,
+    sources: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    bos_id: int,
+    eos_id: int,
+    pad_to: int | None = None,
 ) -> list[list[int]]:
     """Greedy outputs of an encoder-decoder for a batch of source token lists (cut at eos).
 
     pad_to: right-pad the sources to at least this length (fewer compiled shapes)."""
     tokens, valid = _right_pad(sources, pad_to)
-    out = _generate_seq2seq(model, params, tokens, valid, max_new_tokens=max_new_tokens, bos_id=bos_id,
-                            eos_id=eos_id)
+    out = _generate_seq2seq(
+        model, params, tokens, valid, max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id
+    )
     return _cut_at_eos(out, eos_id)
 
 
@@ -206,8 +251,12 @@ def _beam_loop(apply_step, cache, logits, position, *, batch, beams, max_new_tok
     # Only the first beam is live at the start, so the first step does not pick duplicates.
     first = jnp.tile(jnp.array([0.0] + [-1e9] * (beams - 1), jnp.float32), batch)
     state = dict(
-        cache=cache, logits=logits, scores=first, finished=jnp.zeros((rows,), bool),
-        lengths=jnp.zeros((rows,), jnp.int32), sequences=jnp.zeros((rows, max_new_tokens), jnp.int32),
+        cache=cache,
+        logits=logits,
+        scores=first,
+        finished=jnp.zeros((rows,), bool),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        sequences=jnp.zeros((rows, max_new_tokens), jnp.int32),
         position=position,
     )
     # A finished beam can only continue with padding (id 0), at no cost.
@@ -221,20 +270,27 @@ def _beam_loop(apply_step, cache, logits, position, *, batch, beams, max_new_tok
         token = (flat_index % vocab).astype(jnp.int32).reshape(rows)
         picked = _gather_beams(
             {k: state[k] for k in ("cache", "finished", "lengths", "sequences", "position")},
-            flat_index // vocab, batch, beams,
+            flat_index // vocab,
+            batch,
+            beams,
         )
         ended = token == eos_id if eos_id is not None else jnp.zeros_like(picked["finished"])
         logits, cache = apply_step(picked["cache"], token, picked["position"])
         return dict(
-            cache=cache, logits=logits, scores=scores.reshape(rows),
+            cache=cache,
+            logits=logits,
+            scores=scores.reshape(rows),
             finished=picked["finished"] | ended,
             lengths=picked["lengths"] + (~picked["finished"]).astype(jnp.int32),
-            sequences=picked["sequences"].at[:, t].set(token), position=picked["position"] + 1,
+            sequences=picked["sequences"].at[:, t].set(token),
+            position=picked["position"] + 1,
         ), None
 
     state, _ = jax.lax.scan(step, state, jnp.arange(max_new_tokens))
     scores = state["scores"].reshape(batch, beams)
-    normalised = scores / length_penalty(jnp.maximum(state["lengths"].reshape(batch, beams), 1), alpha)
+    normalised = scores / length_penalty(
+        jnp.maximum(state["lengths"].reshape(batch, beams), 1), alpha
+    )
     best = jnp.argmax(normalised, axis=-1)
     sequences = state["sequences"].reshape(batch, beams, max_new_tokens)
     return sequences[jnp.arange(batch), best], scores[jnp.arange(batch), best]
@@ -245,41 +301,84 @@ def _beam_search(model, params, tokens, valid, positions, *, beams, max_new_toke
     batch, prompt_len = tokens.shape
     cache = init_cache(model, params, batch * beams, prompt_len + max_new_tokens)
     logits, mutated = model.apply(
-        {"params": params, "cache": cache}, jnp.repeat(tokens, beams, axis=0),
+        {"params": params, "cache": cache},
+        jnp.repeat(tokens, beams, axis=0),
         segment_ids=jnp.repeat(valid, beams, axis=0).astype(jnp.int32),
-        positions=jnp.repeat(positions, beams, axis=0), decode=True, mutable=["cache"],
+        positions=jnp.repeat(positions, beams, axis=0),
+        decode=True,
+        mutable=["cache"],
     )
 
     def apply_step(cache, token, position):
-        logits, mutated = model.apply({"params": params, "cache": cache}, token[:, None],
-                                      positions=position[:, None], decode=True, mutable=["cache"])
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache},
+            token[:, None],
+            positions=position[:, None],
+            decode=True,
+            mutable=["cache"],
+        )
         return logits[:, -1], mutated["cache"]
 
-    return _beam_loop(apply_step, mutated["cache"], logits[:, -1], jnp.repeat(positions[:, -1] + 1, beams),
-                      batch=batch, beams=beams, max_new_tokens=max_new_tokens, eos_id=eos_id, alpha=alpha)
+    return _beam_loop(
+        apply_step,
+        mutated["cache"],
+        logits[:, -1],
+        jnp.repeat(positions[:, -1] + 1, beams),
+        batch=batch,
+        beams=beams,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        alpha=alpha,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens", "bos_id", "eos_id", "alpha"))
-def _beam_search_seq2seq(model, params, source, source_valid, *, beams, max_new_tokens, bos_id, eos_id,
-                         alpha):
+@functools.partial(
+    jax.jit, static_argnames=("model", "beams", "max_new_tokens", "bos_id", "eos_id", "alpha")
+)
+def _beam_search_seq2seq(
+    model, params, source, source_valid, *, beams, max_new_tokens, bos_id, eos_id, alpha
+):
     batch = source.shape[0]
     seg = jnp.repeat(source_valid.astype(jnp.int32), beams, axis=0)
     # Beams of one example share its encoding, so reordering beams never needs to move it.
-    encoded = model.apply({"params": params}, jnp.repeat(source, beams, axis=0), encoder_segment_ids=seg,
-                          method=EncoderDecoder.encode)
-    cache = init_cache(model, params, batch * beams, max_new_tokens + 1, encoder_len=source.shape[1])
+    encoded = model.apply(
+        {"params": params},
+        jnp.repeat(source, beams, axis=0),
+        encoder_segment_ids=seg,
+        method=EncoderDecoder.encode,
+    )
+    cache = init_cache(
+        model, params, batch * beams, max_new_tokens + 1, encoder_len=source.shape[1]
+    )
 
     def apply_step(cache, token, position):
         logits, mutated = model.apply(
-            {"params": params, "cache": cache}, encoded, token[:, None], encoder_segment_ids=seg,
-            positions=position[:, None], decode=True, mutable=["cache"], method=EncoderDecoder.decode,
+            {"params": params, "cache": cache},
+            encoded,
+            token[:, None],
+            encoder_segment_ids=seg,
+            positions=position[:, None],
+            decode=True,
+            mutable=["cache"],
+            method=EncoderDecoder.decode,
         )
         return logits[:, -1], mutated["cache"]
 
     rows = batch * beams
-    logits, cache = apply_step(cache, jnp.full((rows,), bos_id, jnp.int32), jnp.zeros((rows,), jnp.int32))
-    return _beam_loop(apply_step, cache, logits, jnp.ones((rows,), jnp.int32), batch=batch, beams=beams,
-                      max_new_tokens=max_new_tokens, eos_id=eos_id, alpha=alpha)
+    logits, cache = apply_step(
+        cache, jnp.full((rows,), bos_id, jnp.int32), jnp.zeros((rows,), jnp.int32)
+    )
+    return _beam_loop(
+        apply_step,
+        cache,
+        logits,
+        jnp.ones((rows,), jnp.int32),
+        batch=batch,
+        beams=beams,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        alpha=alpha,
+    )
 
 
 def beam_search(
@@ -299,23 +398,44 @@ def beam_search(
     check_prompts(model, prompts, max_new_tokens)
     tokens, valid, positions = left_pad(prompts)
     out, scores = _beam_search(
-        model, params, tokens, valid, positions, beams=beams, max_new_tokens=max_new_tokens,
-        eos_id=eos_id, alpha=float(length_penalty_alpha),
+        model,
+        params,
+        tokens,
+        valid,
+        positions,
+        beams=beams,
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        alpha=float(length_penalty_alpha),
     )
     return _cut_at_eos(out, eos_id), [float(s) for s in np.asarray(scores)]
 
 
 def beam_search_seq2seq(
-    model: EncoderDecoder, params, sources: Sequence[Sequence[int]], *, max_new_tokens: int, bos_id: int,
-    eos_id: int, beams: int = 4, length_penalty_alpha: float = 0.6,
+    model: EncoderDecoder,
+    params,
+    sources: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    bos_id: int,
+    eos_id: int,
+    beams: int = 4,
+    length_penalty_alpha: float = 0.6,
 ) -> tuple[list[list[int]], list[float]]:
     """Beam search for an encoder-decoder: best output per source (cut at eos) and its log-prob."""
     if beams < 1:
         raise ValueError(f"beams must be >= 1, got {beams}")
     tokens, valid = _right_pad(sources)
     out, scores = _beam_search_seq2seq(
-        model, params, tokens, valid, beams=beams, max_new_tokens=max_new_tokens, bos_id=bos_id,
-        eos_id=eos_id, alpha=float(length_penalty_alpha),
+        model,
+        params,
+        tokens,
+        valid,
+        beams=beams,
+        max_new_tokens=max_new_tokens,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        alpha=float(length_penalty_alpha),
     )
     return _cut_at_eos(out, eos_id), [float(s) for s in np.asarray(scores)]
 

@@ -45,7 +45,8 @@ def _batched(attn, tokens):
     if tokens.ndim != 2 or tokens.shape[0] != attn.shape[-4] or tokens.shape[1] < q:
         raise ValueError(
             f"tokens {tuple(tokens.shape)} do not fit attention {tuple(attn.shape)} "
-            "([.., batch, heads, q, k] over tokens [batch, >= q])")
+            "([.., batch, heads, q, k] over tokens [batch, >= q])"
+        )
     return attn, tokens[:, :q]
 
 
@@ -146,7 +147,9 @@ def head_scores(attn, tokens, names=("induction", "previous_token")) -> dict[str
     return {name: SCORES[name](attn, tokens) for name in (names or SCORES)}
 
 
-def attention_weights(intermediates: Mapping[str, Any], stack: str = "decoder", kind: str = "self_attention"):
+def attention_weights(
+    intermediates: Mapping[str, Any], stack: str = "decoder", kind: str = "self_attention"
+):
     """The sown attention weights of one stack, stacked by layer.
 
     intermediates: the `intermediates` collection returned by
@@ -158,8 +161,10 @@ def attention_weights(intermediates: Mapping[str, Any], stack: str = "decoder", 
     """
     tree = unstack_layers(intermediates.get("intermediates", intermediates))
     if stack not in tree:
-        raise ValueError(f"no {stack} attention in intermediates: build the model with "
-                         "capture_attention=True and apply it with mutable=['intermediates']")
+        raise ValueError(
+            f"no {stack} attention in intermediates: build the model with "
+            "capture_attention=True and apply it with mutable=['intermediates']"
+        )
     layers = tree[stack]
     names = sorted((n for n in layers if n.startswith("layer_")), key=lambda n: int(n[6:]))
     if not names:
@@ -207,13 +212,19 @@ def _capture_fn(config: ModelConfig, keep_logits: bool):
     @jax.jit
     def run(params, tokens, encoder_tokens):
         inputs = {"encoder_inputs": encoder_tokens} if seq2seq else {}
-        logits, state = model.apply({"params": params}, tokens, **inputs, mutable=["intermediates"],
-                                    capture_intermediates=_residual_filter)
+        logits, state = model.apply(
+            {"params": params},
+            tokens,
+            **inputs,
+            mutable=["intermediates"],
+            capture_intermediates=_residual_filter,
+        )
         inter = state["intermediates"]
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         picked = jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
         token_log_probs = jnp.concatenate(
-            [jnp.full((tokens.shape[0], 1), jnp.nan, picked.dtype), picked], axis=1)
+            [jnp.full((tokens.shape[0], 1), jnp.nan, picked.dtype), picked], axis=1
+        )
         out = {
             "attention": _by_batch(attention_weights(inter)),
             "log_probs": token_log_probs,
@@ -221,8 +232,12 @@ def _capture_fn(config: ModelConfig, keep_logits: bool):
         }
         if seq2seq:
             out["encoder_attention"] = _by_batch(attention_weights(inter, "encoder"))
-            out["cross_attention"] = _by_batch(attention_weights(inter, "decoder", "cross_attention"))
-            out["encoder_residual"] = _by_batch(_stacked_residual(inter, "encoder")).astype(jnp.float32)
+            out["cross_attention"] = _by_batch(
+                attention_weights(inter, "decoder", "cross_attention")
+            )
+            out["encoder_residual"] = _by_batch(_stacked_residual(inter, "encoder")).astype(
+                jnp.float32
+            )
         if keep_logits:
             out["logits"] = logits
         return out
@@ -230,8 +245,9 @@ def _capture_fn(config: ModelConfig, keep_logits: bool):
     return run
 
 
-def capture(config: ModelConfig, params, tokens, *, encoder_tokens=None,
-            keep_logits: bool = True) -> dict[str, np.ndarray]:
+def capture(
+    config: ModelConfig, params, tokens, *, encoder_tokens=None, keep_logits: bool = True
+) -> dict[str, np.ndarray]:
     """One forward pass over tokens [batch, length] (the decoder's inputs).
 
     Returns numpy arrays: attention [batch, layers, heads, length, length] (decoder
@@ -251,14 +267,21 @@ def capture(config: ModelConfig, params, tokens, *, encoder_tokens=None,
         raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_len {config.max_len}")
     seq2seq = config.architecture != "decoder"
     if seq2seq != (encoder_tokens is not None):
-        raise ValueError("an encoder-decoder model needs encoder_tokens [batch, src_len]" if seq2seq
-                         else "encoder_tokens are only for encoder-decoder models")
+        raise ValueError(
+            "an encoder-decoder model needs encoder_tokens [batch, src_len]"
+            if seq2seq
+            else "encoder_tokens are only for encoder-decoder models"
+        )
     if seq2seq:
         encoder_tokens = jnp.asarray(np.asarray(encoder_tokens, np.int32))
         if encoder_tokens.ndim != 2 or encoder_tokens.shape[0] != tokens.shape[0]:
-            raise ValueError(f"encoder_tokens {tuple(encoder_tokens.shape)} must be [batch, src_len] with "
-                             f"the batch of tokens {tuple(tokens.shape)}")
-    return jax.tree.map(np.asarray, _capture_fn(config, keep_logits)(params, tokens, encoder_tokens))
+            raise ValueError(
+                f"encoder_tokens {tuple(encoder_tokens.shape)} must be [batch, src_len] with "
+                f"the batch of tokens {tuple(tokens.shape)}"
+            )
+    return jax.tree.map(
+        np.asarray, _capture_fn(config, keep_logits)(params, tokens, encoder_tokens)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,14 +317,17 @@ def token_labels(tokenizer, tokens) -> list[str]:
     return labels
 
 
-def inspect_tokens(config: ModelConfig, params, tokens, tokenizer=None, *,
-                   keep_logits: bool = True) -> Inspection:
+def inspect_tokens(
+    config: ModelConfig, params, tokens, tokenizer=None, *, keep_logits: bool = True
+) -> Inspection:
     """`Inspection` of one token sequence [length]; labels from the tokenizer if given."""
     tokens = np.asarray(tokens, np.int32).reshape(-1)
     out = capture(config, params, tokens[None], keep_logits=keep_logits)
     return Inspection(
         tokens=tokens,
-        labels=token_labels(tokenizer, tokens) if tokenizer is not None else [str(t) for t in tokens],
+        labels=token_labels(tokenizer, tokens)
+        if tokenizer is not None
+        else [str(t) for t in tokens],
         attention=out["attention"][0],
         log_probs=out["log_probs"][0],
         residual=out["residual"][0],
@@ -309,8 +335,9 @@ def inspect_tokens(config: ModelConfig, params, tokens, tokenizer=None, *,
     )
 
 
-def inspect_text(config: ModelConfig, params, tokenizer, text: str, *, bos: bool = True,
-                 keep_logits: bool = True) -> Inspection:
+def inspect_text(
+    config: ModelConfig, params, tokenizer, text: str, *, bos: bool = True, keep_logits: bool = True
+) -> Inspection:
     """`Inspection` of a prompt: encoded by the tokenizer, after a bos token if `bos` and the
     tokenizer has one."""
     ids = tokenizer.encode(text)
@@ -320,8 +347,9 @@ def inspect_text(config: ModelConfig, params, tokenizer, text: str, *, bos: bool
     return inspect_tokens(config, params, ids, tokenizer, keep_logits=keep_logits)
 
 
-def repeated_random_tokens(vocab: int, span: int, *, batch: int = 1, seed: int = 0,
-                           prefix=(), low: int = 0) -> np.ndarray:
+def repeated_random_tokens(
+    vocab: int, span: int, *, batch: int = 1, seed: int = 0, prefix=(), low: int = 0
+) -> np.ndarray:
     """[batch, len(prefix) + 2 * span]: `prefix`, then a random span of ids in [low, vocab)
     written twice, the probe on which induction heads show (Olsson et al. 2022)."""
     rng = np.random.default_rng(seed)
@@ -371,14 +399,21 @@ def plot_layer_heads(layer_weights, labels, *, layer: int, columns: int = 4, sco
     rows = -(-heads // columns)
     show_labels = labels is not None and n <= 24
     height = 3.3 + (0.9 if show_labels else 0.0)  # room for the rotated key labels
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns + 1.0, height * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(3.4 * columns + 1.0, height * rows),
+        squeeze=False,
+        layout="constrained",
+    )
     for h in range(rows * columns):
         ax = axes[h // columns, h % columns]
         if h >= heads:
             ax.axis("off")
             continue
-        image = ax.imshow(layer_weights[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        image = ax.imshow(
+            layer_weights[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
+        )
         title = f"head {h}" + (f" ({scores[h]:.2f})" if scores is not None else "")
         ax.set_title(title, fontsize=9)
         if show_labels:
@@ -399,8 +434,14 @@ def plot_head_scores(scores, *, name: str = "induction score", title: str = ""):
     scores = np.asarray(scores)
     layers, heads = scores.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * heads, 1.2 + 0.3 * layers))
-    image = ax.imshow(scores, cmap="magma", aspect="auto", interpolation="nearest",
-                      vmin=0.0, vmax=max(1.0, float(np.nanmax(scores))))
+    image = ax.imshow(
+        scores,
+        cmap="magma",
+        aspect="auto",
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=max(1.0, float(np.nanmax(scores))),
+    )
     ax.set_xticks(range(heads))
     ax.set_yticks(range(layers))
     ax.set_xlabel("head")
@@ -409,8 +450,15 @@ def plot_head_scores(scores, *, name: str = "induction score", title: str = ""):
         for layer in range(layers):
             for head in range(heads):
                 value = scores[layer, head]
-                ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if value < 0.6 else "black")
+                ax.text(
+                    head,
+                    layer,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if value < 0.6 else "black",
+                )
     ax.set_title(title or f"{name} per head")
     fig.colorbar(image, ax=ax, label=name)
     fig.tight_layout()
@@ -440,4 +488,6 @@ def top_heads(scores, k: int = 5) -> list[tuple[int, int, float]]:
     """The k highest-scoring heads of a [layers, heads] score: [(layer, head, score), ...]."""
     scores = np.asarray(scores)
     order = np.argsort(scores, axis=None)[::-1][:k]
-    return [(int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.flat[i])) for i in order]
+    return [
+        (int(i // scores.shape[1]), int(i % scores.shape[1]), float(scores.flat[i])) for i in order
+    ]

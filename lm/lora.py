@@ -57,7 +57,9 @@ class LoraConfig:
         if self.rank > 0 and not self.alpha > 0:
             raise ValueError(f"train.lora_alpha={self.alpha} must be > 0 when LoRA is on")
         if self.rank > 0 and not self.targets:
-            raise ValueError("train.lora_targets is empty: name the kernels to adapt, e.g. 'query,value'")
+            raise ValueError(
+                "train.lora_targets is empty: name the kernels to adapt, e.g. 'query,value'"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -90,11 +92,11 @@ class Target:
 
     @property
     def fan_in(self) -> int:
-        return int(np.prod(self.shape[self.stacked: self.stacked + self.num_in]))
+        return int(np.prod(self.shape[self.stacked : self.stacked + self.num_in]))
 
     @property
     def fan_out(self) -> int:
-        return int(np.prod(self.shape[self.stacked + self.num_in:]))
+        return int(np.prod(self.shape[self.stacked + self.num_in :]))
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -118,7 +120,7 @@ def _num_input_dims(names: Sequence[str | None], ndim: int) -> int:
 
 def _matches(module_path: tuple[str, ...], target: str) -> bool:
     parts = tuple(target.split("/"))
-    return module_path[-len(parts):] == parts
+    return module_path[-len(parts) :] == parts
 
 
 def find_targets(boxed_params, config: LoraConfig) -> list[Target]:
@@ -130,7 +132,8 @@ def find_targets(boxed_params, config: LoraConfig) -> list[Target]:
     or when nothing at all matches.
     """
     leaves = jax.tree_util.tree_flatten_with_path(
-        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
     found, used = [], set()
     for path, leaf in leaves:
         keys = _keys(path)
@@ -144,18 +147,27 @@ def find_targets(boxed_params, config: LoraConfig) -> list[Target]:
         shape = tuple(value.shape)
         names = tuple(leaf.names) if isinstance(leaf, nn.Partitioned) else (None,) * len(shape)
         if len(shape) > 2 and not isinstance(leaf, nn.Partitioned):
-            raise ValueError(f"LoRA needs logical axis names to split the {len(shape)}-D kernel "
-                             f"{'/'.join(keys)}: pass the boxed params from model.init")
+            raise ValueError(
+                f"LoRA needs logical axis names to split the {len(shape)}-D kernel "
+                f"{'/'.join(keys)}: pass the boxed params from model.init"
+            )
         stacked = 1 if names[0] == "layers" else 0  # scanned layers: [layers, *kernel]
-        found.append(Target(keys, shape, names, _num_input_dims(names[stacked:], len(shape) - stacked),
-                            stacked))
+        found.append(
+            Target(
+                keys, shape, names, _num_input_dims(names[stacked:], len(shape) - stacked), stacked
+            )
+        )
     unknown = [t for t in config.targets if t not in used and t.split("/")[-1] not in KNOWN_TARGETS]
     if unknown:
-        raise ValueError(f"train.lora_targets names {unknown}, which match no kernel of this model; "
-                         f"use module names such as {', '.join(KNOWN_TARGETS)}")
+        raise ValueError(
+            f"train.lora_targets names {unknown}, which match no kernel of this model; "
+            f"use module names such as {', '.join(KNOWN_TARGETS)}"
+        )
     if not found:
-        raise ValueError(f"train.lora_targets={','.join(config.targets)} matches no kernel of this model; "
-                         f"use module names such as {', '.join(KNOWN_TARGETS)}")
+        raise ValueError(
+            f"train.lora_targets={','.join(config.targets)} matches no kernel of this model; "
+            f"use module names such as {', '.join(KNOWN_TARGETS)}"
+        )
     return found
 
 
@@ -182,13 +194,19 @@ def init(rng: jax.Array, boxed_params, config: LoraConfig) -> dict:
     adapters: dict = {}
     for i, t in enumerate(find_targets(boxed_params, config)):
         key = jax.random.fold_in(rng, i)
-        layers, layer_names = t.shape[:t.stacked], t.names[:t.stacked]
-        a = jax.random.normal(key, layers + (t.fan_in, config.rank), jnp.float32) / math.sqrt(t.fan_in)
+        layers, layer_names = t.shape[: t.stacked], t.names[: t.stacked]
+        a = jax.random.normal(key, layers + (t.fan_in, config.rank), jnp.float32) / math.sqrt(
+            t.fan_in
+        )
         b = jnp.zeros(layers + (config.rank, t.fan_out), jnp.float32)
-        _set(adapters, t.path, {
-            A: nn.Partitioned(a, names=layer_names + (t.names[t.stacked], None)),
-            B: nn.Partitioned(b, names=layer_names + (None, t.names[t.stacked + t.num_in])),
-        })
+        _set(
+            adapters,
+            t.path,
+            {
+                A: nn.Partitioned(a, names=layer_names + (t.names[t.stacked], None)),
+                B: nn.Partitioned(b, names=layer_names + (None, t.names[t.stacked + t.num_in])),
+            },
+        )
     return adapters
 
 
@@ -209,7 +227,9 @@ def delta(a: jax.Array, b: jax.Array, shape: Sequence[int], scale: float) -> jax
     needs no knowledge of where the split was. HIGHEST precision: on TPU the default would
     round the product to bfloat16 before it is added to W.
     """
-    product = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    product = jnp.matmul(
+        a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     return (scale * product).reshape(shape)
 
 
@@ -233,8 +253,10 @@ def merge(base, adapters, config: LoraConfig | float):
     merged = jax.tree_util.tree_map_with_path(one, base)
     stray = sorted(set(pairs) - merged_paths)
     if stray:
-        raise ValueError(f"LoRA adapters for parameters the model does not have: "
-                         f"{['/'.join(p) for p in stray[:5]]}")
+        raise ValueError(
+            f"LoRA adapters for parameters the model does not have: "
+            f"{['/'.join(p) for p in stray[:5]]}"
+        )
     return merged
 
 

@@ -52,15 +52,19 @@ def parse_rules(text: str) -> tuple[tuple[str, Any], ...]:
             continue
         name, sep, axes = entry.partition("=")
         if not (sep and name.isidentifier() and axes):
-            raise ValueError(f"parallel.rules entry {entry!r} is not LOGICAL=AXES, e.g. 'mlp=tensor' "
-                             f"or 'embed=none' or 'vocab=data+tensor'")
+            raise ValueError(
+                f"parallel.rules entry {entry!r} is not LOGICAL=AXES, e.g. 'mlp=tensor' "
+                f"or 'embed=none' or 'vocab=data+tensor'"
+            )
         if name in rules:
             raise ValueError(f"parallel.rules sets {name!r} twice (entry {entry!r})")
         mesh_axes = () if axes.lower() == "none" else tuple(axes.split("+"))
         bad = [a for a in mesh_axes if a not in MESH_AXES]
         if bad or len(set(mesh_axes)) < len(mesh_axes):
-            raise ValueError(f"parallel.rules entry {entry!r}: AXES must be 'none' or distinct mesh "
-                             f"axes from {MESH_AXES} joined by '+'")
+            raise ValueError(
+                f"parallel.rules entry {entry!r}: AXES must be 'none' or distinct mesh "
+                f"axes from {MESH_AXES} joined by '+'"
+            )
         # The same forms as DEFAULT_RULES: None, one axis name, or a tuple of them.
         rules[name] = mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None)
     return tuple(rules.items())
@@ -126,22 +130,29 @@ def initialize_distributed(config: ParallelConfig) -> None:
     # Cross-process collectives on CPU (tests, CPU clusters); no effect on TPU/GPU backends.
     # Must not touch the backend here: initialize() has to come before any JAX computation.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(initialization_timeout=config.initialization_timeout,
-                  heartbeat_timeout_seconds=config.heartbeat_timeout_seconds)
+    kwargs = dict(
+        initialization_timeout=config.initialization_timeout,
+        heartbeat_timeout_seconds=config.heartbeat_timeout_seconds,
+    )
     if explicit:
         if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
             raise ValueError(
                 f"parallel.coordinator_address={config.coordinator_address!r} needs "
                 f"parallel.num_processes >= 1 and 0 <= parallel.process_id < num_processes, got "
-                f"num_processes={config.num_processes}, process_id={config.process_id}")
+                f"num_processes={config.num_processes}, process_id={config.process_id}"
+            )
         kwargs.update(
             coordinator_address=config.coordinator_address,
             num_processes=config.num_processes,
             process_id=config.process_id,
         )
     jax.distributed.initialize(**kwargs)
-    logging.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count())
+    logging.info(
+        "process %d of %d, %d local devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+    )
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
@@ -172,8 +183,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     # Auto axes: the steps are jit-compiled with explicit NamedShardings and XLA propagates
     # them inside. jax.make_mesh's default, Explicit, puts shardings into the array types,
     # which the model code is not written for.
-    return jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(
+        resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
 def _mesh_axes_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
@@ -216,8 +228,10 @@ def check_rules_apply(config: ParallelConfig, boxed_params) -> None:
     known = {name for spec in specs for name in spec if name} | {name for name, _ in DEFAULT_RULES}
     unknown = [name for name, _ in parse_rules(config.rules) if name not in known]
     if unknown:
-        raise ValueError(f"parallel.rules names logical axes {unknown} that no parameter carries; "
-                         f"known logical axes: {sorted(known)}")
+        raise ValueError(
+            f"parallel.rules names logical axes {unknown} that no parameter carries; "
+            f"known logical axes: {sorted(known)}"
+        )
 
 
 def _path_keys(path) -> tuple:
@@ -271,7 +285,9 @@ def replicate(tree):
     """Copies a pytree onto every local device (leading axis = device)."""
     devices = jax.local_devices()
     sharding = NamedSharding(Mesh(np.asarray(devices), ("device",)), P("device"))
-    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+    return jax.tree.map(
+        lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree
+    )
 
 
 def unreplicate(tree):
@@ -285,7 +301,9 @@ def split_for_pmap(local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"per-process batch {x.shape[0]} is not divisible by {n} local devices")
+            raise ValueError(
+                f"per-process batch {x.shape[0]} is not divisible by {n} local devices"
+            )
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
     return jax.tree.map(split, local_batch)

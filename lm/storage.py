@@ -121,17 +121,27 @@ def move(source: PathLike, target: PathLike) -> None:
         return
     for directory, _, files in source.walk():
         for name in files:
-            (target / (directory / name).relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (target / (directory / name).relative_to(source)).parent.mkdir(
+                parents=True, exist_ok=True
+            )
             (directory / name).copy(target / (directory / name).relative_to(source))
     source.rmtree()
 
 
 _STORES = {
-    "gs": ("Google Cloud Storage", "credentials from `gcloud auth application-default login` or "
-           "GOOGLE_APPLICATION_CREDENTIALS (STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL for an "
-           "emulator)", "gcloud storage buckets create"),
-    "s3": ("S3", "credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws, and AWS_ENDPOINT_URL "
-           "for a store other than AWS", "aws s3 mb"),
+    "gs": (
+        "Google Cloud Storage",
+        "credentials from `gcloud auth application-default login` or "
+        "GOOGLE_APPLICATION_CREDENTIALS (STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL for an "
+        "emulator)",
+        "gcloud storage buckets create",
+    ),
+    "s3": (
+        "S3",
+        "credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws, and AWS_ENDPOINT_URL "
+        "for a store other than AWS",
+        "aws s3 mb",
+    ),
 }
 
 
@@ -147,12 +157,16 @@ def check_reachable(path: PathLike) -> None:
     try:  # listing (not exists(), which s3fs answers False on any error) tells the causes apart
         next(iter(as_path(bucket).iterdir()), None)
     except FileNotFoundError as e:
-        raise ValueError(f"{store} bucket {bucket} does not exist (or these credentials cannot see it); "
-                         f"create it (`{create} {bucket}`) or fix the URL in {path}") from e
+        raise ValueError(
+            f"{store} bucket {bucket} does not exist (or these credentials cannot see it); "
+            f"create it (`{create} {bucket}`) or fix the URL in {path}"
+        ) from e
     except Exception as e:  # noqa: BLE001 - gcsfs/s3fs raise botocore, aiohttp, google-auth errors alike
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ValueError(f"{store} bucket {bucket} is out of reach ({type(e).__name__}: {first}); check the "
-                         f"network and {credentials}") from e
+        raise ValueError(
+            f"{store} bucket {bucket} is out of reach ({type(e).__name__}: {first}); check the "
+            f"network and {credentials}"
+        ) from e
 
 
 def save_figure(fig, path: PathLike, **kwargs) -> None:

@@ -44,7 +44,9 @@ NONFINITE_POLICIES = ("abort", "skip", "rollback")
 
 def check_nonfinite_policy(value: str) -> None:
     if value not in NONFINITE_POLICIES:
-        raise ValueError(f"train.nonfinite={value!r}: use one of {', '.join(map(repr, NONFINITE_POLICIES))}")
+        raise ValueError(
+            f"train.nonfinite={value!r}: use one of {', '.join(map(repr, NONFINITE_POLICIES))}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +68,27 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.name={self.name!r}: use 'adamw' or 'adafactor'")
         if self.grad_accum_steps < 1:
             raise ValueError("optimizer.grad_accum_steps must be >= 1")
-        for key in ("learning_rate", "warmup_steps", "decay_steps", "weight_decay", "eps", "clip_norm"):
+        for key in (
+            "learning_rate",
+            "warmup_steps",
+            "decay_steps",
+            "weight_decay",
+            "eps",
+            "clip_norm",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"optimizer.{key}={getattr(self, key)} must be >= 0")
         for key in ("b1", "b2"):
             if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"optimizer.{key}={getattr(self, key)} must be in [0, 1): Adam's decay "
-                                 "rate of its moment estimates (e.g. b1=0.9, b2=0.95)")
+                raise ValueError(
+                    f"optimizer.{key}={getattr(self, key)} must be in [0, 1): Adam's decay "
+                    "rate of its moment estimates (e.g. b1=0.9, b2=0.95)"
+                )
         if not 0 <= self.end_learning_rate_fraction <= 1:
-            raise ValueError(f"optimizer.end_learning_rate_fraction={self.end_learning_rate_fraction} "
-                             "must be in [0, 1]")
+            raise ValueError(
+                f"optimizer.end_learning_rate_fraction={self.end_learning_rate_fraction} "
+                "must be in [0, 1]"
+            )
 
     @classmethod
     def from_dict(cls, values):
@@ -117,9 +130,18 @@ class TrainConfig:
     lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
 
     def __post_init__(self):
-        for key, low in [("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
-                         ("eval_every", 0), ("eval_batches", 0), ("eval_tasks_limit", 0),
-                         ("eval_tasks_fewshot", -1), ("sample_tokens", 0), ("sample_temperature", 0)]:
+        for key, low in [
+            ("steps", 1),
+            ("log_every", 1),
+            ("checkpoint_every", 1),
+            ("keep_checkpoints", 1),
+            ("eval_every", 0),
+            ("eval_batches", 0),
+            ("eval_tasks_limit", 0),
+            ("eval_tasks_fewshot", -1),
+            ("sample_tokens", 0),
+            ("sample_temperature", 0),
+        ]:
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= {low}")
         self.lora  # noqa: B018 - validates the LoRA values now, with their config names
@@ -174,15 +196,23 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(
+    config: OptimizerConfig, schedule: optax.Schedule
+) -> optax.GradientTransformation:
     if config.name == "adamw":
         opt = optax.adamw(
-            schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-            weight_decay=config.weight_decay, mask=_decay_mask,
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=_decay_mask,
         )
     else:
         opt = optax.adafactor(
-            schedule, weight_decay_rate=config.weight_decay or None, weight_decay_mask=_decay_mask,
+            schedule,
+            weight_decay_rate=config.weight_decay or None,
+            weight_decay_mask=_decay_mask,
         )
     if config.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
@@ -198,7 +228,9 @@ def forward(model: nn.Module, params, batch, *, deterministic=True, rng=None):
     """Logits [batch, length, vocab] for a data batch of either architecture."""
     kwargs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     rngs = {"dropout": rng} if rng is not None else {}
-    return model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, **kwargs)
+    return model.apply(
+        {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, **kwargs
+    )
 
 
 def loss_sums(logits, targets, weights):
@@ -219,7 +251,9 @@ def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
         def loss_fn(p):
             model_params = p if to_model is None else to_model(p)
             logits = forward(model, model_params, micro_batch, deterministic=False, rng=micro_rng)
-            loss, correct, weight = loss_sums(logits, micro_batch["targets"], micro_batch["weights"])
+            loss, correct, weight = loss_sums(
+                logits, micro_batch["targets"], micro_batch["weights"]
+            )
             return loss, (correct, weight)
 
         (loss, (correct, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -242,7 +276,9 @@ def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
 
 def _all_finite(tree) -> jax.Array:
     """A scalar bool: every floating-point element of `tree` is finite (a reduction on device)."""
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
@@ -252,12 +288,21 @@ def _update_count(opt_state) -> jax.Array:
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         if path and getattr(path[-1], "name", None) == "count":
             return leaf
-    raise ValueError("train.nonfinite='skip' counts skipped steps with the optimizer's update count, "
-                     "and this optimizer's state has none")
+    raise ValueError(
+        "train.nonfinite='skip' counts skipped steps with the optimizer's update count, "
+        "and this optimizer's state has none"
+    )
 
 
-def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axis_name: str | None = None,
-                    lora_config: lora.LoraConfig | None = None, skip_nonfinite: bool = False):
+def make_train_step(
+    model,
+    optimizer,
+    schedule,
+    opt_config: OptimizerConfig,
+    axis_name: str | None = None,
+    lora_config: lora.LoraConfig | None = None,
+    skip_nonfinite: bool = False,
+):
     """`(state, batch) -> (state, metrics)`. With `axis_name`, gradients are summed across it (pmap).
 
     With `lora_config` the step is `(state, batch, frozen) -> (state, metrics)`: `state.params`
@@ -282,8 +327,9 @@ def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axi
         to_model = None
         if lora_config is not None:  # differentiate wrt the adapters through the merged kernels
             to_model = lambda adapters: lora.merge(frozen, adapters, lora_config)
-        grads, sums = _accumulated_grads(model, state.params, batch, rng, opt_config.grad_accum_steps,
-                                         to_model)
+        grads, sums = _accumulated_grads(
+            model, state.params, batch, rng, opt_config.grad_accum_steps, to_model
+        )
         if axis_name is not None:
             grads, sums = jax.lax.psum((grads, sums), axis_name)
         loss_sum, correct, weight = sums[0], sums[1], sums[2]
@@ -294,8 +340,11 @@ def make_train_step(model, optimizer, schedule, opt_config: OptimizerConfig, axi
         loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
         if skip_nonfinite:
-            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                             (params, opt_state), (state.params, state.opt_state))
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
         metrics = {
             "loss": loss,
             "accuracy": correct / denom,
@@ -343,7 +392,9 @@ class Trainer:
     eval_step: Callable
     num_params: int  # the model's parameters
     num_trainable: int  # what the optimizer updates: num_params, or the LoRA adapters
-    param_shardings: Any  # of the model's parameters (with LoRA: of the frozen base, not the adapters)
+    param_shardings: (
+        Any  # of the model's parameters (with LoRA: of the frozen base, not the adapters)
+    )
     lora: lora.LoraConfig | None = None
     merge_fn: Callable | None = None  # LoRA: jitted (frozen, adapters) -> model params
     skip_nonfinite: bool = False  # train_step keeps the previous state on a non-finite step
@@ -378,8 +429,10 @@ class Trainer:
             return f"{self.num_params:,} parameters, all trainable"
         total = self.num_params + self.num_trainable
         kernels = len(jax.tree.leaves(self.abstract_state.params)) // 2
-        return (f"{self.num_trainable:,} trainable of {total:,} parameters "
-                f"({100 * self.num_trainable / total:.2f}%: LoRA rank {self.lora.rank} on {kernels} kernels)")
+        return (
+            f"{self.num_trainable:,} trainable of {total:,} parameters "
+            f"({100 * self.num_trainable / total:.2f}%: LoRA rank {self.lora.rank} on {kernels} kernels)"
+        )
 
     def model_params(self, state):
         """The parameters the model runs with, from a host state: with LoRA the frozen base
@@ -403,8 +456,12 @@ class Trainer:
                 totals[k] += float(out[k])
         tokens = max(totals["tokens"], 1.0)
         loss = totals["loss_sum"] / tokens
-        return {"loss": loss, "accuracy": totals["correct"] / tokens, "perplexity": math.exp(min(loss, 50.0)),
-                "tokens": totals["tokens"]}
+        return {
+            "loss": loss,
+            "accuracy": totals["correct"] / tokens,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "tokens": totals["tokens"],
+        }
 
 
 def _path_str(path) -> str:
@@ -413,12 +470,20 @@ def _path_str(path) -> str:
 
 def check_params_fit(params, abstract_params, what: str = "init params") -> None:
     """Raises ValueError naming the parameters whose presence or shape differs from the model's."""
-    have = {_path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    have = {
+        _path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    want = {
+        _path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
     problems = [f"{k}: missing" for k in sorted(set(want) - set(have))]
     problems += [f"{k}: not in the model" for k in sorted(set(have) - set(want))]
-    problems += [f"{k}: shape {have[k]}, the model's {want[k]}" for k in sorted(set(have) & set(want))
-                 if have[k] != want[k]]
+    problems += [
+        f"{k}: shape {have[k]}, the model's {want[k]}"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise ValueError(f"{what} do not fit the model: {'; '.join(problems[:8])}{more}")
@@ -431,7 +496,9 @@ def _put_params(host_params, abstract_params):
 
     def put(x, a):
         x = np.asarray(x)
-        return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index].astype(a.dtype))
+        return jax.make_array_from_callback(
+            a.shape, a.sharding, lambda index: x[index].astype(a.dtype)
+        )
 
     return jax.tree.map(put, host_params, abstract_params)
 
@@ -490,17 +557,26 @@ def create_trainer(
         abstract_trainable = abstract_params
     else:
         abstract_boxed_adapters = jax.eval_shape(
-            lambda rng: lora.init(rng, abstract_boxed, lora_config), jax.random.PRNGKey(0))
+            lambda rng: lora.init(rng, abstract_boxed, lora_config), jax.random.PRNGKey(0)
+        )
         trainable_shardings = parallel.param_shardings(abstract_boxed_adapters, mesh, rules)
         abstract_trainable = nn.meta.unbox(abstract_boxed_adapters)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
-    opt_shardings = parallel.matching_shardings(abstract_opt, abstract_trainable, trainable_shardings, mesh)
+    opt_shardings = parallel.matching_shardings(
+        abstract_opt, abstract_trainable, trainable_shardings, mesh
+    )
     if lora_config is None:
-        state_shardings = TrainState(step=replicated, params=p_shardings, opt_state=opt_shardings,
-                                     rng=replicated)
+        state_shardings = TrainState(
+            step=replicated, params=p_shardings, opt_state=opt_shardings, rng=replicated
+        )
     else:
-        state_shardings = LoraTrainState(step=replicated, params=trainable_shardings, opt_state=opt_shardings,
-                                         rng=replicated, frozen=p_shardings)
+        state_shardings = LoraTrainState(
+            step=replicated,
+            params=trainable_shardings,
+            opt_state=opt_shardings,
+            rng=replicated,
+            frozen=p_shardings,
+        )
 
     def init(seed_value, params=None):
         init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed_value))
@@ -508,33 +584,54 @@ def create_trainer(
             params = nn.meta.unbox(boxed_params(init_rng))
         step = jnp.array(0, jnp.int32)
         if lora_config is None:
-            return TrainState(step=step, params=params, opt_state=optimizer.init(params), rng=train_rng)
+            return TrainState(
+                step=step, params=params, opt_state=optimizer.init(params), rng=train_rng
+            )
         # fold_in: the base's random init (without init_params) stays that of full training.
-        adapters = nn.meta.unbox(lora.init(jax.random.fold_in(init_rng, 1), abstract_boxed, lora_config))
-        return LoraTrainState(step=step, params=adapters, opt_state=optimizer.init(adapters), rng=train_rng,
-                              frozen=params)
+        adapters = nn.meta.unbox(
+            lora.init(jax.random.fold_in(init_rng, 1), abstract_boxed, lora_config)
+        )
+        return LoraTrainState(
+            step=step,
+            params=adapters,
+            opt_state=optimizer.init(adapters),
+            rng=train_rng,
+            frozen=params,
+        )
 
     abstract_state = jax.eval_shape(init, seed)
     abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_shardings
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        abstract_state,
+        state_shardings,
     )
     # The params argument is a fresh device copy made by init_fn: donate it to the state.
     jit_init = jax.jit(init, static_argnums=0, out_shardings=state_shardings, donate_argnums=1)
     if init_params is None:
         init_fn = jit_init
     else:
-        abstract_model_params = abstract_state.params if lora_config is None else abstract_state.frozen
+        abstract_model_params = (
+            abstract_state.params if lora_config is None else abstract_state.frozen
+        )
 
         def init_fn(seed_value):
             return jit_init(seed_value, _put_params(init_params, abstract_model_params))
 
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh)))
+    eval_step = jax.jit(
+        make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh))
+    )
 
     @functools.cache  # one compiled step per policy, however often with_nonfinite asks
     def build_step(skip_nonfinite: bool):
-        step_fn = make_train_step(model, optimizer, schedule, opt_config, lora_config=lora_config,
-                                  axis_name="batch" if parallel_config.use_pmap else None,
-                                  skip_nonfinite=skip_nonfinite)
+        step_fn = make_train_step(
+            model,
+            optimizer,
+            schedule,
+            opt_config,
+            lora_config=lora_config,
+            axis_name="batch" if parallel_config.use_pmap else None,
+            skip_nonfinite=skip_nonfinite,
+        )
         if parallel_config.use_pmap:
             step = jax.pmap(step_fn, axis_name="batch", donate_argnums=0)
         elif lora_config is None:
@@ -548,7 +645,11 @@ def create_trainer(
             trainable_state_shardings = state_shardings.replace(frozen=None)
             step = jax.jit(
                 step_fn,
-                in_shardings=(trainable_state_shardings, parallel.batch_sharding(mesh), p_shardings),
+                in_shardings=(
+                    trainable_state_shardings,
+                    parallel.batch_sharding(mesh),
+                    p_shardings,
+                ),
                 out_shardings=(trainable_state_shardings, replicated),
                 donate_argnums=0,
             )
@@ -557,8 +658,10 @@ def create_trainer(
     train_step = build_step(nonfinite == "skip")
     merge_fn = None
     if lora_config is not None:
-        merge_fn = jax.jit(lambda frozen, adapters: lora.merge(frozen, adapters, lora_config),
-                           out_shardings=p_shardings)
+        merge_fn = jax.jit(
+            lambda frozen, adapters: lora.merge(frozen, adapters, lora_config),
+            out_shardings=p_shardings,
+        )
     return Trainer(
         model=model,
         model_config=model_config,
@@ -595,8 +698,14 @@ def _frozen_beside(step):
 # --------------------------------------------------------------------------- throughput
 
 PEAK_FLOPS = {  # dense bf16 FLOP/s per device
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
 }
 
 
@@ -672,8 +781,12 @@ class MetricWriter:
         _register_store_writers()
         self.jsonl = storage.LineLog(storage.as_path(workdir) / "metrics.jsonl")
         if self.jsonl.dropped is not None:
-            logging.warning("%s ended in a partly written line (the run was killed while writing it): "
-                            "dropped %r", self.jsonl.path, self.jsonl.dropped[:80])
+            logging.warning(
+                "%s ended in a partly written line (the run was killed while writing it): "
+                "dropped %r",
+                self.jsonl.path,
+                self.jsonl.dropped[:80],
+            )
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]):
@@ -711,8 +824,10 @@ class _Preemption:
     def __enter__(self):
         if self.coordinated:
             if not jax.config.jax_enable_preemption_service:
-                raise ValueError("a multi-process run needs JAX's preemption service to stop every process at "
-                                 "the same step on SIGTERM: do not set jax_enable_preemption_service=False")
+                raise ValueError(
+                    "a multi-process run needs JAX's preemption service to stop every process at "
+                    "the same step on SIGTERM: do not set jax_enable_preemption_service=False"
+                )
         elif threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -728,8 +843,11 @@ class _Preemption:
         from jax.experimental import multihost_utils
 
         if multihost_utils.reached_preemption_sync_point(step):
-            logging.warning("preemption notice (SIGTERM to a process of this run): every process saves step "
-                            "%d and stops", step)
+            logging.warning(
+                "preemption notice (SIGTERM to a process of this run): every process saves step "
+                "%d and stops",
+                step,
+            )
             return True
         return False
 
@@ -762,16 +880,20 @@ def read_skipped_batches(workdir: storage.PathLike) -> list[dict]:
         for entry in batches:
             entry["position"] = int(entry["position"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is unreadable ({e!r}): it lists the data batches this run drops; "
-                         "restore it, or delete it to train on every batch") from e
+        raise ValueError(
+            f"{path} is unreadable ({e!r}): it lists the data batches this run drops; "
+            "restore it, or delete it to train on every batch"
+        ) from e
     return batches
 
 
 def _write_skipped_batches(workdir, batches: list[dict]) -> None:
     """Atomically and durably (before any checkpoint that depends on it), on process 0."""
     if jax.process_index() == 0:
-        storage.write_atomic(storage.as_path(workdir) / SKIPPED_BATCHES,
-                             json.dumps({"batches": batches}, indent=1) + "\n")
+        storage.write_atomic(
+            storage.as_path(workdir) / SKIPPED_BATCHES,
+            json.dumps({"batches": batches}, indent=1) + "\n",
+        )
 
 
 def _data_position(step: int, dropped) -> int:
@@ -790,8 +912,10 @@ _LOWER_LR = "Lower optimizer.learning_rate or clip gradients (optimizer.clip_nor
 def _describe_nonfinite(step: int, metrics) -> str:
     loss, norm = (float(np.asarray(metrics[k]).reshape(-1)[0]) for k in ("loss", "grad_norm"))
     if math.isfinite(loss) and math.isfinite(norm):
-        return (f"step {step} made the parameters or optimizer state non-finite (loss {loss:.4g}, "
-                f"gradient norm {norm:.4g})")
+        return (
+            f"step {step} made the parameters or optimizer state non-finite (loss {loss:.4g}, "
+            f"gradient norm {norm:.4g})"
+        )
     return f"step {step} was not finite (loss {loss:.4g}, gradient norm {norm:.4g})"
 
 
@@ -843,8 +967,9 @@ def train_loop(
     trainer = trainer.with_nonfinite(policy)
     skipped_batches = read_skipped_batches(workdir)
     dropped = {entry["position"] for entry in skipped_batches}
-    checkpointer = Checkpointer(workdir, keep=train_config.keep_checkpoints,
-                                async_save=train_config.async_checkpoints)
+    checkpointer = Checkpointer(
+        workdir, keep=train_config.keep_checkpoints, async_save=train_config.async_checkpoints
+    )
     if checkpointer.latest_step() is not None:
         try:
             start, state = checkpointer.restore(trainer.abstract_state, data_iterator)
@@ -856,7 +981,9 @@ def train_loop(
         state = trainer.init_fn(train_config.seed)
         start = 0
     # Rolling back before the first checkpoint returns to the start: the data stream's too.
-    initial_data = copy.deepcopy(data_iterator.get_state()) if policy == "rollback" and start == 0 else None
+    initial_data = (
+        copy.deepcopy(data_iterator.get_state()) if policy == "rollback" and start == 0 else None
+    )
     position = _data_position(start, dropped)  # of the next batch in the data stream
     logging.info("%s", trainer.parameter_summary())
     state = trainer.to_device_state(state)
@@ -904,7 +1031,9 @@ def train_loop(
         checking, unchecked = unchecked, []
         if policy == "skip" or not checking:  # skip: the step undid it; nothing to do here
             return None
-        for (s, p, m), flag in zip(checking, jax.device_get([m["finite"] for _, _, m in checking]), strict=True):
+        for (s, p, m), flag in zip(
+            checking, jax.device_get([m["finite"] for _, _, m in checking]), strict=True
+        ):
             if not np.all(flag):  # pmap: one per device, all equal
                 return s, p, jax.device_get(m)
         return None
@@ -914,8 +1043,11 @@ def train_loop(
         (they hold states from before any non-finite step)."""
         checkpointer.wait()
         last = checkpointer.latest_step()
-        return last, (f"the last checkpoint (step {last}) is kept" if last is not None
-                      else "no checkpoint had been saved")
+        return last, (
+            f"the last checkpoint (step {last}) is kept"
+            if last is not None
+            else "no checkpoint had been saved"
+        )
 
     def handle_nonfinite(bad):
         """abort: raise. rollback: restore the last good state, drop the bad step's batch;
@@ -926,10 +1058,14 @@ def train_loop(
         what = _describe_nonfinite(bad_step, metrics)
         lower = _LOWER_LR
         if policy == "abort":
-            raise NonFiniteError(f"{what}. Stopped (train.nonfinite=abort), saving nothing after it: {kept}. "
-                                 f"{lower}; or set train.nonfinite=skip or rollback to train past bad batches.")
+            raise NonFiniteError(
+                f"{what}. Stopped (train.nonfinite=abort), saving nothing after it: {kept}. "
+                f"{lower}; or set train.nonfinite=skip or rollback to train past bad batches."
+            )
         if last is None and initial_data is None:  # resumed, and the checkpoints are gone since
-            raise NonFiniteError(f"{what}, and there is no checkpoint in {workdir} to roll back to. {lower}.")
+            raise NonFiniteError(
+                f"{what}, and there is no checkpoint in {workdir} to roll back to. {lower}."
+            )
         if len(rollbacks) >= ROLLBACK_LIMIT:
             again = {entry["position"] for entry in rollbacks}
             skipped_batches = [entry for entry in skipped_batches if entry["position"] not in again]
@@ -939,7 +1075,8 @@ def train_loop(
                 f"{what}, after {len(rollbacks)} rollbacks (train.nonfinite=rollback) with no checkpoint "
                 f"saved in between: the run diverges rather than meeting bad batches. Stopped: {kept}, and "
                 f"the batches those rollbacks dropped ({sorted(again)}) are not recorded in {SKIPPED_BATCHES}. "
-                f"{lower}.")
+                f"{lower}."
+            )
         if last is not None:
             restored_step, host = checkpointer.restore(trainer.abstract_state, data_iterator)
         else:
@@ -951,9 +1088,14 @@ def train_loop(
         dropped.add(bad_position)
         _write_skipped_batches(workdir, skipped_batches)
         position = _data_position(restored_step, dropped)
-        logging.warning("%s. Rolled back to step %d (train.nonfinite=rollback); batch %d of the data "
-                        "stream is dropped, recorded in %s", what, restored_step, bad_position,
-                        workdir / SKIPPED_BATCHES)
+        logging.warning(
+            "%s. Rolled back to step %d (train.nonfinite=rollback); batch %d of the data "
+            "stream is dropped, recorded in %s",
+            what,
+            restored_step,
+            bad_position,
+            workdir / SKIPPED_BATCHES,
+        )
         return trainer.to_device_state(host), restored_step
 
     if start == 0 and train_config.eval_at_start and evaluators:
@@ -995,7 +1137,9 @@ def train_loop(
                     if trainer.use_pmap:
                         host_metrics = [jax.tree.map(lambda x: x[0], m) for m in host_metrics]
                     pending = []
-                    window_tokens += sum(t for t in (float(m["tokens"]) for m in host_metrics) if math.isfinite(t))
+                    window_tokens += sum(
+                        t for t in (float(m["tokens"]) for m in host_metrics) if math.isfinite(t)
+                    )
                     elapsed = time.perf_counter() - window_start
                     last = host_metrics[-1]
                     tokens_per_sec = window_tokens / max(elapsed, 1e-9)
@@ -1011,10 +1155,16 @@ def train_loop(
                         logged["mfu"] = tokens_per_sec * flops / peak
                     if policy == "skip":
                         logged["nonfinite_skipped"] = int(last["nonfinite_skipped"])
-                        skipped_now = [s for s, m in zip(steps, host_metrics, strict=True) if not m["finite"]]
+                        skipped_now = [
+                            s for s, m in zip(steps, host_metrics, strict=True) if not m["finite"]
+                        ]
                         if skipped_now:
-                            logging.warning("steps %s were not finite and changed nothing (train.nonfinite=skip); "
-                                            "%d skipped in all", skipped_now, logged["nonfinite_skipped"])
+                            logging.warning(
+                                "steps %s were not finite and changed nothing (train.nonfinite=skip); "
+                                "%d skipped in all",
+                                skipped_now,
+                                logged["nonfinite_skipped"],
+                            )
                         for m in host_metrics:
                             skips_in_a_row = 0 if m["finite"] else skips_in_a_row + 1
                     elif policy == "rollback" or dropped:
@@ -1026,11 +1176,14 @@ def train_loop(
                         raise NonFiniteError(
                             f"steps {step - skips_in_a_row + 1} to {step} were all not finite and changed nothing "
                             f"(train.nonfinite=skip): {SKIP_LIMIT} or more in a row mean the state, not a batch, "
-                            f"is broken. Stopped: {last_good_checkpoint()[1]}. {_LOWER_LR}.")
+                            f"is broken. Stopped: {last_good_checkpoint()[1]}. {_LOWER_LR}."
+                        )
                     if progress is not None:
                         progress.set_postfix(
-                            loss=f"{logged['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
-                            mfu=f"{logged.get('mfu', 0):.1%}", refresh=False,
+                            loss=f"{logged['loss']:.3f}",
+                            tok_s=f"{tokens_per_sec:,.0f}",
+                            mfu=f"{logged.get('mfu', 0):.1%}",
+                            refresh=False,
                         )
                     else:
                         logging.info("step %d %s", step, logged)

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm.models import attention as A
 
 B, D = 2, 16
@@ -33,8 +32,10 @@ TOL = {  # dtype -> (output, gradient) atol; for bf16 relative to max |reference
 
 def _valid(lengths, length, left=()):
     """[len(lengths), length] 0/1 validity; rows listed in `left` are padded on the left."""
-    rows = [np.arange(length) >= length - n if i in left else np.arange(length) < n
-            for i, n in enumerate(lengths)]
+    rows = [
+        np.arange(length) >= length - n if i in left else np.arange(length) < n
+        for i, n in enumerate(lengths)
+    ]
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
@@ -44,11 +45,15 @@ def _relative(t, s):
 
 # name -> (q_len, k_len, heads, kv_heads, mask, has_bias, causal)
 _T = 16
-_PAD = _valid([11, 13], _T, left=(1,))  # row 1 left-padded: under a causal mask its first queries see no key
+_PAD = _valid(
+    [11, 13], _T, left=(1,)
+)  # row 1 left-padded: under a causal mask its first queries see no key
 _PACKED = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 3 + [0] * 2, [1] * 8 + [2] * 8])
 _TREE = jnp.asarray([[1] * 4 + [2] * 3 + [3] * 4 + [4] * 2 + [0] * 3, [1] * 10 + [2] * 3 + [3] * 3])
 _CACHE, _INDEX = 24, 17  # decode: one query at slot 17 of a 24-slot cache, row 1 left-padded
-_DECODE = ((jnp.arange(_CACHE) <= _INDEX)[None] & (_valid([24, 20], _CACHE, left=(1,)) != 0))[:, None, None]
+_DECODE = ((jnp.arange(_CACHE) <= _INDEX)[None] & (_valid([24, 20], _CACHE, left=(1,)) != 0))[
+    :, None, None
+]
 _WINDOW = 5
 VARIANTS = {
     "causal": (_T, _T, 4, 4, A.causal_mask(_T), False, True),
@@ -56,7 +61,15 @@ VARIANTS = {
     "packed": (_T, _T, 4, 4, A.causal_mask(_T) & A.segment_mask(_PACKED, _PACKED), False, True),
     "gqa": (_T, _T, 8, 2, A.causal_mask(_T) & A.padding_mask(_PAD, _PAD), False, True),
     "mqa": (_T, _T, 8, 1, A.causal_mask(_T), False, True),
-    "sliding_window": (24, 24, 4, 2, A.causal_mask(24) & (_relative(24, 24) > -_WINDOW), False, True),
+    "sliding_window": (
+        24,
+        24,
+        4,
+        2,
+        A.causal_mask(24) & (_relative(24, 24) > -_WINDOW),
+        False,
+        True,
+    ),
     "t5_bias": (_T, _T, 4, 4, None, True, False),
     "t5_bias_padding": (_T, _T, 4, 4, A.segment_mask(_PAD, _PAD), True, False),
     "decode": (1, _CACHE, 4, 2, _DECODE, False, False),
@@ -107,8 +120,11 @@ def _run(impl, q, k, v, mask, bias, causal, live, differentiate=True):
 
     @jax.jit
     def run():
-        return (out_and_grads(impl, live), out_and_grads("reference", live),
-                out_and_grads(impl, jnp.ones_like(live))[1])
+        return (
+            out_and_grads(impl, live),
+            out_and_grads("reference", live),
+            out_and_grads(impl, jnp.ones_like(live))[1],
+        )
 
     # float32 parity means float32 matmuls: no TF32 on GPUs, whose rounding is not the subject.
     with jax.default_matmul_precision("highest" if q.dtype == jnp.float32 else None):
@@ -138,7 +154,8 @@ def test_parity_with_reference(variant, impl, dtype):
     q, k, v, mask, bias = _inputs(variant, dtype)
     live = _live(mask, t)
     (out, grads), (ref_out, ref_grads), all_row_grads = _run(
-        impl, q, k, v, mask, bias, causal, live, differentiate)
+        impl, q, k, v, mask, bias, causal, live, differentiate
+    )
 
     for x in (out, *grads, *all_row_grads):  # fully masked rows included
         assert np.isfinite(np.asarray(x, np.float32)).all()
@@ -158,15 +175,20 @@ def test_no_attention_to_future_tokens(variant, impl):
     t, _, _, _, mask, _, causal = VARIANTS[variant]
     dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
     q, k, v, mask, bias = _inputs(variant, dtype)
-    fn = jax.jit(lambda k, v: A.attend(q, k, v, mask, bias=bias, causal=causal, implementation=impl))
+    fn = jax.jit(
+        lambda k, v: A.attend(q, k, v, mask, bias=bias, causal=causal, implementation=impl)
+    )
     live = np.asarray(_live(mask, t))
     base = np.where(live, np.asarray(fn(k, v), np.float32), 0)
     for i in range(t - 1):
         future = (jnp.arange(t) > i)[None, :, None, None]
-        moved = np.where(live, np.asarray(fn(jnp.where(future, k + 10, k), jnp.where(future, v + 10, v)),
-                                          np.float32), 0)
+        moved = np.where(
+            live,
+            np.asarray(fn(jnp.where(future, k + 10, k), jnp.where(future, v + 10, v)), np.float32),
+            0,
+        )
         np.testing.assert_array_equal(moved[:, : i + 1], base[:, : i + 1], err_msg=f"position {i}")
-        assert not np.allclose(moved[:, i + 1:], base[:, i + 1:])  # the perturbation is visible
+        assert not np.allclose(moved[:, i + 1 :], base[:, i + 1 :])  # the perturbation is visible
 
 
 def test_resolve_implementation():
@@ -205,11 +227,14 @@ def test_module_implementations_agree_and_capture():
 
     def apply(impl):
         return _module(implementation=impl, capture_attention=True).apply(
-            params, x, mask, positions=positions, causal=True, mutable=["intermediates"])
+            params, x, mask, positions=positions, causal=True, mutable=["intermediates"]
+        )
 
     (out, state), (ref_out, ref_state) = apply("xla"), apply("reference")
     live = _live(mask, _T)[..., 0]
-    np.testing.assert_allclose(jnp.where(live, out, 0), jnp.where(live, ref_out, 0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        jnp.where(live, out, 0), jnp.where(live, ref_out, 0), atol=1e-5, rtol=0
+    )
     (weights,) = state["intermediates"]["attention_weights"]
     (ref_weights,) = ref_state["intermediates"]["attention_weights"]
     assert weights.shape == (B, 8, _T, _T)
@@ -223,8 +248,13 @@ def test_dropout_runs_the_reference_core():
 
     def apply(impl, deterministic):
         return _module(implementation=impl, dropout=0.5).apply(
-            params, x, mask, positions=positions, deterministic=deterministic,
-            rngs={"dropout": jax.random.PRNGKey(3)})
+            params,
+            x,
+            mask,
+            positions=positions,
+            deterministic=deterministic,
+            rngs={"dropout": jax.random.PRNGKey(3)},
+        )
 
     dropped = apply("xla", False)
     assert np.isfinite(dropped).all()
@@ -234,6 +264,8 @@ def test_dropout_runs_the_reference_core():
 
 def test_invalid_implementation_is_rejected():
     x, mask, positions = _module_inputs()
-    with pytest.raises(ValueError, match=r"model\.attention_impl must be one of .*'auto', 'xla', 'cudnn', 'reference'"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.attention_impl must be one of .*'auto', 'xla', 'cudnn', 'reference'",
+    ):
         _module(implementation="flash").init(jax.random.PRNGKey(0), x, mask, positions=positions)
-

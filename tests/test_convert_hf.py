@@ -14,16 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
-
 from lm import decode
 from lm.convert import hf
 from lm.convert.gguf import CheckpointFormatError
 from lm.models import transformer as T
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-GOLDENS = pathlib.Path(__file__).parent / 'goldens' / 'hf'
-NAMES = ['gpt2', 'llama', 'llama_tied', 't5', 't5_v1_1']
+GOLDENS = pathlib.Path(__file__).parent / "goldens" / "hf"
+NAMES = ["gpt2", "llama", "llama_tied", "t5", "t5_v1_1"]
 
 
 @functools.cache
@@ -33,93 +32,118 @@ def golden(name):
 
 @functools.cache
 def reference(name):
-    return dict(np.load(GOLDENS / name / 'reference.npz'))
+    return dict(np.load(GOLDENS / name / "reference.npz"))
 
 
 def flat(params):
-    return {'/'.join(str(k.key) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def tensor_shapes(path):
-    with safe_open(str(path), framework='np') as f:
+    with safe_open(str(path), framework="np") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def copy_golden(name, tmp_path):
     out = tmp_path / name
-    shutil.copytree(GOLDENS / name, out, ignore=shutil.ignore_patterns('reference.npz'))
+    shutil.copytree(GOLDENS / name, out, ignore=shutil.ignore_patterns("reference.npz"))
     for f in out.iterdir():
         f.chmod(0o644)
     return out
 
 
 def edit_config(directory, **changes):
-    path = directory / 'config.json'
+    path = directory / "config.json"
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
 
 
 def edit_tensors(directory, drop=(), **replace):
-    path = directory / 'model.safetensors'
+    path = directory / "model.safetensors"
     tensors = load_file(str(path))
     for name in drop:
         del tensors[name]
-    tensors.update({k.replace('__', '.'): v for k, v in replace.items()})
-    save_file(tensors, str(path), metadata={'format': 'pt'})
+    tensors.update({k.replace("__", "."): v for k, v in replace.items()})
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------- logits
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_logits_match_transformers(name):
     pretrained, ref = golden(name), reference(name)
     model = T.build_model(pretrained.config)
-    if pretrained.config.architecture == 'decoder':
-        logits = jax.jit(model.apply)({'params': pretrained.params}, jnp.asarray(ref['input_ids']))
+    if pretrained.config.architecture == "decoder":
+        logits = jax.jit(model.apply)({"params": pretrained.params}, jnp.asarray(ref["input_ids"]))
     else:
-        encoder_inputs = jnp.asarray(ref['input_ids'])
-        logits = jax.jit(model.apply)({'params': pretrained.params},
-                                      jnp.asarray(ref['decoder_input_ids']),
-                                      encoder_inputs=encoder_inputs)
+        encoder_inputs = jnp.asarray(ref["input_ids"])
+        logits = jax.jit(model.apply)(
+            {"params": pretrained.params},
+            jnp.asarray(ref["decoder_input_ids"]),
+            encoder_inputs=encoder_inputs,
+        )
         encode = jax.jit(functools.partial(model.apply, method=T.EncoderDecoder.encode))
-        encoded = encode({'params': pretrained.params}, encoder_inputs)
-        np.testing.assert_allclose(encoded, ref['encoder_hidden'], rtol=0, atol=1e-4)
-    assert logits.shape == ref['logits'].shape
-    diff = float(np.max(np.abs(np.asarray(logits) - ref['logits'])))
-    print(f'{name}: max |logit difference| vs transformers {ref["transformers_version"]} = {diff:.2e}')
+        encoded = encode({"params": pretrained.params}, encoder_inputs)
+        np.testing.assert_allclose(encoded, ref["encoder_hidden"], rtol=0, atol=1e-4)
+    assert logits.shape == ref["logits"].shape
+    diff = float(np.max(np.abs(np.asarray(logits) - ref["logits"])))
+    print(
+        f"{name}: max |logit difference| vs transformers {ref['transformers_version']} = {diff:.2e}"
+    )
     assert diff <= 1e-4
 
 
 def test_configs_map_every_field():
-    gpt2, llama, tied = golden('gpt2').config, golden('llama').config, golden('llama_tied').config
-    t5, v11 = golden('t5').config, golden('t5_v1_1').config
+    gpt2, llama, tied = golden("gpt2").config, golden("llama").config, golden("llama_tied").config
+    t5, v11 = golden("t5").config, golden("t5_v1_1").config
     assert (gpt2.vocab_size, gpt2.d_model, gpt2.num_layers, gpt2.num_heads, gpt2.mlp_dim) == (
-        128, 48, 2, 4, 192)
+        128,
+        48,
+        2,
+        4,
+        192,
+    )
     assert (gpt2.mlp_activation, gpt2.position, gpt2.max_len, gpt2.norm, gpt2.use_bias) == (
-        'gelu_tanh', 'learned', 64, 'layernorm', True)
+        "gelu_tanh",
+        "learned",
+        64,
+        "layernorm",
+        True,
+    )
     assert gpt2.tied_embeddings and gpt2.init_std == 0.15
     assert (llama.num_kv_heads, llama.head_dim, llama.mlp_dim, llama.rope_base, llama.norm_eps) == (
-        2, 16, 80, 10_000.0, 1e-5)
-    assert llama.mlp_gated and llama.position == 'rotary' and not llama.use_bias
+        2,
+        16,
+        80,
+        10_000.0,
+        1e-5,
+    )
+    assert llama.mlp_gated and llama.position == "rotary" and not llama.use_bias
     assert not llama.tied_embeddings and tied.tied_embeddings and tied.num_kv_heads == 1
     assert (t5.architecture, t5.position, t5.relative_buckets, t5.relative_max_distance) == (
-        'encoder_decoder', 'relative', 32, 128)
-    assert (t5.head_dim, t5.attention_scale, t5.norm, t5.norm_eps) == (8, 1.0, 'rmsnorm', 1e-6)
-    assert t5.tied_embeddings and t5.scale_tied_logits and t5.mlp_activation == 'relu'
-    assert not v11.tied_embeddings and v11.mlp_gated and v11.mlp_activation == 'gelu_tanh'
+        "encoder_decoder",
+        "relative",
+        32,
+        128,
+    )
+    assert (t5.head_dim, t5.attention_scale, t5.norm, t5.norm_eps) == (8, 1.0, "rmsnorm", 1e-6)
+    assert t5.tied_embeddings and t5.scale_tied_logits and t5.mlp_activation == "relu"
+    assert not v11.tied_embeddings and v11.mlp_gated and v11.mlp_activation == "gelu_tanh"
     assert t5.shared_embeddings and t5.encoder_layers == 2
 
 
 # ----------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_round_trip_is_bit_identical(name, tmp_path):
     pretrained = golden(name)
-    out = hf.export_hf(pretrained, tmp_path / 'out')
+    out = hf.export_hf(pretrained, tmp_path / "out")
     again = hf.load_hf(out)
     assert again.config == pretrained.config
     a, b = flat(pretrained.params), flat(again.params)
@@ -127,69 +151,72 @@ def test_round_trip_is_bit_identical(name, tmp_path):
     for key in a:
         assert a[key].dtype == b[key].dtype == np.float32
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    original = json.loads((GOLDENS / name / 'config.json').read_text())
-    exported = json.loads((out / 'config.json').read_text())
+    original = json.loads((GOLDENS / name / "config.json").read_text())
+    exported = json.loads((out / "config.json").read_text())
     assert exported == original  # every key, and (for this float32 model) every value
-    assert tensor_shapes(out / 'model.safetensors') == tensor_shapes(
-        GOLDENS / name / 'model.safetensors')
-    original_tensors = load_file(str(GOLDENS / name / 'model.safetensors'))
-    for key, value in load_file(str(out / 'model.safetensors')).items():
+    assert tensor_shapes(out / "model.safetensors") == tensor_shapes(
+        GOLDENS / name / "model.safetensors"
+    )
+    original_tensors = load_file(str(GOLDENS / name / "model.safetensors"))
+    for key, value in load_file(str(out / "model.safetensors")).items():
         np.testing.assert_array_equal(value, original_tensors[key], err_msg=key)
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'llama', 't5_v1_1'])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5_v1_1"])
 def test_export_without_a_source_config(name, tmp_path):
     pretrained = golden(name)
-    out = hf.export_hf((pretrained.config, pretrained.params), tmp_path / 'out')
-    exported = json.loads((out / 'config.json').read_text())
-    original = json.loads((GOLDENS / name / 'config.json').read_text())
+    out = hf.export_hf((pretrained.config, pretrained.params), tmp_path / "out")
+    exported = json.loads((out / "config.json").read_text())
+    original = json.loads((GOLDENS / name / "config.json").read_text())
     # All of transformers' keys but its version; Llama also gets transformers 4's rope_theta.
-    assert set(original) - set(exported) == {'transformers_version'}
-    assert set(exported) - set(original) <= {'rope_theta'}
+    assert set(original) - set(exported) == {"transformers_version"}
+    assert set(exported) - set(original) <= {"rope_theta"}
     assert hf.load_hf(out).config == pretrained.config
 
 
 def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
-    pretrained = golden('llama_tied')
-    (tmp_path / 'keep.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match='not empty.*overwrite=True'):
+    pretrained = golden("llama_tied")
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty.*overwrite=True"):
         hf.export_hf(pretrained, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.txt']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     hf.export_hf(pretrained, tmp_path, overwrite=True)
-    assert (tmp_path / 'keep.txt').read_text() == 'mine'
+    assert (tmp_path / "keep.txt").read_text() == "mine"
     assert hf.load_hf(tmp_path).config == pretrained.config
-    hf.export_hf(pretrained, tmp_path / 'empty_ok')  # a new or empty directory needs no flag
+    hf.export_hf(pretrained, tmp_path / "empty_ok")  # a new or empty directory needs no flag
 
 
 def test_export_rejects_what_the_layout_cannot_express(tmp_path):
-    config = T.preset('llama', **T.TINY, num_kv_heads=2, qk_norm=True)
+    config = T.preset("llama", **T.TINY, num_kv_heads=2, qk_norm=True)
     params = {}
     for path, shape in hf.param_shapes(config).items():  # zeros of the right shapes
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = np.zeros(shape, np.float32)
-    with pytest.raises(ValueError, match='qk_norm'):
-        hf.export_hf((config, params), tmp_path / 'a')
+    with pytest.raises(ValueError, match="qk_norm"):
+        hf.export_hf((config, params), tmp_path / "a")
     with pytest.raises(ValueError, match="position='sinusoidal'"):
-        hf.export_hf((T.preset('gpt2', **T.TINY, position='sinusoidal'), params), tmp_path / 'b')
-    pretrained = golden('llama')
+        hf.export_hf((T.preset("gpt2", **T.TINY, position="sinusoidal"), params), tmp_path / "b")
+    pretrained = golden("llama")
     broken = T.unstack_layers(pretrained.params)  # name layers one by one
-    del broken['decoder']['layer_1']['mlp']['wi_up']
-    broken['decoder']['layer_0']['mlp']['wo']['kernel'] = np.zeros((3, 64), np.float32)
-    with pytest.raises(CheckpointFormatError,
-                       match=r'missing decoder/layer_1/mlp/wi_up/kernel.*misshapen '
-                             r'decoder/layer_0/mlp/wo/kernel \(3, 64\)'):
-        hf.export_hf((pretrained.config, broken), tmp_path / 'c')
-    assert not (tmp_path / 'c').exists()
+    del broken["decoder"]["layer_1"]["mlp"]["wi_up"]
+    broken["decoder"]["layer_0"]["mlp"]["wo"]["kernel"] = np.zeros((3, 64), np.float32)
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"missing decoder/layer_1/mlp/wi_up/kernel.*misshapen "
+        r"decoder/layer_0/mlp/wo/kernel \(3, 64\)",
+    ):
+        hf.export_hf((pretrained.config, broken), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_bfloat16_export_and_import(tmp_path):
-    pretrained = golden('llama')
-    out = hf.export_hf(pretrained, tmp_path / 'bf16', dtype='bfloat16')
-    assert json.loads((out / 'config.json').read_text())['dtype'] == 'bfloat16'
-    with safe_open(str(out / 'model.safetensors'), framework='np') as f:
-        assert f.get_slice('model.norm.weight').get_dtype() == 'BF16'
+    pretrained = golden("llama")
+    out = hf.export_hf(pretrained, tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), framework="np") as f:
+        assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
     again = hf.load_hf(out)
     a, b = flat(pretrained.params), flat(again.params)
     for key in a:
@@ -199,115 +226,123 @@ def test_bfloat16_export_and_import(tmp_path):
 
 def test_sharded_and_bare_model_checkpoints(tmp_path):
     # A sharded checkpoint (model.safetensors.index.json + shards).
-    pretrained = golden('llama')
-    sharded = copy_golden('llama', tmp_path)
-    tensors = load_file(str(sharded / 'model.safetensors'))
-    (sharded / 'model.safetensors').unlink()
+    pretrained = golden("llama")
+    sharded = copy_golden("llama", tmp_path)
+    tensors = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
     names = sorted(tensors)
     weight_map = {}
     for i, part in enumerate((names[:10], names[10:])):
-        file = f'model-0000{i + 1}-of-00002.safetensors'
-        save_file({k: tensors[k] for k in part}, str(sharded / file), metadata={'format': 'pt'})
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(sharded / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
-    (sharded / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     for key, value in flat(hf.load_hf(sharded).params).items():
         np.testing.assert_array_equal(value, flat(pretrained.params)[key])
     # GPT2Model's names (no 'transformer.' prefix) with its attention-mask buffers.
-    bare = copy_golden('gpt2', tmp_path)
-    tensors = load_file(str(bare / 'model.safetensors'))
-    tensors = {k.removeprefix('transformer.'): v for k, v in tensors.items()}
-    tensors['h.0.attn.bias'] = np.tril(np.ones((1, 1, 64, 64), np.float32))
-    tensors['lm_head.weight'] = tensors['wte.weight']  # a tied copy is accepted
-    save_file(tensors, str(bare / 'model.safetensors'), metadata={'format': 'pt'})
+    bare = copy_golden("gpt2", tmp_path)
+    tensors = load_file(str(bare / "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    tensors["lm_head.weight"] = tensors["wte.weight"]  # a tied copy is accepted
+    save_file(tensors, str(bare / "model.safetensors"), metadata={"format": "pt"})
     for key, value in flat(hf.load_hf(bare).params).items():
-        np.testing.assert_array_equal(value, flat(golden('gpt2').params)[key])
+        np.testing.assert_array_equal(value, flat(golden("gpt2").params)[key])
 
 
 # ----------------------------------------------------------------------------- errors
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
-    d = copy_golden('llama', tmp_path)
-    edit_tensors(d, drop=['model.layers.1.mlp.up_proj.weight'])
+    d = copy_golden("llama", tmp_path)
+    edit_tensors(d, drop=["model.layers.1.mlp.up_proj.weight"])
     with pytest.raises(CheckpointFormatError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj"):
         hf.load_hf(d)
-    d = copy_golden('llama_tied', tmp_path)
+    d = copy_golden("llama_tied", tmp_path)
     edit_tensors(d, model__layers__2__mlp__up_proj__weight=np.zeros((80, 64), np.float32))
-    with pytest.raises(CheckpointFormatError, match=r'model\.layers\.2\.mlp\.up_proj\.weight'):
+    with pytest.raises(CheckpointFormatError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"):
         hf.load_hf(d)
-    d = copy_golden('t5', tmp_path / 'tied_copy')
+    d = copy_golden("t5", tmp_path / "tied_copy")
     edit_tensors(d, lm_head__weight=np.ones((128, 32), np.float32))
     with pytest.raises(CheckpointFormatError, match=r"'lm_head\.weight' differs from 'shared"):
         hf.load_hf(d)
 
 
 def test_config_that_disagrees_with_the_tensors(tmp_path):
-    d = copy_golden('llama', tmp_path)
+    d = copy_golden("llama", tmp_path)
     edit_config(d, intermediate_size=96)
-    with pytest.raises(CheckpointFormatError,
-                       match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(80, 64\) "
-                             r'but config\.json implies \(96, 64\)'):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(80, 64\) "
+        r"but config\.json implies \(96, 64\)",
+    ):
         hf.load_hf(d)
-    d = copy_golden('t5_v1_1', tmp_path)
+    d = copy_golden("t5_v1_1", tmp_path)
     edit_config(d, num_decoder_layers=3)
     with pytest.raises(CheckpointFormatError, match=r"no tensor 'decoder\.block\.2\."):
         hf.load_hf(d)
-    d = copy_golden('gpt2', tmp_path)
+    d = copy_golden("gpt2", tmp_path)
     edit_config(d, tie_word_embeddings=False)
     with pytest.raises(CheckpointFormatError, match=r"no tensor 'lm_head\.weight'"):
         hf.load_hf(d)
 
 
 def test_missing_and_truncated_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match='does not exist'):
-        hf.load_hf(tmp_path / 'nowhere')
-    d = copy_golden('gpt2', tmp_path / 'a')
-    (d / 'config.json').unlink()
-    with pytest.raises(FileNotFoundError, match='has no config.json'):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.load_hf(tmp_path / "nowhere")
+    d = copy_golden("gpt2", tmp_path / "a")
+    (d / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
         hf.load_hf(d)
-    d = copy_golden('gpt2', tmp_path / 'b')
-    (d / 'model.safetensors').unlink()
-    with pytest.raises(FileNotFoundError, match='has no model.safetensors'):
+    d = copy_golden("gpt2", tmp_path / "b")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         hf.load_hf(d)
-    d = copy_golden('gpt2', tmp_path / 'c')
-    data = (d / 'model.safetensors').read_bytes()
-    (d / 'model.safetensors').write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointFormatError, match='truncated or corrupt'):
+    d = copy_golden("gpt2", tmp_path / "c")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match="truncated or corrupt"):
         hf.load_hf(d)
-    (d / 'config.json').write_text('{"model_type": "gpt2", ')
-    with pytest.raises(CheckpointFormatError, match='not readable JSON'):
+    (d / "config.json").write_text('{"model_type": "gpt2", ')
+    with pytest.raises(CheckpointFormatError, match="not readable JSON"):
         hf.load_hf(d)
 
 
-@pytest.mark.parametrize('name, changes, match', [
-    ('gpt2', {'model_type': 'bert'}, "model_type 'bert' is not supported"),
-    ('llama', {'rope_parameters': {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 1e4}},
-     'rope_type'),
-    ('llama', {'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, 'rope_scaling'),
-    ('llama', {'attention_bias': True}, 'attention_bias/mlp_bias'),
-    ('llama', {'hidden_act': 'quick_gelu'}, "hidden_act='quick_gelu'"),
-    ('gpt2', {'scale_attn_by_inverse_layer_idx': True}, 'scale_attn_by_inverse_layer_idx'),
-    ('t5', {'feed_forward_proj': 'gated-gelu-fast'}, 'feed_forward_proj'),
-    ('t5_v1_1', {'scale_decoder_outputs': True}, 'scale_decoder_outputs'),
-    ('t5', {'relative_attention_num_buckets': 2}, 'relative_attention_num_buckets'),
-    ('t5', {'d_model': None}, "no 'd_model'"),
-])
+@pytest.mark.parametrize(
+    "name, changes, match",
+    [
+        ("gpt2", {"model_type": "bert"}, "model_type 'bert' is not supported"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "rope_type",
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ("llama", {"attention_bias": True}, "attention_bias/mlp_bias"),
+        ("llama", {"hidden_act": "quick_gelu"}, "hidden_act='quick_gelu'"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+        ("t5", {"feed_forward_proj": "gated-gelu-fast"}, "feed_forward_proj"),
+        ("t5_v1_1", {"scale_decoder_outputs": True}, "scale_decoder_outputs"),
+        ("t5", {"relative_attention_num_buckets": 2}, "relative_attention_num_buckets"),
+        ("t5", {"d_model": None}, "no 'd_model'"),
+    ],
+)
 def test_unsupported_configs_name_the_option(name, changes, match):
-    config = json.loads((GOLDENS / name / 'config.json').read_text())
+    config = json.loads((GOLDENS / name / "config.json").read_text())
     config.update(changes)
     with pytest.raises(ValueError, match=match):
         hf.config_from_hf(config)
 
 
 def test_transformers4_config_spellings():
-    config = json.loads((GOLDENS / 'llama' / 'config.json').read_text())
-    del config['rope_parameters']
+    config = json.loads((GOLDENS / "llama" / "config.json").read_text())
+    del config["rope_parameters"]
     config.update(rope_theta=500_000.0, rope_scaling=None)
     assert hf.config_from_hf(config).rope_base == 500_000.0
     exported = hf.config_to_hf(hf.config_from_hf(config), config)
-    assert exported['rope_theta'] == 500_000.0 and 'rope_parameters' not in exported
-    t5 = json.loads((GOLDENS / 't5' / 'config.json').read_text())
-    del t5['scale_decoder_outputs']  # transformers 4: a tied head is scaled
+    assert exported["rope_theta"] == 500_000.0 and "rope_parameters" not in exported
+    t5 = json.loads((GOLDENS / "t5" / "config.json").read_text())
+    del t5["scale_decoder_outputs"]  # transformers 4: a tied head is scaled
     assert hf.config_from_hf(t5).scale_tied_logits
 
 
@@ -317,43 +352,57 @@ def test_transformers4_config_spellings():
 def write_tokenizer(directory, *, bos_template):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'w{i}': i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if bos_template:
         tok.post_processor = processors.TemplateProcessing(
-            single='<s> $A', special_tokens=[('<s>', 1)])
-    tok.save(str(directory / 'tokenizer.json'))
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    tok.save(str(directory / "tokenizer.json"))
 
 
 def test_tokenizer_is_read_and_written(tmp_path):
-    d = copy_golden('llama', tmp_path)
-    assert golden('llama').tokenizer is None  # the goldens have no tokenizer.json
+    d = copy_golden("llama", tmp_path)
+    assert golden("llama").tokenizer is None  # the goldens have no tokenizer.json
     # No tokenizer_config.json: ids from config.json, add_bos from the post-processor.
     write_tokenizer(d, bos_template=True)
     tok = hf.load_hf(d).tokenizer
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id, tok.add_bos) == (1, 2, -1, -1, True)
-    assert tok.encode('w5 w7 zzz') == [5, 7, 0] and tok.vocab_size == 96
+    assert tok.encode("w5 w7 zzz") == [5, 7, 0] and tok.vocab_size == 96
     # tokenizer_config.json wins over config.json.
-    (d / 'tokenizer_config.json').write_text(json.dumps({
-        'bos_token': {'content': '<s>'}, 'eos_token': '</s>', 'unk_token': '<unk>',
-        'pad_token': '</s>', 'add_bos_token': False}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<s>"},
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "</s>",
+                "add_bos_token": False,
+            }
+        )
+    )
     pretrained = hf.load_hf(d)
     tok = pretrained.tokenizer
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id, tok.add_bos) == (1, 2, 2, 0, False)
-    out = hf.export_hf(pretrained, tmp_path / 'out')
+    out = hf.export_hf(pretrained, tmp_path / "out")
     again = hf.load_hf(out).tokenizer
     assert (again.bos_id, again.eos_id, again.pad_id, again.unk_id, again.add_bos) == (
-        1, 2, 2, 0, False)
-    assert again.encode('w5 w9') == [5, 9]
-    assert json.loads((out / 'config.json').read_text())['pad_token_id'] == 2
+        1,
+        2,
+        2,
+        0,
+        False,
+    )
+    assert again.encode("w5 w9") == [5, 9]
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 2
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
 def test_cached_greedy_decode_of_an_imported_llama_equals_full_forward_argmax():
-    pretrained = golden('llama')
+    pretrained = golden("llama")
     model = T.build_model(pretrained.config)
     prompts = [[5, 17, 3, 40, 11], [8, 2]]
     new = 10
@@ -362,31 +411,34 @@ def test_cached_greedy_decode_of_an_imported_llama_equals_full_forward_argmax():
     for prompt, got in zip(prompts, out, strict=True):
         assert len(got) == new
         sequence = jnp.asarray([prompt + got])
-        argmax = np.asarray(jnp.argmax(forward({'params': pretrained.params}, sequence)[0], -1))
+        argmax = np.asarray(jnp.argmax(forward({"params": pretrained.params}, sequence)[0], -1))
         # Each generated token is the full forward's argmax at the position before it.
-        assert got == argmax[len(prompt) - 1: len(prompt) - 1 + new].tolist()
+        assert got == argmax[len(prompt) - 1 : len(prompt) - 1 + new].tolist()
 
 
 # ----------------------------------------------------------------------------- transformers
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_exports_load_in_transformers(name, tmp_path):
     """Only where torch and transformers are installed (the [reference] extra)."""
-    torch = pytest.importorskip('torch')
-    transformers = pytest.importorskip('transformers')
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     pretrained, ref = golden(name), reference(name)
     for source in (pretrained, (pretrained.config, pretrained.params)):
         out = hf.export_hf(source, tmp_path / str(len(list(tmp_path.iterdir()))))
-        auto = (transformers.AutoModelForSeq2SeqLM if name.startswith('t5')
-                else transformers.AutoModelForCausalLM)
-        model = auto.from_pretrained(out, dtype=torch.float32, attn_implementation='eager').eval()
-        kwargs = {'input_ids': torch.from_numpy(ref['input_ids']).long()}
-        if 'decoder_input_ids' in ref:
-            kwargs['decoder_input_ids'] = torch.from_numpy(ref['decoder_input_ids']).long()
+        auto = (
+            transformers.AutoModelForSeq2SeqLM
+            if name.startswith("t5")
+            else transformers.AutoModelForCausalLM
+        )
+        model = auto.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+        kwargs = {"input_ids": torch.from_numpy(ref["input_ids"]).long()}
+        if "decoder_input_ids" in ref:
+            kwargs["decoder_input_ids"] = torch.from_numpy(ref["decoder_input_ids"]).long()
         with torch.no_grad():
             logits = model(**kwargs, use_cache=False).logits.float().numpy()
-        np.testing.assert_allclose(logits, ref['logits'], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=1e-5)
 
 
 def test_convert_command_writes_the_hf_layout(tmp_path):
@@ -395,16 +447,16 @@ def test_convert_command_writes_the_hf_layout(tmp_path):
     import subprocess
     import sys
 
-    source = pathlib.Path(__file__).parent / 'goldens' / 'hf' / 'llama'
-    out = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'lm.main', 'convert', f'--model=hf:{source}', f'--out={out}']
-    env = {**os.environ, 'XLA_FLAGS': ''}
+    source = pathlib.Path(__file__).parent / "goldens" / "hf" / "llama"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lm.main", "convert", f"--model=hf:{source}", f"--out={out}"]
+    env = {**os.environ, "XLA_FLAGS": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again, original = hf.load_hf(out), hf.load_hf(source)
     assert again.config == original.config
     jax.tree.map(np.testing.assert_array_equal, again.params, original.params)
-    before = (out / 'model.safetensors').read_bytes()
+    before = (out / "model.safetensors").read_bytes()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and 'not empty' in proc.stderr
-    assert (out / 'model.safetensors').read_bytes() == before
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (out / "model.safetensors").read_bytes() == before

@@ -27,17 +27,30 @@ SEED = 20261130  # the kill moments; printed with the results
 
 
 def command(workdir, source, data_dir):
-    return [sys.executable, "-m", "lm.main", "--config=experiments/shakespeare_gpt.py:tiny",
-            f"--workdir={workdir}", f"--config.data.source={source}", f"--config.data.data_dir={data_dir}",
-            "--config.data.vocab_size=320", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
-            "--config.train.sample_tokens=0", "--config.train.keep_checkpoints=2"]
+    return [
+        sys.executable,
+        "-m",
+        "lm.main",
+        "--config=experiments/shakespeare_gpt.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.source={source}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.vocab_size=320",
+        f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=4",
+        "--config.train.eval_every=0",
+        "--config.train.sample_tokens=0",
+        "--config.train.keep_checkpoints=2",
+    ]
 
 
 def temporary_steps(workdir) -> list[str]:
     """Step directories Orbax is still writing (renamed to the bare step number once complete)."""
     directory = workdir / "checkpoints"
-    return sorted(p.name for p in directory.iterdir() if "tmp" in p.name) if directory.exists() else []
+    return (
+        sorted(p.name for p in directory.iterdir() if "tmp" in p.name) if directory.exists() else []
+    )
 
 
 def logged(workdir) -> int:
@@ -66,7 +79,9 @@ def kill_when(proc, moment, workdir, rng, timeout=180.0) -> dict:
             ready = now
         if moment == "training" and ready is not None and now - ready >= delay:
             break
-        if moment == "saving" and logged(workdir) > first_logged:  # older ones are cleaned up by now
+        if (
+            moment == "saving" and logged(workdir) > first_logged
+        ):  # older ones are cleaned up by now
             writing.update(temporary_steps(workdir))
             if len(writing) >= saves:
                 break
@@ -74,8 +89,13 @@ def kill_when(proc, moment, workdir, rng, timeout=180.0) -> dict:
     proc.kill()
     proc.wait()
     committed = saved_steps(workdir) if (workdir / "checkpoints").exists() else []
-    return {"moment": moment, "seconds": round(time.time() - start, 2), "writing": temporary_steps(workdir),
-            "committed": committed, "logged_lines": logged(workdir)}
+    return {
+        "moment": moment,
+        "seconds": round(time.time() - start, 2),
+        "writing": temporary_steps(workdir),
+        "committed": committed,
+        "logged_lines": logged(workdir),
+    }
 
 
 @pytest.mark.slow
@@ -84,8 +104,14 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     data_dir, cache = tmp_path / "data", tmp_path / "cache"
     killed, unbroken = tmp_path / "killed", tmp_path / "unbroken"
     env = env_with(1, cache)
-    proc = subprocess.run(command(unbroken, source, data_dir), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        command(unbroken, source, data_dir),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = {m["step"]: m["loss"] for m in metrics(unbroken)}
     assert sorted(reference) == list(range(1, STEPS + 1))
@@ -95,11 +121,22 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     kills = []
     for moment in moments:
         before = logged(killed)
-        proc = subprocess.Popen(command(killed, source, data_dir), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command(killed, source, data_dir),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         kills.append({**kill_when(proc, moment, killed, rng), "first_line": before})
-    proc = subprocess.run(command(killed, source, data_dir), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        command(killed, source, data_dir),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"kill moments drawn with seed {SEED}:")
     for kill in kills:
@@ -107,11 +144,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
 
     assert sum(bool(k["writing"]) for k in kills) >= 3, "fewer kills than planned landed mid-save"
     lines = metrics(killed)
-    runs = [lines[k["first_line"]:k["logged_lines"]] for k in kills]
-    runs.append(lines[kills[-1]["logged_lines"]:])
-    for number, (run, committed) in enumerate(zip(runs[1:], [k["committed"] for k in kills], strict=True)):
+    runs = [lines[k["first_line"] : k["logged_lines"]] for k in kills]
+    runs.append(lines[kills[-1]["logged_lines"] :])
+    for number, (run, committed) in enumerate(
+        zip(runs[1:], [k["committed"] for k in kills], strict=True)
+    ):
         if run:  # it logged: it resumed from the newest complete step, never a half-written one
-            assert run[0]["step"] == (max(committed) if committed else 0) + 1, (number, run[0], committed)
+            assert run[0]["step"] == (max(committed) if committed else 0) + 1, (
+                number,
+                run[0],
+                committed,
+            )
     for line in lines:  # every step, however often it was trained, on the same data and state
         assert line["loss"] == reference[line["step"]], line
     assert lines[-1]["step"] == STEPS

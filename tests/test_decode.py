@@ -5,14 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm import decode
 from lm.models import transformer as T
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model_and_params(request):
-    config = T.preset(request.param, **T.TINY, **({"num_kv_heads": 2} if request.param == "llama" else {}))
+    config = T.preset(
+        request.param, **T.TINY, **({"num_kv_heads": 2} if request.param == "llama" else {})
+    )
     model = T.build_model(config)
     params = nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
     return model, params
@@ -23,7 +24,7 @@ def reference_greedy(model, params, prompt, n):
     for _ in range(n):
         logits = model.apply({"params": params}, jnp.array([tokens]))
         tokens.append(int(jnp.argmax(logits[0, -1])))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def test_greedy_matches_full_recomputation_with_ragged_prompts(model_and_params):
@@ -79,7 +80,9 @@ def test_seq2seq_greedy_matches_teacher_forced_argmax(seq2seq_model_and_params):
     for src, got in zip(sources, out, strict=True):
         tokens = [2]
         for _ in range(5):
-            logits = model.apply({"params": params}, jnp.array([tokens]), encoder_inputs=jnp.array([src]))
+            logits = model.apply(
+                {"params": params}, jnp.array([tokens]), encoder_inputs=jnp.array([src])
+            )
             tokens.append(int(jnp.argmax(logits[0, -1])))
         assert got == tokens[1:]
 
@@ -103,8 +106,9 @@ def test_beam_search_scores_are_exact_and_beat_greedy(model_and_params):
     model, params = model_and_params
     prompts = [[5, 9, 3], [4, 2, 6, 1]]
     greedy = decode.generate(model, params, prompts, max_new_tokens=5)
-    beam, scores = decode.beam_search(model, params, prompts, max_new_tokens=5, beams=4,
-                                      length_penalty_alpha=0.0)
+    beam, scores = decode.beam_search(
+        model, params, prompts, max_new_tokens=5, beams=4, length_penalty_alpha=0.0
+    )
     for prompt, g, b, score in zip(prompts, greedy, beam, scores, strict=True):
         assert score == pytest.approx(sequence_logprob(model, params, prompt, b), abs=1e-4)
         assert score >= sequence_logprob(model, params, prompt, g) - 1e-4
@@ -118,19 +122,33 @@ def test_beam_search_stops_finished_beams_at_eos(model_and_params):
     assert beam[0] == greedy[: greedy.index(eos)]
 
 
-def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher(seq2seq_model_and_params):
+def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher(
+    seq2seq_model_and_params,
+):
     model, params = seq2seq_model_and_params
     sources = SOURCES
     greedy = decode.generate_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1)
-    one, _ = decode.beam_search_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1,
-                                        beams=1)
+    one, _ = decode.beam_search_seq2seq(
+        model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1, beams=1
+    )
     assert one == greedy
-    wide, scores = decode.beam_search_seq2seq(model, params, sources, max_new_tokens=5, bos_id=2, eos_id=-1,
-                                              beams=4, length_penalty_alpha=0.0)
+    wide, scores = decode.beam_search_seq2seq(
+        model,
+        params,
+        sources,
+        max_new_tokens=5,
+        bos_id=2,
+        eos_id=-1,
+        beams=4,
+        length_penalty_alpha=0.0,
+    )
     for src, g, w, score in zip(sources, greedy, wide, scores, strict=True):
+
         def logprob(out, src=src):
             tokens = jnp.array([[2] + out[:-1]])
-            logp = jax.nn.log_softmax(model.apply({"params": params}, tokens, encoder_inputs=jnp.array([src]))[0])
+            logp = jax.nn.log_softmax(
+                model.apply({"params": params}, tokens, encoder_inputs=jnp.array([src]))[0]
+            )
             return float(sum(logp[i, t] for i, t in enumerate(out)))
 
         assert score == pytest.approx(logprob(w), abs=1e-4)

@@ -19,8 +19,8 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from lm.checkpoint import Checkpointer
+
 from tests.test_main import ROOT, SMALL_VOCAB, TINY, metrics, run_cli, write_corpus
 
 LIMIT = 64 * 1024  # bytes: a tiny model's checkpoint array file is larger (asserted below)
@@ -30,15 +30,25 @@ SCHEDULE = "--config.optimizer.decay_steps=20"  # the schedule of the 20-step ru
 # The limit is set in the child itself before lm.main starts (not with preexec_fn, which runs
 # Python between fork and exec in this multithreaded process). Python ignores SIGXFSZ already;
 # ignoring it again keeps the test honest should that change.
-LAUNCH = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-          f"resource.setrlimit(resource.RLIMIT_FSIZE, ({LIMIT}, {LIMIT})); sys.argv[0] = 'lm.main'; "
-          "runpy.run_module('lm.main', run_name='__main__', alter_sys=True)")
+LAUNCH = (
+    "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    f"resource.setrlimit(resource.RLIMIT_FSIZE, ({LIMIT}, {LIMIT})); sys.argv[0] = 'lm.main'; "
+    "runpy.run_module('lm.main', run_name='__main__', alter_sys=True)"
+)
 
 
 def run_limited(*args, workdir, source, data_dir):
     env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(data_dir)}
-    cmd = [sys.executable, "-c", LAUNCH, *args, f"--workdir={workdir}",
-           f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", SMALL_VOCAB]
+    cmd = [
+        sys.executable,
+        "-c",
+        LAUNCH,
+        *args,
+        f"--workdir={workdir}",
+        f"--config.data.source={source}",
+        f"--config.data.data_dir={data_dir}",
+        SMALL_VOCAB,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -46,7 +56,8 @@ def params_at(workdir: pathlib.Path, step: int):
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
         restored = checkpointer.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )["state"]
     finally:
         checkpointer.close()
     return restored["params"]
@@ -65,8 +76,9 @@ def test_failed_save_is_a_clear_error_and_the_run_resumes_exactly(tmp_path):
     assert largest > LIMIT, f"the checkpoint's largest file ({largest} B) must exceed the limit"
     saved_10 = params_at(workdir, 10)
 
-    proc = run_limited(*common, "--config.train.steps=20", workdir=workdir, source=source,
-                       data_dir=data_dir)
+    proc = run_limited(
+        *common, "--config.train.steps=20", workdir=workdir, source=source, data_dir=data_dir
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     # Our one line; Orbax's background thread logs its own traceback of the failed write, which
     # may land before or after it.
@@ -75,7 +87,9 @@ def test_failed_save_is_a_clear_error_and_the_run_resumes_exactly(tmp_path):
     last = ours[0]
     assert last.startswith("error: could not save step 15 to "), last
     assert str(checkpoints / "15") in last
-    assert "file-size limit (ulimit -f) (EFBIG: File too large)." in last and " free of " in last, last
+    assert "file-size limit (ulimit -f) (EFBIG: File too large)." in last and " free of " in last, (
+        last
+    )
     assert "step 10) is intact" in last and "--workdir" in last, last
     # No traceback of ours (Orbax logs its background thread's failure itself, above the line).
     assert "lm/train.py" not in proc.stderr and "lm/main.py" not in proc.stderr, proc.stderr[-3000:]

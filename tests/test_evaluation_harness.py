@@ -5,7 +5,6 @@ import json
 import flax.linen as nn
 import jax
 import pytest
-
 from lm.evaluation import (
     LanguageModel,
     Seq2SeqModel,
@@ -63,8 +62,14 @@ def test_fewshot_examples_are_seeded_and_never_the_item():
 
 def test_first_order_and_groups_as_mmlu():
     docs = [Doc(("x",), ("A", "B"), 0, group=g) for g in ("algebra", "law") for _ in range(3)]
-    task = Task("t", "multiple_choice", lambda: docs, ("acc",), fewshot_order="first",
-                description="About {group}.\n\n")
+    task = Task(
+        "t",
+        "multiple_choice",
+        lambda: docs,
+        ("acc",),
+        fewshot_order="first",
+        description="About {group}.\n\n",
+    )
     assert harness.fewshot_indices(task, 4, docs[4], docs, 2, 1234, same_split=True) == [3, 5]
     prefix = harness.prompt_prefix(task, docs[4], [docs[3]])
     assert prefix == "About law.\n\nx A\n\n"
@@ -72,11 +77,16 @@ def test_first_order_and_groups_as_mmlu():
 
 
 def test_prompt_of_partial_scoring_uses_the_gold_context():
-    doc = Doc(("Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"),
-              ("got the easy cases.",), gold=1)
+    doc = Doc(
+        ("Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"),
+        ("got the easy cases.",),
+        gold=1,
+    )
     task = Task("w", "multiple_choice", lambda: [doc], ("acc",))
-    assert harness.prompt_prefix(task, doc, [doc]) == \
-        "Sarah was better than Maria so Maria got the easy cases.\n\n"
+    assert (
+        harness.prompt_prefix(task, doc, [doc])
+        == "Sarah was better than Maria so Maria got the easy cases.\n\n"
+    )
     assert doc.num_options == 2 and doc.option(0)[1] == doc.option(1)[1]
 
 
@@ -91,23 +101,32 @@ def test_continuations_sharing_a_context_score_as_separate_forward_passes(window
     import jax.numpy as jnp
 
     extra = dict(sliding_window=window, global_every=2) if window else {}
-    config = T.preset("llama", **{**T.TINY, "vocab_size": 259, "max_len": 512}, num_kv_heads=2, **extra)
+    config = T.preset(
+        "llama", **{**T.TINY, "vocab_size": 259, "max_len": 512}, num_kv_heads=2, **extra
+    )
     model = T.build_model(config)
     params = nn.meta.unbox(model.init(jax.random.key(1), **T.dummy_inputs(config))["params"])
     tok = ByteTokenizer()
     lm = LanguageModel(model, params, tok, batch_size=3)
-    requests = [("The answer is", " yes, surely"), ("The answer is", " no"), ("The answer is", "!"),
-                ("The answer is surely", " no"), ("The answer is plain", " yes"),  # partial prefix
-                ("Other", " thing"), ("The answer is", " maybe not")]
-    for (context, continuation), (logprob, greedy) in zip(requests, lm.loglikelihood(requests),
-                                                          strict=True):
+    requests = [
+        ("The answer is", " yes, surely"),
+        ("The answer is", " no"),
+        ("The answer is", "!"),
+        ("The answer is surely", " no"),
+        ("The answer is plain", " yes"),  # partial prefix
+        ("Other", " thing"),
+        ("The answer is", " maybe not"),
+    ]
+    for (context, continuation), (logprob, greedy) in zip(
+        requests, lm.loglikelihood(requests), strict=True
+    ):
         context_ids, ids = lm.encode_pair(context, continuation)
         whole = context_ids + ids
         logits = model.apply({"params": params}, jnp.asarray([whole[:-1]]))[0]
-        logprobs = jax.nn.log_softmax(logits, axis=-1)[-len(ids):]
+        logprobs = jax.nn.log_softmax(logits, axis=-1)[-len(ids) :]
         expected = float(sum(logprobs[j, t] for j, t in enumerate(ids)))
         assert logprob == pytest.approx(expected, abs=1e-4)
-        assert greedy == bool((logits[-len(ids):].argmax(-1) == jnp.asarray(ids)).all())
+        assert greedy == bool((logits[-len(ids) :].argmax(-1) == jnp.asarray(ids)).all())
 
 
 def test_task_results_do_not_depend_on_batch_size(random_lm):
@@ -121,8 +140,12 @@ def test_task_results_do_not_depend_on_batch_size(random_lm):
 def test_metrics_follow_the_scores():
     docs = [Doc(("",), ("no", "yes"), g) for g in (0, 1, 1, 0)]
     task = Task("c", "multiple_choice", lambda: docs, ("acc", "precision", "recall", "f1"))
-    outputs = [[(-1.0, False), (-2.0, False)], [(-3.0, False), (-1.0, False)],
-               [(-1.0, False), (-2.0, False)], [(-2.0, False), (-1.0, False)]]
+    outputs = [
+        [(-1.0, False), (-2.0, False)],
+        [(-3.0, False), (-1.0, False)],
+        [(-1.0, False), (-2.0, False)],
+        [(-2.0, False), (-1.0, False)],
+    ]
     m = harness.task_metrics(task, docs, outputs, lm=None)  # predictions 0, 1, 0, 1
     assert m["acc"] == 0.5 and m["precision"] == 0.5 and m["recall"] == 0.5 and m["f1"] == 0.5
 
@@ -130,9 +153,19 @@ def test_metrics_follow_the_scores():
 # ----------------------------------------------------------------------------- real task data
 
 
-EXPECTED_DOCS = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838,
-                 "boolq": 3270, "winogrande": 1267, "openbookqa": 500, "sciq": 1000,
-                 "lambada": 5153, "mmlu": 14042, "sst2": 872}
+EXPECTED_DOCS = {
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "hellaswag": 10042,
+    "piqa": 1838,
+    "boolq": 3270,
+    "winogrande": 1267,
+    "openbookqa": 500,
+    "sciq": 1000,
+    "lambada": 5153,
+    "mmlu": 14042,
+    "sst2": 872,
+}
 
 
 def test_benchmark_documents_load_from_the_asset():
@@ -164,17 +197,34 @@ def test_translation_model_beats_data_baselines(tmp_path, monkeypatch):
     from lm import parallel
     from lm.data import assets, pipeline
     from lm.train import OptimizerConfig, create_trainer
+
     from tests.test_seq2seq_training import synthetic_bible
 
     db = synthetic_bible(tmp_path / "bible.db")
     monkeypatch.setattr(assets, "fetch", lambda name: db)
-    cfg = pipeline.DataConfig(source="bible:4-l", task="translation", seq_len=16, encoder_len=16,
-                              batch_size=16, vocab_size=300, data_dir=str(tmp_path / "tfds"))
+    cfg = pipeline.DataConfig(
+        source="bible:4-l",
+        task="translation",
+        seq_len=16,
+        encoder_len=16,
+        batch_size=16,
+        vocab_size=300,
+        data_dir=str(tmp_path / "tfds"),
+    )
     tokenizer = pipeline.get_tokenizer(cfg, str(tmp_path / "work"))
-    config = T.preset("transformer_base", **{**T.TINY, "d_model": 64, "mlp_dim": 128,
-                                             "vocab_size": tokenizer.vocab_size}, dropout=0.0)
-    trainer = create_trainer(config, T.build_model(config), OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
-                             800, parallel.ParallelConfig(), devices=jax.devices()[:1])
+    config = T.preset(
+        "transformer_base",
+        **{**T.TINY, "d_model": 64, "mlp_dim": 128, "vocab_size": tokenizer.vocab_size},
+        dropout=0.0,
+    )
+    trainer = create_trainer(
+        config,
+        T.build_model(config),
+        OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
+        800,
+        parallel.ParallelConfig(),
+        devices=jax.devices()[:1],
+    )
     # When the model starts reading the source depends on the init: from init seed 1, about
     # step 350 (train loss 0.08 by 500); from seed 0, after step 900.
     state = trainer.init_fn(1)
@@ -222,10 +272,26 @@ def test_imported_smollm2_through_the_cli_at_batch_1_and_16(tmp_path):
     metrics_by_batch = {}
     for batch in (1, 16):
         out = tmp_path / f"b{batch}"
-        cmd = [sys.executable, "-m", "lm.main", "eval", "--model=smollm2", "--tasks=arc_easy,winogrande",
-               "--num_fewshot=0", "--limit=40", f"--batch_size={batch}", f"--out={out}"]
-        proc = subprocess.run(cmd, cwd=root, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
-                              text=True, timeout=900)
+        cmd = [
+            sys.executable,
+            "-m",
+            "lm.main",
+            "eval",
+            "--model=smollm2",
+            "--tasks=arc_easy,winogrande",
+            "--num_fewshot=0",
+            "--limit=40",
+            f"--batch_size={batch}",
+            f"--out={out}",
+        ]
+        proc = subprocess.run(
+            cmd,
+            cwd=root,
+            env={**os.environ, "XLA_FLAGS": ""},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results = json.loads((out / "results.json").read_text())
         metrics_by_batch[batch] = {name: r["metrics"] for name, r in results["tasks"].items()}
@@ -237,9 +303,15 @@ def test_perplexity_documents_share_batches_without_changing_results(random_lm, 
     """Short documents are scored together (CHARS_PER_CHUNK); one call per document gives
     the same corpus metrics."""
     model, params = random_lm
-    docs = [Doc((), (), 0, text=f"document {i}: " + "the quick brown fox " * (i + 1)) for i in range(7)]
+    docs = [
+        Doc((), (), 0, text=f"document {i}: " + "the quick brown fox " * (i + 1)) for i in range(7)
+    ]
     task = Task("ppl", "perplexity", lambda: docs, ("perplexity", "bits_per_byte"))
-    assert list(harness._chunks_by_size([0, 1, 2, 3], [5, 5, 20, 1], budget=10)) == [[0, 1], [2], [3]]
+    assert list(harness._chunks_by_size([0, 1, 2, 3], [5, 5, 20, 1], budget=10)) == [
+        [0, 1],
+        [2],
+        [3],
+    ]
     lm = LanguageModel(model, params, ByteTokenizer(), batch_size=4, max_length=64)
     together = evaluate_task(lm, task)["metrics"]
     monkeypatch.setattr(harness, "CHARS_PER_CHUNK", 1)

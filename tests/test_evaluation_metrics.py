@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from lm.evaluation import metrics
 
 
@@ -43,8 +42,9 @@ def test_no_positive_predictions_is_zero_precision():
 
 
 def test_exact_match_strips_and_accepts_any_reference():
-    score = metrics.exact_match([" Paris", "London", "rome"], ["Paris", ["Berlin", "London "],
-                                                               "Rome"])
+    score = metrics.exact_match(
+        [" Paris", "London", "rome"], ["Paris", ["Berlin", "London "], "Rome"]
+    )
     assert score.value == pytest.approx(2 / 3)
 
 

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm import decode
 from lm.evaluation import LanguageModel
 from lm.evaluation.model import bucket_length
@@ -40,12 +39,18 @@ def reference_logprob(model, params, ids, n_scored):
     logits = model.apply({"params": params}, jnp.asarray([ids[:-1]]))[0]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     picked = logprobs[jnp.arange(len(ids) - 1), jnp.asarray(ids[1:])]
-    return float(picked[-n_scored:].sum()), bool((logits.argmax(-1)[-n_scored:] ==
-                                                  jnp.asarray(ids[1:])[-n_scored:]).all())
+    return float(picked[-n_scored:].sum()), bool(
+        (logits.argmax(-1)[-n_scored:] == jnp.asarray(ids[1:])[-n_scored:]).all()
+    )
 
 
-REQUESTS = [("the cat sat on the", " mat"), ("a", " b c"), ("hello there ", "friend"),
-            ("", "start of text"), ("one two three four five six seven", " eight")]
+REQUESTS = [
+    ("the cat sat on the", " mat"),
+    ("a", " b c"),
+    ("hello there ", "friend"),
+    ("", "start of text"),
+    ("one two three four five six seven", " eight"),
+]
 
 
 def test_loglikelihood_equals_an_unpadded_forward_pass(lm):
@@ -53,10 +58,12 @@ def test_loglikelihood_equals_an_unpadded_forward_pass(lm):
     tok = CharTokenizer()
     evaluator = LanguageModel(model, params, tok, batch_size=4)
     for (context, continuation), (logprob, greedy) in zip(
-            REQUESTS, evaluator.loglikelihood(REQUESTS), strict=True):
+        REQUESTS, evaluator.loglikelihood(REQUESTS), strict=True
+    ):
         context_ids, continuation_ids = evaluator.encode_pair(context, continuation)
         expected, expected_greedy = reference_logprob(
-            model, params, context_ids + continuation_ids, len(continuation_ids))
+            model, params, context_ids + continuation_ids, len(continuation_ids)
+        )
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert greedy == expected_greedy
 
@@ -93,7 +100,7 @@ def test_rolling_loglikelihood_windows(lm):
     while done < len(ids) - 1:
         count = min(16, len(ids) - 1 - done)
         end = done + count + 1
-        expected += reference_logprob(model, params, ids[max(0, end - 17):end], count)[0]
+        expected += reference_logprob(model, params, ids[max(0, end - 17) : end], count)[0]
         done += count
     assert windowed == pytest.approx(expected, abs=1e-4)
     assert windowed != pytest.approx(whole, abs=1e-3)  # the windows really cut the context
@@ -106,14 +113,26 @@ def test_generate_until_is_greedy_decoding_cut_at_stop(lm):
     requests = [("the cat", ["z"], 12), ("a b", [], 12), ("hello", ["q"], 5)]
     outs = evaluator.generate_until(requests)
     for (context, stops, n), out in zip(requests, outs, strict=True):
-        ids = decode.generate(model, params, [[tok.bos_id] + tok.encode(context)], max_new_tokens=n,
-                              eos_id=tok.eos_id)[0]
+        ids = decode.generate(
+            model, params, [[tok.bos_id] + tok.encode(context)], max_new_tokens=n, eos_id=tok.eos_id
+        )[0]
         assert out == decode.cut_at_stop(tok.decode(ids), stops)
 
 
 def test_buckets_are_few():
-    assert [bucket_length(n, 1024) for n in (1, 31, 32, 33, 48, 49, 96, 100, 700, 900, 5000)] == \
-        [32, 32, 32, 48, 48, 64, 96, 112, 768, 1024, 1024]
+    assert [bucket_length(n, 1024) for n in (1, 31, 32, 33, 48, 49, 96, 100, 700, 900, 5000)] == [
+        32,
+        32,
+        32,
+        48,
+        48,
+        64,
+        96,
+        112,
+        768,
+        1024,
+        1024,
+    ]
 
 
 def test_imported_smollm2_scores_like_transformers():
@@ -122,8 +141,9 @@ def test_imported_smollm2_scores_like_transformers():
 
     golden = np.load(pathlib.Path(__file__).parent / "goldens" / "gguf" / "smollm2.npz")
     pretrained = load_pretrained("smollm2")
-    evaluator = LanguageModel(T.build_model(pretrained.config), pretrained.params,
-                              pretrained.tokenizer, batch_size=4)
+    evaluator = LanguageModel(
+        T.build_model(pretrained.config), pretrained.params, pretrained.tokenizer, batch_size=4
+    )
     requests, expected = [], []
     for i, prompt in enumerate(golden["prompts"]):
         first = int(golden["greedy"][i][0])
@@ -132,8 +152,9 @@ def test_imported_smollm2_scores_like_transformers():
         expected.append(golden["logits"][i][-1][column] - golden["logsumexp"][i][-1])
     results = evaluator.loglikelihood(requests)
     checked = 0
-    for (context, continuation), (logprob, greedy), want in zip(requests, results, expected,
-                                                                strict=True):
+    for (context, continuation), (logprob, greedy), want in zip(
+        requests, results, expected, strict=True
+    ):
         ids = evaluator.encode_pair(context, continuation)[1]
         if len(ids) == 1:  # the continuation re-encodes to that one token
             assert logprob == pytest.approx(float(want), abs=1e-3) and greedy

@@ -6,8 +6,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from lm import main
+
 from tests.test_main import TINY, metrics, run_cli, snapshot, write_corpus
 
 
@@ -26,9 +26,16 @@ def test_init_from_starts_from_the_source_parameters(source, tmp_path):
     root, corpus, src = source
     before = snapshot(src)
     workdir = tmp_path / "b"
-    run_cli(TINY, f"--config.train.init_from={src}", "--config.optimizer.learning_rate=0",
-            "--config.train.steps=2", "--config.train.eval_every=2", workdir=workdir, source=corpus,
-            data_dir=root / "data")
+    run_cli(
+        TINY,
+        f"--config.train.init_from={src}",
+        "--config.optimizer.learning_rate=0",
+        "--config.train.steps=2",
+        "--config.train.eval_every=2",
+        workdir=workdir,
+        source=corpus,
+        data_dir=root / "data",
+    )
     assert (workdir / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     jax.tree.map(np.testing.assert_array_equal, main.read_params(workdir), main.read_params(src))
     assert metrics(workdir)[-1]["eval/loss"] == metrics(src)[-1]["eval/loss"]
@@ -42,8 +49,12 @@ def test_fine_tune_learns_and_resumes_from_its_own_checkpoint(source, tmp_path):
     root, corpus, src = source
     copy = tmp_path / "source"
     shutil.copytree(src, copy)
-    flags = (TINY, f"--config.train.init_from={copy}", "--config.optimizer.decay_steps=10",
-             "--config.train.log_every=1")
+    flags = (
+        TINY,
+        f"--config.train.init_from={copy}",
+        "--config.optimizer.decay_steps=10",
+        "--config.train.log_every=1",
+    )
     kwargs = dict(workdir=tmp_path / "b", source=corpus, data_dir=root / "data")
     run_cli(*flags, "--config.train.steps=5", **kwargs)
     first = main.read_params(tmp_path / "b")
@@ -56,14 +67,23 @@ def test_fine_tune_learns_and_resumes_from_its_own_checkpoint(source, tmp_path):
     evals = [m["eval/loss"] for m in lines if "eval/loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0] < metrics(src)[-1]["eval/loss"]
     # ... and the second half moved on from the first half's parameters.
-    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), main.read_params(tmp_path / "b"), first)
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(a != b)), main.read_params(tmp_path / "b"), first
+    )
     assert all(jax.tree.leaves(changed))
 
 
 def test_init_from_a_model_of_another_shape_is_a_clear_error(source, tmp_path):
     root, corpus, src = source
-    proc = run_cli(TINY, f"--config.train.init_from={src}", "--config.model.d_model=64",
-                   workdir=tmp_path / "b", source=corpus, data_dir=root / "data", check=False)
+    proc = run_cli(
+        TINY,
+        f"--config.train.init_from={src}",
+        "--config.model.d_model=64",
+        workdir=tmp_path / "b",
+        source=corpus,
+        data_dir=root / "data",
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "init_from" in proc.stderr and "model.d_model: source 32, now 64" in proc.stderr
     assert "config.json" in proc.stderr  # where the source's values are
@@ -84,35 +104,56 @@ def test_bad_init_from_specs_are_clear_errors(source, tmp_path):
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=expected):
             main.init_source(spec)
-    assert main.init_source(str(src)).model == json.loads((src / "config.json").read_text())["model"]
+    assert (
+        main.init_source(str(src)).model == json.loads((src / "config.json").read_text())["model"]
+    )
 
 
 def test_lora_through_the_cli(source, tmp_path):
     root, corpus, src = source
     workdir = tmp_path / "lora"
     kwargs = dict(workdir=workdir, data_dir=root / "data")
-    proc = run_cli(TINY, f"--config.train.init_from={src}", "--config.train.lora_rank=4",
-                   "--config.optimizer.learning_rate=1e-2", "--config.train.steps=10", source=corpus,
-                   **kwargs)
+    proc = run_cli(
+        TINY,
+        f"--config.train.init_from={src}",
+        "--config.train.lora_rank=4",
+        "--config.optimizer.learning_rate=1e-2",
+        "--config.train.steps=10",
+        source=corpus,
+        **kwargs,
+    )
     # 2 layers x rank 4 x (query, key, value, out: 32 + 32 each; wi: 32 + 64; wo: 64 + 32)
     assert f"{2 * 4 * (4 * 64 + 96 + 96):,} trainable of" in proc.stdout
     lines = metrics(workdir)
     assert lines[-1]["eval/loss"] < metrics(src)[-1]["eval/loss"]  # the adapters learnt something
     # eval and sample restore base + adapters and run the merged model.
     out = run_cli("eval", source=None, **kwargs).stdout
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     assert result["step"] == 10 and result["loss"] == lines[-1]["eval/loss"]
     sample = run_cli("sample", "--prompt=The king", "--max_new_tokens=8", source=None, **kwargs)
     assert sample.stdout.startswith("The king")
     # Its checkpoints hold rank-4 adapters: another rank on resume is refused, not half-loaded.
-    again = run_cli(TINY, "--config.train.lora_rank=8", "--config.train.steps=12", source=corpus, check=False,
-                    **kwargs)
+    again = run_cli(
+        TINY,
+        "--config.train.lora_rank=8",
+        "--config.train.steps=12",
+        source=corpus,
+        check=False,
+        **kwargs,
+    )
     assert again.returncode == 2 and "train.lora_rank: saved 4, now 8" in again.stderr
 
 
 def test_misspelt_lora_target_is_a_clear_error(tmp_path):
-    proc = run_cli(TINY, "--config.train.lora_rank=4", "--config.train.lora_targets=qeury,value",
-                   workdir=tmp_path / "run", source=None, data_dir=tmp_path, check=False)
+    proc = run_cli(
+        TINY,
+        "--config.train.lora_rank=4",
+        "--config.train.lora_targets=qeury,value",
+        workdir=tmp_path / "run",
+        source=None,
+        data_dir=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "qeury" in proc.stderr and "wi_gate" in proc.stderr
     assert not (tmp_path / "run").exists()
 
@@ -129,9 +170,15 @@ def test_fine_tuning_imported_smollm2_lowers_held_out_loss(tmp_path, variant):
 
     corpus = write_corpus(tmp_path / "corpus")
     workdir = tmp_path / "ft"
-    proc = run_cli(f"--config=experiments/smollm2_shakespeare.py:{variant}", workdir=workdir,
-                   source=corpus, data_dir=tmp_path / "data", vocab="--config.data.vocab_size=320",
-                   cache_dir=assets.cache_dir(), timeout=900)
+    proc = run_cli(
+        f"--config=experiments/smollm2_shakespeare.py:{variant}",
+        workdir=workdir,
+        source=corpus,
+        data_dir=tmp_path / "data",
+        vocab="--config.data.vocab_size=320",
+        cache_dir=assets.cache_dir(),
+        timeout=900,
+    )
     assert (workdir / "tokenizer.json").exists() and not (workdir / "tokenizer.model").exists()
     evals = [m["eval/loss"] for m in metrics(workdir) if "eval/loss" in m]
     assert [m["step"] for m in metrics(workdir) if "eval/loss" in m] == [0, 3]
@@ -151,11 +198,21 @@ def test_span_corruption_pretraining_fine_tunes_onto_translation(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     common = dict(data_dir=tmp_path / "data", cache_dir=assets.cache_dir(), timeout=900)
     pretrain = tmp_path / "span"
-    run_cli("--config=experiments/t5_span_corruption.py:tiny", workdir=pretrain, source=corpus,
-            vocab="--config.data.vocab_size=440", **common)
+    run_cli(
+        "--config=experiments/t5_span_corruption.py:tiny",
+        workdir=pretrain,
+        source=corpus,
+        vocab="--config.data.vocab_size=440",
+        **common,
+    )
     workdir = tmp_path / "en_fr"
-    run_cli("--config=experiments/t5_translation_finetune.py:tiny",
-            f"--config.train.init_from={pretrain}", workdir=workdir, source=None, **common)
+    run_cli(
+        "--config=experiments/t5_translation_finetune.py:tiny",
+        f"--config.train.init_from={pretrain}",
+        workdir=workdir,
+        source=None,
+        **common,
+    )
     assert (workdir / "tokenizer.model").read_bytes() == (pretrain / "tokenizer.model").read_bytes()
     evals = [(m["step"], m["eval/loss"]) for m in metrics(workdir) if "eval/loss" in m]
     assert [s for s, _ in evals] == [0, 10] and evals[1][1] < evals[0][1], evals

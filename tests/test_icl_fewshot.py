@@ -4,7 +4,6 @@ import re
 
 import numpy as np
 import pytest
-
 from lm.evaluation import evaluate_task, harness
 from lm.evaluation.tasks import Doc, Task
 from lm.icl import fewshot
@@ -69,11 +68,19 @@ def test_control_separates_a_model_that_reads_the_labels():
 
 
 def test_table_and_plot(tmp_path):
-    runs = [{"task": "t", "k": 0, "seed": 0, "labels": "gold", "docs": 4, "value": 0.5, "seconds": 1},
-            *({"task": "t", "k": 2, "seed": s, "labels": lab, "docs": 4, "value": v, "seconds": 1}
-              for lab, vals in (("gold", (0.75, 1.0)), ("random", (0.5, 0.5))) for s, v in enumerate(vals))]
-    curves = {"runs": runs, "summary": fewshot.summarize(runs),
-              "config": {"shots": [0, 2], "metric": "acc"}}
+    runs = [
+        {"task": "t", "k": 0, "seed": 0, "labels": "gold", "docs": 4, "value": 0.5, "seconds": 1},
+        *(
+            {"task": "t", "k": 2, "seed": s, "labels": lab, "docs": 4, "value": v, "seconds": 1}
+            for lab, vals in (("gold", (0.75, 1.0)), ("random", (0.5, 0.5)))
+            for s, v in enumerate(vals)
+        ),
+    ]
+    curves = {
+        "runs": runs,
+        "summary": fewshot.summarize(runs),
+        "config": {"shots": [0, 2], "metric": "acc"},
+    }
     table = fewshot.format_curves(curves).splitlines()
     assert table[2] == "| t | gold labels | 50.0 | 87.5 ± 17.7 |"
     assert table[3] == "| t | random labels | 50.0 | 50.0 ± 0.0 |"
@@ -83,5 +90,8 @@ def test_table_and_plot(tmp_path):
 
 def test_prompt_prefix_shows_the_given_labels():
     task, docs = parity_task()
-    assert harness.prompt_prefix(task, docs[0], docs[1:3], labels=[0, 1]) == "x1 -> even\n\nx2 -> odd\n\n"
+    assert (
+        harness.prompt_prefix(task, docs[0], docs[1:3], labels=[0, 1])
+        == "x1 -> even\n\nx2 -> odd\n\n"
+    )
     assert harness.prompt_prefix(task, docs[0], docs[1:3]) == "x1 -> odd\n\nx2 -> even\n\n"

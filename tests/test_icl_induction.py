@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm.icl import induction, scores
 from lm.models.transformer import ModelConfig, build_model
 
@@ -45,7 +44,9 @@ def test_perfect_induction_pattern():
     tokens = repeated()
     attn = pattern(tokens, 2, lambda i, t: induction_target(tokens, i, t))
     np.testing.assert_allclose(scores.induction_score(attn, tokens), [1.0, 1.0], atol=1e-6)
-    np.testing.assert_allclose(scores.induction_score(attn, tokens, occurrence="last"), 1.0, atol=1e-6)
+    np.testing.assert_allclose(
+        scores.induction_score(attn, tokens, occurrence="last"), 1.0, atol=1e-6
+    )
     # only the first token of the second copy attends to position t - 1 (the end of copy one)
     prev = scores.previous_token_score(attn, tokens)
     assert np.all(np.asarray(prev) < 0.15)
@@ -63,8 +64,9 @@ def test_uniform_attention_fractions():
     tokens = repeated(batch=2, span=4)
     n = tokens.shape[1]
     attn = pattern(tokens, 1, lambda i, t: None)
-    np.testing.assert_allclose(scores.previous_token_score(attn),
-                               [np.mean([1 / (t + 1) for t in range(1, n)])], rtol=1e-6)
+    np.testing.assert_allclose(
+        scores.previous_token_score(attn), [np.mean([1 / (t + 1) for t in range(1, n)])], rtol=1e-6
+    )
     # in [A][A] with distinct A, the queries with an earlier match are t = span..2 span - 1, one
     # target each
     expected = np.mean([1 / (t + 1) for t in range(4, 8)])
@@ -100,10 +102,12 @@ def test_loss_ratio_and_in_context_score():
     segments = np.asarray(scores.copy_segments(12, 6))
     assert segments.tolist() == [1] * 6 + [2] * 6
     np.testing.assert_allclose(scores.repeat_loss_ratio(loss, 6), 0.1, rtol=1e-6)
-    np.testing.assert_allclose(scores.repeat_loss_ratio(loss, np.broadcast_to(segments, (2, 12))),
-                               0.1, rtol=1e-6)
-    np.testing.assert_allclose(scores.repeat_loss_ratio(loss, 6, skip_first=0),
-                               (4.0 + 5 * 0.4) / 6 / 4.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        scores.repeat_loss_ratio(loss, np.broadcast_to(segments, (2, 12))), 0.1, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        scores.repeat_loss_ratio(loss, 6, skip_first=0), (4.0 + 5 * 0.4) / 6 / 4.0, rtol=1e-6
+    )
     first, second = scores.copy_losses(loss, 6)
     np.testing.assert_allclose([first, second], [4.0, 0.4], rtol=1e-6)
     np.testing.assert_allclose(scores.in_context_score(loss, early=2, late=10), -3.6, rtol=1e-6)
@@ -122,8 +126,9 @@ def test_per_token_loss_alignment():
 
 def test_repeated_spans_sampler():
     def draw(seed):
-        return induction.repeated_spans(np.random.default_rng(seed), 64, 40, 12, min_span=4,
-                                        max_gap=5, vocab=30)
+        return induction.repeated_spans(
+            np.random.default_rng(seed), 64, 40, 12, min_span=4, max_gap=5, vocab=30
+        )
 
     batch = draw(0)
     tokens, seg = batch["tokens"], batch["segments"]
@@ -132,22 +137,30 @@ def test_repeated_spans_sampler():
     for b in range(64):
         first, second, n = batch["first"][b], batch["second"][b], batch["span_len"][b]
         assert 4 <= n <= 12 and 0 <= second - first - n <= 5 and second + n <= 40
-        np.testing.assert_array_equal(tokens[b, first:first + n], tokens[b, second:second + n])
+        np.testing.assert_array_equal(tokens[b, first : first + n], tokens[b, second : second + n])
         assert (seg[b] == 1).sum() == n and (seg[b] == 2).sum() == n
-        assert np.all(seg[b, first:first + n] == 1) and np.all(seg[b, second:second + n] == 2)
+        assert np.all(seg[b, first : first + n] == 1) and np.all(seg[b, second : second + n] == 2)
     assert len(set(batch["span_len"].tolist())) > 3  # the distance between copies varies
     again, other = draw(0), draw(1)
     np.testing.assert_array_equal(again["tokens"], tokens)
     assert not np.array_equal(other["tokens"], tokens)
-    probe = induction.repeated_spans(np.random.default_rng(0), 4, 16, 8, token_ids=[3, 5, 7],
-                                     start=0)
+    probe = induction.repeated_spans(
+        np.random.default_rng(0), 4, 16, 8, token_ids=[3, 5, 7], start=0
+    )
     np.testing.assert_array_equal(probe["tokens"][:, :8], probe["tokens"][:, 8:])
     assert set(np.unique(probe["tokens"])) <= {3, 5, 7}
 
 
 def test_attention_weights_from_a_real_model():
-    config = ModelConfig(vocab_size=20, d_model=16, num_layers=3, num_heads=2, mlp_dim=0,
-                         max_len=12, capture_attention=True)
+    config = ModelConfig(
+        vocab_size=20,
+        d_model=16,
+        num_layers=3,
+        num_heads=2,
+        mlp_dim=0,
+        max_len=12,
+        capture_attention=True,
+    )
     model = build_model(config)
     tokens = jnp.asarray(repeated(batch=2, span=5, vocab=20))
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
@@ -178,8 +191,9 @@ def test_config_rejects_unknown_keys():
 def test_tiny_run_writes_metrics_plots_summary(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("induction_heads",
-                                                  ROOT / "experiments" / "induction_heads.py")
+    spec = importlib.util.spec_from_file_location(
+        "induction_heads", ROOT / "experiments" / "induction_heads.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for arg in ("two_layer", "one_layer", "text"):
@@ -211,13 +225,22 @@ def test_text_run_on_a_small_corpus(tmp_path, monkeypatch):
     def works():
         def text(n):
             return " ".join(rng.choice(words, n)) + "\n"
+
         return {"train": [text(400), text(400)], "validation": [text(200)], "test": [text(50)]}
 
     monkeypatch.setattr(induction, "shakespeare_works", works)
     config = induction.experiment(
-        icl=dict(data="text", length=24, batch_size=4, steps=2, eval_every=2, log_every=1,
-                 probe_batches=1),
-        model=dict(d_model=16, num_heads=2))
+        icl=dict(
+            data="text",
+            length=24,
+            batch_size=4,
+            steps=2,
+            eval_every=2,
+            log_every=1,
+            probe_batches=1,
+        ),
+        model=dict(d_model=16, num_heads=2),
+    )
     summary = induction.run(config, tmp_path)
     chars = json.loads((tmp_path / "characters.json").read_text())["characters"]
     assert set(chars) == set("".join(words) + " \n")

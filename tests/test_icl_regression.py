@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from lm.icl import baselines, functions, regression
 from lm.train import TrainState, learning_rate_schedule, make_optimizer
 
@@ -16,7 +15,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _experiment_module():
-    spec = importlib.util.spec_from_file_location("garg", ROOT / "experiments" / "garg_linear_regression.py")
+    spec = importlib.util.spec_from_file_location(
+        "garg", ROOT / "experiments" / "garg_linear_regression.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -84,7 +85,9 @@ def test_decision_tree_by_hand_and_scale():
     coords = jnp.array([[1, 0, 2]])
     leaves = jnp.array([[10.0, 11.0, 12.0, 13.0]])
     xs = jnp.array([[[1.0, -1.0, 0.0], [-1.0, -1.0, 5.0], [0.0, 2.0, 1.0], [0.0, 2.0, -1.0]]])
-    np.testing.assert_array_equal(functions.tree_targets(xs, coords, leaves), [[11.0, 10.0, 13.0, 12.0]])
+    np.testing.assert_array_equal(
+        functions.tree_targets(xs, coords, leaves), [[11.0, 10.0, 13.0, 12.0]]
+    )
     xs, ys = functions.sample_batch("decision_tree", jax.random.PRNGKey(0), 512, 32, 8, depth=4)
     ys = np.asarray(ys)
     assert 0.8 < ys.var() < 1.2  # leaves N(0, 1)
@@ -130,7 +133,9 @@ def test_averaging_by_hand():
 
 
 def test_lasso_recovers_sparse_weights():
-    xs, ys = functions.sample_batch("sparse_linear_regression", jax.random.PRNGKey(0), 2, 12, 8, sparsity=2)
+    xs, ys = functions.sample_batch(
+        "sparse_linear_regression", jax.random.PRNGKey(0), 2, 12, 8, sparsity=2
+    )
     errors = baselines.normalized_squared_error(baselines.lasso(xs, ys, alpha=0.001), ys, 2)
     assert errors[0] > 0.1 and errors[-1] < 0.01
 
@@ -202,10 +207,16 @@ def test_training_lowers_the_loss():
     schedule = learning_rate_schedule(opt_config, icl.steps)
     optimizer = make_optimizer(opt_config, schedule)
     params = regression.init_params(model, jax.random.PRNGKey(0), icl.n_points, icl.n_dims)
-    state = TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
-                       rng=jax.random.PRNGKey(1))
+    state = TrainState(
+        step=jnp.array(0, jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(1),
+    )
     xs, ys = functions.sample_batch("linear_regression", jax.random.PRNGKey(2), 256, 6, 2)
-    loss = jax.jit(lambda p: regression.masked_squared_error(model.apply({"params": p}, xs, ys), ys, 6))
+    loss = jax.jit(
+        lambda p: regression.masked_squared_error(model.apply({"params": p}, xs, ys), ys, 6)
+    )
     before = float(loss(state.params))
     step = regression.make_train_step(model, optimizer, icl)
     for _ in range(icl.steps):
@@ -224,7 +235,9 @@ def test_curriculum_schedule():
     assert icl.curriculum(1999) == (5, 11)
     assert icl.curriculum(2000) == (6, 13)
     assert icl.curriculum(10**6) == (20, 41)
-    assert regression.RegressionConfig(n_dims=4, n_points=9, dims_start=0, points_start=0).curriculum(0) == (4, 9)
+    assert regression.RegressionConfig(
+        n_dims=4, n_points=9, dims_start=0, points_start=0
+    ).curriculum(0) == (4, 9)
 
 
 def test_unknown_keys_are_named():
@@ -246,8 +259,14 @@ def test_experiment_configs_build():
         icl, model, _ = regression.build_configs(module.get_config(arg))
         assert model.max_len >= 2 * icl.n_points
     icl, model, optimizer = regression.build_configs(module.get_config())
-    assert (icl.n_dims, icl.n_points, icl.steps, model.num_layers, model.d_model, model.num_heads) == (
-        20, 41, 500_000, 12, 256, 8)
+    assert (
+        icl.n_dims,
+        icl.n_points,
+        icl.steps,
+        model.num_layers,
+        model.d_model,
+        model.num_heads,
+    ) == (20, 41, 500_000, 12, 256, 8)
     assert optimizer.learning_rate == 1e-4
 
 

@@ -5,7 +5,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
 from lm import inspect
 from lm.models import transformer as T
 
@@ -54,13 +53,19 @@ def test_logits_log_probs_and_last_residual_agree_with_the_model(config):
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 10))
     out = inspect.capture(config, params, tokens)
     model = T.build_model(config)
-    np.testing.assert_allclose(out["logits"], model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out["logits"], model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5
+    )
     log_softmax = jax.nn.log_softmax(out["logits"], axis=-1)
     picked = np.take_along_axis(np.asarray(log_softmax)[0, :-1], tokens[0, 1:, None], axis=-1)[:, 0]
     assert np.isnan(out["log_probs"][0, 0])
     np.testing.assert_allclose(out["log_probs"][0, 1:], picked, rtol=1e-5, atol=1e-6)
     # The last stream, through the final norm and the vocabulary projection, gives the logits.
-    final = nn.RMSNorm(epsilon=config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(epsilon=config.norm_eps)
+    final = (
+        nn.RMSNorm(epsilon=config.norm_eps)
+        if config.norm == "rmsnorm"
+        else nn.LayerNorm(epsilon=config.norm_eps)
+    )
     normed = final.apply({"params": params["decoder"]["final_norm"]}, out["residual"][:, -1])
     projected = model.apply({"params": params}, normed, method=T.DecoderOnly.project)
     np.testing.assert_allclose(projected, out["logits"], rtol=1e-4, atol=1e-4)
@@ -111,12 +116,14 @@ def test_entropy_and_first_token_scores_on_hand_built_patterns():
     n = 8
     tokens = np.arange(n)[None]
     uniform, sink, previous = (_pattern(k, n) for k in ("uniform", "sink", "previous"))
-    np.testing.assert_allclose(inspect.attention_entropy(uniform), [np.mean(np.log(np.arange(2, n + 1)))],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        inspect.attention_entropy(uniform), [np.mean(np.log(np.arange(2, n + 1)))], rtol=1e-6
+    )
     np.testing.assert_allclose(inspect.attention_entropy(sink), [0.0], atol=1e-7)
     np.testing.assert_allclose(inspect.first_token_score(sink), [1.0])
-    np.testing.assert_allclose(inspect.first_token_score(uniform), [np.mean(1 / np.arange(2, n + 1))],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        inspect.first_token_score(uniform), [np.mean(1 / np.arange(2, n + 1))], rtol=1e-6
+    )
     np.testing.assert_allclose(inspect.first_token_score(previous), [1 / (n - 1)])  # only t = 1
     stacked = np.stack([uniform, sink])  # [layers, batch, heads, q, k]
     both = inspect.head_scores(stacked, tokens, names=None)
@@ -159,7 +166,12 @@ def test_plots_have_labels_titles_and_colour_bars():
     assert sum(ax.get_title().startswith("head") for ax in grid.axes) == GPT.num_heads
     scores = seen.scores()
     assert inspect.plot_head_scores(scores["induction"]).axes[0].get_xlabel() == "head"
-    assert inspect.plot_log_probs(seen.labels, seen.log_probs).axes[0].get_ylabel().startswith("-log p")
+    assert (
+        inspect.plot_log_probs(seen.labels, seen.log_probs)
+        .axes[0]
+        .get_ylabel()
+        .startswith("-log p")
+    )
     best = inspect.top_heads(np.array([[0.1, 0.9], [0.7, 0.2]]), k=2)
     assert best == [(0, 1, 0.9), (1, 0, 0.7)]
 
@@ -168,7 +180,10 @@ def test_encoder_decoder_capture_gives_all_three_attentions():
     config = T.preset("t5", **T.TINY)
     params = init(config, seed=2)
     rng = np.random.default_rng(2)
-    source, target = rng.integers(2, config.vocab_size, (2, 9)), rng.integers(2, config.vocab_size, (2, 6))
+    source, target = (
+        rng.integers(2, config.vocab_size, (2, 9)),
+        rng.integers(2, config.vocab_size, (2, 6)),
+    )
     out = inspect.capture(config, params, target, encoder_tokens=source)
     layers, heads = config.num_layers, config.num_heads
     assert out["encoder_attention"].shape == (2, config.num_encoder_layers or layers, heads, 9, 9)
@@ -179,7 +194,11 @@ def test_encoder_decoder_capture_gives_all_three_attentions():
     assert np.all(np.triu(out["attention"], k=1) == 0)  # the decoder is causal, the encoder not
     assert np.any(np.triu(out["encoder_attention"], k=1) > 0)
     model = T.build_model(config)
-    np.testing.assert_allclose(out["logits"], model.apply({"params": params}, target, encoder_inputs=source),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out["logits"],
+        model.apply({"params": params}, target, encoder_inputs=source),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="encoder_tokens"):
         inspect.capture(config, params, target)

@@ -15,12 +15,16 @@ import textwrap
 import time
 
 import pytest
-
 from launch import common, gpu, slurm, tpu_pod
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-LM_ARGS = ["--config", "experiments/shakespeare_gpt.py", "--workdir", "/shared/gpt",
-           "--config.train.steps=10"]
+LM_ARGS = [
+    "--config",
+    "experiments/shakespeare_gpt.py",
+    "--workdir",
+    "/shared/gpt",
+    "--config.train.steps=10",
+]
 
 
 def lines(text: str) -> list[str]:
@@ -37,7 +41,8 @@ def usage_error(main, argv, capsys) -> str:
 def fake_python(tmp_path: pathlib.Path) -> pathlib.Path:
     """A stand-in for `python`: records its argv and some environment to $FAKE_OUT/<process id>.json."""
     path = tmp_path / "fakepy"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         #!{sys.executable}
         import json, os, sys
         pid = next((a.split("=")[1] for a in sys.argv if a.startswith("--config.parallel.process_id=")), "0")
@@ -45,7 +50,8 @@ def fake_python(tmp_path: pathlib.Path) -> pathlib.Path:
         record = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {{k: os.environ.get(k) for k in keys}}}}
         with open(os.path.join(os.environ["FAKE_OUT"], pid + ".json"), "w") as f:
             json.dump(record, f)
-        """))
+        """)
+    )
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
 
@@ -67,20 +73,33 @@ def test_flag_value_and_config_name():
     assert common.is_url("gs://bucket/run") and not common.is_url("/mnt/gs/run")
     assert common.quote_path("~/my repo") == "~/'my repo'"
     assert common.lm_command(["--workdir", "a b"], ["--x=1"], python="uv run python") == [
-        "uv", "run", "python", "-m", "lm.main", "--workdir", "a b", "--x=1"]
+        "uv",
+        "run",
+        "python",
+        "-m",
+        "lm.main",
+        "--workdir",
+        "a b",
+        "--x=1",
+    ]
 
 
 @pytest.mark.parametrize("main", [tpu_pod.main, slurm.main, gpu.main])
 def test_missing_lm_args(main, capsys):
-    own = {tpu_pod.main: ["--tpu", "t", "--zone", "z"], slurm.main: ["--nodes", "1", "--gpus_per_node", "1"],
-           gpu.main: ["--gpus", "1"]}[main]
+    own = {
+        tpu_pod.main: ["--tpu", "t", "--zone", "z"],
+        slurm.main: ["--nodes", "1", "--gpus_per_node", "1"],
+        gpu.main: ["--gpus", "1"],
+    }[main]
     err = usage_error(main, own, capsys)
     assert "no `--`: put lm.main's arguments after `--`" in err
     err = usage_error(main, [*own, "--"], capsys)
     assert "nothing after `--`" in err
     err = usage_error(main, [*own, "--", "python", "-m", "lm.main", "--workdir", "w"], capsys)
     assert "give only lm.main's arguments" in err
-    err = usage_error(main, [*own, "--", "--workdir", "w", "--config.parallel.distributed=True"], capsys)
+    err = usage_error(
+        main, [*own, "--", "--workdir", "w", "--config.parallel.distributed=True"], capsys
+    )
     assert "sets --config.parallel.distributed itself" in err
 
 
@@ -88,21 +107,50 @@ def test_missing_lm_args(main, capsys):
 
 
 def test_tpu_pod_dry_run(capsys):
-    code = tpu_pod.main(["--tpu", "pod-1", "--zone", "us-central2-b", "--project", "proj", "--dry_run",
-                         "--", *LM_ARGS, "--prompt", "a b"])
+    code = tpu_pod.main(
+        [
+            "--tpu",
+            "pod-1",
+            "--zone",
+            "us-central2-b",
+            "--project",
+            "proj",
+            "--dry_run",
+            "--",
+            *LM_ARGS,
+            "--prompt",
+            "a b",
+        ]
+    )
     assert code == 0
     out, err = capsys.readouterr()
     # (quoting of harder arguments: test_tpu_pod_command_runs_as_written)
     assert lines(out) == [
         "gcloud compute tpus tpu-vm ssh pod-1 --zone=us-central2-b --project=proj --worker=all --command "
         "'cd ~/lm && python3 -m lm.main --config experiments/shakespeare_gpt.py --workdir /shared/gpt "
-        "--config.train.steps=10 --prompt '\"'\"'a b'\"'\"' --config.parallel.distributed=True'"]
+        "--config.train.steps=10 --prompt '\"'\"'a b'\"'\"' --config.parallel.distributed=True'"
+    ]
     assert "--workdir /shared/gpt is a path on each worker" in err  # local path on a pod: warned
 
 
 def test_tpu_pod_setup_dry_run(capsys):
-    code = tpu_pod.main(["--tpu", "pod-1", "--zone", "z", "--repo_dir", "/opt/lm", "--setup", "--dry_run",
-                         "--", "--config", "experiments/x.py", "--workdir", "/mnt/shared/x"])
+    code = tpu_pod.main(
+        [
+            "--tpu",
+            "pod-1",
+            "--zone",
+            "z",
+            "--repo_dir",
+            "/opt/lm",
+            "--setup",
+            "--dry_run",
+            "--",
+            "--config",
+            "experiments/x.py",
+            "--workdir",
+            "/mnt/shared/x",
+        ]
+    )
     assert code == 0
     out, err = capsys.readouterr()
     tarball = os.path.join(tempfile.gettempdir(), "lm-src-pod-1.tar.gz")
@@ -112,20 +160,38 @@ def test_tpu_pod_setup_dry_run(capsys):
         f"gcloud compute tpus tpu-vm scp {tarball} pod-1:lm-src.tar.gz --zone=z --worker=all",
         "gcloud compute tpus tpu-vm ssh pod-1 --zone=z --worker=all --command 'mkdir -p /opt/lm && "
         "tar -xzf lm-src.tar.gz -C /opt/lm && rm lm-src.tar.gz && cd /opt/lm && python3 -m pip "
-        "install -e . \"jax[tpu]\"'",
+        'install -e . "jax[tpu]"\'',
         "gcloud compute tpus tpu-vm ssh pod-1 --zone=z --worker=all --command 'cd /opt/lm && python3 "
         "-m lm.main --config experiments/x.py --workdir /mnt/shared/x --config.parallel.distributed=True'",
     ]
     assert "every worker must see the same workdir" in err
     # A gs:// workdir goes to lm.main as it is (every worker reaches the bucket), without the
     # shared-path warning; s3:// (no Orbax checkpoints there) is refused before anything runs.
-    assert tpu_pod.main(["--tpu", "pod-1", "--zone", "z", "--dry_run", "--", "--config", "experiments/x.py",
-                         "--workdir", "gs://bucket/x"]) == 0
+    assert (
+        tpu_pod.main(
+            [
+                "--tpu",
+                "pod-1",
+                "--zone",
+                "z",
+                "--dry_run",
+                "--",
+                "--config",
+                "experiments/x.py",
+                "--workdir",
+                "gs://bucket/x",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert lines(out)[-1].endswith("--workdir gs://bucket/x --config.parallel.distributed=True'")
     assert "every worker must see the same workdir" not in err
-    message = usage_error(tpu_pod.main, ["--tpu", "t", "--zone", "z", "--dry_run", "--", "--workdir",
-                                         "s3://bucket/x"], capsys)
+    message = usage_error(
+        tpu_pod.main,
+        ["--tpu", "t", "--zone", "z", "--dry_run", "--", "--workdir", "s3://bucket/x"],
+        capsys,
+    )
     assert "use a gs:// bucket" in message
 
 
@@ -139,15 +205,36 @@ def test_tpu_pod_command_runs_as_written(tmp_path, capsys):
     """The --command text, run by a shell the way the workers' ssh runs it, gives lm.main these argv."""
     (tmp_path / "home" / "my lm").mkdir(parents=True)
     python = fake_python(tmp_path)
-    tpu_pod.main(["--tpu", "t", "--zone", "z", "--repo_dir", "~/my lm", "--python", str(python),
-                  "--dry_run", "--", *LM_ARGS, "--prompt", "it's \"$HOME\" `x`"])
+    tpu_pod.main(
+        [
+            "--tpu",
+            "t",
+            "--zone",
+            "z",
+            "--repo_dir",
+            "~/my lm",
+            "--python",
+            str(python),
+            "--dry_run",
+            "--",
+            *LM_ARGS,
+            "--prompt",
+            'it\'s "$HOME" `x`',
+        ]
+    )
     argv = __import__("shlex").split(capsys.readouterr().out)
     command = argv[argv.index("--command") + 1]
     env = {**os.environ, "HOME": str(tmp_path / "home"), "FAKE_OUT": str(tmp_path)}
     subprocess.run(["bash", "-c", command], env=env, check=True)
     record = json.loads((tmp_path / "0.json").read_text())
-    assert record["argv"] == ["-m", "lm.main", *LM_ARGS, "--prompt", "it's \"$HOME\" `x`",
-                              "--config.parallel.distributed=True"]
+    assert record["argv"] == [
+        "-m",
+        "lm.main",
+        *LM_ARGS,
+        "--prompt",
+        'it\'s "$HOME" `x`',
+        "--config.parallel.distributed=True",
+    ]
     assert record["cwd"] == str(tmp_path / "home" / "my lm")
 
 
@@ -195,9 +282,28 @@ RUN_LINES = [
 
 def slurm_dry_run(tmp_path, capsys, *extra):
     script = tmp_path / "job.sh"
-    argv = ["--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu", "--time", "24:00:00",
-            "--account", "proj", "--repo_dir", "/home/me/lm", "--prelude", "module load cuda",
-            "--script", str(script), *extra, "--dry_run", "--", *LM_ARGS]
+    argv = [
+        "--nodes",
+        "2",
+        "--gpus_per_node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "24:00:00",
+        "--account",
+        "proj",
+        "--repo_dir",
+        "/home/me/lm",
+        "--prelude",
+        "module load cuda",
+        "--script",
+        str(script),
+        *extra,
+        "--dry_run",
+        "--",
+        *LM_ARGS,
+    ]
     assert slurm.main(argv) == 0
     out = capsys.readouterr().out
     assert not script.exists()  # a dry run writes nothing
@@ -216,8 +322,12 @@ def test_slurm_dry_run_per_gpu(tmp_path, capsys):
     assert "--dry_run" not in out[2]
     tail = [line.format(dir=tmp_path) for line in SLURM_TAIL]
     assert comment_free(out) == [
-        f"# {script}", "#!/bin/bash", *SLURM_HEAD,
-        "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-task=1", *tail,
+        f"# {script}",
+        "#!/bin/bash",
+        *SLURM_HEAD,
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-task=1",
+        *tail,
         *COORD_LINES,
         "",
         "srun --kill-on-bad-exit=1 bash -c '",
@@ -234,7 +344,9 @@ def test_slurm_dry_run_per_gpu(tmp_path, capsys):
 
 
 def test_slurm_dry_run_per_node(tmp_path, capsys):
-    out, script = slurm_dry_run(tmp_path, capsys, "--per_node", "--port", "12345", "--job_name", "j")
+    out, script = slurm_dry_run(
+        tmp_path, capsys, "--per_node", "--port", "12345", "--job_name", "j"
+    )
     body = comment_free(out)
     assert "#SBATCH --job-name=j" in body
     assert "#SBATCH --ntasks-per-node=1" in body and "#SBATCH --gpus-per-node=4" in body
@@ -242,13 +354,27 @@ def test_slurm_dry_run_per_node(tmp_path, capsys):
     assert "export LM_COORDINATOR=$COORDINATOR_HOST:12345" in body
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in body
     at = body.index("srun --kill-on-bad-exit=1 bash -c '")
-    assert body[at + 1:at + 4] == RUN_LINES
+    assert body[at + 1 : at + 4] == RUN_LINES
 
 
 def test_slurm_writes_script_under_workdir(tmp_path, capsys):
     workdir = tmp_path / "run"
-    assert slurm.main(["--nodes", "1", "--gpus_per_node", "2", "--", "--config", "experiments/x.py",
-                       "--workdir", str(workdir)]) == 0
+    assert (
+        slurm.main(
+            [
+                "--nodes",
+                "1",
+                "--gpus_per_node",
+                "2",
+                "--",
+                "--config",
+                "experiments/x.py",
+                "--workdir",
+                str(workdir),
+            ]
+        )
+        == 0
+    )
     script = workdir / "sbatch.sh"
     assert os.access(script, os.X_OK)
     assert f"#SBATCH --output={workdir}/slurm-%j.out" in script.read_text()
@@ -260,28 +386,63 @@ def test_slurm_script_runs_as_written(tmp_path, capsys):
     """The script under stub scontrol/srun (2 tasks, GPUs not bound) gives each task these flags."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    executable(bin_dir / "scontrol", "#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu-a1\\ngpu-a2\\n'\n")
-    executable(bin_dir / "srun", textwrap.dedent("""\
+    executable(
+        bin_dir / "scontrol",
+        "#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu-a1\\ngpu-a2\\n'\n",
+    )
+    executable(
+        bin_dir / "srun",
+        textwrap.dedent("""\
         #!/bin/bash
         while [[ "$1" == -* ]]; do shift; done
         for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 "$@" || exit 1; done
-        """))
+        """),
+    )
     python = fake_python(tmp_path)
     script = tmp_path / "job.sh"
-    slurm.main(["--nodes", "1", "--gpus_per_node", "2", "--repo_dir", str(tmp_path), "--python", str(python),
-                "--script", str(script), "--", *LM_ARGS, "--prompt", "it's $HOME"])
+    slurm.main(
+        [
+            "--nodes",
+            "1",
+            "--gpus_per_node",
+            "2",
+            "--repo_dir",
+            str(tmp_path),
+            "--python",
+            str(python),
+            "--script",
+            str(script),
+            "--",
+            *LM_ARGS,
+            "--prompt",
+            "it's $HOME",
+        ]
+    )
     capsys.readouterr()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_OUT": str(tmp_path),
-           "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "gpu-a[1-2]", "CUDA_VISIBLE_DEVICES": "0,1"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_OUT": str(tmp_path),
+        "SLURM_JOB_ID": "5",
+        "SLURM_JOB_NODELIST": "gpu-a[1-2]",
+        "CUDA_VISIBLE_DEVICES": "0,1",
+    }
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "coordinator: gpu-a1:61445" in result.stdout
     for i in (0, 1):
         record = json.loads((tmp_path / f"{i}.json").read_text())
         assert record["argv"] == [
-            "-m", "lm.main", *LM_ARGS, "--prompt", "it's $HOME", "--config.parallel.distributed=True",
-            "--config.parallel.coordinator_address=gpu-a1:61445", "--config.parallel.num_processes=2",
-            f"--config.parallel.process_id={i}"]
+            "-m",
+            "lm.main",
+            *LM_ARGS,
+            "--prompt",
+            "it's $HOME",
+            "--config.parallel.distributed=True",
+            "--config.parallel.coordinator_address=gpu-a1:61445",
+            "--config.parallel.num_processes=2",
+            f"--config.parallel.process_id={i}",
+        ]
         assert record["env"]["JAX_LOCAL_DEVICE_IDS"] == str(i)  # unbound GPUs: pick by local id
         assert record["cwd"] == str(tmp_path)
     env["CUDA_VISIBLE_DEVICES"] = "3"  # SLURM bound one GPU to each task
@@ -291,17 +452,26 @@ def test_slurm_script_runs_as_written(tmp_path, capsys):
 
 def test_slurm_errors(tmp_path, capsys):
     base = ["--gpus_per_node", "8", "--script", str(tmp_path / "s.sh")]
-    assert "must be at least 1, got 0" in usage_error(slurm.main, ["--nodes", "0", *base, "--", "--workdir", "w"],
-                                                      capsys)
+    assert "must be at least 1, got 0" in usage_error(
+        slurm.main, ["--nodes", "0", *base, "--", "--workdir", "w"], capsys
+    )
     assert "--nodes" in usage_error(slurm.main, [*base, "--", "--workdir", "w"], capsys)
     assert "--time '1 day'" in usage_error(
-        slurm.main, ["--nodes", "1", *base, "--time", "1 day", "--", "--workdir", "w"], capsys)
+        slurm.main, ["--nodes", "1", *base, "--time", "1 day", "--", "--workdir", "w"], capsys
+    )
     assert "sets --config.parallel.process_id itself" in usage_error(
-        slurm.main, ["--nodes", "1", *base, "--", "--workdir", "w", "--config.parallel.process_id", "0"], capsys)
+        slurm.main,
+        ["--nodes", "1", *base, "--", "--workdir", "w", "--config.parallel.process_id", "0"],
+        capsys,
+    )
     assert "pass --script PATH" in usage_error(
-        slurm.main, ["--nodes", "1", "--gpus_per_node", "1", "--", "eval", "--model", "smollm2"], capsys)
+        slurm.main,
+        ["--nodes", "1", "--gpus_per_node", "1", "--", "eval", "--model", "smollm2"],
+        capsys,
+    )
     assert "exclude each other" in usage_error(
-        slurm.main, ["--nodes", "1", *base, "--dry_run", "--submit", "--", "--workdir", "w"], capsys)
+        slurm.main, ["--nodes", "1", *base, "--dry_run", "--submit", "--", "--workdir", "w"], capsys
+    )
 
 
 # --------------------------------------------------------------------------------------- gpu
@@ -312,16 +482,34 @@ def test_gpu_dry_run_one_process(capsys, monkeypatch):
     assert gpu.main(["--gpus", "4", "--python", "python", "--dry_run", "--", *LM_ARGS]) == 0
     assert lines(capsys.readouterr().out) == [
         "CUDA_VISIBLE_DEVICES=0,1,2,3 python -m lm.main --config experiments/shakespeare_gpt.py "
-        "--workdir /shared/gpt --config.train.steps=10"]
+        "--workdir /shared/gpt --config.train.steps=10"
+    ]
 
 
 def test_gpu_dry_run_per_gpu(capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # the first two of these are used
-    assert gpu.main(["--gpus", "2", "--processes_per_gpu", "--port", "4321", "--python", "python",
-                     "--dry_run", "--", *LM_ARGS]) == 0
-    run = ("python -m lm.main --config experiments/shakespeare_gpt.py --workdir /shared/gpt "
-           "--config.train.steps=10 --config.parallel.coordinator_address=127.0.0.1:4321 "
-           "--config.parallel.num_processes=2 --config.parallel.process_id=")
+    assert (
+        gpu.main(
+            [
+                "--gpus",
+                "2",
+                "--processes_per_gpu",
+                "--port",
+                "4321",
+                "--python",
+                "python",
+                "--dry_run",
+                "--",
+                *LM_ARGS,
+            ]
+        )
+        == 0
+    )
+    run = (
+        "python -m lm.main --config experiments/shakespeare_gpt.py --workdir /shared/gpt "
+        "--config.train.steps=10 --config.parallel.coordinator_address=127.0.0.1:4321 "
+        "--config.parallel.num_processes=2 --config.parallel.process_id="
+    )
     assert lines(capsys.readouterr().out) == [
         "# process 0 of 2, log /shared/gpt/logs/process_0.log",
         f"CUDA_VISIBLE_DEVICES=4 JAX_LOCAL_DEVICE_IDS=0 {run}0",
@@ -333,11 +521,17 @@ def test_gpu_dry_run_per_gpu(capsys, monkeypatch):
 def test_gpu_errors(capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert "lists only 1" in usage_error(gpu.main, ["--gpus", "2", "--", "--workdir", "w"], capsys)
-    assert "must be at least 1" in usage_error(gpu.main, ["--gpus", "0", "--", "--workdir", "w"], capsys)
+    assert "must be at least 1" in usage_error(
+        gpu.main, ["--gpus", "0", "--", "--workdir", "w"], capsys
+    )
     assert "not allowed with argument" in usage_error(
-        gpu.main, ["--gpus", "1", "--one_process", "--processes_per_gpu", "--", "--workdir", "w"], capsys)
+        gpu.main,
+        ["--gpus", "1", "--one_process", "--processes_per_gpu", "--", "--workdir", "w"],
+        capsys,
+    )
     assert "sets --config.parallel.coordinator_address itself" in usage_error(
-        gpu.main, ["--gpus", "1", "--", "--config.parallel.coordinator_address=h:1"], capsys)
+        gpu.main, ["--gpus", "1", "--", "--config.parallel.coordinator_address=h:1"], capsys
+    )
 
 
 STAND_IN = """\
@@ -373,29 +567,46 @@ def stand_in(tmp_path, monkeypatch, mode):
 
 def test_gpu_runs_processes(tmp_path, monkeypatch, capfd):
     program = stand_in(tmp_path, monkeypatch, "ok")
-    code = gpu.main(["--gpus", "2", "--processes_per_gpu", "--port", "4321", *program,
-                     "--", "--workdir", str(tmp_path / "w")])
+    code = gpu.main(
+        [
+            "--gpus",
+            "2",
+            "--processes_per_gpu",
+            "--port",
+            "4321",
+            *program,
+            "--",
+            "--workdir",
+            str(tmp_path / "w"),
+        ]
+    )
     assert code == 0
     out = capfd.readouterr().out
     assert "process 0 args --workdir" in out  # process 0 is shown here ...
     assert "process 1 args" not in out  # ... the others only in their logs
     for i in (0, 1):
         log = (tmp_path / "w" / "logs" / f"process_{i}.log").read_text()
-        assert (f"process {i} args --workdir {tmp_path / 'w'} --config.parallel.coordinator_address="
-                f"127.0.0.1:4321 --config.parallel.num_processes=2 --config.parallel.process_id={i} "
-                f"gpu {i}") in log
+        assert (
+            f"process {i} args --workdir {tmp_path / 'w'} --config.parallel.coordinator_address="
+            f"127.0.0.1:4321 --config.parallel.num_processes=2 --config.parallel.process_id={i} "
+            f"gpu {i}"
+        ) in log
 
 
 def test_gpu_failure_stops_the_others(tmp_path, monkeypatch, capfd):
     program = stand_in(tmp_path, monkeypatch, "fail")
     start = time.monotonic()
-    code = gpu.main(["--gpus", "2", "--processes_per_gpu", *program, "--", "--workdir", str(tmp_path / "w")])
+    code = gpu.main(
+        ["--gpus", "2", "--processes_per_gpu", *program, "--", "--workdir", str(tmp_path / "w")]
+    )
     assert time.monotonic() - start < 20  # not the stand-in's 60 s
     assert code == 3
     err = capfd.readouterr().err
     log = tmp_path / "w" / "logs" / "process_1.log"
-    assert (f"process 1 of 2 (CUDA_VISIBLE_DEVICES=1) exited with status 3; stopped the other "
-            f"processes; its log: {log}") in err
+    assert (
+        f"process 1 of 2 (CUDA_VISIBLE_DEVICES=1) exited with status 3; stopped the other "
+        f"processes; its log: {log}"
+    ) in err
     assert "boom" in err  # the failed log's last lines
     survivor = int((tmp_path / "pid0").read_text())
     with pytest.raises(ProcessLookupError):
@@ -404,9 +615,24 @@ def test_gpu_failure_stops_the_others(tmp_path, monkeypatch, capfd):
 
 def test_gpu_passes_sigterm_on(tmp_path, monkeypatch):
     program = stand_in(tmp_path, monkeypatch, "term")
-    launcher = subprocess.Popen([sys.executable, "-m", "launch.gpu", "--gpus", "2", "--processes_per_gpu",
-                                 *program, "--", "--workdir", str(tmp_path / "w")], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.gpu",
+            "--gpus",
+            "2",
+            "--processes_per_gpu",
+            *program,
+            "--",
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not all((tmp_path / f"pid{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -418,20 +644,47 @@ def test_gpu_passes_sigterm_on(tmp_path, monkeypatch):
 
 
 def test_gpu_one_process_failure(tmp_path, monkeypatch, capfd):
-    code = gpu.main(["--gpus", "1", "--program", f"{sys.executable} -c 'import sys; sys.exit(2)'",
-                     "--", "--workdir", str(tmp_path)])
+    code = gpu.main(
+        [
+            "--gpus",
+            "1",
+            "--program",
+            f"{sys.executable} -c 'import sys; sys.exit(2)'",
+            "--",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
-    assert "process 0 of 1 (CUDA_VISIBLE_DEVICES=0) exited with status 2; its output is above" in \
-        capfd.readouterr().err
+    assert (
+        "process 0 of 1 (CUDA_VISIBLE_DEVICES=0) exited with status 2; its output is above"
+        in capfd.readouterr().err
+    )
 
 
 def test_cli_entry_points():
     for module in ("launch.tpu_pod", "launch.slurm", "launch.gpu"):
-        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
-                                text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True
+        )
         assert result.returncode == 0 and "-- <lm.main arguments>" in result.stdout, result.stderr
-    result = subprocess.run([sys.executable, "-m", "launch.slurm", "--nodes", "0", "--gpus_per_node", "1",
-                             "--", "--workdir", "w"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.slurm",
+            "--nodes",
+            "0",
+            "--gpus_per_node",
+            "1",
+            "--",
+            "--workdir",
+            "w",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "--nodes: must be at least 1, got 0" in result.stderr
 
 

@@ -9,10 +9,10 @@ import itertools
 import jax
 import numpy as np
 import pytest
-
 from lm import lora, parallel
 from lm.models import transformer as T
 from lm.train import LoraTrainState, OptimizerConfig, TrainConfig, create_trainer, train_loop
+
 from tests.test_train import CONFIG, synthetic_batches
 
 RANK, ALPHA = 4, 16.0
@@ -44,13 +44,20 @@ def unbox(tree):
 
 
 def flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def test_config_shapes_are_as_spelled_out():
-    assert (CONFIG.d_model, CONFIG.num_heads, CONFIG.kv_heads, CONFIG.dim_per_head, CONFIG.mlp_dim) == (
-        D, HEADS, KV_HEADS, HEAD_DIM, MLP)
+    assert (
+        CONFIG.d_model,
+        CONFIG.num_heads,
+        CONFIG.kv_heads,
+        CONFIG.dim_per_head,
+        CONFIG.mlp_dim,
+    ) == (D, HEADS, KV_HEADS, HEAD_DIM, MLP)
     assert CONFIG.num_layers == 2 and CONFIG.mlp_gated
 
 
@@ -76,7 +83,9 @@ def test_merge_adds_the_scaled_low_rank_product_to_targeted_kernels_only():
     adapters = unbox(lora.init(jax.random.PRNGKey(1), boxed_params(), LORA))
     rng = np.random.default_rng(0)  # a nonzero B, as after training
     adapters = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.normal(size=x.shape).astype(np.float32) if p[-1].key == "lora_b" else x, adapters)
+        lambda p, x: rng.normal(size=x.shape).astype(np.float32) if p[-1].key == "lora_b" else x,
+        adapters,
+    )
     merged, base_flat, ad = flat(lora.merge(base, adapters, LORA)), flat(base), flat(adapters)
     assert merged.keys() == base_flat.keys()
     changed = 0
@@ -104,13 +113,29 @@ def test_merged_model_at_init_gives_the_base_logits():
 
 def test_targets_are_checked():
     with pytest.raises(ValueError, match="qeury"):
-        lora.init(jax.random.PRNGKey(0), boxed_params(), lora.LoraConfig(rank=2, targets=("qeury", "value")))
-    with pytest.raises(ValueError, match="matches no kernel"):  # CONFIG ties its embeddings: no lm_head
-        lora.init(jax.random.PRNGKey(0), boxed_params(), lora.LoraConfig(rank=2, targets=("lm_head",)))
-    only = unbox(lora.init(jax.random.PRNGKey(0), boxed_params(),
-                           lora.LoraConfig(rank=2, targets=("query", "mlp/wo"))))
-    assert sorted(flat(only)) == sorted(f"decoder/layers/block_0/{m}/kernel/lora_{s}"
-                                        for m in ("self_attention/query", "mlp/wo") for s in "ab")
+        lora.init(
+            jax.random.PRNGKey(0),
+            boxed_params(),
+            lora.LoraConfig(rank=2, targets=("qeury", "value")),
+        )
+    with pytest.raises(
+        ValueError, match="matches no kernel"
+    ):  # CONFIG ties its embeddings: no lm_head
+        lora.init(
+            jax.random.PRNGKey(0), boxed_params(), lora.LoraConfig(rank=2, targets=("lm_head",))
+        )
+    only = unbox(
+        lora.init(
+            jax.random.PRNGKey(0),
+            boxed_params(),
+            lora.LoraConfig(rank=2, targets=("query", "mlp/wo")),
+        )
+    )
+    assert sorted(flat(only)) == sorted(
+        f"decoder/layers/block_0/{m}/kernel/lora_{s}"
+        for m in ("self_attention/query", "mlp/wo")
+        for s in "ab"
+    )
     with pytest.raises(ValueError, match="lora_rank"):
         TrainConfig(lora_rank=-1)
     assert TrainConfig(lora_rank=8, lora_targets="query, value").lora.targets == ("query", "value")
@@ -121,12 +146,24 @@ def test_targets_are_checked():
 OVERFIT_STEPS = 25
 
 
-def trainer_for(lora_config=None, init_params=None, mesh=(-1, 1, 1), use_pmap=False, devices=None,
-                lr=1e-2, steps=100):
+def trainer_for(
+    lora_config=None,
+    init_params=None,
+    mesh=(-1, 1, 1),
+    use_pmap=False,
+    devices=None,
+    lr=1e-2,
+    steps=100,
+):
     return create_trainer(
-        CONFIG, T.build_model(CONFIG), OptimizerConfig(learning_rate=lr, warmup_steps=1), steps,
-        parallel.ParallelConfig(mesh=mesh, use_pmap=use_pmap), devices=devices,
-        init_params=init_params, lora_config=lora_config,
+        CONFIG,
+        T.build_model(CONFIG),
+        OptimizerConfig(learning_rate=lr, warmup_steps=1),
+        steps,
+        parallel.ParallelConfig(mesh=mesh, use_pmap=use_pmap),
+        devices=devices,
+        init_params=init_params,
+        lora_config=lora_config,
     )
 
 
@@ -174,8 +211,9 @@ def test_lora_trains_the_adapters_only(pretrained, lora_run):
     assert isinstance(end, LoraTrainState)
     assert trainer.num_trainable == EXPECTED_TRAINABLE
     assert trainer.num_params == T.count_params(pretrained)
-    assert trainer.parameter_summary().startswith(f"{EXPECTED_TRAINABLE:,} trainable of "
-                                                  f"{trainer.num_params + EXPECTED_TRAINABLE:,}")
+    assert trainer.parameter_summary().startswith(
+        f"{EXPECTED_TRAINABLE:,} trainable of {trainer.num_params + EXPECTED_TRAINABLE:,}"
+    )
     # The optimizer holds Adam's two moments of the adapters and a few counters, nothing of the base.
     opt_size = sum(np.size(x) for x in jax.tree.leaves(end.opt_state))
     assert 2 * EXPECTED_TRAINABLE <= opt_size <= 2 * EXPECTED_TRAINABLE + 8
@@ -195,10 +233,15 @@ def test_lora_fine_tunes_about_as_well_as_full_training(pretrained, lora_run):
     Memorising new sequences is capacity-bound and full training nearly zeroes the loss, so a ratio
     of final losses says little; the bar is on the share of the drop and on the level reached."""
     *_, lora_losses = lora_run
-    full_losses, _ = run(trainer_for(None, pretrained, devices=jax.devices()[:1]),
-                         itertools.repeat(overfit_batch()), OVERFIT_STEPS)
-    print(f"full {full_losses[0]:.3f} -> {full_losses[-1]:.3f}, "
-          f"LoRA {lora_losses[0]:.3f} -> {lora_losses[-1]:.3f}")
+    full_losses, _ = run(
+        trainer_for(None, pretrained, devices=jax.devices()[:1]),
+        itertools.repeat(overfit_batch()),
+        OVERFIT_STEPS,
+    )
+    print(
+        f"full {full_losses[0]:.3f} -> {full_losses[-1]:.3f}, "
+        f"LoRA {lora_losses[0]:.3f} -> {lora_losses[-1]:.3f}"
+    )
     assert lora_losses[0] == full_losses[0]  # the same starting model
     assert lora_losses[0] > 4.0
     assert full_losses[-1] < 0.2
@@ -212,7 +255,9 @@ def lora_one_device(lora_trainer):
 
 
 @pytest.mark.parametrize("mesh, use_pmap", [((2, 2, 2), False), ((-1, 1, 1), True)])
-def test_lora_on_eight_devices_matches_one(pretrained, lora_trainer, lora_one_device, mesh, use_pmap):
+def test_lora_on_eight_devices_matches_one(
+    pretrained, lora_trainer, lora_one_device, mesh, use_pmap
+):
     assert jax.device_count() == 8
     trainer = trainer_for(LORA, pretrained, mesh=mesh, use_pmap=use_pmap)
     losses, state = run(trainer, synthetic_batches(seed=1), 4)
@@ -220,10 +265,15 @@ def test_lora_on_eight_devices_matches_one(pretrained, lora_trainer, lora_one_de
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     # Evaluation runs the merged parameters of a host state (also on the pmap path).
     eval_batch = next(synthetic_batches(seed=2))
-    np.testing.assert_allclose(trainer.evaluate(state, iter([eval_batch]))["loss"],
-                               lora_trainer.evaluate(ref_state, iter([eval_batch]))["loss"], rtol=2e-5)
+    np.testing.assert_allclose(
+        trainer.evaluate(state, iter([eval_batch]))["loss"],
+        lora_trainer.evaluate(ref_state, iter([eval_batch]))["loss"],
+        rtol=2e-5,
+    )
     assert losses[-1] < losses[0]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state.params, ref_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state.params, ref_state.params
+    )
     jax.tree.map(np.testing.assert_array_equal, state.frozen, pretrained)
     if not use_pmap:  # adapters shard like the side of the kernel they touch
         mlp = trainer.state_shardings.params["decoder"]["layers"]["block_0"]["mlp"]
@@ -237,21 +287,33 @@ def test_lora_resume_is_exact(tmp_path, pretrained, lora_trainer):
     trainer = lora_trainer
 
     def loop(workdir, steps, checkpoint_every):
-        config = TrainConfig(steps=steps, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
-                             progress=False)
-        evaluate = {"eval": lambda state: trainer.evaluate(state, iter([next(synthetic_batches(seed=2))]))}
+        config = TrainConfig(
+            steps=steps,
+            log_every=1,
+            eval_every=0,
+            checkpoint_every=checkpoint_every,
+            progress=False,
+        )
+        evaluate = {
+            "eval": lambda state: trainer.evaluate(state, iter([next(synthetic_batches(seed=2))]))
+        }
         return train_loop(trainer, config, workdir, synthetic_batches(seed=1), evaluators=evaluate)
 
     unbroken = loop(tmp_path / "a", 6, 100)
     loop(tmp_path / "b", 3, 3)
     resumed = loop(tmp_path / "b", 6, 100)
     assert int(resumed.step) == 6
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
-                 jax.device_get(unbroken.params))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(resumed.params),
+        jax.device_get(unbroken.params),
+    )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.frozen), pretrained)
     import json
 
-    last = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][-1]
+    last = [
+        json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ][-1]
     assert last["step"] == 6 and "eval/loss" in last
 
 

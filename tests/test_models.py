@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from lm.models import transformer as T
 
 FAMILIES = {
@@ -16,16 +15,26 @@ FAMILIES = {
     "llama": T.preset("llama", **T.TINY, num_kv_heads=2),
     "llama_mqa": T.preset("llama", **T.TINY, num_kv_heads=1, tied_embeddings=False),
     # Local layers see 3 positions, so 10-token tests cross the window.
-    "gemma3": T.preset("gemma3", **T.TINY, num_kv_heads=1, head_dim=16, sliding_window=3,
-                       global_every=2),
+    "gemma3": T.preset(
+        "gemma3", **T.TINY, num_kv_heads=1, head_dim=16, sliding_window=3, global_every=2
+    ),
 }
 SEQ2SEQ = {
     "transformer_base": T.preset("transformer_base", **T.TINY, dropout=0.0),
     "t5": T.preset("t5", **T.TINY, head_dim=8, shared_embeddings=False),
     # Original T5: relative position buckets, unscaled logits, tied head scaled by d^-1/2.
-    "t5_relative": T.preset("t5", **T.TINY, head_dim=8, position="relative", relative_buckets=8,
-                            relative_max_distance=16, attention_scale=1.0, tied_embeddings=True,
-                            scale_tied_logits=True, init_std=0.1),
+    "t5_relative": T.preset(
+        "t5",
+        **T.TINY,
+        head_dim=8,
+        position="relative",
+        relative_buckets=8,
+        relative_max_distance=16,
+        attention_scale=1.0,
+        tied_embeddings=True,
+        scale_tied_logits=True,
+        init_std=0.1,
+    ),
 }
 
 
@@ -97,8 +106,9 @@ def test_kv_cache_matches_full_forward(name):
 
 def test_sliding_window_limits_what_a_local_layer_sees():
     """One local layer with window 3: position t depends on tokens t-2..t only."""
-    config = T.preset("gemma3", **{**T.TINY, "num_layers": 1}, num_kv_heads=1, head_dim=16,
-                      sliding_window=3)
+    config = T.preset(
+        "gemma3", **{**T.TINY, "num_layers": 1}, num_kv_heads=1, head_dim=16, sliding_window=3
+    )
     model, params = init(config)
     tokens = random_tokens((1, 10), config.vocab_size, 8)
     base = model.apply({"params": params}, tokens)
@@ -106,8 +116,14 @@ def test_sliding_window_limits_what_a_local_layer_sees():
     np.testing.assert_allclose(base[:, 7:], changed[:, 7:], atol=1e-6)
     assert not np.allclose(base[:, 4:7], changed[:, 4:7])
     # A global layer (every layer when global_every=1) sees everything.
-    wide = T.preset("gemma3", **{**T.TINY, "num_layers": 1}, num_kv_heads=1, head_dim=16,
-                    sliding_window=3, global_every=1)
+    wide = T.preset(
+        "gemma3",
+        **{**T.TINY, "num_layers": 1},
+        num_kv_heads=1,
+        head_dim=16,
+        sliding_window=3,
+        global_every=1,
+    )
     assert not wide.is_local_layer(0) and config.is_local_layer(0)
     model, params = T.build_model(wide), T.to_layout(params, wide)  # period 6 unscanned -> period 1
     a = model.apply({"params": params}, tokens)
@@ -116,13 +132,15 @@ def test_sliding_window_limits_what_a_local_layer_sees():
 
 
 def test_local_layers_use_their_own_rope_base():
-    config = T.preset("gemma3", **T.TINY, num_kv_heads=1, head_dim=16, sliding_window=64,
-                      global_every=2)
+    config = T.preset(
+        "gemma3", **T.TINY, num_kv_heads=1, head_dim=16, sliding_window=64, global_every=2
+    )
     model, params = init(config)
     tokens = random_tokens((1, 8), config.vocab_size, 9)
     same_base = T.build_model(dataclasses.replace(config, rope_local_base=config.rope_base))
-    assert not np.allclose(model.apply({"params": params}, tokens),
-                           same_base.apply({"params": params}, tokens))
+    assert not np.allclose(
+        model.apply({"params": params}, tokens), same_base.apply({"params": params}, tokens)
+    )
 
 
 def test_relative_position_buckets():
@@ -161,8 +179,12 @@ def test_encoder_decoder_cache_and_padding(name):
     outs = []
     for i in range(9):
         logits, mut = model.apply(
-            {"params": params, "cache": cache}, encoded, tgt[:, i : i + 1],
-            positions=jnp.full((2, 1), i), decode=True, mutable=["cache"],
+            {"params": params, "cache": cache},
+            encoded,
+            tgt[:, i : i + 1],
+            positions=jnp.full((2, 1), i),
+            decode=True,
+            mutable=["cache"],
             method=T.EncoderDecoder.decode,
         )
         cache = mut["cache"]
@@ -178,7 +200,9 @@ def test_grouped_query_attention_shapes_and_capture():
     assert layer["key"]["kernel"].shape == (2, 32, 2, 8)
     tokens = random_tokens((2, 6), config.vocab_size, 8)
     _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
-    sown = state["intermediates"]["decoder"]["layers"]["block_0"]["self_attention"]["attention_weights"][0]
+    sown = state["intermediates"]["decoder"]["layers"]["block_0"]["self_attention"][
+        "attention_weights"
+    ][0]
     assert sown.shape == (2, 2, 4, 6, 6)  # [layers, batch, heads, q, k]
     unstacked = T.unstack_layers(state["intermediates"])
     weights = unstacked["decoder"]["layer_1"]["self_attention"]["attention_weights"][0]
@@ -198,7 +222,9 @@ def test_parameters_carry_logical_axes():
     assert tuple(block["mlp"]["wi_gate"]["kernel"]) == ("layers", "embed", "mlp")
     assert tuple(block["self_attention"]["key"]["kernel"]) == ("layers", "embed", "kv_heads", "kv")
     unrolled = dataclasses.replace(config, scan_layers=False)
-    boxed = jax.eval_shape(lambda: T.build_model(unrolled).init(jax.random.key(0), **T.dummy_inputs(config)))
+    boxed = jax.eval_shape(
+        lambda: T.build_model(unrolled).init(jax.random.key(0), **T.dummy_inputs(config))
+    )
     specs = nn.get_partition_spec(boxed)["params"]
     assert tuple(specs["decoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]) == ("embed", "mlp")
 
@@ -214,14 +240,18 @@ def test_bf16_precision_computes_in_bf16_with_float32_weights():
     assert "dot_general" in jaxpr and "bf16[2,9,4,8]" in jaxpr  # bf16 queries [b, t, h, d]
     logits = model.apply({"params": params}, tokens)
     assert logits.dtype == jnp.float32
-    ref = T.build_model(dataclasses.replace(config, precision="fp32")).apply({"params": params}, tokens)
+    ref = T.build_model(dataclasses.replace(config, precision="fp32")).apply(
+        {"params": params}, tokens
+    )
     # bf16 keeps 8 bits of mantissa: measured max difference 2.2e-3 on logits of scale 0.7.
     np.testing.assert_allclose(logits, ref, atol=0.02)
     assert not np.allclose(logits, ref, atol=1e-5)  # it really ran in bf16
 
     fp32_model, same = T.for_inference(config, params, "fp32")
     np.testing.assert_array_equal(fp32_model.apply({"params": same}, tokens), ref)
-    bf16_model, cast = T.for_inference(dataclasses.replace(config, precision="fp32"), params, "bf16")
+    bf16_model, cast = T.for_inference(
+        dataclasses.replace(config, precision="fp32"), params, "bf16"
+    )
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(cast))
     np.testing.assert_allclose(bf16_model.apply({"params": cast}, tokens), ref, atol=0.02)
     with pytest.raises(ValueError, match="model.precision='fp16'"):
@@ -279,8 +309,14 @@ SCAN_CASES = {
     "gpt2": FAMILIES["gpt2"],
     "llama": FAMILIES["llama"],
     # Period 3 (two local layers, one global) over 7 layers: two scanned periods + 1 unrolled.
-    "gemma3_remainder": T.preset("gemma3", **{**T.TINY, "num_layers": 7}, num_kv_heads=1, head_dim=8,
-                                 sliding_window=3, global_every=3),
+    "gemma3_remainder": T.preset(
+        "gemma3",
+        **{**T.TINY, "num_layers": 7},
+        num_kv_heads=1,
+        head_dim=8,
+        sliding_window=3,
+        global_every=3,
+    ),
     "t5": SEQ2SEQ["t5"],
 }
 
@@ -309,5 +345,8 @@ def test_scanned_layers_equal_unrolled_layers(name):
         got, got_grad = jax.value_and_grad(loss, argnums=1)(T.build_model(scanned), stacked)
         # Measured: values to 6e-7 relative, gradients to 7e-7 of their largest entry.
         np.testing.assert_allclose(got, want, rtol=6e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=7e-6 * scale),
-                     T.unstack_layers(got_grad), want_grad)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=7e-6 * scale),
+            T.unstack_layers(got_grad),
+            want_grad,
+        )

@@ -31,17 +31,32 @@ def free_port() -> int:
 
 def lm_command(workdir, corpus, data_dir, steps, *extra):
     return [
-        sys.executable, "-m", "lm.main", "--config=experiments/shakespeare_gpt.py:tiny",
-        f"--workdir={workdir}", f"--config.data.source={corpus}", f"--config.data.data_dir={data_dir}",
-        "--config.data.vocab_size=320", "--config.data.shards=2", f"--config.train.steps={steps}",
-        "--config.train.log_every=1", "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
-        "--config.train.sample_tokens=4", MESH, *extra,
+        sys.executable,
+        "-m",
+        "lm.main",
+        "--config=experiments/shakespeare_gpt.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.source={corpus}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.vocab_size=320",
+        "--config.data.shards=2",
+        f"--config.train.steps={steps}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=3",
+        "--config.train.checkpoint_every=3",
+        "--config.train.sample_tokens=4",
+        MESH,
+        *extra,
     ]
 
 
 def env_with(devices, cache):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "LM_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "LM_CACHE_DIR": str(cache),
+        "JAX_PLATFORMS": "cpu",
+    }
 
 
 def start_pair(workdir, corpus, data_dir, steps, *extra, cache):
@@ -50,11 +65,21 @@ def start_pair(workdir, corpus, data_dir, steps, *extra, cache):
     procs = []
     for i in range(2):
         log = open(f"{workdir}.p{i}.log", "w")
-        cmd = lm_command(workdir, corpus, data_dir, steps, *extra,
-                         f"--config.parallel.coordinator_address=127.0.0.1:{port}",
-                         "--config.parallel.num_processes=2", f"--config.parallel.process_id={i}")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env_with(4, cache), stdout=log,
-                                      stderr=subprocess.STDOUT))
+        cmd = lm_command(
+            workdir,
+            corpus,
+            data_dir,
+            steps,
+            *extra,
+            f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+            "--config.parallel.num_processes=2",
+            f"--config.parallel.process_id={i}",
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env_with(4, cache), stdout=log, stderr=subprocess.STDOUT
+            )
+        )
     return procs
 
 
@@ -68,8 +93,14 @@ def wait_all(procs, workdir, timeout=300):
 
 
 def run_one(workdir, corpus, data_dir, steps, cache):
-    proc = subprocess.run(lm_command(workdir, corpus, data_dir, steps), cwd=ROOT, env=env_with(8, cache),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        lm_command(workdir, corpus, data_dir, steps),
+        cwd=ROOT,
+        env=env_with(8, cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -88,8 +119,12 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(corpus
     by_pair, unbroken = metrics(pair), metrics(one)
     assert [m["step"] for m in by_pair] == [1, 2, 3]  # written once, by process 0
     for key in ("loss", "grad_norm", "eval/loss"):
-        np.testing.assert_allclose([m[key] for m in by_pair if key in m],
-                                   [m[key] for m in unbroken[:3] if key in m], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            [m[key] for m in by_pair if key in m],
+            [m[key] for m in unbroken[:3] if key in m],
+            rtol=1e-5,
+            err_msg=key,
+        )
     data_state = sorted(p.name for p in (pair / "checkpoints" / "3" / "data").glob("*.json"))
     assert data_state == ["shard_0-of-2.json", "shard_1-of-2.json"]  # one per shard, by its reader
     assert len(list((pair / "tensorboard").glob("events.*"))) == 1
@@ -99,20 +134,34 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(corpus
     resumed = metrics(pair)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "eval/loss"):
-        np.testing.assert_allclose([m[key] for m in resumed[3:] if key in m],
-                                   [m[key] for m in unbroken[3:] if key in m], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            [m[key] for m in resumed[3:] if key in m],
+            [m[key] for m in unbroken[3:] if key in m],
+            rtol=1e-5,
+            err_msg=key,
+        )
 
 
 @pytest.mark.slow
 def test_a_dead_process_stops_the_other_with_a_clear_error(corpus):
     root, source, data_dir, cache = corpus
     workdir = root / "dies"
-    procs = start_pair(workdir, source, data_dir, 100_000, "--config.parallel.heartbeat_timeout_seconds=10",
-                       "--config.train.checkpoint_every=100000", "--config.train.eval_every=0", cache=cache)
+    procs = start_pair(
+        workdir,
+        source,
+        data_dir,
+        100_000,
+        "--config.parallel.heartbeat_timeout_seconds=10",
+        "--config.train.checkpoint_every=100000",
+        "--config.train.eval_every=0",
+        cache=cache,
+    )
     try:
         deadline = time.time() + 240
         while not (workdir / "metrics.jsonl").exists() or not metrics(workdir):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            assert time.time() < deadline and all(p.poll() is None for p in procs), (
+                "training did not start"
+            )
             time.sleep(1)
         procs[1].send_signal(signal.SIGKILL)
         killed = time.time()
@@ -131,7 +180,9 @@ def test_a_dead_process_stops_the_other_with_a_clear_error(corpus):
 def wait_for_steps(workdir, procs, count, timeout=240):
     deadline = time.time() + timeout
     while not (workdir / "metrics.jsonl").exists() or len(metrics(workdir)) < count:
-        assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+        assert time.time() < deadline and all(p.poll() is None for p in procs), (
+            "training did not start"
+        )
         time.sleep(0.2)
 
 
@@ -144,7 +195,9 @@ def assert_same_params(workdir, other):
 
     ours, theirs = read_params(workdir), read_params(other)
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs), strict=True):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs), strict=True
+    ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
@@ -168,9 +221,13 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_resumes_exac
         for p in procs:
             p.kill()
     stop = metrics(preempted)[-1]["step"]
-    assert 2 <= stop < steps, f"stopped at step {stop} of {steps}: the signal came too late to test anything"
+    assert 2 <= stop < steps, (
+        f"stopped at step {stop} of {steps}: the signal came too late to test anything"
+    )
     assert saved_steps(preempted) == [stop]
-    data_state = sorted(p.name for p in (preempted / "checkpoints" / str(stop) / "data").glob("*.json"))
+    data_state = sorted(
+        p.name for p in (preempted / "checkpoints" / str(stop) / "data").glob("*.json")
+    )
     assert data_state == ["shard_0-of-2.json", "shard_1-of-2.json"]
     for i in range(2):
         assert f"every process saves step {stop} and stops" in open(f"{preempted}.p{i}.log").read()
@@ -181,4 +238,8 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_resumes_exac
     assert [m["step"] for m in resumed] == list(range(1, steps + 1))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in reference]  # exactly
     assert_same_params(preempted, unbroken)
-    print(json.dumps({"stopped_at_step": stop, "seconds_to_exit_after_sigterm": round(stopped_after, 1)}))
+    print(
+        json.dumps(
+            {"stopped_at_step": stop, "seconds_to_exit_after_sigterm": round(stopped_after, 1)}
+        )
+    )

@@ -18,8 +18,8 @@ import time
 import urllib.request
 
 import pytest
-
 from lm import storage
+
 from tests.test_main import ROOT, write_corpus
 from tests.test_multihost import assert_same_params, free_port
 
@@ -48,17 +48,42 @@ def gcs(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                             "-backend", "memory", "-public-host", f"127.0.0.1:{port}", "-external-url", url,
-                             "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(_get_binary_path()),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-backend",
+            "memory",
+            "-public-host",
+            f"127.0.0.1:{port}",
+            "-external-url",
+            url,
+            "-log-level",
+            "warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for_http(url + "/storage/v1/b", proc)
-        request = urllib.request.Request(url + "/storage/v1/b?project=test", method="POST",
-                                         data=json.dumps({"name": "runs"}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url + "/storage/v1/b?project=test",
+            method="POST",
+            data=json.dumps({"name": "runs"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(request, timeout=5).read()
-        yield {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "FSSPEC_GCS_TOKEN": "anon",
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        yield {
+            "STORAGE_EMULATOR_HOST": url,
+            "TENSORSTORE_GCS_HTTP_URL": url,
+            "FSSPEC_GCS_TOKEN": "anon",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
     finally:
         proc.terminate()
         proc.wait()
@@ -73,14 +98,28 @@ def s3(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("s3") / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
     try:
         wait_for_http(url + "/moto-api/", proc)
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="runs")
+        boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="runs")
         yield env
     finally:
         proc.terminate()
@@ -96,18 +135,38 @@ def corpus(tmp_path_factory):
 
 def lm(args, corpus, store_env, **kwargs):
     root, source, data_dir, cache = corpus
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "LM_CACHE_DIR": str(cache), **store_env}
-    return subprocess.Popen([sys.executable, "-m", "lm.main", *args], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_PLATFORMS": "cpu",
+        "LM_CACHE_DIR": str(cache),
+        **store_env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "lm.main", *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def train_args(workdir, corpus, steps):
     _, source, data_dir, _ = corpus
-    return ["--config=" + str(ROOT / "experiments/shakespeare_gpt.py") + ":tiny", f"--workdir={workdir}",
-            f"--config.data.source={source}", f"--config.data.data_dir={data_dir}",
-            "--config.data.vocab_size=320", f"--config.train.steps={steps}", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=10", "--config.train.eval_every=10", "--config.train.sample_tokens=4"]
+    return [
+        "--config=" + str(ROOT / "experiments/shakespeare_gpt.py") + ":tiny",
+        f"--workdir={workdir}",
+        f"--config.data.source={source}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.vocab_size=320",
+        f"--config.train.steps={steps}",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=10",
+        "--config.train.eval_every=10",
+        "--config.train.sample_tokens=4",
+    ]
 
 
 def finish(proc, timeout=300):
@@ -121,7 +180,9 @@ def read_lines(path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_gs_workdir_trains_stops_resumes_samples_and_evaluates_like_a_local_one(gcs, s3, corpus, monkeypatch):
+def test_gs_workdir_trains_stops_resumes_samples_and_evaluates_like_a_local_one(
+    gcs, s3, corpus, monkeypatch
+):
     for key, value in {**gcs, **s3}.items():  # this process reads the bucket too
         monkeypatch.setenv(key, value)
     root = corpus[0]
@@ -150,53 +211,114 @@ def test_gs_workdir_trains_stops_resumes_samples_and_evaluates_like_a_local_one(
     assert [by_step[m["step"]] for m in reference] == [m["loss"] for m in reference]  # exactly
     assert_same_params(bucket, local)
     names = {p.name for p in storage.as_path(bucket).iterdir()}
-    assert {"config.json", "tokenizer.model", "metrics.jsonl", "samples.txt", "checkpoints", "tensorboard"} <= names
-    assert any(p.name.startswith("events.out.tfevents") for p in storage.as_path(f"{bucket}/tensorboard").iterdir())
+    assert {
+        "config.json",
+        "tokenizer.model",
+        "metrics.jsonl",
+        "samples.txt",
+        "checkpoints",
+        "tensorboard",
+    } <= names
+    assert any(
+        p.name.startswith("events.out.tfevents")
+        for p in storage.as_path(f"{bucket}/tensorboard").iterdir()
+    )
     assert not (root / "gs:").exists()  # nothing went to a local directory named after the scheme
 
-    code, out, err = finish(lm(["sample", f"--workdir={bucket}", "--prompt=The king", "--max_new_tokens=8"],
-                               corpus, gcs))
+    code, out, err = finish(
+        lm(
+            ["sample", f"--workdir={bucket}", "--prompt=The king", "--max_new_tokens=8"],
+            corpus,
+            gcs,
+        )
+    )
     assert code == 0 and out.strip(), err[-3000:]
     # eval of the bucket workdir, its results written to S3, equal to a local workdir's.
-    code, _, err = finish(lm(["eval", f"--workdir={bucket}", "--tasks=heldout", "--out=s3://runs/evals"],
-                             corpus, {**gcs, **s3}))
+    code, _, err = finish(
+        lm(
+            ["eval", f"--workdir={bucket}", "--tasks=heldout", "--out=s3://runs/evals"],
+            corpus,
+            {**gcs, **s3},
+        )
+    )
     assert code == 0, err[-3000:]
-    code, _, err = finish(lm(["eval", f"--workdir={local}", "--tasks=heldout", f"--out={root / 'evals'}"],
-                             corpus, {}))
+    code, _, err = finish(
+        lm(["eval", f"--workdir={local}", "--tasks=heldout", f"--out={root / 'evals'}"], corpus, {})
+    )
     assert code == 0, err[-3000:]
-    code, _, err = finish(lm(["icl", f"--workdir={bucket}", "--tasks=heldout_order", "--shots=0,2", "--seeds=1",
-                              "--limit=6", "--out=gs://runs/icl"], corpus, gcs))
+    code, _, err = finish(
+        lm(
+            [
+                "icl",
+                f"--workdir={bucket}",
+                "--tasks=heldout_order",
+                "--shots=0,2",
+                "--seeds=1",
+                "--limit=6",
+                "--out=gs://runs/icl",
+            ],
+            corpus,
+            gcs,
+        )
+    )
     assert code == 0, err[-3000:]
-    assert {"curves.json", "curves.md", "fewshot.png"} <= {p.name for p in storage.as_path("gs://runs/icl").iterdir()}
-    code, out, err = finish(lm(["convert", f"--workdir={bucket}", "--out=gs://runs/hf"], corpus, gcs))
+    assert {"curves.json", "curves.md", "fewshot.png"} <= {
+        p.name for p in storage.as_path("gs://runs/icl").iterdir()
+    }
+    code, out, err = finish(
+        lm(["convert", f"--workdir={bucket}", "--out=gs://runs/hf"], corpus, gcs)
+    )
     assert code == 0, err[-3000:]
-    assert {"config.json", "model.safetensors"} <= {p.name for p in storage.as_path("gs://runs/hf").iterdir()}
+    assert {"config.json", "model.safetensors"} <= {
+        p.name for p in storage.as_path("gs://runs/hf").iterdir()
+    }
     remote = json.loads(storage.as_path("s3://runs/evals/results.json").read_text())
     here = json.loads((root / "evals" / "results.json").read_text())
     assert remote["step"] == here["step"] == STEPS
-    assert {name: task["metrics"] for name, task in remote["tasks"].items()} == \
-        {name: task["metrics"] for name, task in here["tasks"].items()}
+    assert {name: task["metrics"] for name, task in remote["tasks"].items()} == {
+        name: task["metrics"] for name, task in here["tasks"].items()
+    }
     assert not (root / "s3:").exists()
 
 
-@pytest.mark.parametrize("case", ["gs_no_bucket", "s3_workdir", "s3_out_no_bucket", "s3_no_credentials",
-                                  "s3_no_network"])
+@pytest.mark.parametrize(
+    "case", ["gs_no_bucket", "s3_workdir", "s3_out_no_bucket", "s3_no_credentials", "s3_no_network"]
+)
 def test_store_problems_are_one_line_before_anything_runs(gcs, s3, corpus, case):
     root = corpus[0]
-    no_credentials = {**s3, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-                      "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"), "AWS_CONFIG_FILE": str(root / "none")}
+    no_credentials = {
+        **s3,
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"),
+        "AWS_CONFIG_FILE": str(root / "none"),
+    }
     args, env, expected = {
-        "gs_no_bucket": (train_args("gs://missing/run", corpus, 5), gcs,
-                         r"Google Cloud Storage bucket gs://missing does not exist .*create it"),
-        "s3_workdir": (train_args("s3://runs/run", corpus, 5), s3,
-                       r"--workdir s3://runs/run: checkpoints cannot be written to S3 with orbax-checkpoint"),
-        "s3_out_no_bucket": (["eval", "--workdir=gs://runs/none", "--tasks=heldout", "--out=s3://missing/e"],
-                             {**gcs, **s3}, r"S3 bucket s3://missing does not exist"),
-        "s3_no_credentials": (["eval", "--workdir=gs://runs/none", "--tasks=heldout", "--out=s3://runs/e"],
-                              {**gcs, **no_credentials}, r"S3 bucket s3://runs is out of reach .*credentials"),
-        "s3_no_network": (["eval", "--workdir=gs://runs/none", "--tasks=heldout", "--out=s3://runs/e"],
-                          {**gcs, **s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
-                          r"S3 bucket s3://runs is out of reach .*check the network"),
+        "gs_no_bucket": (
+            train_args("gs://missing/run", corpus, 5),
+            gcs,
+            r"Google Cloud Storage bucket gs://missing does not exist .*create it",
+        ),
+        "s3_workdir": (
+            train_args("s3://runs/run", corpus, 5),
+            s3,
+            r"--workdir s3://runs/run: checkpoints cannot be written to S3 with orbax-checkpoint",
+        ),
+        "s3_out_no_bucket": (
+            ["eval", "--workdir=gs://runs/none", "--tasks=heldout", "--out=s3://missing/e"],
+            {**gcs, **s3},
+            r"S3 bucket s3://missing does not exist",
+        ),
+        "s3_no_credentials": (
+            ["eval", "--workdir=gs://runs/none", "--tasks=heldout", "--out=s3://runs/e"],
+            {**gcs, **no_credentials},
+            r"S3 bucket s3://runs is out of reach .*credentials",
+        ),
+        "s3_no_network": (
+            ["eval", "--workdir=gs://runs/none", "--tasks=heldout", "--out=s3://runs/e"],
+            {**gcs, **s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+            r"S3 bucket s3://runs is out of reach .*check the network",
+        ),
     }[case]
     before = sorted(p.name for p in root.iterdir())
     start = time.time()
@@ -218,18 +340,36 @@ def test_sweep_with_a_bucket_root(gcs, corpus, monkeypatch):
     for key, value in gcs.items():
         monkeypatch.setenv(key, value)
     root, source, data_dir, cache = corpus
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "LM_CACHE_DIR": str(cache)}
-    cmd = [sys.executable, "-m", "launch.sweep", "experiments/shakespeare_gpt.py:tiny", "--workdir=gs://runs/sweep",
-           "--parallel=2", "--config.train.steps=6", f"--config.data.source={source}",
-           f"--config.data.data_dir={data_dir}", "--config.data.vocab_size=320", "--config.train.sample_tokens=0"]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "LM_CACHE_DIR": str(cache),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.sweep",
+        "experiments/shakespeare_gpt.py:tiny",
+        "--workdir=gs://runs/sweep",
+        "--parallel=2",
+        "--config.train.steps=6",
+        f"--config.data.source={source}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.vocab_size=320",
+        "--config.train.sample_tokens=0",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep_root = storage.as_path("gs://runs/sweep")
     rows = list(csv.DictReader(io.StringIO((sweep_root / "results.csv").read_text())))
-    assert len(rows) == 4 and all(r["status"] == "finished" and r["step"] == "6" for r in rows), rows
+    assert len(rows) == 4 and all(r["status"] == "finished" and r["step"] == "6" for r in rows), (
+        rows
+    )
     for r in rows:
         assert r["log"] == f"gs://runs/sweep/{r['name']}/sweep.log"
         assert "validation loss" in storage.as_path(r["log"]).read_text()
         assert "6" in {p.name for p in (sweep_root / r["name"] / "checkpoints").iterdir()}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and proc.stdout.count("skip ") == 4 and "0 to run" in proc.stdout, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("skip ") == 4 and "0 to run" in proc.stdout, (
+        proc.stdout
+    )

@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-
 from launch import sweep
 from lm.config import sweep_axis, sweep_product, sweep_zip
 
@@ -19,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/shakespeare_gpt.py:tiny"
 
 # An experiment without lm imports: quick to load, one field of every overridable type.
-FAKE_EXPERIMENT = '''
+FAKE_EXPERIMENT = """
 import ml_collections
 
 def get_config(arg=None):
@@ -34,7 +33,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
     from lm.config import sweep_axis, sweep_product
     return sweep_product(sweep_axis("opt.lr", [0.1, 0.2]), sweep_axis("model.width", [8, 16]))
-'''
+"""
 
 
 @pytest.fixture
@@ -45,9 +44,14 @@ def fake_experiment(tmp_path):
 
 
 def write_experiment(tmp_path, sweep_source: str) -> str:
-    path = tmp_path / f"exp{len(list(tmp_path.glob('exp*.py')))}.py"  # a new file: no stale bytecode
-    path.write_text(FAKE_EXPERIMENT.split("def get_sweep")[0]
-                    + "def get_sweep(arg=None):\n" + textwrap.indent(textwrap.dedent(sweep_source), "    "))
+    path = (
+        tmp_path / f"exp{len(list(tmp_path.glob('exp*.py')))}.py"
+    )  # a new file: no stale bytecode
+    path.write_text(
+        FAKE_EXPERIMENT.split("def get_sweep")[0]
+        + "def get_sweep(arg=None):\n"
+        + textwrap.indent(textwrap.dedent(sweep_source), "    ")
+    )
     return str(path)
 
 
@@ -57,8 +61,13 @@ def write_experiment(tmp_path, sweep_source: str) -> str:
 def test_axis_product_zip():
     lr = sweep_axis("optimizer.learning_rate", [1e-3, 3e-3])
     assert lr == [{"optimizer.learning_rate": 1e-3}, {"optimizer.learning_rate": 3e-3}]
-    width = sweep_zip(sweep_axis("model.d_model", [64, 128]), sweep_axis("model.mlp_dim", [256, 512]))
-    assert width == [{"model.d_model": 64, "model.mlp_dim": 256}, {"model.d_model": 128, "model.mlp_dim": 512}]
+    width = sweep_zip(
+        sweep_axis("model.d_model", [64, 128]), sweep_axis("model.mlp_dim", [256, 512])
+    )
+    assert width == [
+        {"model.d_model": 64, "model.mlp_dim": 256},
+        {"model.d_model": 128, "model.mlp_dim": 512},
+    ]
     points = sweep_product(lr, width)
     assert points == [  # the first factor varies slowest
         {"optimizer.learning_rate": 1e-3, "model.d_model": 64, "model.mlp_dim": 256},
@@ -67,7 +76,10 @@ def test_axis_product_zip():
         {"optimizer.learning_rate": 3e-3, "model.d_model": 128, "model.mlp_dim": 512},
     ]
     assert sweep_product(lr, [{"train.steps": 5, "name": "five"}])[1] == {
-        "optimizer.learning_rate": 3e-3, "train.steps": 5, "name": "five"}
+        "optimizer.learning_rate": 3e-3,
+        "train.steps": 5,
+        "name": "five",
+    }
     assert sweep_product() == [{}] and sweep_zip() == []
     assert sweep_product(lr, []) == []
 
@@ -93,8 +105,13 @@ def test_helper_errors():
 def test_values_round_trip_through_config_flags(fake_experiment):
     """format_value's text, parsed by ml_collections as lm.main parses it, gives the value back."""
     overrides = {
-        "opt.lr": 3e-4, "opt.name": "sgd with: spaces=and/slashes", "model.width": 32,
-        "model.gated": True, "data.source": "", "data.vocab_size": 7, "parallel.mesh": (2, 1, 4),
+        "opt.lr": 3e-4,
+        "opt.name": "sgd with: spaces=and/slashes",
+        "model.width": 32,
+        "model.gated": True,
+        "data.source": "",
+        "data.vocab_size": 7,
+        "parallel.mesh": (2, 1, 4),
         "train.steps": 10,
     }
     values = sweep.resolve_config(str(fake_experiment), sweep.override_flags(overrides))
@@ -102,12 +119,24 @@ def test_values_round_trip_through_config_flags(fake_experiment):
     assert {k: flat[k] for k in overrides} == overrides
     assert isinstance(flat["opt.lr"], float) and isinstance(flat["parallel.mesh"], tuple)
     # Ints into float fields, lists into tuple fields, tiny and huge floats.
-    flat = sweep.config_keys(sweep.resolve_config(str(fake_experiment), sweep.override_flags(
-        {"opt.lr": 1, "parallel.mesh": [1, 8, 1], "model.gated": False})))
-    assert flat["opt.lr"] == 1.0 and flat["parallel.mesh"] == (1, 8, 1) and flat["model.gated"] is False
+    flat = sweep.config_keys(
+        sweep.resolve_config(
+            str(fake_experiment),
+            sweep.override_flags({"opt.lr": 1, "parallel.mesh": [1, 8, 1], "model.gated": False}),
+        )
+    )
+    assert (
+        flat["opt.lr"] == 1.0
+        and flat["parallel.mesh"] == (1, 8, 1)
+        and flat["model.gated"] is False
+    )
     for x in (1e-7, 1.5e20, 0.1 + 0.2):
-        assert sweep.config_keys(sweep.resolve_config(
-            str(fake_experiment), sweep.override_flags({"opt.lr": x})))["opt.lr"] == x
+        assert (
+            sweep.config_keys(
+                sweep.resolve_config(str(fake_experiment), sweep.override_flags({"opt.lr": x}))
+            )["opt.lr"]
+            == x
+        )
     assert sweep.format_value((4,)) == "(4,)" and sweep.format_value(("a", "b")) == "('a', 'b')"
     with pytest.raises(sweep.SweepError, match="cannot pass a dict"):
         sweep.format_value({"a": 1}, "opt.lr")
@@ -116,27 +145,43 @@ def test_values_round_trip_through_config_flags(fake_experiment):
 
 
 def test_the_real_config_round_trips():
-    values = sweep.resolve_config(TINY, sweep.override_flags(
-        {"parallel.mesh": (1, 2, 1), "optimizer.learning_rate": 0.003, "train.sample_prompt": "KING:\n"}))
+    values = sweep.resolve_config(
+        TINY,
+        sweep.override_flags(
+            {
+                "parallel.mesh": (1, 2, 1),
+                "optimizer.learning_rate": 0.003,
+                "train.sample_prompt": "KING:\n",
+            }
+        ),
+    )
     assert values["parallel"]["mesh"] == (1, 2, 1) and values["optimizer"]["learning_rate"] == 0.003
     assert values["train"]["sample_prompt"] == "KING:\n" and values["train"]["steps"] == 20
 
 
 def test_point_names():
-    points = sweep_product(sweep_axis("optimizer.learning_rate", [1e-3, 3e-4]),
-                           sweep_axis("model.d_model", [64]))
-    assert sweep.point_names(points) == ["learning_rate=0.001,d_model=64", "learning_rate=0.0003,d_model=64"]
+    points = sweep_product(
+        sweep_axis("optimizer.learning_rate", [1e-3, 3e-4]), sweep_axis("model.d_model", [64])
+    )
+    assert sweep.point_names(points) == [
+        "learning_rate=0.001,d_model=64",
+        "learning_rate=0.0003,d_model=64",
+    ]
     # Keys that share a last part keep enough of their path to stay apart.
-    assert sweep.point_names([{"model.vocab_size": 0, "data.vocab_size": 320, "train.steps": 5}]) == [
-        "model.vocab_size=0,data.vocab_size=320,steps=5"]
+    assert sweep.point_names(
+        [{"model.vocab_size": 0, "data.vocab_size": 320, "train.steps": 5}]
+    ) == ["model.vocab_size=0,data.vocab_size=320,steps=5"]
     # Filesystem-safe: no slashes or shell characters; tuples and bools readable.
-    names = sweep.point_names([{"data.source": "text:/data/*.txt", "parallel.mesh": (2, 1, 1),
-                                "model.qk_norm": True}])
+    names = sweep.point_names(
+        [{"data.source": "text:/data/*.txt", "parallel.mesh": (2, 1, 1), "model.qk_norm": True}]
+    )
     assert names == ["source=text-data-.txt,mesh=2x1x1,qk_norm=True"]
     # Names that collide after cleaning get a hash of their overrides; an explicit name wins.
     names = sweep.point_names([{"data.source": "a/b"}, {"data.source": "a b"}, {"name": "base"}])
     assert names[0] != names[1] and names[0].startswith("source=a-b-") and names[2] == "base"
-    assert sweep.point_names([{"data.source": "a/b"}, {"data.source": "a b"}]) == names[:2]  # deterministic
+    assert (
+        sweep.point_names([{"data.source": "a/b"}, {"data.source": "a b"}]) == names[:2]
+    )  # deterministic
     assert len(sweep.point_names([{"data.source": "x" * 500}])[0]) <= sweep.MAX_NAME
     assert sweep.point_names([{}]) == ["default"]
     with pytest.raises(sweep.SweepError, match="two points are named 'a'"):
@@ -152,16 +197,29 @@ def test_point_names():
 
 def test_plan_checks_keys(tmp_path, fake_experiment):
     points = sweep.plan_sweep(f"{fake_experiment}:short", ["--config.data.vocab_size=50"])
-    assert [p.name for p in points] == ["lr=0.1,width=8", "lr=0.1,width=16", "lr=0.2,width=8", "lr=0.2,width=16"]
-    assert points[3].flags == ["--config.opt.lr=0.2", "--config.model.width=16", "--config.data.vocab_size=50"]
+    assert [p.name for p in points] == [
+        "lr=0.1,width=8",
+        "lr=0.1,width=16",
+        "lr=0.2,width=8",
+        "lr=0.2,width=16",
+    ]
+    assert points[3].flags == [
+        "--config.opt.lr=0.2",
+        "--config.model.width=16",
+        "--config.data.vocab_size=50",
+    ]
     assert all(p.steps == 3 for p in points)  # the arg reaches get_config
     assert sweep.plan_sweep(str(fake_experiment), ["--config.train.steps=9"])[0].steps == 9
 
     bad = write_experiment(tmp_path, 'return [{"opt.lr": 0.1}, {"opt.lrr": 0.2}]')
     with pytest.raises(sweep.SweepError) as e:
         sweep.plan_sweep(bad)
-    assert "unknown config key 'opt.lrr'" in str(e.value) and "did you mean 'opt.lr'" in str(e.value)
-    assert "valid keys of 'opt': opt.lr, opt.name" in str(e.value) and "sweep point 1" in str(e.value)
+    assert "unknown config key 'opt.lrr'" in str(e.value) and "did you mean 'opt.lr'" in str(
+        e.value
+    )
+    assert "valid keys of 'opt': opt.lr, opt.name" in str(e.value) and "sweep point 1" in str(
+        e.value
+    )
     bad = write_experiment(tmp_path, 'return [{"optim.lr": 0.1}]')
     with pytest.raises(sweep.SweepError, match="valid sections: data, model, opt, parallel, train"):
         sweep.plan_sweep(bad)
@@ -170,7 +228,9 @@ def test_plan_checks_keys(tmp_path, fake_experiment):
         sweep.plan_sweep(bad)
     with pytest.raises(sweep.SweepError, match="unknown config key 'train.step'"):
         sweep.plan_sweep(str(fake_experiment), ["--config.train.step=3"])
-    with pytest.raises(sweep.SweepError, match="unknown experiment arg 'tyni'"):  # the file's own check
+    with pytest.raises(
+        sweep.SweepError, match="unknown experiment arg 'tyni'"
+    ):  # the file's own check
         sweep.plan_sweep("experiments/shakespeare_gpt.py:tyni")
     with pytest.raises(sweep.SweepError, match="opt.lr is swept by get_sweep"):
         sweep.plan_sweep(str(fake_experiment), ["--config.opt.lr=3"])
@@ -203,7 +263,9 @@ def fake_workdir(root, name, rows):
 
 
 def test_skip_finished(tmp_path):
-    fake_workdir(tmp_path, "done", [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0, "eval/loss": 2.5}])
+    fake_workdir(
+        tmp_path, "done", [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0, "eval/loss": 2.5}]
+    )
     fake_workdir(tmp_path, "half", [{"step": 5, "loss": 3.0}])
     workdir = fake_workdir(tmp_path, "torn", [{"step": 5, "loss": 3.0}])
     with open(workdir / "metrics.jsonl", "a") as f:
@@ -214,7 +276,10 @@ def test_skip_finished(tmp_path):
     assert not sweep.is_finished(tmp_path / "torn", 10)
     assert not sweep.is_finished(tmp_path / "missing", 10)
     assert not sweep.is_finished(tmp_path / "done", None)
-    assert sweep.target_steps({"train": {"steps": 7}}) == 7 and sweep.target_steps({"icl": {"steps": 3}}) == 3
+    assert (
+        sweep.target_steps({"train": {"steps": 7}}) == 7
+        and sweep.target_steps({"icl": {"steps": 3}}) == 3
+    )
 
 
 def test_results_table(tmp_path):
@@ -223,19 +288,38 @@ def test_results_table(tmp_path):
 
     fake_workdir(tmp_path, "a", [{"step": 10, "loss": 2.0, "eval/loss": 3.0}])
     # The final metrics are the last row with each metric (eval/loss is logged less often).
-    fake_workdir(tmp_path, "b", [{"step": 5, "loss": 3.0, "eval/loss": 2.5}, {"step": 10, "loss": 1.5}])
+    fake_workdir(
+        tmp_path, "b", [{"step": 5, "loss": 3.0, "eval/loss": 2.5}, {"step": 10, "loss": 1.5}]
+    )
     fake_workdir(tmp_path, "c", [{"step": 5, "loss": 3.0}])  # failed before its first eval
     fake_workdir(tmp_path, "d", [{"step": 10, "loss": 2.0, "eval/loss": float("nan")}])
-    points = [point("a", 1e-3), point("b", 2e-3), point("c", 3e-3), point("d", 4e-3), point("e", 5e-3)]
+    points = [
+        point("a", 1e-3),
+        point("b", 2e-3),
+        point("c", 3e-3),
+        point("d", 4e-3),
+        point("e", 5e-3),
+    ]
     rows = sweep.collect_results(tmp_path, points, {"a": 0, "c": 1})
     status = {r["name"]: r["status"] for r in rows}
-    assert status == {"a": "finished", "b": "finished", "c": "failed (exit 1)", "d": "finished",
-                      "e": "not started"}
+    assert status == {
+        "a": "finished",
+        "b": "finished",
+        "c": "failed (exit 1)",
+        "d": "finished",
+        "e": "not started",
+    }
     b = next(r for r in rows if r["name"] == "b")
     assert b["step"] == 10 and b["metrics"]["eval/loss"] == 2.5 and b["metrics"]["loss"] == 1.5
 
     assert [r["name"] for r in sweep.sort_results(rows, "eval/loss")] == ["b", "a", "c", "d", "e"]
-    assert [r["name"] for r in sweep.sort_results(rows, "eval/loss", "max")] == ["a", "b", "c", "d", "e"]
+    assert [r["name"] for r in sweep.sort_results(rows, "eval/loss", "max")] == [
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+    ]
     assert [r["name"] for r in sweep.sort_results(rows, "loss")] == ["b", "a", "d", "c", "e"]
     assert [r["name"] for r in sweep.sort_results(rows, "nothing")] == ["a", "b", "c", "d", "e"]
 
@@ -243,19 +327,24 @@ def test_results_table(tmp_path):
     lines = table.splitlines()
     assert lines[0] == "| name | optimizer.learning_rate | status | step | eval/loss | loss |"
     assert lines[2] == "| b | 0.002 | finished | 10 | 2.5000 | 1.5000 |"
-    assert lines[4] == f"| c | 0.003 | failed (exit 1), log: {tmp_path / 'c' / 'sweep.log'} | 5 |  | 3.0000 |"
+    assert (
+        lines[4]
+        == f"| c | 0.003 | failed (exit 1), log: {tmp_path / 'c' / 'sweep.log'} | 5 |  | 3.0000 |"
+    )
     assert lines[6] == "| e | 0.005 | not started |  |  |  |"
     assert (tmp_path / "results.md").read_text().endswith(table + "\n")
     with open(tmp_path / "results.csv") as f:
         got = list(csv.DictReader(f))
     assert [r["name"] for r in got] == ["b", "a", "c", "d", "e"]
     assert float(got[0]["eval/loss"]) == 2.5 and got[2]["eval/loss"] == "" and got[2]["step"] == "5"
-    assert float(got[1]["optimizer.learning_rate"]) == 1e-3 and got[2]["status"] == "failed (exit 1)"
+    assert (
+        float(got[1]["optimizer.learning_rate"]) == 1e-3 and got[2]["status"] == "failed (exit 1)"
+    )
 
 
 # ---------------------------------------------------- the runner with a fake trainer
 
-FAKE_TRAINER = '''
+FAKE_TRAINER = """
 import json, pathlib, sys
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
 workdir = pathlib.Path(args["workdir"])
@@ -266,15 +355,23 @@ if lr > 0.15 and width == 16:
     sys.exit(3)
 with open(workdir / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": steps, "loss": 1.0, "eval/loss": 10 * lr - width / 100}) + "\\n")
-'''
+"""
 
 
 def test_runner_with_a_fake_trainer(tmp_path, fake_experiment, monkeypatch, capsys):
     """The pool, logs, failures, exit status, skipping and the table, with a stand-in for lm.main."""
     trainer = tmp_path / "fake_trainer.py"
     trainer.write_text(FAKE_TRAINER)
-    monkeypatch.setattr(sweep, "command", lambda spec, root, point: [
-        sys.executable, str(trainer), f"--workdir={root / point.name}", *point.flags])
+    monkeypatch.setattr(
+        sweep,
+        "command",
+        lambda spec, root, point: [
+            sys.executable,
+            str(trainer),
+            f"--workdir={root / point.name}",
+            *point.flags,
+        ],
+    )
     root = tmp_path / "sweep"
     args = [str(fake_experiment), f"--workdir={root}", "--parallel=2", "--config.train.steps=4"]
 
@@ -287,7 +384,12 @@ def test_runner_with_a_fake_trainer(tmp_path, fake_experiment, monkeypatch, caps
     assert "training lr=0.1,width=8" in (root / "lr=0.1,width=8" / "sweep.log").read_text()
     with open(root / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == ["lr=0.1,width=16", "lr=0.1,width=8", "lr=0.2,width=8", "lr=0.2,width=16"]
+    assert [r["name"] for r in rows] == [
+        "lr=0.1,width=16",
+        "lr=0.1,width=8",
+        "lr=0.2,width=8",
+        "lr=0.2,width=16",
+    ]
     assert [r["status"] for r in rows] == ["finished"] * 3 + ["failed (exit 3)"]
     assert "| lr=0.1,width=16 | 0.1 | 16 | finished | 4 | 0.8400 | 1.0000 |" in out
 
@@ -314,8 +416,11 @@ def write_corpus(directory: pathlib.Path):
 
 
 def snapshot(directory: pathlib.Path):
-    return {p.relative_to(directory): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()
-            and p.name != "sweep.log"}
+    return {
+        p.relative_to(directory): p.stat().st_mtime_ns
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != "sweep.log"
+    }
 
 
 @pytest.mark.slow
@@ -324,9 +429,18 @@ def test_sweep_end_to_end(tmp_path):
     source = write_corpus(tmp_path / "corpus")
     root = tmp_path / "sweep"
     env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(tmp_path / "data")}
-    cmd = [sys.executable, "-m", "launch.sweep", TINY, f"--workdir={root}", "--parallel=2",
-           "--config.train.steps=10", f"--config.data.source={source}",
-           f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.vocab_size=320"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.sweep",
+        TINY,
+        f"--workdir={root}",
+        "--parallel=2",
+        "--config.train.steps=10",
+        f"--config.data.source={source}",
+        f"--config.data.data_dir={tmp_path / 'data'}",
+        "--config.data.vocab_size=320",
+    ]
 
     def run():
         start = time.perf_counter()
@@ -337,20 +451,30 @@ def test_sweep_end_to_end(tmp_path):
     proc, _ = run()
     with open(root / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(r["status"] == "finished" and r["step"] == "10" for r in rows), rows
+    assert len(rows) == 4 and all(r["status"] == "finished" and r["step"] == "10" for r in rows), (
+        rows
+    )
     assert all(float(r["eval/loss"]) > 0 and float(r["eval/perplexity"]) > 1 for r in rows)
     losses = [float(r["eval/loss"]) for r in rows]
     assert losses == sorted(losses)
     assert {(float(r["optimizer.learning_rate"]), int(r["model.d_model"])) for r in rows} == {
-        (1e-3, 16), (1e-3, 32), (3e-3, 16), (3e-3, 32)}
+        (1e-3, 16),
+        (1e-3, 32),
+        (3e-3, 16),
+        (3e-3, 32),
+    }
     for r in rows:
         workdir = root / r["name"]
         assert (workdir / "checkpoints" / "10").is_dir()
         config = json.loads((workdir / "config.json").read_text())
-        assert config["model"]["d_model"] == int(r["model.d_model"]) and config["train"]["steps"] == 10
+        assert (
+            config["model"]["d_model"] == int(r["model.d_model"]) and config["train"]["steps"] == 10
+        )
         assert "validation loss" in (workdir / "sweep.log").read_text()
-    assert "| name | optimizer.learning_rate | model.d_model | model.mlp_dim | status | step | eval/loss |" \
+    assert (
+        "| name | optimizer.learning_rate | model.d_model | model.mlp_dim | status | step | eval/loss |"
         in proc.stdout
+    )
     assert (root / "results.md").exists()
 
     before = snapshot(root)
@@ -358,7 +482,8 @@ def test_sweep_end_to_end(tmp_path):
     assert proc.stdout.count("skip ") == 4 and "0 to run" in proc.stdout
     after = snapshot(root)
     assert {k: v for k, v in after.items() if k.name not in ("results.csv", "results.md")} == {
-        k: v for k, v in before.items() if k.name not in ("results.csv", "results.md")}
+        k: v for k, v in before.items() if k.name not in ("results.csv", "results.md")
+    }
     with open(root / "results.csv") as f:
         assert [r["name"] for r in csv.DictReader(f)] == [r["name"] for r in rows]
     assert took < 60, took  # nothing retrained

@@ -7,7 +7,6 @@ import grain
 import jax
 import numpy as np
 import pytest
-
 from lm import parallel
 from lm.checkpoint import Checkpointer, CheckpointMismatchError
 from lm.models import transformer as T
@@ -39,8 +38,12 @@ def synthetic_batches(seed=0, batch=BATCH, length=LENGTH, vocab=CONFIG.vocab_siz
 
 def run_steps(mesh=(-1, 1, 1), use_pmap=False, devices=None, steps=4, opt=OPT, config=CONFIG):
     trainer = create_trainer(
-        config, T.build_model(config), opt, 100,
-        parallel.ParallelConfig(mesh=mesh, use_pmap=use_pmap), devices=devices,
+        config,
+        T.build_model(config),
+        opt,
+        100,
+        parallel.ParallelConfig(mesh=mesh, use_pmap=use_pmap),
+        devices=devices,
     )
     state = trainer.to_device_state(trainer.init_fn(0))
     data = synthetic_batches()
@@ -69,7 +72,9 @@ def test_mesh_matches_single_device(single_device, mesh):
 def test_bf16_precision_trains_with_float32_master_weights(single_device):
     """precision='bf16': the step computes in bfloat16, but parameters and Adam moments stay
     float32 and the loss follows the float32 run's."""
-    losses, params = run_steps(devices=jax.devices()[:1], config=dataclasses.replace(CONFIG, precision="bf16"))
+    losses, params = run_steps(
+        devices=jax.devices()[:1], config=dataclasses.replace(CONFIG, precision="bf16")
+    )
     ref_losses, _ = single_device
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
     # Measured: 4.5e-5 relative to the float32 losses over the 4 steps.
@@ -86,33 +91,54 @@ def test_pmap_matches_single_device(single_device):
 
 def test_fsdp_and_tensor_mesh_really_shard_parameters():
     config = CONFIG
-    trainer = create_trainer(config, T.build_model(config), OPT, 10, parallel.ParallelConfig(mesh=(2, 2, 2)))
+    trainer = create_trainer(
+        config, T.build_model(config), OPT, 10, parallel.ParallelConfig(mesh=(2, 2, 2))
+    )
     # Scanned layers: [layers, embed, mlp], the stacked axis replicated.
     wi = trainer.state_shardings.params["decoder"]["layers"]["block_0"]["mlp"]["wi_gate"]["kernel"]
     assert tuple(wi.spec) == (None, "fsdp", "tensor")
-    mu = trainer.state_shardings.opt_state[1][0].mu["decoder"]["layers"]["block_0"]["mlp"]["wi_gate"]["kernel"]
+    mu = trainer.state_shardings.opt_state[1][0].mu["decoder"]["layers"]["block_0"]["mlp"][
+        "wi_gate"
+    ]["kernel"]
     assert tuple(mu.spec) == (None, "fsdp", "tensor")
 
 
 def test_gradient_accumulation_matches_full_batch(single_device):
-    losses, params = run_steps(devices=jax.devices()[:1], opt=OptimizerConfig(
-        learning_rate=1e-2, warmup_steps=1, grad_accum_steps=4))
+    losses, params = run_steps(
+        devices=jax.devices()[:1],
+        opt=OptimizerConfig(learning_rate=1e-2, warmup_steps=1, grad_accum_steps=4),
+    )
     ref_losses, ref_params = single_device
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, ref_params)
 
 
 def test_adafactor_trains():
-    losses, _ = run_steps(devices=jax.devices()[:1], steps=8,
-                          opt=OptimizerConfig(name="adafactor", learning_rate=1e-2, warmup_steps=1))
+    losses, _ = run_steps(
+        devices=jax.devices()[:1],
+        steps=8,
+        opt=OptimizerConfig(name="adafactor", learning_rate=1e-2, warmup_steps=1),
+    )
     assert losses[-1] < losses[0]
 
 
 def _loop(workdir, steps, checkpoint_every, config=CONFIG):
-    trainer = create_trainer(config, T.build_model(config), OPT, 100,
-                             parallel.ParallelConfig(), devices=jax.devices()[:1])
-    train_config = TrainConfig(steps=steps, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
-                               progress=False, async_checkpoints=True)
+    trainer = create_trainer(
+        config,
+        T.build_model(config),
+        OPT,
+        100,
+        parallel.ParallelConfig(),
+        devices=jax.devices()[:1],
+    )
+    train_config = TrainConfig(
+        steps=steps,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=checkpoint_every,
+        progress=False,
+        async_checkpoints=True,
+    )
     data = synthetic_batches()
     state = train_loop(trainer, train_config, workdir, data)
     return state, data
@@ -123,8 +149,11 @@ def test_exact_resume(tmp_path):
     _loop(tmp_path / "b", steps=3, checkpoint_every=3)
     resumed, resumed_data = _loop(tmp_path / "b", steps=6, checkpoint_every=100)
     assert int(resumed.step) == 6
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
-                 jax.device_get(unbroken.params))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(resumed.params),
+        jax.device_get(unbroken.params),
+    )
     # Same data order afterwards too.
     np.testing.assert_array_equal(next(resumed_data)["inputs"], next(unbroken_data)["inputs"])
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
@@ -142,19 +171,32 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
     assert Checkpointer(tmp_path).latest_step() == 2
 
 
-@pytest.mark.parametrize("saved_on, restored_on", [
-    ((8, 1, 1), (2, 2, 2)),
-    ((1, 8, 1), "one device"),  # FSDP over 8 devices -> a single device
-    ("one device", (1, 8, 1)),  # and the reverse
-])
+@pytest.mark.parametrize(
+    "saved_on, restored_on",
+    [
+        ((8, 1, 1), (2, 2, 2)),
+        ((1, 8, 1), "one device"),  # FSDP over 8 devices -> a single device
+        ("one device", (1, 8, 1)),  # and the reverse
+    ],
+)
 def test_restore_onto_a_different_mesh(tmp_path, saved_on, restored_on):
     def trainer_for(layout):
         if layout == "one device":
-            return create_trainer(CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(),
-                                  devices=jax.devices()[:1])
-        return create_trainer(CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(mesh=layout))
+            return create_trainer(
+                CONFIG,
+                T.build_model(CONFIG),
+                OPT,
+                100,
+                parallel.ParallelConfig(),
+                devices=jax.devices()[:1],
+            )
+        return create_trainer(
+            CONFIG, T.build_model(CONFIG), OPT, 100, parallel.ParallelConfig(mesh=layout)
+        )
 
-    train_config = TrainConfig(steps=2, log_every=1, eval_every=0, checkpoint_every=2, progress=False)
+    train_config = TrainConfig(
+        steps=2, log_every=1, eval_every=0, checkpoint_every=2, progress=False
+    )
     saved = train_loop(trainer_for(saved_on), train_config, tmp_path, synthetic_batches())
     target = trainer_for(restored_on)
     checkpointer = Checkpointer(tmp_path)
@@ -173,9 +215,14 @@ def test_restore_onto_a_different_mesh(tmp_path, saved_on, restored_on):
         assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 8
     else:
         assert kernel.sharding.device_set == {jax.devices()[0]}
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(saved.params))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.opt_state),
-                 jax.device_get(saved.opt_state))
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(saved.params)
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(restored.opt_state),
+        jax.device_get(saved.opt_state),
+    )
 
 
 def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path, caplog):
@@ -191,13 +238,18 @@ def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path
 
 
 @pytest.mark.parametrize("saved_scan, restored_scan", [(False, True), (True, False)])
-def test_checkpoint_converts_between_unrolled_and_scanned_layers(tmp_path, saved_scan, restored_scan):
+def test_checkpoint_converts_between_unrolled_and_scanned_layers(
+    tmp_path, saved_scan, restored_scan
+):
     """A run saved with unrolled layers (every run before scanned layers existed) resumes in a
     scanned model, and back: the state converts exactly on load, and the resumed run's losses
     are the unbroken run's."""
+
     def trainer_for(scan):
         config = dataclasses.replace(CONFIG, scan_layers=scan)
-        return create_trainer(config, T.build_model(config), OPT, 100, parallel.ParallelConfig(mesh=(2, 2, 2)))
+        return create_trainer(
+            config, T.build_model(config), OPT, 100, parallel.ParallelConfig(mesh=(2, 2, 2))
+        )
 
     def losses(workdir):
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -210,19 +262,29 @@ def test_checkpoint_converts_between_unrolled_and_scanned_layers(tmp_path, saved
     _, restored = checkpointer.restore(target.abstract_state)
     checkpointer.close()
     assert T.scanned_period(restored.params) == (1 if restored_scan else 0)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(T.unstack_layers(restored)),
-                 jax.device_get(T.unstack_layers(saved)))
-    assert restored.params["decoder"]["final_norm"]["scale"].sharding == \
-        target.abstract_state.params["decoder"]["final_norm"]["scale"].sharding
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(T.unstack_layers(restored)),
+        jax.device_get(T.unstack_layers(saved)),
+    )
+    assert (
+        restored.params["decoder"]["final_norm"]["scale"].sharding
+        == target.abstract_state.params["decoder"]["final_norm"]["scale"].sharding
+    )
 
     train_loop(target, dataclasses.replace(first, steps=4), tmp_path / "run", synthetic_batches())
-    train_loop(trainer_for(saved_scan), dataclasses.replace(first, steps=4), tmp_path / "unbroken",
-               synthetic_batches())
+    train_loop(
+        trainer_for(saved_scan),
+        dataclasses.replace(first, steps=4),
+        tmp_path / "unbroken",
+        synthetic_batches(),
+    )
     resumed, unbroken = losses(tmp_path / "run"), losses(tmp_path / "unbroken")
     assert sorted(resumed) == sorted(unbroken) == [1, 2, 3, 4]
     # The scanned and unrolled programs round differently (measured: 5.8e-7 relative at most).
-    np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [unbroken[s] for s in range(1, 5)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [resumed[s] for s in range(1, 5)], [unbroken[s] for s in range(1, 5)], rtol=1e-5
+    )
 
 
 def test_a_metrics_line_torn_by_a_kill_is_dropped_and_the_file_stays_one_json_per_line(tmp_path):
@@ -234,7 +296,9 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_and_the_file_stays_one_json_pe
     writer.write(2, {"loss": 2.25})
     writer.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
+        {"step": 1, "loss": 2.5},
+        {"step": 2, "loss": 2.25},
+    ]
     whole = path.read_text()
     MetricWriter(tmp_path).close()  # a whole file is left as it is
     assert path.read_text() == whole

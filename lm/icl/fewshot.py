@@ -28,9 +28,17 @@ from lm.evaluation.tasks import Task
 GOLD, RANDOM = "gold", "random"
 
 
-def fewshot_curves(lm, tasks: Sequence[Task], *, shots: Sequence[int] = (0, 1, 2, 4, 8, 16),
-                   seeds: int = 3, limit: int | None = 100, control: bool = True,
-                   metric: str = "acc", progress: bool = False) -> dict:
+def fewshot_curves(
+    lm,
+    tasks: Sequence[Task],
+    *,
+    shots: Sequence[int] = (0, 1, 2, 4, 8, 16),
+    seeds: int = 3,
+    limit: int | None = 100,
+    control: bool = True,
+    metric: str = "acc",
+    progress: bool = False,
+) -> dict:
     """Runs every task at every k and seed. Returns {"runs": [one row per run: task, k, seed,
     labels, docs, value, seconds], "summary": {task: {labels: {k: {mean, std, n}}}}, "config"}.
 
@@ -39,19 +47,45 @@ def fewshot_curves(lm, tasks: Sequence[Task], *, shots: Sequence[int] = (0, 1, 2
     runs = []
     for task in tasks:
         for k in shots:
-            for labels in ((GOLD, RANDOM) if control and k else (GOLD,)):
+            for labels in (GOLD, RANDOM) if control and k else (GOLD,):
                 for s in range(seeds if k else 1):
-                    r = evaluate_task(lm, task, num_fewshot=k, limit=limit, seed=FEWSHOT_SEED + s,
-                                      progress=progress, shuffle_labels=labels == RANDOM)
+                    r = evaluate_task(
+                        lm,
+                        task,
+                        num_fewshot=k,
+                        limit=limit,
+                        seed=FEWSHOT_SEED + s,
+                        progress=progress,
+                        shuffle_labels=labels == RANDOM,
+                    )
                     if metric not in r["metrics"]:
-                        raise ValueError(f"task {task.name} has no metric {metric!r}; it has "
-                                         f"{sorted(m for m in r['metrics'] if not m.endswith('_stderr'))}")
-                    runs.append({"task": task.name, "k": k, "seed": s, "labels": labels,
-                                 "docs": r["docs"], "value": r["metrics"][metric],
-                                 "seconds": r["seconds"]})
-    return {"runs": runs, "summary": summarize(runs),
-            "config": {"shots": list(shots), "seeds": seeds, "limit": limit, "control": control,
-                       "metric": metric, "batch_size": getattr(lm, "batch_size", None)}}
+                        raise ValueError(
+                            f"task {task.name} has no metric {metric!r}; it has "
+                            f"{sorted(m for m in r['metrics'] if not m.endswith('_stderr'))}"
+                        )
+                    runs.append(
+                        {
+                            "task": task.name,
+                            "k": k,
+                            "seed": s,
+                            "labels": labels,
+                            "docs": r["docs"],
+                            "value": r["metrics"][metric],
+                            "seconds": r["seconds"],
+                        }
+                    )
+    return {
+        "runs": runs,
+        "summary": summarize(runs),
+        "config": {
+            "shots": list(shots),
+            "seeds": seeds,
+            "limit": limit,
+            "control": control,
+            "metric": metric,
+            "batch_size": getattr(lm, "batch_size", None),
+        },
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -61,7 +95,9 @@ def summarize(runs: list[dict]) -> dict:
     for run in runs:
         kinds = (GOLD, RANDOM) if run["k"] == 0 else (run["labels"],)
         for labels in kinds:
-            grouped.setdefault(run["task"], {}).setdefault(labels, {}).setdefault(run["k"], []).append(run["value"])
+            grouped.setdefault(run["task"], {}).setdefault(labels, {}).setdefault(
+                run["k"], []
+            ).append(run["value"])
     out: dict = {}
     for task, by_labels in grouped.items():
         for labels, by_k in by_labels.items():
@@ -70,7 +106,10 @@ def summarize(runs: list[dict]) -> dict:
             for k, values in sorted(by_k.items()):
                 v = np.asarray(values, np.float64)
                 out.setdefault(task, {}).setdefault(labels, {})[k] = {
-                    "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "n": len(v),
+                }
     return out
 
 
@@ -81,8 +120,10 @@ def load_curves(path: str | pathlib.Path) -> dict:
     if path.is_dir():
         path = path / "curves.json"
     curves = json.loads(path.read_text())
-    curves["summary"] = {task: {labels: {int(k): v for k, v in by_k.items()} for labels, by_k in by_labels.items()}
-                         for task, by_labels in curves["summary"].items()}
+    curves["summary"] = {
+        task: {labels: {int(k): v for k, v in by_k.items()} for labels, by_k in by_labels.items()}
+        for task, by_labels in curves["summary"].items()
+    }
     return curves
 
 
@@ -90,8 +131,10 @@ def format_curves(curves: dict) -> str:
     """A Markdown table: one row per task and label kind, one column per k (mean ± std)."""
     summary = curves["summary"]
     shots = curves["config"]["shots"]
-    lines = ["| task | demonstrations | " + " | ".join(f"k={k}" for k in shots) + " |",
-             "|---|---|" + "---|" * len(shots)]
+    lines = [
+        "| task | demonstrations | " + " | ".join(f"k={k}" for k in shots) + " |",
+        "|---|---|" + "---|" * len(shots),
+    ]
     for task, by_labels in summary.items():
         for labels, by_k in by_labels.items():
             cells = []
@@ -107,8 +150,9 @@ def format_curves(curves: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict, path: str | pathlib.Path, chance: dict[str, float] | None = None,
-                title: str = "") -> pathlib.Path:
+def plot_curves(
+    curves: dict, path: str | pathlib.Path, chance: dict[str, float] | None = None, title: str = ""
+) -> pathlib.Path:
     """One panel per task: mean accuracy against k (log-2 axis; k=0 at the left), a band of
     one standard deviation over seeds, gold and random-label demonstrations, chance dashed."""
     import matplotlib
@@ -126,7 +170,7 @@ def plot_curves(curves: dict, path: str | pathlib.Path, chance: dict[str, float]
             x = [0.5 if k == 0 else k for k in ks]  # k=0 on a log axis
             mean = np.array([by_labels[labels][k]["mean"] for k in ks]) * 100
             std = np.array([by_labels[labels][k]["std"] for k in ks]) * 100
-            line, = ax.plot(x, mean, style, label=f"{labels} labels")
+            (line,) = ax.plot(x, mean, style, label=f"{labels} labels")
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         if chance and task in chance:
             ax.axhline(100 * chance[task], color="grey", linestyle=":", label="chance")

@@ -93,15 +93,20 @@ class InductionConfig:
         if self.length < 4:
             raise ValueError(f"icl.length={self.length} must be >= 4")
         spans_used = self.data == "repeated_random"  # text runs only use the probe's span
-        if spans_used and (not 2 <= self.train_min_span <= self.span or 2 * self.span > self.length):
+        if spans_used and (
+            not 2 <= self.train_min_span <= self.span or 2 * self.span > self.length
+        ):
             raise ValueError(
                 f"icl.min_span={self.min_span}, icl.span={self.span}: need 2 <= min_span <= span "
-                f"and two copies of span (2 x {self.span}) within icl.length={self.length}")
+                f"and two copies of span (2 x {self.span}) within icl.length={self.length}"
+            )
         if self.max_gap < 0:
             raise ValueError(f"icl.max_gap={self.max_gap} must be >= 0")
         if not 2 <= self.probe_span_len <= self.length // 2:
-            raise ValueError(f"icl.probe_span={self.probe_span} must lie in [2, length // 2 = "
-                             f"{self.length // 2}] (0 = length // 2)")
+            raise ValueError(
+                f"icl.probe_span={self.probe_span} must lie in [2, length // 2 = "
+                f"{self.length // 2}] (0 = length // 2)"
+            )
         if self.data == "repeated_random" and self.vocab < 2:
             raise ValueError(f"icl.vocab={self.vocab} must be >= 2")
         for key in ("batch_size", "steps", "eval_every", "log_every", "probe_batches"):
@@ -109,7 +114,9 @@ class InductionConfig:
                 raise ValueError(f"icl.{key}={getattr(self, key)} must be >= 1")
         for key in ("early", "late"):
             if not 0 <= getattr(self, key) < self.length:
-                raise ValueError(f"icl.{key}={getattr(self, key)} must lie in [0, {self.length - 1}]")
+                raise ValueError(
+                    f"icl.{key}={getattr(self, key)} must lie in [0, {self.length - 1}]"
+                )
 
     @property
     def train_min_span(self) -> int:
@@ -128,9 +135,18 @@ class InductionConfig:
 # ----------------------------------------------------------------------------------- data
 
 
-def repeated_spans(rng: np.random.Generator, batch: int, length: int, span: int, *,
-                   min_span: int = 0, max_gap: int = 0, vocab: int | None = None,
-                   token_ids=None, start: int | None = None) -> dict[str, np.ndarray]:
+def repeated_spans(
+    rng: np.random.Generator,
+    batch: int,
+    length: int,
+    span: int,
+    *,
+    min_span: int = 0,
+    max_gap: int = 0,
+    vocab: int | None = None,
+    token_ids=None,
+    start: int | None = None,
+) -> dict[str, np.ndarray]:
     """Random token sequences holding one random span twice.
 
     Each row: [prefix][A][gap][A][suffix], every token drawn uniformly (independently) from
@@ -165,15 +181,26 @@ def repeated_spans(rng: np.random.Generator, batch: int, length: int, span: int,
     source = np.where(in_second, pos - (second - first)[:, None], pos)
     tokens = np.take_along_axis(tokens, source, axis=1)
     segments = np.where(in_first, 1, np.where(in_second, 2, 0)).astype(np.int8)
-    return {"tokens": tokens, "segments": segments, "first": first.astype(np.int32),
-            "second": second.astype(np.int32), "span_len": span_len.astype(np.int32)}
+    return {
+        "tokens": tokens,
+        "segments": segments,
+        "first": first.astype(np.int32),
+        "second": second.astype(np.int32),
+        "span_len": span_len.astype(np.int32),
+    }
 
 
 def probe_batch(config: InductionConfig, token_ids) -> dict[str, np.ndarray]:
     """The fixed probe: [A][A] from position 0 (random suffix if 2 * probe_span < length)."""
     rng = np.random.default_rng(config.probe_seed)
-    return repeated_spans(rng, config.probe_batches * config.batch_size, config.length,
-                          config.probe_span_len, token_ids=token_ids, start=0)
+    return repeated_spans(
+        rng,
+        config.probe_batches * config.batch_size,
+        config.length,
+        config.probe_span_len,
+        token_ids=token_ids,
+        start=0,
+    )
 
 
 @dataclasses.dataclass
@@ -217,8 +244,12 @@ def load_text(config: InductionConfig, workdir: pathlib.Path) -> TextData:
         chars = np.unique(train_bytes)
         table = np.zeros(256, np.int32)
         table[chars] = np.arange(1, chars.size + 1)
-        storage.write_atomic(workdir / "characters.json", json.dumps(
-            {"unknown": 0, "characters": [bytes([int(c)]).decode("latin-1") for c in chars]}))
+        storage.write_atomic(
+            workdir / "characters.json",
+            json.dumps(
+                {"unknown": 0, "characters": [bytes([int(c)]).decode("latin-1") for c in chars]}
+            ),
+        )
         train = table[train_bytes]
         valid = table[np.frombuffer(valid_text.encode("utf-8"), np.uint8)]
         vocab_size = chars.size + 1
@@ -233,8 +264,10 @@ def load_text(config: InductionConfig, workdir: pathlib.Path) -> TextData:
             tok = tokenizers.train_tokenizer(works["train"], path, config.text_vocab)
 
         def encode(texts):
-            return np.concatenate([np.asarray(ids, np.int32)
-                                   for ids in tok.encode_batch(texts)] or [np.zeros(0, np.int32)])
+            return np.concatenate(
+                [np.asarray(ids, np.int32) for ids in tok.encode_batch(texts)]
+                or [np.zeros(0, np.int32)]
+            )
 
         train = encode(works["train"])
         valid = encode(works["validation"])
@@ -249,19 +282,33 @@ def load_text(config: InductionConfig, workdir: pathlib.Path) -> TextData:
 
 # Attention-only (mlp_dim=0), untied unembedding, like Olsson et al.'s small models.
 # vocab_size 0 = the data's vocabulary; max_len 0 = icl.length.
-MODEL_DEFAULTS = dict(vocab_size=0, d_model=128, num_layers=2, num_heads=8, mlp_dim=0,
-                      position="learned", max_len=0, tied_embeddings=False, dropout=0.0)
+MODEL_DEFAULTS = dict(
+    vocab_size=0,
+    d_model=128,
+    num_layers=2,
+    num_heads=8,
+    mlp_dim=0,
+    position="learned",
+    max_len=0,
+    tied_embeddings=False,
+    dropout=0.0,
+)
 OPTIMIZER_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
 
 
-def experiment(icl: dict | None = None, model: dict | None = None,
-               optimizer: dict | None = None) -> ml_collections.ConfigDict:
+def experiment(
+    icl: dict | None = None, model: dict | None = None, optimizer: dict | None = None
+) -> ml_collections.ConfigDict:
     """A complete induction-heads config: every field of `InductionConfig`, `ModelConfig`
     and `OptimizerConfig` present (so each can be overridden from the command line), the
     given overrides applied; a misspelt key is an error that names it."""
-    return filled_sections({"icl": (InductionConfig, {}, icl),
-                            "model": (ModelConfig, MODEL_DEFAULTS, model),
-                            "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer)})
+    return filled_sections(
+        {
+            "icl": (InductionConfig, {}, icl),
+            "model": (ModelConfig, MODEL_DEFAULTS, model),
+            "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer),
+        }
+    )
 
 
 def build_configs(config, data_vocab: int | None = None):
@@ -271,8 +318,9 @@ def build_configs(config, data_vocab: int | None = None):
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; an induction experiment has "
-                         f"{list(SECTIONS)}")
+        raise ValueError(
+            f"unknown config section(s) {unknown}; an induction experiment has {list(SECTIONS)}"
+        )
     icl = InductionConfig.from_dict(values.get("icl", {}))
     model_values = {**field_defaults(ModelConfig), **MODEL_DEFAULTS, **values.get("model", {})}
     if not model_values["max_len"]:
@@ -280,11 +328,15 @@ def build_configs(config, data_vocab: int | None = None):
     if not model_values["vocab_size"]:
         model_values["vocab_size"] = data_vocab or 1
     elif data_vocab and model_values["vocab_size"] < data_vocab:
-        raise ValueError(f"model.vocab_size={model_values['vocab_size']} is smaller than the "
-                         f"data's vocabulary ({data_vocab}); use 0 to take the data's")
+        raise ValueError(
+            f"model.vocab_size={model_values['vocab_size']} is smaller than the "
+            f"data's vocabulary ({data_vocab}); use 0 to take the data's"
+        )
     model = ModelConfig.from_dict(model_values)
     if model.architecture != "decoder":
-        raise ValueError("induction experiments train a decoder-only model: model.architecture='decoder'")
+        raise ValueError(
+            "induction experiments train a decoder-only model: model.architecture='decoder'"
+        )
     if model.position == "learned" and model.max_len < icl.length:
         raise ValueError(f"model.max_len={model.max_len} < icl.length={icl.length}")
     optimizer = OptimizerConfig.from_dict({**OPTIMIZER_DEFAULTS, **values.get("optimizer", {})})
@@ -333,7 +385,7 @@ def make_text_probe(model_config: ModelConfig, windows: np.ndarray, icl: Inducti
     model = build_model(dataclasses.replace(model_config, capture_attention=True))
     tokens = jnp.asarray(windows)
     half = icl.length // 2
-    doubled = jnp.concatenate([tokens[:, :half]] * 2 + [tokens[:, 2 * half:]], axis=1)
+    doubled = jnp.concatenate([tokens[:, :half]] * 2 + [tokens[:, 2 * half :]], axis=1)
     segments = scores.copy_segments(icl.length, half)
 
     @jax.jit
@@ -343,12 +395,15 @@ def make_text_probe(model_config: ModelConfig, windows: np.ndarray, icl: Inducti
         logits, state = model.apply({"params": params}, doubled[:, :-1], mutable=["intermediates"])
         repeat_loss = scores.per_token_loss(logits, doubled)
         attn = scores.attention_weights(state["intermediates"])
-        return {"text_loss": jnp.nanmean(loss),
-                "text_in_context_score": scores.in_context_score(loss, icl.early or None,
-                                                                 icl.late or None),
-                "text_repeat_loss_ratio": scores.repeat_loss_ratio(repeat_loss, segments),
-                "text_induction": scores.induction_score(attn, doubled),
-                "text_previous_token": scores.previous_token_score(attn)}
+        return {
+            "text_loss": jnp.nanmean(loss),
+            "text_in_context_score": scores.in_context_score(
+                loss, icl.early or None, icl.late or None
+            ),
+            "text_repeat_loss_ratio": scores.repeat_loss_ratio(repeat_loss, segments),
+            "text_induction": scores.induction_score(attn, doubled),
+            "text_previous_token": scores.previous_token_score(attn),
+        }
 
     def probe_fn(params) -> dict[str, Any]:
         out = jax.device_get(run(params))
@@ -379,7 +434,7 @@ def unflatten_probe(row: dict[str, float]) -> dict[str, Any]:
     for key, value in row.items():
         if not key.startswith("probe/"):
             continue
-        parts = key[len("probe/"):].split("/")
+        parts = key[len("probe/") :].split("/")
         if len(parts) == 1:
             out[parts[0]] = value
         elif len(parts) == 3 and parts[2].startswith("head"):
@@ -399,9 +454,11 @@ def load_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     `plot_scores`, `plot_in_context` and `summarize` take them."""
     path = storage.as_path(workdir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: train an induction experiment there first "
-                                "(python -m lm.main --config experiments/induction_heads.py:two_layer "
-                                f"--workdir {workdir})")
+        raise FileNotFoundError(
+            f"{path} does not exist: train an induction experiment there first "
+            "(python -m lm.main --config experiments/induction_heads.py:two_layer "
+            f"--workdir {workdir})"
+        )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [unflatten_probe(row) for row in rows if "probe/in_context_score" in row]
 
@@ -422,16 +479,22 @@ def plot_scores(history: list[dict[str, Any]], path: pathlib.Path, title: str = 
         rows.append(("text_induction", "induction score, repeated text"))
     steps = [h["step"] for h in history]
     layers, heads = np.shape(history[0]["induction"])
-    fig, axes = plt.subplots(len(rows), layers, figsize=(max(6, 5 * layers), 3.5 * len(rows)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(rows), layers, figsize=(max(6, 5 * layers), 3.5 * len(rows)), squeeze=False, sharex=True
+    )
     colors = plt.get_cmap("tab10" if heads <= 10 else "tab20")
     for row, (key, name) in enumerate(rows):
         values = np.stack([h[key] for h in history])  # [probes, layers, heads]
         for layer in range(layers):
             ax = axes[row, layer]
             for head in range(heads):
-                ax.plot(steps, values[:, layer, head], color=colors(head % colors.N),
-                        marker=".", label=f"head {head}")
+                ax.plot(
+                    steps,
+                    values[:, layer, head],
+                    color=colors(head % colors.N),
+                    marker=".",
+                    label=f"head {head}",
+                )
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"layer {layer}: {name}")
             ax.set_ylabel(name)
@@ -454,24 +517,45 @@ def plot_in_context(history: list[dict[str, Any]], path: pathlib.Path, title: st
 
     steps = [h["step"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(steps, [h["in_context_score"] for h in history], marker=".",
-             label="repeated random tokens (probe)")
+    ax1.plot(
+        steps,
+        [h["in_context_score"] for h in history],
+        marker=".",
+        label="repeated random tokens (probe)",
+    )
     if "text_in_context_score" in history[0]:
-        ax1.plot(steps, [h["text_in_context_score"] for h in history], marker=".",
-                 label="validation text")
+        ax1.plot(
+            steps,
+            [h["text_in_context_score"] for h in history],
+            marker=".",
+            label="validation text",
+        )
     ax1.axhline(0.0, color="gray", lw=0.8)
     ax1.set_xlabel("training step")
     ax1.set_ylabel("loss(late token) - loss(early token) [nats]")
     ax1.set_title("in-context learning score")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    ax2.plot(steps, [h["repeat_loss_ratio"] for h in history], marker=".",
-             label="second copy / first copy")
-    ax2.plot(steps, [h["repeat_loss_ratio_all_tokens"] for h in history], marker=".", ls="--",
-             label="same, counting each copy's first token")
+    ax2.plot(
+        steps,
+        [h["repeat_loss_ratio"] for h in history],
+        marker=".",
+        label="second copy / first copy",
+    )
+    ax2.plot(
+        steps,
+        [h["repeat_loss_ratio_all_tokens"] for h in history],
+        marker=".",
+        ls="--",
+        label="same, counting each copy's first token",
+    )
     if "text_repeat_loss_ratio" in history[0]:
-        ax2.plot(steps, [h["text_repeat_loss_ratio"] for h in history], marker=".",
-                 label="repeated validation text")
+        ax2.plot(
+            steps,
+            [h["text_repeat_loss_ratio"] for h in history],
+            marker=".",
+            label="repeated validation text",
+        )
     ax2.axhline(0.1, color="gray", lw=0.8, ls=":", label="0.1")
     ax2.set_ylim(0, max(1.1, max(h["repeat_loss_ratio"] for h in history) * 1.05))
     ax2.set_xlabel("training step")
@@ -509,20 +593,25 @@ def summarize(history: list[dict[str, Any]], *, threshold: float = 0.5) -> dict[
         values = np.asarray(final[name])
         out[f"max_{name}"] = {
             f"layer{layer}": {"head": int(np.argmax(row)), "score": float(np.max(row))}
-            for layer, row in enumerate(values)}
+            for layer, row in enumerate(values)
+        }
         out[f"{name}_scores"] = values.round(4).tolist()
     out["first_step_ratio_below_0.1"] = next(
-        (h["step"] for h in history if h["repeat_loss_ratio"] < 0.1), None)
+        (h["step"] for h in history if h["repeat_loss_ratio"] < 0.1), None
+    )
     out[f"first_step_induction_above_{threshold}"] = next(
-        (h["step"] for h in history if np.max(h["induction"]) > threshold), None)
+        (h["step"] for h in history if np.max(h["induction"]) > threshold), None
+    )
     return out
 
 
 def _prepare_workdir(workdir: pathlib.Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / "summary.json").exists() or any((workdir / "checkpoints").glob("*")):
-        raise ValueError(f"{workdir} already holds an induction run (summary.json or checkpoints); "
-                         "use a new --workdir")
+        raise ValueError(
+            f"{workdir} already holds an induction run (summary.json or checkpoints); "
+            "use a new --workdir"
+        )
     stale = workdir / "metrics.jsonl"
     if stale.exists():  # an interrupted run: start the log afresh
         log.warning("removing %s of an unfinished run", stale)
@@ -542,29 +631,42 @@ def run(config, workdir) -> dict[str, Any]:
     if icl.data == "text":
         text = load_text(icl, workdir)
         data_vocab, token_ids = text.vocab_size, text.token_ids
-        print(f"text: {text.description}; {text.train.size:,} training and "
-              f"{text.validation.size:,} validation tokens", flush=True)
+        print(
+            f"text: {text.description}; {text.train.size:,} training and "
+            f"{text.validation.size:,} validation tokens",
+            flush=True,
+        )
     else:
         data_vocab, token_ids = icl.vocab, np.arange(icl.vocab)
     icl, model_config, opt_config = build_configs(config, data_vocab)
-    resolved = {"icl": dataclasses.asdict(icl), "model": dataclasses.asdict(model_config),
-                "optimizer": dataclasses.asdict(opt_config)}
+    resolved = {
+        "icl": dataclasses.asdict(icl),
+        "model": dataclasses.asdict(model_config),
+        "optimizer": dataclasses.asdict(opt_config),
+    }
     ckpt.write_config(workdir, resolved)
 
     model = build_model(model_config)
     schedule = learning_rate_schedule(opt_config, icl.steps)
     optimizer = make_optimizer(opt_config, schedule)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(icl.seed))
-    params = nn.meta.unbox(model.init(init_rng, jnp.zeros((1, icl.length - 1), jnp.int32))["params"])
-    state = TrainState(step=jnp.array(0, jnp.int32), params=params,
-                       opt_state=optimizer.init(params), rng=train_rng)
+    params = nn.meta.unbox(
+        model.init(init_rng, jnp.zeros((1, icl.length - 1), jnp.int32))["params"]
+    )
+    state = TrainState(
+        step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_rng
+    )
     train_step = jax.jit(make_train_step(model, optimizer, schedule, opt_config), donate_argnums=0)
 
     probe = make_probe(model_config, probe_batch(icl, token_ids), icl)
     text_probe = None
     if text is not None:
-        windows = text.windows(np.random.default_rng(icl.probe_seed),
-                               icl.probe_batches * icl.batch_size, icl.length, "validation")
+        windows = text.windows(
+            np.random.default_rng(icl.probe_seed),
+            icl.probe_batches * icl.batch_size,
+            icl.length,
+            "validation",
+        )
         text_probe = make_text_probe(model_config, windows, icl)
 
     def batch_at(step: int) -> dict[str, np.ndarray]:
@@ -572,16 +674,28 @@ def run(config, workdir) -> dict[str, Any]:
         if text is not None:
             tokens = text.windows(rng, icl.batch_size, icl.length)
         else:
-            tokens = repeated_spans(rng, icl.batch_size, icl.length, icl.span,
-                                    min_span=icl.train_min_span, max_gap=icl.max_gap,
-                                    vocab=icl.vocab)["tokens"]
-        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                "weights": np.ones(tokens[:, 1:].shape, np.float32)}
+            tokens = repeated_spans(
+                rng,
+                icl.batch_size,
+                icl.length,
+                icl.span,
+                min_span=icl.train_min_span,
+                max_gap=icl.max_gap,
+                vocab=icl.vocab,
+            )["tokens"]
+        return {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "weights": np.ones(tokens[:, 1:].shape, np.float32),
+        }
 
-    print(f"induction: {model_config.num_layers}-layer attention-only model "
-          f"(mlp_dim={model_config.mlp_dim}), {count_params(params):,} parameters, "
-          f"vocab {model_config.vocab_size}, data={icl.data}, {icl.steps} steps of "
-          f"{icl.batch_size} x {icl.length - 1} tokens", flush=True)
+    print(
+        f"induction: {model_config.num_layers}-layer attention-only model "
+        f"(mlp_dim={model_config.mlp_dim}), {count_params(params):,} parameters, "
+        f"vocab {model_config.vocab_size}, data={icl.data}, {icl.steps} steps of "
+        f"{icl.batch_size} x {icl.length - 1} tokens",
+        flush=True,
+    )
     writer = MetricWriter(workdir)
     history: list[dict[str, Any]] = []
 
@@ -591,21 +705,30 @@ def run(config, workdir) -> dict[str, Any]:
             result.update(text_probe(state.params))
         history.append({"step": step, **result})
         writer.write(step, flatten_probe(result))
-        best = ", ".join(f"L{layer} h{int(np.argmax(row))} {np.max(row):.2f}"
-                         for layer, row in enumerate(result["induction"]))
-        prev = ", ".join(f"L{layer} {np.max(row):.2f}"
-                         for layer, row in enumerate(result["previous_token"]))
+        best = ", ".join(
+            f"L{layer} h{int(np.argmax(row))} {np.max(row):.2f}"
+            for layer, row in enumerate(result["induction"])
+        )
+        prev = ", ".join(
+            f"L{layer} {np.max(row):.2f}" for layer, row in enumerate(result["previous_token"])
+        )
         extra = ""
         if "text_loss" in result:
-            text_best = ", ".join(f"L{layer} {np.max(row):.2f}"
-                                  for layer, row in enumerate(result["text_induction"]))
-            extra = (f" | text: loss {result['text_loss']:.3f}, ICS "
-                     f"{result['text_in_context_score']:+.3f}, repeated-text ratio "
-                     f"{result['text_repeat_loss_ratio']:.3f}, induction max [{text_best}]")
-        print(f"probe step {step:5d}: ratio {result['repeat_loss_ratio']:.3f} "
-              f"(copies {result['first_copy_loss']:.2f} -> {result['second_copy_loss']:.2f}), "
-              f"ICS {result['in_context_score']:+.3f}, induction max [{best}], "
-              f"prev-token max [{prev}]{extra}", flush=True)
+            text_best = ", ".join(
+                f"L{layer} {np.max(row):.2f}" for layer, row in enumerate(result["text_induction"])
+            )
+            extra = (
+                f" | text: loss {result['text_loss']:.3f}, ICS "
+                f"{result['text_in_context_score']:+.3f}, repeated-text ratio "
+                f"{result['text_repeat_loss_ratio']:.3f}, induction max [{text_best}]"
+            )
+        print(
+            f"probe step {step:5d}: ratio {result['repeat_loss_ratio']:.3f} "
+            f"(copies {result['first_copy_loss']:.2f} -> {result['second_copy_loss']:.2f}), "
+            f"ICS {result['in_context_score']:+.3f}, induction max [{best}], "
+            f"prev-token max [{prev}]{extra}",
+            flush=True,
+        )
 
     run_probe(0)
     train_start = time.time()
@@ -622,17 +745,22 @@ def run(config, workdir) -> dict[str, Any]:
                 raise FloatingPointError(f"training loss is {means['loss']} at step {step}")
             writer.write(step, means)
             eta = (icl.steps - step) / means["steps_per_sec"]
-            print(f"step {step:5d}: loss {means['loss']:.4f}, accuracy {means['accuracy']:.3f}, "
-                  f"lr {means['learning_rate']:.2e}, {means['steps_per_sec']:.1f} steps/s, "
-                  f"ETA {eta:.0f}s", flush=True)
+            print(
+                f"step {step:5d}: loss {means['loss']:.4f}, accuracy {means['accuracy']:.3f}, "
+                f"lr {means['learning_rate']:.2e}, {means['steps_per_sec']:.1f} steps/s, "
+                f"ETA {eta:.0f}s",
+                flush=True,
+            )
             last_time, sums, count = now, None, 0
         if step % icl.eval_every == 0 or step == icl.steps:
             run_probe(step)
     train_time = time.time() - train_start
     writer.close()
 
-    title = (f"{model_config.num_layers}-layer attention-only, trained on "
-             f"{'text' if text is not None else 'repeated random tokens'}")
+    title = (
+        f"{model_config.num_layers}-layer attention-only, trained on "
+        f"{'text' if text is not None else 'repeated random tokens'}"
+    )
     plot_scores(history, workdir / "induction_scores.png", title)
     plot_in_context(history, workdir / "in_context_score.png", title)
     saver = ckpt.Checkpointer(workdir, keep=1, async_save=False)
@@ -640,11 +768,30 @@ def run(config, workdir) -> dict[str, Any]:
     saver.close()
 
     summary = summarize(history)
-    summary.update(num_layers=model_config.num_layers, num_heads=model_config.num_heads,
-                   data=icl.data, steps=icl.steps, num_params=count_params(state.params),
-                   train_time_s=round(train_time, 1), wall_time_s=round(time.time() - t0, 1))
+    summary.update(
+        num_layers=model_config.num_layers,
+        num_heads=model_config.num_heads,
+        data=icl.data,
+        steps=icl.steps,
+        num_params=count_params(state.params),
+        train_time_s=round(train_time, 1),
+        wall_time_s=round(time.time() - t0, 1),
+    )
     storage.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
-    print("summary: " + json.dumps({k: summary[k] for k in (
-        "repeat_loss_ratio", "in_context_score", "max_induction", "max_previous_token",
-        "wall_time_s")}), flush=True)
+    print(
+        "summary: "
+        + json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "repeat_loss_ratio",
+                    "in_context_score",
+                    "max_induction",
+                    "max_previous_token",
+                    "wall_time_s",
+                )
+            }
+        ),
+        flush=True,
+    )
     return summary

@@ -102,11 +102,26 @@ class RegressionConfig:
             raise ValueError(f"icl.kind={self.kind!r}: this module runs 'regression'")
         if self.function not in functions.KINDS:
             raise ValueError(f"icl.function={self.function!r} is not one of {functions.KINDS}")
-        for key in ("n_dims", "n_points", "batch_size", "dims_interval", "points_interval",
-                    "eval_batches", "keep_checkpoints", "knn_k", "log_every"):
+        for key in (
+            "n_dims",
+            "n_points",
+            "batch_size",
+            "dims_interval",
+            "points_interval",
+            "eval_batches",
+            "keep_checkpoints",
+            "knn_k",
+            "log_every",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"icl.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "dims_increment", "points_increment", "eval_every", "checkpoint_every"):
+        for key in (
+            "steps",
+            "dims_increment",
+            "points_increment",
+            "eval_every",
+            "checkpoint_every",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"icl.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("dims_start", "points_start"):
@@ -122,7 +137,9 @@ class RegressionConfig:
         """(effective dimension, prompt length) at training step `step`."""
         return (
             _schedule(self.dims_start, self.n_dims, self.dims_increment, self.dims_interval, step),
-            _schedule(self.points_start, self.n_points, self.points_increment, self.points_interval, step),
+            _schedule(
+                self.points_start, self.n_points, self.points_increment, self.points_interval, step
+            ),
         )
 
     @property
@@ -140,18 +157,32 @@ def _schedule(start: int, end: int, increment: int, interval: int, step: int) ->
 # GPT-2 (12 layers, 256 wide, 8 heads, no dropout) and Adam at a constant 1e-4.
 MODEL_DEFAULTS = dict(
     vocab_size=1,  # unused: inputs are vectors, read in by a Dense layer
-    d_model=256, num_layers=12, num_heads=8, mlp_dim=1024, mlp_activation="gelu_tanh",
-    position="learned", dropout=0.0, attention_dropout=0.0,
+    d_model=256,
+    num_layers=12,
+    num_heads=8,
+    mlp_dim=1024,
+    mlp_activation="gelu_tanh",
+    position="learned",
+    dropout=0.0,
+    attention_dropout=0.0,
 )
 OPTIMIZER_DEFAULTS = dict(
-    name="adamw", learning_rate=1e-4, warmup_steps=0, end_learning_rate_fraction=1.0,
-    weight_decay=0.0, b1=0.9, b2=0.999, clip_norm=0.0,
+    name="adamw",
+    learning_rate=1e-4,
+    warmup_steps=0,
+    end_learning_rate_fraction=1.0,
+    weight_decay=0.0,
+    b1=0.9,
+    b2=0.999,
+    clip_norm=0.0,
 )
 SECTIONS = {"icl": RegressionConfig, "model": ModelConfig, "optimizer": OptimizerConfig}
 
 
 def experiment(
-    *, icl: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+    *,
+    icl: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
     optimizer: dict[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """A complete regression config: sections icl, model, optimizer with every field filled.
@@ -159,9 +190,13 @@ def experiment(
     Each argument holds only the overrides; a misspelt key is an error that names it.
     model.max_len defaults to 2 * icl.n_points (the interleaved prompt length).
     """
-    config = filled_sections({"icl": (RegressionConfig, {}, icl),
-                              "model": (ModelConfig, MODEL_DEFAULTS, model),
-                              "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer)})
+    config = filled_sections(
+        {
+            "icl": (RegressionConfig, {}, icl),
+            "model": (ModelConfig, MODEL_DEFAULTS, model),
+            "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer),
+        }
+    )
     if "max_len" not in (model or {}):
         config.model.max_len = 2 * config.icl.n_points
     return config
@@ -216,18 +251,24 @@ class InContextRegressor(nn.Module):
         batch, n, _ = xs.shape
         tokens = interleave(xs.astype(c.compute_dtype), ys)
         h = nn.Dense(
-            c.d_model, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+            c.d_model,
+            dtype=c.compute_dtype,
+            param_dtype=c.weight_dtype,
             kernel_init=layers.param_init(nn.initializers.lecun_normal(), (None, "embed")),
-            bias_init=layers.param_init(nn.initializers.zeros_init(), ("embed",)), name="read_in",
+            bias_init=layers.param_init(nn.initializers.zeros_init(), ("embed",)),
+            name="read_in",
         )(tokens)
         positions = jnp.broadcast_to(jnp.arange(2 * n, dtype=jnp.int32), (batch, 2 * n))
         h = Stack(c, c.num_layers, causal=True, name="backbone")(
             h, causal_mask(2 * n), positions=positions, deterministic=deterministic
         )
         out = nn.Dense(
-            1, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+            1,
+            dtype=c.compute_dtype,
+            param_dtype=c.weight_dtype,
             kernel_init=layers.param_init(nn.initializers.lecun_normal(), ("embed", None)),
-            bias_init=layers.param_init(nn.initializers.zeros_init(), (None,)), name="read_out",
+            bias_init=layers.param_init(nn.initializers.zeros_init(), (None,)),
+            name="read_out",
         )(h)
         return out[:, ::2, 0].astype(jnp.float32)
 
@@ -259,7 +300,13 @@ def make_train_step(
     def train_step(state: TrainState, d_effective, n_effective):
         key = jax.random.fold_in(state.rng, state.step)
         xs, ys = functions.sample_batch(
-            icl.function, key, icl.batch_size, icl.n_points, icl.n_dims, d_effective, **icl.function_kwargs
+            icl.function,
+            key,
+            icl.batch_size,
+            icl.n_points,
+            icl.n_dims,
+            d_effective,
+            **icl.function_kwargs,
         )
         loss, grads = jax.value_and_grad(loss_fn)(state.params, xs, ys, n_effective)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -274,7 +321,13 @@ def eval_batches(icl: RegressionConfig, key: jax.Array) -> list[tuple[np.ndarray
     """The fixed evaluation prompts at full dimension and length: eval_batches x batch_size."""
     sample = jax.jit(
         lambda k: functions.sample_batch(
-            icl.function, k, icl.batch_size, icl.n_points, icl.n_dims, icl.n_dims, **icl.function_kwargs
+            icl.function,
+            k,
+            icl.batch_size,
+            icl.n_points,
+            icl.n_dims,
+            icl.n_dims,
+            **icl.function_kwargs,
         )
     )
     return [jax.device_get(sample(jax.random.fold_in(key, i))) for i in range(icl.eval_batches)]
@@ -318,11 +371,15 @@ def plot_saved_errors(workdir: str | pathlib.Path, path: str | pathlib.Path) -> 
     errors.json contents."""
     source = storage.as_path(workdir) / "errors.json"
     if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist: run a regression experiment there first "
-                                "(python -m lm.main --config experiments/garg_linear_regression.py:small "
-                                f"--workdir {workdir})")
+        raise FileNotFoundError(
+            f"{source} does not exist: run a regression experiment there first "
+            "(python -m lm.main --config experiments/garg_linear_regression.py:small "
+            f"--workdir {workdir})"
+        )
     saved = json.loads(source.read_text())
-    icl = RegressionConfig(function=saved["function"], n_dims=saved["n_dims"], n_points=saved["n_points"])
+    icl = RegressionConfig(
+        function=saved["function"], n_dims=saved["n_dims"], n_points=saved["n_points"]
+    )
     plot_errors(saved["errors"], icl, storage.as_path(path), saved["step"])
     return saved
 
@@ -346,8 +403,11 @@ def plot_errors(
     ax.axvline(icl.n_dims, linestyle="--", color="gray", label=f"k = d = {icl.n_dims}")
     ax.axhline(1.0, linestyle=":", color="gray", linewidth=1, label="zero predictor")
     ax.set_xlabel("in-context examples k")
-    ax.set_ylabel("squared error / d" if icl.function in ("linear_regression", "relu_2nn_regression")
-                  else "normalised squared error")
+    ax.set_ylabel(
+        "squared error / d"
+        if icl.function in ("linear_regression", "relu_2nn_regression")
+        else "normalised squared error"
+    )
     ax.set_ylim(-0.05, 1.5)
     ax.set_title(f"{icl.function.replace('_', ' ')}, d = {icl.n_dims}, after {step} steps")
     ax.legend()
@@ -395,8 +455,9 @@ def run(config, workdir) -> dict[str, Any]:
     optimizer = make_optimizer(opt_config, schedule)
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(icl.seed), 3)
     params = init_params(model, init_key, icl.n_points, icl.n_dims)
-    state = TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
-                       rng=train_key)
+    state = TrainState(
+        step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_key
+    )
     num_params = sum(int(x.size) for x in jax.tree.leaves(params))
 
     checkpointer = Checkpointer(workdir, keep=icl.keep_checkpoints)
@@ -404,8 +465,11 @@ def run(config, workdir) -> dict[str, Any]:
     if checkpointer.latest_step() is not None:
         step, state = checkpointer.restore(state)
         logging.info("restored step %d from %s", step, workdir)
-    print(f"in-context {icl.function}: d={icl.n_dims}, {icl.n_points} points, "
-          f"{num_params / 1e6:.2f}M parameters, step {step}/{icl.steps}", flush=True)
+    print(
+        f"in-context {icl.function}: d={icl.n_dims}, {icl.n_points} points, "
+        f"{num_params / 1e6:.2f}M parameters, step {step}/{icl.steps}",
+        flush=True,
+    )
 
     batches = eval_batches(icl, eval_key)
     state, train_seconds = _train(
@@ -416,12 +480,19 @@ def run(config, workdir) -> dict[str, Any]:
     errors = evaluate(model, state.params, icl, batches)
     final_step = int(state.step)
     result = {
-        "function": icl.function, "n_dims": icl.n_dims, "n_points": icl.n_points, "step": final_step,
-        "num_params": num_params, "eval_prompts": icl.eval_batches * icl.batch_size,
+        "function": icl.function,
+        "n_dims": icl.n_dims,
+        "n_points": icl.n_points,
+        "step": final_step,
+        "num_params": num_params,
+        "eval_prompts": icl.eval_batches * icl.batch_size,
         "normaliser": functions.target_scale(icl.function, icl.n_dims, icl.sparsity),
-        "k": list(range(icl.n_points)), "errors": errors,
+        "k": list(range(icl.n_points)),
+        "errors": errors,
     }
-    if train_seconds is None and (workdir / "errors.json").exists():  # re-evaluation of a finished run
+    if (
+        train_seconds is None and (workdir / "errors.json").exists()
+    ):  # re-evaluation of a finished run
         train_seconds = json.loads((workdir / "errors.json").read_text()).get("train_seconds")
     if train_seconds is not None:
         result["train_seconds"] = train_seconds
@@ -441,7 +512,9 @@ def _train(model, optimizer, schedule, icl, state, start, checkpointer, workdir,
     train_step = make_train_step(model, optimizer, icl)
     writer = MetricWriter(workdir)
     ys_eval = np.concatenate([b[1] for b in batches])
-    bar = tqdm(total=icl.steps, initial=start, disable=not icl.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=icl.steps, initial=start, disable=not icl.progress, desc="train", dynamic_ncols=True
+    )
     began = last_time = time.time()
     last_step = start
     try:
@@ -454,13 +527,17 @@ def _train(model, optimizer, schedule, icl, state, start, checkpointer, workdir,
             if done % icl.log_every == 0 or done == icl.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(f"the training loss is {values['loss']} at step {done}")
+                    raise FloatingPointError(
+                        f"the training loss is {values['loss']} at step {done}"
+                    )
                 now = time.time()
                 values.update(
                     # The loss divided by E[y^2] at the current dimension: 1 = the zero predictor.
                     normalised_loss=values["loss"]
                     / functions.target_scale(icl.function, dims, icl.sparsity),
-                    lr=float(schedule(step)), curriculum_dims=dims, curriculum_points=points,
+                    lr=float(schedule(step)),
+                    curriculum_dims=dims,
+                    curriculum_points=points,
                     steps_per_second=(done - last_step) / max(now - last_time, 1e-9),
                 )
                 last_time, last_step = now, done

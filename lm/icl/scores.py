@@ -38,8 +38,7 @@ def per_token_loss(logits, tokens):
     logits [batch, length - 1, vocab]: the model's outputs on tokens[:, :-1];
     tokens [batch, length] -> [batch, length] float32, column 0 NaN.
     """
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), tokens[:, 1:])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
     return jnp.concatenate([jnp.full((ce.shape[0], 1), jnp.nan, ce.dtype), ce], axis=1)
 
 
@@ -66,8 +65,11 @@ def copy_segments(length: int, span: int, start: int = 0):
     if span < 1 or start < 0 or start + 2 * span > length:
         raise ValueError(f"two copies of span={span} from start={start} do not fit length={length}")
     i = jnp.arange(length)
-    return jnp.where((i >= start) & (i < start + span), 1,
-                     jnp.where((i >= start + span) & (i < start + 2 * span), 2, 0))
+    return jnp.where(
+        (i >= start) & (i < start + span),
+        1,
+        jnp.where((i >= start + span) & (i < start + 2 * span), 2, 0),
+    )
 
 
 def _segments(shape, span, start):
@@ -75,8 +77,10 @@ def _segments(shape, span, start):
         return jnp.broadcast_to(copy_segments(shape[1], span, start), shape)
     segments = jnp.asarray(span)
     if segments.shape not in (tuple(shape), tuple(shape[1:])):
-        raise ValueError(f"segment markers {segments.shape} must match the losses {tuple(shape)} "
-                         "(or one row of them)")
+        raise ValueError(
+            f"segment markers {segments.shape} must match the losses {tuple(shape)} "
+            "(or one row of them)"
+        )
     return jnp.broadcast_to(segments, shape)
 
 

@@ -71,7 +71,9 @@ def prefix_tree_mask(segments: jax.Array) -> jax.Array:
 def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
     """Keys must be real tokens; q_valid [batch, q_len], k_valid [batch, k_len] -> [b, 1, q, k]."""
     del q_valid  # padded queries produce ignored outputs; masking them only risks NaNs.
-    return jnp.broadcast_to(k_valid[:, None, None, :] != 0, (k_valid.shape[0], 1, 1, k_valid.shape[1]))
+    return jnp.broadcast_to(
+        k_valid[:, None, None, :] != 0, (k_valid.shape[0], 1, 1, k_valid.shape[1])
+    )
 
 
 def _backend() -> str:
@@ -82,8 +84,14 @@ def _backend() -> str:
     return backend
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int, backend: str | None = None,
-                           *, lengths: tuple[int, int] | None = None) -> str:
+def resolve_implementation(
+    implementation: str,
+    dtype,
+    head_dim: int,
+    backend: str | None = None,
+    *,
+    lengths: tuple[int, int] | None = None,
+) -> str:
     """The implementation `attend` runs, 'reference', 'xla' or 'cudnn', chosen at trace time.
 
     'auto' takes cuDNN where jax 0.10's cuDNN path accepts the inputs: backend 'gpu'
@@ -93,16 +101,22 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, backend: s
     'auto' cannot know whether it will be differentiated. Anything else gets 'xla'.
     """
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"model.attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        raise ValueError(
+            f"model.attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
     backend = _backend() if backend is None else backend
     dtype = jnp.dtype(dtype)
     if implementation == "cudnn":
         if dtype not in _CUDNN_DTYPES:
-            raise ValueError(f"model.attention_impl='cudnn' needs bfloat16 or float16 inputs, got {dtype}; "
-                             "use 'xla' or 'auto'")
+            raise ValueError(
+                f"model.attention_impl='cudnn' needs bfloat16 or float16 inputs, got {dtype}; "
+                "use 'xla' or 'auto'"
+            )
         if backend != "gpu":
-            raise ValueError(f"model.attention_impl='cudnn' needs a CUDA GPU, the backend is {backend!r}; "
-                             "use 'xla' or 'auto'")
+            raise ValueError(
+                f"model.attention_impl='cudnn' needs a CUDA GPU, the backend is {backend!r}; "
+                "use 'xla' or 'auto'"
+            )
     if implementation != "auto":
         return implementation
     fits = backend == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
@@ -122,8 +136,9 @@ def attention_weights(q, k, mask, bias=None, scale=None):
     kv = k.shape[2]
     if h % kv:
         raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({kv})")
-    logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k,
-                        preferred_element_type=jnp.float32).reshape(b, h, t, -1)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", q.reshape(b, t, kv, h // kv, d), k, preferred_element_type=jnp.float32
+    ).reshape(b, h, t, -1)
     logits = logits * jnp.float32(d**-0.5 if scale is None else scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -153,8 +168,21 @@ def dot_product_attention(
     return out.reshape(b, t, h, v.shape[-1]), weights
 
 
-def attend(q, k, v, mask, *, bias=None, scale=None, causal=False, implementation="auto",
-           dropout_rng=None, dropout_rate=0.0, deterministic=True, return_weights=False):
+def attend(
+    q,
+    k,
+    v,
+    mask,
+    *,
+    bias=None,
+    scale=None,
+    causal=False,
+    implementation="auto",
+    dropout_rng=None,
+    dropout_rate=0.0,
+    deterministic=True,
+    return_weights=False,
+):
     """Attention by `implementation`: q [b, t, h, d], k/v [b, s, kv, d] -> [b, t, h, d].
 
     mask/bias/scale as in `attention_weights`. `causal` says the mask already contains
@@ -172,8 +200,16 @@ def attend(q, k, v, mask, *, bias=None, scale=None, causal=False, implementation
         impl = "reference"
     if impl == "reference":
         out, weights = dot_product_attention(
-            q, k, v, mask, bias=bias, scale=scale, dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate, deterministic=deterministic)
+            q,
+            k,
+            v,
+            mask,
+            bias=bias,
+            scale=scale,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+        )
         return (out, weights) if return_weights else out
     if impl == "xla":
         out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="xla")
@@ -184,15 +220,24 @@ def attend(q, k, v, mask, *, bias=None, scale=None, causal=False, implementation
             return None if x is None else jnp.broadcast_to(x, x.shape[:2] + (t, s))
 
         fused_bias = None if bias is None else full(bias).astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, fused_bias, full(mask), scale=scale,
-                                           is_causal=causal and t == s, implementation="cudnn")
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            fused_bias,
+            full(mask),
+            scale=scale,
+            is_causal=causal and t == s,
+            implementation="cudnn",
+        )
     if return_weights:
         return out, attention_weights(q, k, mask, bias, scale)
     return out
 
 
-def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
-                             max_distance: int):
+def relative_position_bucket(
+    relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int
+):
     """T5's bucketing of key_position - query_position (int array) into [0, num_buckets).
 
     Half the buckets (per direction) hold exact distances; the rest grow logarithmically
@@ -208,9 +253,11 @@ def relative_position_bucket(relative_position, *, bidirectional: bool, num_buck
         distance = -jnp.minimum(relative_position, 0)
     max_exact = num_buckets // 2
     ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact) / math.log(
-        max_distance / max_exact)
-    large = jnp.minimum(max_exact + (ratio * (num_buckets - max_exact)).astype(distance.dtype),
-                        num_buckets - 1)
+        max_distance / max_exact
+    )
+    large = jnp.minimum(
+        max_exact + (ratio * (num_buckets - max_exact)).astype(distance.dtype), num_buckets - 1
+    )
     return bucket + jnp.where(distance < max_exact, distance, large)
 
 
@@ -282,8 +329,12 @@ class Attention(nn.Module):
         k = self._proj(self.num_kv_heads, ("kv_heads", "kv"), "key")(kv_in)
         v = self._proj(self.num_kv_heads, ("kv_heads", "kv"), "value")(kv_in)
         if self.qk_norm:
-            q = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, axis_name="kv", name="query_norm")(q)
-            k = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, axis_name="kv", name="key_norm")(k)
+            q = RMSNorm(
+                self.norm_eps, self.dtype, self.param_dtype, axis_name="kv", name="query_norm"
+            )(q)
+            k = RMSNorm(
+                self.norm_eps, self.dtype, self.param_dtype, axis_name="kv", name="key_norm"
+            )(k)
         if self.rotary and not is_cross:
             q = apply_rotary(q, positions, self.rope_base)
             k = apply_rotary(k, positions, self.rope_base)
@@ -298,17 +349,28 @@ class Attention(nn.Module):
                 mask = mask & (relative > -self.window)[:, None]
             if relative_table is not None:
                 buckets = relative_position_bucket(
-                    relative, bidirectional=self.relative_bidirectional,
-                    num_buckets=relative_table.shape[0], max_distance=self.relative_max_distance)
+                    relative,
+                    bidirectional=self.relative_bidirectional,
+                    num_buckets=relative_table.shape[0],
+                    max_distance=self.relative_max_distance,
+                )
                 bias = jnp.take(relative_table, buckets, axis=0).transpose(0, 3, 1, 2)
 
         dropout_rng = None
         if not deterministic and self.dropout > 0.0:
             dropout_rng = self.make_rng("dropout")
         out = attend(
-            q, k, v, mask, bias=bias, scale=self.scale or None, causal=causal,
-            implementation=self.implementation, dropout_rng=dropout_rng,
-            dropout_rate=self.dropout, deterministic=deterministic,
+            q,
+            k,
+            v,
+            mask,
+            bias=bias,
+            scale=self.scale or None,
+            causal=causal,
+            implementation=self.implementation,
+            dropout_rng=dropout_rng,
+            dropout_rate=self.dropout,
+            deterministic=deterministic,
             return_weights=self.capture_attention,
         )
         if self.capture_attention:
@@ -347,7 +409,8 @@ class Attention(nn.Module):
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, index, 0, 0))
         cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, index))
         cached_position.value = jax.lax.dynamic_update_slice(
-            cached_position.value, positions.astype(jnp.int32), (0, index))
+            cached_position.value, positions.astype(jnp.int32), (0, index)
+        )
         cache_index.value = index + t
         max_len = cached_key.value.shape[1]
         key_slot = jnp.arange(max_len)[None, :]

@@ -94,7 +94,9 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", param_init(jax.nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
+            "scale",
+            param_init(jax.nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
@@ -122,7 +124,10 @@ class LayerNorm(nn.Module):
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
         if self.use_bias:
             bias = self.param(
-                "bias", param_init(jax.nn.initializers.zeros, ("embed",)), (features,), self.param_dtype
+                "bias",
+                param_init(jax.nn.initializers.zeros, ("embed",)),
+                (features,),
+                self.param_dtype,
             )
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
@@ -175,7 +180,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}: use one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"unknown activation {self.activation!r}: use one of {sorted(ACTIVATIONS)}"
+            )
         act = ACTIVATIONS[self.activation]
         features = x.shape[-1]
         if self.gated:

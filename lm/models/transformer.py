@@ -93,16 +93,29 @@ class ModelConfig:
     remat: str = "dots_saveable"
 
     def __post_init__(self):
-        for key, low in [("vocab_size", 1), ("d_model", 1), ("num_layers", 1), ("num_heads", 1),
-                         ("max_len", 1), ("num_encoder_layers", 0), ("num_kv_heads", 0), ("head_dim", 0),
-                         ("mlp_dim", 0), ("relative_buckets", 1), ("relative_max_distance", 1),
-                         ("sliding_window", 0), ("global_every", 0)]:
+        for key, low in [
+            ("vocab_size", 1),
+            ("d_model", 1),
+            ("num_layers", 1),
+            ("num_heads", 1),
+            ("max_len", 1),
+            ("num_encoder_layers", 0),
+            ("num_kv_heads", 0),
+            ("head_dim", 0),
+            ("mlp_dim", 0),
+            ("relative_buckets", 1),
+            ("relative_max_distance", 1),
+            ("sliding_window", 0),
+            ("global_every", 0),
+        ]:
             if getattr(self, key) < low:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be >= {low}")
         for key in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be in [0, 1): the fraction "
-                                 "of activations dropped in training (0 = no dropout)")
+                raise ValueError(
+                    f"model.{key}={getattr(self, key)} must be in [0, 1): the fraction "
+                    "of activations dropped in training (0 = no dropout)"
+                )
         if self.norm_eps <= 0:
             raise ValueError(f"model.norm_eps={self.norm_eps} must be > 0")
         for key, allowed in [
@@ -199,39 +212,98 @@ def config_from_dict(cls, values: dict[str, Any], prefix: str):
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small (Radford et al. 2019): 124M parameters with vocab 50257.
     "gpt2": dict(
-        architecture="decoder", d_model=768, num_layers=12, num_heads=12, mlp_dim=3072,
-        mlp_activation="gelu_tanh", norm="layernorm", position="learned", max_len=1024,
-        use_bias=True, tied_embeddings=True, vocab_size=50257,
+        architecture="decoder",
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        mlp_activation="gelu_tanh",
+        norm="layernorm",
+        position="learned",
+        max_len=1024,
+        use_bias=True,
+        tied_embeddings=True,
+        vocab_size=50257,
     ),
     # Llama family shape (Touvron et al. 2023), here at SmolLM2-135M size.
     "llama": dict(
-        architecture="decoder", d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
-        mlp_dim=1536, mlp_activation="silu", mlp_gated=True, norm="rmsnorm", norm_eps=1e-5,
-        position="rotary", rope_base=100_000.0, use_bias=False, tied_embeddings=True,
-        vocab_size=49152, max_len=8192,
+        architecture="decoder",
+        d_model=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        mlp_dim=1536,
+        mlp_activation="silu",
+        mlp_gated=True,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        position="rotary",
+        rope_base=100_000.0,
+        use_bias=False,
+        tied_embeddings=True,
+        vocab_size=49152,
+        max_len=8192,
     ),
     # Gemma 3 270M shape: 5 sliding-window layers (RoPE base 1e4) per global one (1e6),
     # query/key norms, norms on sublayer outputs, GeGLU, embeddings scaled by sqrt(d).
     "gemma3": dict(
-        architecture="decoder", d_model=640, num_layers=18, num_heads=4, num_kv_heads=1,
-        head_dim=256, mlp_dim=2048, mlp_activation="gelu_tanh", mlp_gated=True, norm="rmsnorm",
-        norm_eps=1e-6, position="rotary", rope_base=1_000_000.0, rope_local_base=10_000.0,
-        sliding_window=512, global_every=6, qk_norm=True, sublayer_output_norm=True,
-        scale_embeddings=True, use_bias=False, tied_embeddings=True, vocab_size=262144,
+        architecture="decoder",
+        d_model=640,
+        num_layers=18,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        mlp_dim=2048,
+        mlp_activation="gelu_tanh",
+        mlp_gated=True,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        position="rotary",
+        rope_base=1_000_000.0,
+        rope_local_base=10_000.0,
+        sliding_window=512,
+        global_every=6,
+        qk_norm=True,
+        sublayer_output_norm=True,
+        scale_embeddings=True,
+        use_bias=False,
+        tied_embeddings=True,
+        vocab_size=262144,
         max_len=32768,
     ),
     # Transformer base (Vaswani et al. 2017): post-norm, sinusoids, ReLU, shared embeddings.
     "transformer_base": dict(
-        architecture="encoder_decoder", d_model=512, num_layers=6, num_heads=8, mlp_dim=2048,
-        mlp_activation="relu", norm="layernorm", norm_placement="post", position="sinusoidal",
-        use_bias=True, dropout=0.1, tied_embeddings=True, shared_embeddings=True,
+        architecture="encoder_decoder",
+        d_model=512,
+        num_layers=6,
+        num_heads=8,
+        mlp_dim=2048,
+        mlp_activation="relu",
+        norm="layernorm",
+        norm_placement="post",
+        position="sinusoidal",
+        use_bias=True,
+        dropout=0.1,
+        tied_embeddings=True,
+        shared_embeddings=True,
         scale_embeddings=True,
     ),
     # T5-style encoder-decoder: pre-norm RMSNorm, no biases, gated GELU (T5 v1.1).
     "t5": dict(
-        architecture="encoder_decoder", d_model=512, num_layers=8, num_heads=6, head_dim=64,
-        mlp_dim=1024, mlp_activation="gelu_tanh", mlp_gated=True, norm="rmsnorm", norm_eps=1e-6,
-        position="rotary", use_bias=False, tied_embeddings=False, shared_embeddings=True,
+        architecture="encoder_decoder",
+        d_model=512,
+        num_layers=8,
+        num_heads=6,
+        head_dim=64,
+        mlp_dim=1024,
+        mlp_activation="gelu_tanh",
+        mlp_gated=True,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        position="rotary",
+        use_bias=False,
+        tied_embeddings=False,
+        shared_embeddings=True,
     ),
 }
 
@@ -308,8 +380,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, mask, positions, segment_ids=None, encoded=None, cross_mask=None,
-        relative_table=None, deterministic=True, decode=False,
+        self,
+        x,
+        mask,
+        positions,
+        segment_ids=None,
+        encoded=None,
+        cross_mask=None,
+        relative_table=None,
+        deterministic=True,
+        decode=False,
     ):
         """x [batch, length, embed] -> [batch, length, embed].
 
@@ -321,8 +401,13 @@ class Block(nn.Module):
         x = self._residual(
             x,
             lambda h: self_attention(
-                h, mask, positions=positions, segment_ids=segment_ids,
-                relative_table=relative_table, deterministic=deterministic, decode=decode,
+                h,
+                mask,
+                positions=positions,
+                segment_ids=segment_ids,
+                relative_table=relative_table,
+                deterministic=deterministic,
+                decode=decode,
                 causal=self.causal,
             ),
             "pre_attention_norm" if c.norm_placement == "pre" else "post_attention_norm",
@@ -333,8 +418,12 @@ class Block(nn.Module):
             cross_attention = self._attention("cross_attention", is_self=False)
             x = self._residual(
                 x,
-                lambda h: cross_attention(h, cross_mask, kv_inputs=encoded, deterministic=deterministic),
-                "pre_cross_attention_norm" if c.norm_placement == "pre" else "post_cross_attention_norm",
+                lambda h: cross_attention(
+                    h, cross_mask, kv_inputs=encoded, deterministic=deterministic
+                ),
+                "pre_cross_attention_norm"
+                if c.norm_placement == "pre"
+                else "post_cross_attention_norm",
                 deterministic,
             )
         if c.mlp_dim == 0:
@@ -365,8 +454,9 @@ def _layer(c: ModelConfig, scanned: bool):
     elimination cannot undo the remat, so `prevent_cse` (which costs speed) is off there."""
     if c.remat == "none":
         return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not scanned,
-                    static_argnums=(8, 9))  # deterministic, decode (self is 0)
+    return nn.remat(
+        Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not scanned, static_argnums=(8, 9)
+    )  # deterministic, decode (self is 0)
 
 
 class _Period(nn.Module):
@@ -385,9 +475,13 @@ class _Period(nn.Module):
     def __call__(self, x, *inputs):
         c = self.config
         for j in range(c.layer_period):
-            x = _layer(c, scanned=True)(c, causal=self.causal, cross=self.cross,
-                                        local=c.is_local_layer(j), name=f"block_{j}")(
-                x, *inputs, self.deterministic, self.decode)
+            x = _layer(c, scanned=True)(
+                c,
+                causal=self.causal,
+                cross=self.cross,
+                local=c.is_local_layer(j),
+                name=f"block_{j}",
+            )(x, *inputs, self.deterministic, self.decode)
         return x, None
 
 
@@ -406,8 +500,16 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, mask, *, positions, segment_ids=None, encoded=None, cross_mask=None,
-        deterministic=True, decode=False,
+        self,
+        x,
+        mask,
+        *,
+        positions,
+        segment_ids=None,
+        encoded=None,
+        cross_mask=None,
+        deterministic=True,
+        decode=False,
     ):
         c = self.config
         if c.position == "learned":
@@ -444,13 +546,21 @@ class Stack(nn.Module):
                 length=repeats,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(c, self.causal, self.cross, deterministic, decode, name="layers")(x, *inputs)
+            x, _ = scanned(c, self.causal, self.cross, deterministic, decode, name="layers")(
+                x, *inputs
+            )
         for i in range(repeats * period, self.num_layers):  # unscanned: all, or a remainder
-            x = _layer(c, scanned=False)(c, causal=self.causal, cross=self.cross,
-                                         local=c.is_local_layer(i), name=f"layer_{i}")(
-                x, *inputs, deterministic, decode)
+            x = _layer(c, scanned=False)(
+                c,
+                causal=self.causal,
+                cross=self.cross,
+                local=c.is_local_layer(i),
+                name=f"layer_{i}",
+            )(x, *inputs, deterministic, decode)
         if c.norm_placement == "pre":
-            x = layers.make_norm(c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
+            x = layers.make_norm(
+                c.norm, c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm"
+            )(x)
         return x
 
 
@@ -459,8 +569,12 @@ def _embedder(c: ModelConfig, name: str) -> layers.Embed:
     # unit scale like the sinusoids they are added to.
     std = c.d_model**-0.5 if c.scale_embeddings else c.init_std
     return layers.Embed(
-        c.vocab_size, c.d_model, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-        init_std=std, name=name,
+        c.vocab_size,
+        c.d_model,
+        dtype=c.compute_dtype,
+        param_dtype=c.weight_dtype,
+        init_std=std,
+        name=name,
     )
 
 
@@ -484,8 +598,12 @@ def _lm_head(c: ModelConfig):
     if c.tied_embeddings:
         return None
     return nn.Dense(
-        c.vocab_size, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-        kernel_init=layers.param_init(layers.normal(c.init_std), ("embed", "vocab")), name="lm_head",
+        c.vocab_size,
+        use_bias=False,
+        dtype=c.compute_dtype,
+        param_dtype=c.weight_dtype,
+        kernel_init=layers.param_init(layers.normal(c.init_std), ("embed", "vocab")),
+        name="lm_head",
     )
 
 
@@ -501,7 +619,14 @@ class DecoderOnly(nn.Module):
         self.head = _lm_head(c)
 
     def __call__(
-        self, tokens, *, segment_ids=None, positions=None, deterministic=True, decode=False, **unused
+        self,
+        tokens,
+        *,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        decode=False,
+        **unused,
     ):
         """tokens [batch, length] int -> logits [batch, length, vocab] float32.
 
@@ -511,12 +636,25 @@ class DecoderOnly(nn.Module):
         """
         if unused:
             raise TypeError(f"DecoderOnly got unexpected inputs {sorted(unused)}")
-        x = self.features(tokens, segment_ids=segment_ids, positions=positions,
-                          deterministic=deterministic, decode=decode)
+        x = self.features(
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            deterministic=deterministic,
+            decode=decode,
+        )
         return self.project(x)
 
-    def features(self, tokens, *, segment_ids=None, positions=None, deterministic=True, decode=False,
-                 prefix_tree=False):
+    def features(
+        self,
+        tokens,
+        *,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        decode=False,
+        prefix_tree=False,
+    ):
         """tokens [batch, length] -> final hidden states [batch, length, embed] (after the
         final norm, before the vocabulary projection).
 
@@ -535,7 +673,12 @@ class DecoderOnly(nn.Module):
             mask = causal_mask(tokens.shape[1]) & segment_mask(seg, seg)
         x = _embed(self.embedder, c, tokens)
         return self.decoder(
-            x, mask, positions=positions, segment_ids=seg, deterministic=deterministic, decode=decode
+            x,
+            mask,
+            positions=positions,
+            segment_ids=seg,
+            deterministic=deterministic,
+            decode=decode,
         )
 
     def project(self, x):
@@ -565,39 +708,68 @@ class EncoderDecoder(nn.Module):
         seg = jnp.ones_like(encoder_inputs) if encoder_segment_ids is None else encoder_segment_ids
         positions = _positions_or_default(None, encoder_inputs)
         x = _embed(self.embedder, self.config, encoder_inputs)
-        return self.encoder(x, segment_mask(seg, seg), positions=positions, deterministic=deterministic)
+        return self.encoder(
+            x, segment_mask(seg, seg), positions=positions, deterministic=deterministic
+        )
 
     def decode(
-        self, encoded, tokens, *, encoder_segment_ids=None, segment_ids=None, positions=None,
-        deterministic=True, decode=False,
+        self,
+        encoded,
+        tokens,
+        *,
+        encoder_segment_ids=None,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        decode=False,
     ):
         """encoded [batch, src_len, embed], tokens [batch, tgt_len] -> logits [batch, tgt_len, vocab]."""
         c = self.config
         positions = _positions_or_default(positions, tokens)
         seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
         enc_seg = (
-            jnp.ones(encoded.shape[:2], jnp.int32) if encoder_segment_ids is None else encoder_segment_ids
+            jnp.ones(encoded.shape[:2], jnp.int32)
+            if encoder_segment_ids is None
+            else encoder_segment_ids
         )
         mask = None if decode else causal_mask(tokens.shape[1]) & padding_mask(seg, seg)
         cross = padding_mask(seg, enc_seg)
         x = _embed(self.decoder_embedder, c, tokens)
         x = self.decoder(
-            x, mask, positions=positions, segment_ids=seg, encoded=encoded, cross_mask=cross,
-            deterministic=deterministic, decode=decode,
+            x,
+            mask,
+            positions=positions,
+            segment_ids=seg,
+            encoded=encoded,
+            cross_mask=cross,
+            deterministic=deterministic,
+            decode=decode,
         )
         return _logits(c, self.decoder_embedder, self.head, x)
 
     def __call__(
-        self, tokens, *, encoder_inputs, encoder_segment_ids=None, segment_ids=None, positions=None,
-        deterministic=True, decode=False,
+        self,
+        tokens,
+        *,
+        encoder_inputs,
+        encoder_segment_ids=None,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        decode=False,
     ):
         """Teacher-forced logits [batch, tgt_len, vocab] for decoder inputs `tokens`."""
         encoded = self.encode(
             encoder_inputs, encoder_segment_ids=encoder_segment_ids, deterministic=deterministic
         )
         return self.decode(
-            encoded, tokens, encoder_segment_ids=encoder_segment_ids, segment_ids=segment_ids,
-            positions=positions, deterministic=deterministic, decode=decode,
+            encoded,
+            tokens,
+            encoder_segment_ids=encoder_segment_ids,
+            segment_ids=segment_ids,
+            positions=positions,
+            deterministic=deterministic,
+            decode=decode,
         )
 
 
@@ -613,7 +785,8 @@ def for_inference(config: ModelConfig, params, precision: str | None = None):
     config = dataclasses.replace(config, precision=precision or config.precision)
     if config.precision == "bf16":
         params = jax.tree.map(
-            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
     return build_model(config), params
 
 
@@ -632,8 +805,14 @@ def init_cache(model: nn.Module, params, batch: int, max_len: int, encoder_len: 
         encoded = jnp.zeros((batch, encoder_len, model.config.d_model), model.config.compute_dtype)
 
         def init_fn():
-            return model.apply({"params": params}, encoded, tokens, decode=True,
-                               method=EncoderDecoder.decode, mutable=["cache"])[1]
+            return model.apply(
+                {"params": params},
+                encoded,
+                tokens,
+                decode=True,
+                method=EncoderDecoder.decode,
+                mutable=["cache"],
+            )[1]
     else:
 
         def init_fn():
@@ -650,13 +829,19 @@ _BLOCK_KEY = re.compile(r"block_(\d+)$")
 
 
 def _is_scanned_stack(node) -> bool:
-    return isinstance(node, Mapping) and isinstance(node.get("layers"), Mapping) and any(
-        _BLOCK_KEY.match(str(k)) for k in node["layers"])
+    return (
+        isinstance(node, Mapping)
+        and isinstance(node.get("layers"), Mapping)
+        and any(_BLOCK_KEY.match(str(k)) for k in node["layers"])
+    )
 
 
 def _is_unrolled_stack(node) -> bool:
-    return (isinstance(node, Mapping) and "layers" not in node
-            and any(_LAYER_KEY.match(str(k)) for k in node))
+    return (
+        isinstance(node, Mapping)
+        and "layers" not in node
+        and any(_LAYER_KEY.match(str(k)) for k in node)
+    )
 
 
 def _take(x, r: int):
@@ -685,7 +870,9 @@ def unstack_layers(tree):
         out = {k: v for k, v in node.items() if k != "layers"}
         for r in range(repeats):
             for j in range(period):
-                out[f"layer_{r * period + j}"] = jax.tree.map(lambda x, r=r: _take(x, r), blocks[f"block_{j}"])
+                out[f"layer_{r * period + j}"] = jax.tree.map(
+                    lambda x, r=r: _take(x, r), blocks[f"block_{j}"]
+                )
         return out
 
     return jax.tree.map(convert, tree, is_leaf=_is_scanned_stack)
@@ -703,10 +890,15 @@ def stack_layers(tree, period: int):
         repeats = count // period
         if not repeats:
             return node
-        out = {k: v for k, v in node.items()
-               if not (_LAYER_KEY.match(str(k)) and int(str(k)[6:]) < repeats * period)}
+        out = {
+            k: v
+            for k, v in node.items()
+            if not (_LAYER_KEY.match(str(k)) and int(str(k)[6:]) < repeats * period)
+        }
         out["layers"] = {
-            f"block_{j}": jax.tree.map(_stack, *[node[f"layer_{r * period + j}"] for r in range(repeats)])
+            f"block_{j}": jax.tree.map(
+                _stack, *[node[f"layer_{r * period + j}"] for r in range(repeats)]
+            )
             for j in range(period)
         }
         return out

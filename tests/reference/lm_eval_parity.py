@@ -28,7 +28,7 @@ import pathlib
 import textwrap
 import time
 
-UTILS = '''
+UTILS = """
 def doc_to_text(doc):
     return doc["gold"] if doc["partial"] else doc["contexts"][0]
 
@@ -39,7 +39,7 @@ def doc_to_choice(doc):
 
 def doc_to_target(doc):
     return doc["continuations"][0] if doc["partial"] else doc["gold"]
-'''
+"""
 
 
 def write_lm_eval_task(task, docs, directory: pathlib.Path) -> str:
@@ -48,11 +48,24 @@ def write_lm_eval_task(task, docs, directory: pathlib.Path) -> str:
     data = directory / f"{name}.jsonl"
     with data.open("w") as f:
         for d in docs:
-            f.write(json.dumps({"contexts": list(d.contexts), "continuations": list(d.continuations),
-                                "gold": d.gold, "partial": len(d.contexts) > 1}) + "\n")
-    metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
-                      for m in task.metrics if m in ("acc", "acc_norm"))
-    (directory / f"{name}.yaml").write_text(textwrap.dedent(f"""\
+            f.write(
+                json.dumps(
+                    {
+                        "contexts": list(d.contexts),
+                        "continuations": list(d.continuations),
+                        "gold": d.gold,
+                        "partial": len(d.contexts) > 1,
+                    }
+                )
+                + "\n"
+            )
+    metrics = "".join(
+        f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+        for m in task.metrics
+        if m in ("acc", "acc_norm")
+    )
+    (directory / f"{name}.yaml").write_text(
+        textwrap.dedent(f"""\
         task: {name}
         dataset_path: json
         dataset_kwargs:
@@ -65,7 +78,10 @@ def write_lm_eval_task(task, docs, directory: pathlib.Path) -> str:
         doc_to_target: !function parity_utils.doc_to_target
         target_delimiter: "{task.target_delimiter}"
         metric_list:
-        """) + metrics + "metadata:\n  version: 1.0\n")
+        """)
+        + metrics
+        + "metadata:\n  version: 1.0\n"
+    )
     return name
 
 
@@ -79,13 +95,12 @@ def main():
     args = parser.parse_args()
 
     import lm_eval
-    from lm_eval.tasks import TaskManager
-
     from lm import convert
     from lm.convert.hf import export_hf
     from lm.evaluation import LanguageModel, evaluate, get_tasks
     from lm.evaluation.harness import select_docs
     from lm.models.transformer import build_model
+    from lm_eval.tasks import TaskManager
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,28 +117,48 @@ def main():
         if task.kind != "multiple_choice":
             raise SystemExit(f"{task.name}: the parity script compares multiple-choice tasks")
         docs = task.load()
-        names[task.name] = write_lm_eval_task(task, [docs[i] for i in select_docs(docs, args.limit)],
-                                              task_dir)
+        names[task.name] = write_lm_eval_task(
+            task, [docs[i] for i in select_docs(docs, args.limit)], task_dir
+        )
 
     started = time.perf_counter()
     theirs = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32",
-                                "add_bos_token": pretrained.tokenizer.add_bos},
-        tasks=list(names.values()), num_fewshot=0, batch_size=args.batch_size, device="cpu",
-        task_manager=TaskManager(include_path=str(task_dir)), log_samples=False,
-        bootstrap_iters=0)
+        model="hf",
+        model_args={
+            "pretrained": str(hf_dir),
+            "dtype": "float32",
+            "add_bos_token": pretrained.tokenizer.add_bos,
+        },
+        tasks=list(names.values()),
+        num_fewshot=0,
+        batch_size=args.batch_size,
+        device="cpu",
+        task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     their_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    model = LanguageModel(build_model(pretrained.config), pretrained.params, pretrained.tokenizer,
-                          batch_size=args.batch_size)
+    model = LanguageModel(
+        build_model(pretrained.config),
+        pretrained.params,
+        pretrained.tokenizer,
+        batch_size=args.batch_size,
+    )
     ours = evaluate(model, tasks, num_fewshot=0, limit=args.limit, progress=True)
     our_seconds = time.perf_counter() - started
 
-    rows = ["| task | docs | metric | lm (ours) | lm-eval + transformers | difference (points) |",
-            "|---|---|---|---|---|---|"]
-    record = {"model": args.model, "lm_seconds": our_seconds, "lm_eval_seconds": their_seconds,
-              "tasks": {}}
+    rows = [
+        "| task | docs | metric | lm (ours) | lm-eval + transformers | difference (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    record = {
+        "model": args.model,
+        "lm_seconds": our_seconds,
+        "lm_eval_seconds": their_seconds,
+        "tasks": {},
+    }
     for task in tasks:
         mine = ours["tasks"][task.name]
         other = theirs["results"][names[task.name]]
@@ -131,10 +166,14 @@ def main():
         for metric in ("acc", "acc_norm"):
             if metric in mine["metrics"]:
                 a, b = mine["metrics"][metric], other[f"{metric},none"]
-                rows.append(f"| {task.name} | {mine['docs']} | {metric} | {100 * a:.2f} | "
-                            f"{100 * b:.2f} | {100 * (a - b):+.2f} |")
-    rows.append(f"\nwall time (load + all tasks): lm {our_seconds:.0f} s, lm-eval {their_seconds:.0f} s "
-                f"({their_seconds / our_seconds:.2f}x)")
+                rows.append(
+                    f"| {task.name} | {mine['docs']} | {metric} | {100 * a:.2f} | "
+                    f"{100 * b:.2f} | {100 * (a - b):+.2f} |"
+                )
+    rows.append(
+        f"\nwall time (load + all tasks): lm {our_seconds:.0f} s, lm-eval {their_seconds:.0f} s "
+        f"({their_seconds / our_seconds:.2f}x)"
+    )
     table = "\n".join(rows)
     print(table)
     (out / "parity.md").write_text(table + "\n")

@@ -47,22 +47,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from lm.data.assets import fetch  # noqa: E402
 
-OUT_DIR = ROOT / 'tests' / 'goldens' / 'gguf'
-MODELS = ('smollm2', 'gemma3')
+OUT_DIR = ROOT / "tests" / "goldens" / "gguf"
+MODELS = ("smollm2", "gemma3")
 # Chosen among a few candidates so that greedy decoding has no near-tie early on (see
 # greedy_margin): a near-tie lets float32 rounding in another implementation pick the
 # other token and the continuations then differ for reasons that are not bugs.
 PROMPTS = (
-    'The history of the town begins in the twelfth century, when a small group of '
-    'merchants built a market beside the river.',
-    'def fibonacci(n):',
-    '1, 2, 3, 4, 5, 6,',
-    'The cat sat on the mat. The cat sat on the mat. The cat sat on the',
+    "The history of the town begins in the twelfth century, when a small group of "
+    "merchants built a market beside the river.",
+    "def fibonacci(n):",
+    "1, 2, 3, 4, 5, 6,",
+    "The cat sat on the mat. The cat sat on the mat. The cat sat on the",
 )
-N_LAST = 4        # recorded positions per prompt
-TOP_K = 32        # top ids per recorded position kept in vocab_ids
-N_RANDOM = 512    # random vocabulary ids kept in vocab_ids
-N_NEW = 32        # greedy tokens per prompt
+N_LAST = 4  # recorded positions per prompt
+TOP_K = 32  # top ids per recorded position kept in vocab_ids
+N_RANDOM = 512  # random vocabulary ids kept in vocab_ids
+N_NEW = 32  # greedy tokens per prompt
 
 
 def load(name: str):
@@ -70,7 +70,8 @@ def load(name: str):
     directory, filename = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=filename, dtype=torch.float32, attn_implementation='eager')
+        directory, gguf_file=filename, dtype=torch.float32, attn_implementation="eager"
+    )
     model.eval()
     return tokenizer, model
 
@@ -78,8 +79,11 @@ def load(name: str):
 @torch.inference_mode()
 def forward_logits(model, ids: list[int]) -> np.ndarray:
     """Float32 logits [len(ids), vocab] of one unpadded sequence."""
-    out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                use_cache=False)
+    out = model(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        use_cache=False,
+    )
     return out.logits[0].float().numpy()
 
 
@@ -87,16 +91,31 @@ def forward_logits(model, ids: list[int]) -> np.ndarray:
 def greedy(model, ids: list[int], vocab: int) -> list[int]:
     """N_NEW greedy tokens: no EOS stop, no logits processors."""
     config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=N_NEW, min_new_tokens=0,
-        eos_token_id=None, pad_token_id=None, bos_token_id=None,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, suppress_tokens=None,
-        begin_suppress_tokens=None, bad_words_ids=None, forced_bos_token_id=None,
-        forced_eos_token_id=None, temperature=None, top_k=None, top_p=None,
-        use_cache=True)
-    out = model.generate(input_ids=torch.tensor([ids]),
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         generation_config=config)
-    new = out[0, len(ids):].tolist()
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=N_NEW,
+        min_new_tokens=0,
+        eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        bad_words_ids=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        use_cache=True,
+    )
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        generation_config=config,
+    )
+    new = out[0, len(ids) :].tolist()
     assert len(new) == N_NEW, (len(new), N_NEW)
     assert all(0 <= t < vocab for t in new)
     return new
@@ -106,21 +125,24 @@ def make(name: str) -> dict[str, np.ndarray]:
     t0 = time.time()
     tokenizer, model = load(name)
     vocab = model.config.vocab_size
-    print(f'[{name}] loaded {type(model).__name__} and {type(tokenizer).__name__} '
-          f'(vocab {vocab}) in {time.time() - t0:.1f}s', flush=True)
+    print(
+        f"[{name}] loaded {type(model).__name__} and {type(tokenizer).__name__} "
+        f"(vocab {vocab}) in {time.time() - t0:.1f}s",
+        flush=True,
+    )
 
-    encoded = [tokenizer(p)['input_ids'] for p in PROMPTS]
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
     lengths = np.array([len(e) for e in encoded], np.int32)
     assert lengths.min() >= N_LAST and lengths.max() <= 40, lengths
     assert lengths.max() >= 20, lengths
     input_ids = np.full((len(PROMPTS), lengths.max()), -1, np.int32)
     for i, e in enumerate(encoded):
-        input_ids[i, :len(e)] = e
-        print(f'[{name}] prompt {i}: {len(e)} ids {tokenizer.convert_ids_to_tokens(e)}', flush=True)
+        input_ids[i, : len(e)] = e
+        print(f"[{name}] prompt {i}: {len(e)} ids {tokenizer.convert_ids_to_tokens(e)}", flush=True)
 
     last_positions = np.stack([np.arange(n - N_LAST, n) for n in lengths]).astype(np.int32)
     full = np.stack([forward_logits(model, e)[last_positions[i]] for i, e in enumerate(encoded)])
-    full = full.astype(np.float32)                                     # [4, 4, vocab]
+    full = full.astype(np.float32)  # [4, 4, vocab]
     top = np.argsort(-full, axis=-1)[..., :TOP_K]
     rand = np.random.default_rng(0).choice(vocab, N_RANDOM, replace=False)
     vocab_ids = np.union1d(top.ravel(), rand).astype(np.int32)
@@ -133,18 +155,23 @@ def make(name: str) -> dict[str, np.ndarray]:
         t = time.time()
         new = greedy(model, e, vocab)
         # generate must be plain argmax: check against one uncached forward pass.
-        logits = forward_logits(model, e + new)[len(e) - 1:len(e) - 1 + N_NEW]
+        logits = forward_logits(model, e + new)[len(e) - 1 : len(e) - 1 + N_NEW]
         plain = logits.argmax(-1)
         if not np.array_equal(plain, new):
             bad = np.nonzero(plain != np.array(new))[0]
-            raise AssertionError(f'[{name}] prompt {i}: generate differs from argmax at steps {bad}')
+            raise AssertionError(
+                f"[{name}] prompt {i}: generate differs from argmax at steps {bad}"
+            )
         top2 = np.sort(logits, axis=-1)[:, -2:]
         margins.append(top2[:, 1] - top2[:, 0])
         tokens.append(new)
-        print(f'[{name}] greedy {i} ({time.time() - t:.1f}s, min margin {margins[-1].min():.4f}): '
-              f'{tokenizer.decode(new)!r}', flush=True)
+        print(
+            f"[{name}] greedy {i} ({time.time() - t:.1f}s, min margin {margins[-1].min():.4f}): "
+            f"{tokenizer.decode(new)!r}",
+            flush=True,
+        )
 
-    print(f'[{name}] done in {time.time() - t0:.1f}s', flush=True)
+    print(f"[{name}] done in {time.time() - t0:.1f}s", flush=True)
     return dict(
         prompts=np.array(PROMPTS),
         input_ids=input_ids,
@@ -167,10 +194,10 @@ def main(argv: list[str]) -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for name in names:
         arrays = make(name)
-        path = OUT_DIR / f'{name}.npz'
+        path = OUT_DIR / f"{name}.npz"
         np.savez_compressed(path, **arrays)
-        print(f'wrote {path.relative_to(ROOT)} ({os.path.getsize(path)} bytes)', flush=True)
+        print(f"wrote {path.relative_to(ROOT)} ({os.path.getsize(path)} bytes)", flush=True)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main(sys.argv)

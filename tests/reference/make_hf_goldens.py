@@ -52,42 +52,89 @@ from transformers import (
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-OUT_DIR = ROOT / 'tests' / 'goldens' / 'hf'
+OUT_DIR = ROOT / "tests" / "goldens" / "hf"
 INIT = 0.15
 
 
 def gpt2():
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=128, n_positions=64, n_embd=48, n_layer=2, n_head=4, n_inner=None,
-        activation_function='gelu_new', layer_norm_epsilon=1e-5, initializer_range=INIT,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=128,
+            n_positions=64,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            n_inner=None,
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+            initializer_range=INIT,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def llama(tied: bool = False):
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1 if tied else 2, head_dim=16,
-        max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5,
-        hidden_act='silu', initializer_range=INIT, tie_word_embeddings=tied,
-        attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1 if tied else 2,
+            head_dim=16,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            initializer_range=INIT,
+            tie_word_embeddings=tied,
+            attention_bias=False,
+            mlp_bias=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
 
 
 def t5(v1_1: bool = False):
-    model = T5ForConditionalGeneration(T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-        num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        dropout_rate=0.0, layer_norm_epsilon=1e-6, initializer_factor=1.0,
-        feed_forward_proj='gated-gelu' if v1_1 else 'relu', tie_word_embeddings=not v1_1,
-        is_encoder_decoder=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    model = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            layer_norm_epsilon=1e-6,
+            initializer_factor=1.0,
+            feed_forward_proj="gated-gelu" if v1_1 else "relu",
+            tie_word_embeddings=not v1_1,
+            is_encoder_decoder=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     if v1_1:
         # transformers 5 turns T5's `tie_word_embeddings=False` into `scale_decoder_outputs=False`
         # and still ties lm_head to shared (it unties only when a checkpoint holds both, as
         # T5 v1.1 checkpoints do). Untie by hand so the files have a separate lm_head.weight
         # and say `tie_word_embeddings: false`, as the published v1.1 checkpoints do.
         d_model = model.config.d_model
-        model.lm_head.weight = nn.Parameter(torch.randn(model.config.vocab_size, d_model) * d_model**-0.5)
-        model.all_tied_weights_keys.pop('lm_head.weight', None)
+        model.lm_head.weight = nn.Parameter(
+            torch.randn(model.config.vocab_size, d_model) * d_model**-0.5
+        )
+        model.all_tied_weights_keys.pop("lm_head.weight", None)
         model.config.tie_word_embeddings = False
         assert not model.config.scale_decoder_outputs
         assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
@@ -95,33 +142,35 @@ def t5(v1_1: bool = False):
 
 
 MODELS = {
-    'gpt2': gpt2,
-    'llama': lambda: llama(tied=False),
-    'llama_tied': lambda: llama(tied=True),
-    't5': lambda: t5(v1_1=False),
-    't5_v1_1': lambda: t5(v1_1=True),
+    "gpt2": gpt2,
+    "llama": lambda: llama(tied=False),
+    "llama_tied": lambda: llama(tied=True),
+    "t5": lambda: t5(v1_1=False),
+    "t5_v1_1": lambda: t5(v1_1=True),
 }
 
 
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(
-        ('RMSNorm', 'LayerNorm'))
+        ("RMSNorm", "LayerNorm")
+    )
 
 
 @torch.no_grad()
 def perturb(model: nn.Module, gen: torch.Generator) -> None:
     """Make every norm weight/bias, linear bias and T5 relative bias non-trivial."""
+
     def randn(shape):
         return torch.randn(shape, generator=gen, dtype=torch.float32)
 
     for module in model.modules():
         if is_norm(module):
             module.weight.add_(0.1 * randn(module.weight.shape))
-            if getattr(module, 'bias', None) is not None:
+            if getattr(module, "bias", None) is not None:
                 module.bias.copy_(0.1 * randn(module.bias.shape))
-        elif getattr(module, 'bias', None) is not None and isinstance(module.bias, nn.Parameter):
-            module.bias.copy_(0.1 * randn(module.bias.shape))      # Linear, GPT-2 Conv1D
-        if hasattr(module, 'relative_attention_bias'):
+        elif getattr(module, "bias", None) is not None and isinstance(module.bias, nn.Parameter):
+            module.bias.copy_(0.1 * randn(module.bias.shape))  # Linear, GPT-2 Conv1D
+        if hasattr(module, "relative_attention_bias"):
             rel = module.relative_attention_bias
             if isinstance(rel, nn.Embedding):
                 rel.weight.copy_(randn(rel.weight.shape))
@@ -131,7 +180,7 @@ def check_nontrivial(model: nn.Module, name: str) -> None:
     for pname, p in model.named_parameters():
         a = p.detach().numpy()
         if np.all(a == 0) or np.all(a == 1) or a.std() == 0:
-            raise AssertionError(f'{name}: parameter {pname} is trivial')
+            raise AssertionError(f"{name}: parameter {pname} is trivial")
 
 
 @torch.no_grad()
@@ -140,7 +189,7 @@ def make(name: str, seed: int) -> None:
     torch.manual_seed(seed)
     model = MODELS[name]()
     perturb(model, torch.Generator().manual_seed(1000 + seed))
-    model.config._attn_implementation = 'eager'
+    model.config._attn_implementation = "eager"
     model.eval()
     check_nontrivial(model, name)
     cfg = model.config
@@ -150,45 +199,63 @@ def make(name: str, seed: int) -> None:
         enc = rng.integers(2, cfg.vocab_size, (2, 12)).astype(np.int32)
         dec = rng.integers(2, cfg.vocab_size, (2, 8)).astype(np.int32)
         dec[:, 0] = cfg.decoder_start_token_id
-        out = model(input_ids=torch.from_numpy(enc).long(),
-                    attention_mask=torch.ones(enc.shape, dtype=torch.long),
-                    decoder_input_ids=torch.from_numpy(dec).long(), use_cache=False)
-        arrays.update(input_ids=enc, decoder_input_ids=dec,
-                      encoder_hidden=out.encoder_last_hidden_state.float().numpy())
+        out = model(
+            input_ids=torch.from_numpy(enc).long(),
+            attention_mask=torch.ones(enc.shape, dtype=torch.long),
+            decoder_input_ids=torch.from_numpy(dec).long(),
+            use_cache=False,
+        )
+        arrays.update(
+            input_ids=enc,
+            decoder_input_ids=dec,
+            encoder_hidden=out.encoder_last_hidden_state.float().numpy(),
+        )
     else:
         ids = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
-        out = model(input_ids=torch.from_numpy(ids).long(),
-                    attention_mask=torch.ones(ids.shape, dtype=torch.long), use_cache=False)
+        out = model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            use_cache=False,
+        )
         arrays.update(input_ids=ids)
     logits = out.logits.float().numpy()
-    arrays.update(logits=logits, transformers_version=np.array(transformers.__version__),
-                  torch_version=np.array(torch.__version__))
+    arrays.update(
+        logits=logits,
+        transformers_version=np.array(transformers.__version__),
+        torch_version=np.array(torch.__version__),
+    )
 
     directory = OUT_DIR / name
     if directory.exists():
         shutil.rmtree(directory)
     model.save_pretrained(directory, safe_serialization=True)
-    for extra in set(os.listdir(directory)) - {'config.json', 'model.safetensors'}:
-        os.remove(directory / extra)          # e.g. generation_config.json: not needed
-    np.savez_compressed(directory / 'reference.npz', **arrays)
+    for extra in set(os.listdir(directory)) - {"config.json", "model.safetensors"}:
+        os.remove(directory / extra)  # e.g. generation_config.json: not needed
+    np.savez_compressed(directory / "reference.npz", **arrays)
     for f in os.listdir(directory):
         os.chmod(directory / f, 0o644)
 
     # The saved files must reload to the same weights and logits.
-    again = type(model).from_pretrained(directory, dtype=torch.float32,
-                                        attn_implementation='eager').eval()
+    again = (
+        type(model)
+        .from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+        .eval()
+    )
     want = model.state_dict()
     for key, value in again.state_dict().items():
         torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
-    ids = torch.from_numpy(arrays['input_ids']).long()
+    ids = torch.from_numpy(arrays["input_ids"]).long()
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     if cfg.is_encoder_decoder:
-        kwargs['decoder_input_ids'] = torch.from_numpy(arrays['decoder_input_ids']).long()
+        kwargs["decoder_input_ids"] = torch.from_numpy(arrays["decoder_input_ids"]).long()
     np.testing.assert_allclose(again(**kwargs).logits.float().numpy(), logits, rtol=0, atol=1e-5)
 
     sizes = {f: os.path.getsize(directory / f) for f in sorted(os.listdir(directory))}
-    print(f'[{name}] {sum(p.numel() for p in model.parameters())} params, '
-          f'logits std {logits.std():.3f}, files {sizes}, {time.time() - t0:.1f}s', flush=True)
+    print(
+        f"[{name}] {sum(p.numel() for p in model.parameters())} params, "
+        f"logits std {logits.std():.3f}, files {sizes}, {time.time() - t0:.1f}s",
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -199,5 +266,5 @@ def main(argv: list[str]) -> None:
             make(name, seed)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main(sys.argv)
