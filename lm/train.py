@@ -222,15 +222,42 @@ def make_optimizer(
 # --------------------------------------------------------------------------------- steps
 
 MODEL_INPUT_KEYS = ("segment_ids", "positions", "encoder_inputs", "encoder_segment_ids")
+AUX_LOSSES = "losses"  # the Flax collection models sow auxiliary losses into (see `forward`)
 
 
 def forward(model: nn.Module, params, batch, *, deterministic=True, rng=None):
     """Logits [batch, length, vocab] for a data batch of either architecture."""
+    return forward_with_aux(model, params, batch, deterministic=deterministic, rng=rng)[0]
+
+
+def forward_with_aux(model: nn.Module, params, batch, *, deterministic=True, rng=None):
+    """(logits [batch, length, vocab], {name: auxiliary loss}) for a data batch.
+
+    A model adds a term to the objective by sowing a scalar, already multiplied by its
+    coefficient, into the `AUX_LOSSES` collection (`self.sow("losses", name, value)`, e.g. a
+    Mixture-of-Experts router's load-balancing loss). Every value sown under a name (one per
+    layer, or a [layers] stack under scanned layers) is summed into that name's loss.
+    """
     kwargs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     rngs = {"dropout": rng} if rng is not None else {}
-    return model.apply(
-        {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, **kwargs
+    logits, sown = model.apply(
+        {"params": params},
+        batch["inputs"],
+        deterministic=deterministic,
+        rngs=rngs,
+        mutable=[AUX_LOSSES],
+        **kwargs,
     )
+    return logits, sum_aux_losses(sown.get(AUX_LOSSES, {}))
+
+
+def sum_aux_losses(sown) -> dict[str, jax.Array]:
+    """The `AUX_LOSSES` collection -> {name: sum of every value sown under that name}."""
+    totals: dict[str, jax.Array] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        totals[name] = totals.get(name, 0.0) + jnp.sum(value.astype(jnp.float32))
+    return totals
 
 
 def loss_sums(logits, targets, weights):
@@ -240,8 +267,49 @@ def loss_sums(logits, targets, weights):
     return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
-def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
-    """Gradient of the summed loss wrt `params`, over `accum_steps` micro-batches scanned in sequence.
+def language_model_sums(model, params, batch, *, deterministic=True, rng=None):
+    """The objective of text models: next-token cross-entropy (see `Objective`)."""
+    logits, aux = forward_with_aux(model, params, batch, deterministic=deterministic, rng=rng)
+    loss, correct, weight = loss_sums(logits, batch["targets"], batch["weights"])
+    sums = {"loss": loss, "accuracy": correct, "weight": weight}
+    for name, value in aux.items():  # a mean over the batch: weighted like the loss
+        sums[f"aux/{name}"] = value * weight
+    return sums
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a train step minimises: how a model turns a batch into summed losses.
+
+    sums: (model, params, batch, *, deterministic, rng) -> {name: scalar sum over the batch}.
+      "loss" is the summed loss and "weight" what it is summed over (target tokens, predicted
+      points); every other entry is a sum reported divided by the weight (e.g. "accuracy": the
+      correct predictions). Entries named "aux/NAME" are auxiliary losses times the weight:
+      they join the objective, (loss + sum of aux) / weight, and are logged as aux/NAME.
+      Sums (not means) so that micro-batches, devices and processes add up exactly.
+    init_inputs: ModelConfig -> keyword inputs for `model.init` (shapes only matter).
+
+    Text models use `LANGUAGE_MODELLING`; experiments with other inputs (lm.icl's in-context
+    regression) bring their own and train through the same step and loop.
+    """
+
+    sums: Callable[..., dict[str, jax.Array]] = language_model_sums
+    init_inputs: Callable[[ModelConfig], dict[str, Any]] = dummy_inputs
+
+
+LANGUAGE_MODELLING = Objective()
+
+
+def _objective_value(sums) -> jax.Array:
+    """The summed loss the gradient is taken of: the loss plus the auxiliary losses."""
+    return sums["loss"] + sum(v for k, v in sums.items() if k.startswith("aux/"))
+
+
+def _accumulated_grads(
+    model, params, batch, rng, accum_steps, to_model=None, objective=LANGUAGE_MODELLING
+):
+    """(gradient of the summed objective wrt `params`, the objective's sums), over
+    `accum_steps` micro-batches scanned in sequence.
 
     to_model: trainable params -> the model's params (LoRA: merge the adapters into the frozen
       base); None = the trainable params are the model's.
@@ -250,14 +318,13 @@ def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
     def micro(params, micro_batch, micro_rng):
         def loss_fn(p):
             model_params = p if to_model is None else to_model(p)
-            logits = forward(model, model_params, micro_batch, deterministic=False, rng=micro_rng)
-            loss, correct, weight = loss_sums(
-                logits, micro_batch["targets"], micro_batch["weights"]
+            sums = objective.sums(
+                model, model_params, micro_batch, deterministic=False, rng=micro_rng
             )
-            return loss, (correct, weight)
+            return _objective_value(sums), sums
 
-        (loss, (correct, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, jnp.stack([loss, correct, weight])
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), sums)
 
     if accum_steps == 1:
         return micro(params, batch, rng)
@@ -267,9 +334,11 @@ def _accumulated_grads(model, params, batch, rng, accum_steps, to_model=None):
         grads, sums = carry
         i, micro_batch = xs
         g, s = micro(params, micro_batch, jax.random.fold_in(rng, i))
-        return (jax.tree.map(jnp.add, grads, g), sums + s), None
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(3, jnp.float32))
+    first = jax.tree.map(lambda x: x[0], split)
+    shapes = jax.eval_shape(lambda: micro(params, first, rng))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), split))
     return grads, sums
 
@@ -302,6 +371,7 @@ def make_train_step(
     axis_name: str | None = None,
     lora_config: lora.LoraConfig | None = None,
     skip_nonfinite: bool = False,
+    objective: Objective = LANGUAGE_MODELLING,
 ):
     """`(state, batch) -> (state, metrics)`. With `axis_name`, gradients are summed across it (pmap).
 
@@ -328,11 +398,11 @@ def make_train_step(
         if lora_config is not None:  # differentiate wrt the adapters through the merged kernels
             to_model = lambda adapters: lora.merge(frozen, adapters, lora_config)
         grads, sums = _accumulated_grads(
-            model, state.params, batch, rng, opt_config.grad_accum_steps, to_model
+            model, state.params, batch, rng, opt_config.grad_accum_steps, to_model, objective
         )
         if axis_name is not None:
             grads, sums = jax.lax.psum((grads, sums), axis_name)
-        loss_sum, correct, weight = sums[0], sums[1], sums[2]
+        loss_sum, weight = sums["loss"], sums["weight"]
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -347,7 +417,7 @@ def make_train_step(
             )
         metrics = {
             "loss": loss,
-            "accuracy": correct / denom,
+            **{k: v / denom for k, v in sums.items() if k not in ("loss", "weight")},
             "tokens": weight,
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
@@ -361,13 +431,18 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model):
-    """`(params, batch) -> {'loss_sum','correct','tokens'}` (sums, so batches add up exactly)."""
+def make_eval_step(model, objective: Objective = LANGUAGE_MODELLING):
+    """`(params, batch) -> {'loss_sum', 'correct', 'tokens', <the objective's other sums>}`
+    (sums, so batches add up exactly; 'correct' is the objective's "accuracy" sum, 0 if none)."""
 
     def eval_step(params, batch):
-        logits = forward(model, params, batch)
-        loss, correct, weight = loss_sums(logits, batch["targets"], batch["weights"])
-        return {"loss_sum": loss, "correct": correct, "tokens": weight}
+        sums = dict(objective.sums(model, params, batch, deterministic=True))
+        out = {
+            "loss_sum": sums.pop("loss"),
+            "correct": sums.pop("accuracy", jnp.zeros(())),
+            "tokens": sums.pop("weight"),
+        }
+        return {**out, **sums}
 
     return eval_step
 
@@ -515,6 +590,7 @@ def create_trainer(
     init_params=None,
     lora_config: lora.LoraConfig | None = None,
     nonfinite: str = "abort",
+    objective: Objective = LANGUAGE_MODELLING,
 ) -> Trainer:
     """Builds the mesh, shardings and jit-compiled (or pmapped) steps for a model.
 
@@ -527,6 +603,7 @@ def create_trainer(
     nonfinite: the train.nonfinite policy the step is compiled for ('skip' keeps the previous
       state on a non-finite step; see `make_train_step`). `train_loop` switches the step to its
       config's policy (`Trainer.with_nonfinite`), so callers of the loop need not pass it.
+    objective: what the step minimises (`Objective`); next-token cross-entropy by default.
     """
     check_nonfinite_policy(nonfinite)
     if lora_config is not None and not lora_config.enabled:
@@ -534,7 +611,7 @@ def create_trainer(
     schedule = learning_rate_schedule(opt_config, total_steps)
     optimizer = make_optimizer(opt_config, schedule)
     mesh = parallel.make_mesh(parallel_config.mesh, devices)
-    inputs = dummy_inputs(model_config)
+    inputs = objective.init_inputs(model_config)
     replicated = NamedSharding(mesh, P())
 
     def boxed_params(rng):
@@ -618,7 +695,7 @@ def create_trainer(
             return jit_init(seed_value, _put_params(init_params, abstract_model_params))
 
     eval_step = jax.jit(
-        make_eval_step(model), in_shardings=(p_shardings, parallel.batch_sharding(mesh))
+        make_eval_step(model, objective), in_shardings=(p_shardings, parallel.batch_sharding(mesh))
     )
 
     @functools.cache  # one compiled step per policy, however often with_nonfinite asks
@@ -631,6 +708,7 @@ def create_trainer(
             lora_config=lora_config,
             axis_name="batch" if parallel_config.use_pmap else None,
             skip_nonfinite=skip_nonfinite,
+            objective=objective,
         )
         if parallel_config.use_pmap:
             step = jax.pmap(step_fn, axis_name="batch", donate_argnums=0)
@@ -854,6 +932,34 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class IndexedBatches:
+    """A batch source for data that is a pure function of its position in the stream:
+    `batch_at(0)`, `batch_at(1)`, ... Its state (saved with every checkpoint, like a Grain
+    iterator's) is the next position, so a resumed run draws exactly the batches an unbroken
+    run would. For synthetic data (lm.icl's regression prompts, induction sequences).
+
+    batch_at: position -> this process's batch (numpy arrays with a leading batch axis).
+    """
+
+    def __init__(self, batch_at: Callable[[int], dict[str, np.ndarray]]):
+        self._batch_at = batch_at
+        self._next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._batch_at(self._next)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next": self._next}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._next = int(state["next"])
 
 
 class NonFiniteError(ValueError):
@@ -1143,11 +1249,12 @@ def train_loop(
                     elapsed = time.perf_counter() - window_start
                     last = host_metrics[-1]
                     tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-                    logged = {
-                        "loss": float(last["loss"]),
-                        "accuracy": float(last["accuracy"]),
-                        "grad_norm": float(last["grad_norm"]),
-                        "learning_rate": float(last["learning_rate"]),
+                    logged = {  # the step's metrics: loss, accuracy, aux/..., grad_norm, ...
+                        k: float(v)
+                        for k, v in last.items()
+                        if k not in ("tokens", "finite", "nonfinite_skipped")
+                    }
+                    logged |= {
                         "tokens_per_sec": tokens_per_sec,
                         "steps_per_sec": window_steps / max(elapsed, 1e-9),
                     }
