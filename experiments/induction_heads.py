@@ -7,6 +7,8 @@ Commands (2-core CPU, each a few minutes):
     python -m lm.main --config experiments/induction_heads.py:text --workdir workdirs/induction_text
 
 (or `lm.icl.induction.run(get_config('two_layer'), pathlib.Path('workdirs/induction_2l'))`).
+Training goes through lm.train's loop: rerunning a command resumes its workdir (SIGTERM
+saves a checkpoint); a finished run only rewrites the plots and summary.json.
 
 Args: 'two_layer' (default) and 'one_layer' train on random tokens holding one repeated
 span; 'text' trains the two-layer model on the Shakespeare training works (characters);
@@ -49,10 +51,8 @@ def get_config(arg: str | None = None):
         max_gap=16,
         vocab=128,
         batch_size=32,
-        steps=3000,
-        eval_every=250,
-        log_every=100,
     )
+    train = dict(steps=3000, eval_every=250, log_every=100)
     optimizer = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
     if arg == "two_layer":
         pass
@@ -69,11 +69,9 @@ def get_config(arg: str | None = None):
             max_gap=2,
             vocab=16,
             batch_size=8,
-            steps=6,
-            eval_every=3,
-            log_every=2,
             probe_batches=1,
         )
+        train.update(steps=6, eval_every=3, log_every=2, checkpoint_every=3, progress=False)
     else:
         raise ValueError(f"unknown arg {arg!r}: use two_layer, one_layer, text or tiny")
-    return experiment(icl=icl, model=model, optimizer=optimizer)
+    return experiment(icl=icl, model=model, optimizer=optimizer, train=train)

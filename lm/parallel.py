@@ -36,6 +36,14 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("length", None),
     ("layers", None),  # the stacked axis of scanned layers: each device holds every layer
+    # Mixture-of-experts kernels [expert, embed, mlp]: experts over fsdp, the axis whose
+    # weights are already split and gathered for compute. A dimension takes a mesh axis only
+    # if no earlier dimension of the same parameter took it (`_mesh_axes_for`), so the expert
+    # dim claims fsdp ahead of embed: each device holds whole experts (expert parallelism)
+    # and an MoE model costs a device no more parameter memory than FSDP of a dense one. When
+    # fsdp does not divide the experts, embed takes it as in a dense model. `data` stays pure
+    # data parallelism; `parallel.rules="expert=data"` (or data+fsdp) moves them.
+    ("expert", "fsdp"),
 )
 
 

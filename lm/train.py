@@ -31,11 +31,11 @@ from lm import lora, parallel, storage
 from lm.checkpoint import Checkpointer
 from lm.models.transformer import (
     ModelConfig,
-    config_from_dict,
     dummy_inputs,
     to_layout,
     unstack_layers,
 )
+from lm.utils import config_from_dict, count_params, tree_differences
 
 # ------------------------------------------------------------------------------ configs
 
@@ -539,25 +539,15 @@ class Trainer:
         }
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def check_params_fit(params, abstract_params, what: str = "init params") -> None:
     """Raises ValueError naming the parameters whose presence or shape differs from the model's."""
-    have = {
-        _path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    want = {
-        _path_str(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    }
-    problems = [f"{k}: missing" for k in sorted(set(want) - set(have))]
-    problems += [f"{k}: not in the model" for k in sorted(set(have) - set(want))]
-    problems += [
-        f"{k}: shape {have[k]}, the model's {want[k]}"
-        for k in sorted(set(have) & set(want))
-        if have[k] != want[k]
+    problems = [
+        f"{k}: missing"
+        if have is None
+        else f"{k}: not in the model"
+        if want is None
+        else f"{k}: shape {have}, the model's {want}"
+        for k, have, want in tree_differences(params, abstract_params)
     ]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
@@ -622,7 +612,7 @@ def create_trainer(
     rules = parallel_config.logical_rules
     p_shardings = parallel.param_shardings(abstract_boxed, mesh, rules)
     abstract_params = nn.meta.unbox(abstract_boxed)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    num_params = count_params(abstract_params)
     if init_params is not None:
         # Checked layer by layer (the names a user can find in the source), then laid out as
         # this model's layers are (imports and older runs come unrolled).
@@ -753,7 +743,7 @@ def create_trainer(
         train_step=train_step,
         eval_step=eval_step,
         num_params=num_params,
-        num_trainable=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_trainable)),
+        num_trainable=count_params(abstract_trainable),
         param_shardings=p_shardings,
         lora=lora_config,
         merge_fn=merge_fn,
@@ -803,9 +793,12 @@ def peak_flops_per_device(override: float = 0.0) -> float:
 
 
 def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus attention (Kaplan et al., PaLM appendix)."""
+    """Training FLOPs per token: 6N for the weights a token uses plus attention (Kaplan et al.,
+    PaLM appendix). N counts active parameters (`ModelConfig.active_params`): a mixture of
+    experts' token pays for its experts_per_token experts, not all of them. Model FLOPs, so
+    the dense dispatch of `layers.MoeMLP`, which runs every expert, computes more than this."""
     attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
-    return 6 * num_params + attention
+    return 6 * config.active_params(num_params) + attention
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -1249,10 +1242,11 @@ def train_loop(
                     elapsed = time.perf_counter() - window_start
                     last = host_metrics[-1]
                     tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-                    logged = {  # the step's metrics: loss, accuracy, aux/..., grad_norm, ...
+                    logged = {"loss": float(last["loss"])}  # then the step's other metrics
+                    logged |= {
                         k: float(v)
                         for k, v in last.items()
-                        if k not in ("tokens", "finite", "nonfinite_skipped")
+                        if k not in ("loss", "tokens", "finite", "nonfinite_skipped")
                     }
                     logged |= {
                         "tokens_per_sec": tokens_per_sec,

@@ -182,7 +182,9 @@ def test_config_rejects_unknown_keys():
         induction.experiment(model={"d_modle": 3})
     with pytest.raises(ValueError, match="span"):
         induction.InductionConfig(length=16, span=9)
-    config = induction.experiment(icl={"steps": 5})
+    with pytest.raises(ValueError, match="icl.steps"):  # steps are the train section's
+        induction.experiment(icl={"steps": 5})
+    config = induction.experiment(train={"steps": 5})
     config.icl.bogus = 1
     with pytest.raises(ValueError, match="icl.bogus"):
         induction.build_configs(config)
@@ -214,8 +216,10 @@ def test_tiny_run_writes_metrics_plots_summary(tmp_path):
     assert 0 <= saved["max_induction"]["layer1"]["head"] < 2
     assert summary["repeat_loss_ratio"] == pytest.approx(saved["repeat_loss_ratio"])
     assert (tmp_path / "checkpoints" / "6").is_dir()
-    with pytest.raises(ValueError, match="already holds"):
-        induction.run(config, tmp_path)
+    # A finished run only rewrites its plots and summary: no step is trained again.
+    again = induction.run(config, tmp_path)
+    assert again["repeat_loss_ratio"] == summary["repeat_loss_ratio"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(lines)
 
 
 def test_text_run_on_a_small_corpus(tmp_path, monkeypatch):
@@ -233,12 +237,10 @@ def test_text_run_on_a_small_corpus(tmp_path, monkeypatch):
         icl=dict(
             data="text",
             length=24,
-            batch_size=4,
-            steps=2,
-            eval_every=2,
-            log_every=1,
+            batch_size=8,
             probe_batches=1,
         ),
+        train=dict(steps=2, eval_every=2, log_every=1, progress=False),
         model=dict(d_model=16, num_heads=2),
     )
     summary = induction.run(config, tmp_path)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from lm.icl import baselines, functions, regression
-from lm.train import TrainState, learning_rate_schedule, make_optimizer
+from lm.train import create_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -155,8 +155,7 @@ def _tiny_model(n_points=6, d=3):
         icl=dict(n_dims=d, n_points=n_points),
         model=dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64),
     )
-    _, model_config, _ = regression.build_configs(config)
-    model = regression.InContextRegressor(model_config)
+    model = regression.InContextRegressor(regression.build_configs(config).model)
     return model, regression.init_params(model, jax.random.PRNGKey(0), n_points, d)
 
 
@@ -197,33 +196,44 @@ def test_masked_squared_error():
 
 
 def test_training_lowers_the_loss():
+    """The regression objective through lm.train's step: the squared error on fixed prompts
+    falls, and the curriculum's weights keep only the first points of each prompt."""
     config = regression.experiment(
-        icl=dict(n_dims=2, n_points=6, batch_size=64, steps=150, dims_start=0, points_start=0),
+        icl=dict(n_dims=2, n_points=6, batch_size=64, dims_start=0, points_start=0),
+        train=dict(steps=150),
         model=dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64),
         optimizer=dict(learning_rate=3e-3, warmup_steps=10),
     )
-    icl, model_config, opt_config = regression.build_configs(config)
-    model = regression.InContextRegressor(model_config)
-    schedule = learning_rate_schedule(opt_config, icl.steps)
-    optimizer = make_optimizer(opt_config, schedule)
-    params = regression.init_params(model, jax.random.PRNGKey(0), icl.n_points, icl.n_dims)
-    state = TrainState(
-        step=jnp.array(0, jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.PRNGKey(1),
+    configs = regression.build_configs(config)
+    model = regression.InContextRegressor(configs.model)
+    trainer = create_trainer(
+        configs.model,
+        model,
+        configs.optimizer,
+        configs.train.steps,
+        configs.parallel,
+        objective=regression.objective(configs.icl),
     )
+    state = trainer.init_fn(0)
     xs, ys = functions.sample_batch("linear_regression", jax.random.PRNGKey(2), 256, 6, 2)
     loss = jax.jit(
         lambda p: regression.masked_squared_error(model.apply({"params": p}, xs, ys), ys, 6)
     )
     before = float(loss(state.params))
-    step = regression.make_train_step(model, optimizer, icl)
-    for _ in range(icl.steps):
-        state, metrics = step(state, jnp.int32(2), jnp.int32(6))
+    batches = regression.training_batches(configs.icl, jax.random.PRNGKey(1))
+    for _ in range(configs.train.steps):
+        state, metrics = trainer.train_step(state, trainer.put_batch(next(batches)))
     after = float(loss(state.params))
-    assert int(state.step) == icl.steps
+    assert int(state.step) == configs.train.steps
     assert after < 0.7 * before, (before, after)
+    # With a curriculum the weights keep the first n_effective points of every prompt.
+    icl = regression.RegressionConfig(n_dims=4, n_points=9, points_start=3, points_interval=5)
+    first = regression.training_batches(icl, jax.random.PRNGKey(0))
+    batch = next(first)
+    assert batch["weights"].shape == (icl.batch_size, 9)
+    np.testing.assert_array_equal(batch["weights"][0], [1, 1, 1, 0, 0, 0, 0, 0, 0])
+    first.set_state({"next": 5})
+    np.testing.assert_array_equal(next(first)["weights"][0], [1, 1, 1, 1, 1, 0, 0, 0, 0])
 
 
 # ------------------------------------------------------------------------- config and run
@@ -256,30 +266,32 @@ def test_unknown_keys_are_named():
 def test_experiment_configs_build():
     module = _experiment_module()
     for arg in ("", "small", "tiny"):
-        icl, model, _ = regression.build_configs(module.get_config(arg))
-        assert model.max_len >= 2 * icl.n_points
-    icl, model, optimizer = regression.build_configs(module.get_config())
+        configs = regression.build_configs(module.get_config(arg))
+        assert configs.model.max_len >= 2 * configs.icl.n_points
+    configs = regression.build_configs(module.get_config())
+    icl, model = configs.icl, configs.model
     assert (
         icl.n_dims,
         icl.n_points,
-        icl.steps,
+        configs.train.steps,
         model.num_layers,
         model.d_model,
         model.num_heads,
     ) == (20, 41, 500_000, 12, 256, 8)
-    assert optimizer.learning_rate == 1e-4
+    assert configs.optimizer.learning_rate == 1e-4
 
 
 def test_tiny_run_writes_results_and_reevaluates(tmp_path):
     config = _experiment_module().get_config("tiny")
     result = regression.run(config, tmp_path)
-    assert result["step"] == config.icl.steps
+    assert result["step"] == config.train.steps
     saved = json.loads((tmp_path / "errors.json").read_text())
     assert set(saved["errors"]) >= {"model", "least_squares", "3_nearest_neighbours", "averaging"}
     assert len(saved["errors"]["model"]) == config.icl.n_points
     assert (tmp_path / "error_vs_k.png").stat().st_size > 0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "curriculum_dims", "curriculum_points"} <= set(lines[0])
+    assert {"step", "loss", "normalised_loss", "learning_rate"} <= set(lines[0])
+    assert {"eval/loss", "eval/error_mean", "eval/error_last"} <= set(lines[-1])
     # A finished run only re-evaluates: same errors, no new training lines.
     again = regression.run(config, tmp_path)
     assert again["errors"] == result["errors"]

@@ -27,36 +27,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import checkpoint as ckpt
 from lm import storage
-from lm.config import field_defaults, filled_sections
-from lm.icl import scores
-from lm.models.transformer import ModelConfig, build_model, config_from_dict, count_params
-from lm.train import (
-    MetricWriter,
-    OptimizerConfig,
-    TrainState,
-    learning_rate_schedule,
-    make_optimizer,
-    make_train_step,
-)
+from lm.config import field_defaults
+from lm.icl import runs, scores
+from lm.models.transformer import ModelConfig, build_model, config_from_dict
+from lm.train import LANGUAGE_MODELLING, IndexedBatches
 
 log = logging.getLogger(__name__)
 
 DATA_KINDS = ("repeated_random", "text")
 TOKENIZERS = ("char", "sentencepiece")
-SECTIONS = ("icl", "model", "optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +61,7 @@ class InductionConfig:
     vocab: int = 128  # random tokens 0..vocab-1 ('repeated_random')
     tokenizer: str = "char"  # 'text': 'char' | 'sentencepiece'
     text_vocab: int = 1024  # 'text' with 'sentencepiece': pieces of the tokenizer
-    batch_size: int = 32
-    steps: int = 3000
-    eval_every: int = 250  # probe every n steps (and at step 0 and the end)
-    log_every: int = 50
-    seed: int = 0  # model init and training batches
+    batch_size: int = 32  # sequences per step (all processes together)
     probe_batches: int = 4  # probe rows = probe_batches * batch_size
     probe_span: int = 0  # span of the probe's [A][A]; 0 = length // 2
     probe_seed: int = 12345  # the probe batch is the same for every run
@@ -109,7 +94,7 @@ class InductionConfig:
             )
         if self.data == "repeated_random" and self.vocab < 2:
             raise ValueError(f"icl.vocab={self.vocab} must be >= 2")
-        for key in ("batch_size", "steps", "eval_every", "log_every", "probe_batches"):
+        for key in ("batch_size", "probe_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"icl.{key}={getattr(self, key)} must be >= 1")
         for key in ("early", "late"):
@@ -296,33 +281,41 @@ MODEL_DEFAULTS = dict(
 OPTIMIZER_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
 
 
+# Probe at step 0, every 250 steps and at the end (train.eval_every, train.eval_at_start).
+TRAIN_DEFAULTS = dict(steps=3000, eval_every=250, eval_at_start=True, log_every=50)
+
+
 def experiment(
-    icl: dict | None = None, model: dict | None = None, optimizer: dict | None = None
+    icl: dict | None = None,
+    model: dict | None = None,
+    optimizer: dict | None = None,
+    train: dict | None = None,
+    parallel: dict | None = None,
 ) -> ml_collections.ConfigDict:
-    """A complete induction-heads config: every field of `InductionConfig`, `ModelConfig`
-    and `OptimizerConfig` present (so each can be overridden from the command line), the
-    given overrides applied; a misspelt key is an error that names it."""
-    return filled_sections(
-        {
-            "icl": (InductionConfig, {}, icl),
-            "model": (ModelConfig, MODEL_DEFAULTS, model),
-            "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer),
-        }
+    """A complete induction-heads config: sections icl (`InductionConfig`), model, optimizer,
+    train and parallel (the ordinary sections, as text runs have them) with every field
+    present (so each can be overridden from the command line), the given overrides applied;
+    a misspelt key is an error that names it."""
+    return runs.experiment(
+        InductionConfig,
+        model_defaults=MODEL_DEFAULTS,
+        optimizer_defaults=OPTIMIZER_DEFAULTS,
+        train_defaults=TRAIN_DEFAULTS,
+        icl=icl,
+        model=model,
+        optimizer=optimizer,
+        train=train,
+        parallel=parallel,
     )
 
 
-def build_configs(config, data_vocab: int | None = None):
-    """ConfigDict -> (InductionConfig, ModelConfig, OptimizerConfig).
+def build_configs(config, data_vocab: int | None = None) -> runs.IclConfigs:
+    """ConfigDict -> the frozen configs of every section.
 
     data_vocab: the data's vocabulary, taken by model.vocab_size 0 (None: only validate)."""
-    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    unknown = sorted(set(values) - set(SECTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown config section(s) {unknown}; an induction experiment has {list(SECTIONS)}"
-        )
-    icl = InductionConfig.from_dict(values.get("icl", {}))
-    model_values = {**field_defaults(ModelConfig), **MODEL_DEFAULTS, **values.get("model", {})}
+    values = runs.section_values(config)
+    icl = InductionConfig.from_dict(values["icl"])
+    model_values = {**field_defaults(ModelConfig), **MODEL_DEFAULTS, **values["model"]}
     if not model_values["max_len"]:
         model_values["max_len"] = icl.length
     if not model_values["vocab_size"]:
@@ -339,8 +332,10 @@ def build_configs(config, data_vocab: int | None = None):
         )
     if model.position == "learned" and model.max_len < icl.length:
         raise ValueError(f"model.max_len={model.max_len} < icl.length={icl.length}")
-    optimizer = OptimizerConfig.from_dict({**OPTIMIZER_DEFAULTS, **values.get("optimizer", {})})
-    return icl, model, optimizer
+    optimizer, train, par = runs.build_common(
+        {**values, "optimizer": {**OPTIMIZER_DEFAULTS, **values["optimizer"]}}
+    )
+    return runs.IclConfigs(icl=icl, model=model, optimizer=optimizer, train=train, parallel=par)
 
 
 # ---------------------------------------------------------------------------------- probe
@@ -412,17 +407,18 @@ def make_text_probe(model_config: ModelConfig, windows: np.ndarray, icl: Inducti
     return probe_fn
 
 
-def flatten_probe(result: dict[str, Any]) -> dict[str, float]:
-    """Probe result -> scalar metrics named probe/..., per head probe/induction/layer{i}/head{h}."""
+def flatten_probe(result: dict[str, Any], prefix: str = "probe/") -> dict[str, float]:
+    """Probe result -> scalar metrics named probe/..., per head probe/induction/layer{i}/head{h}
+    (`prefix` "" for the evaluator, whose name the loop puts in front)."""
     out = {}
     for key, value in result.items():
         if np.ndim(value) == 0:
-            out[f"probe/{key}"] = float(value)
+            out[f"{prefix}{key}"] = float(value)
             continue
         for layer, row in enumerate(np.asarray(value)):
             for head, v in enumerate(row):
-                out[f"probe/{key}/layer{layer}/head{head}"] = float(v)
-            out[f"probe/{key}/layer{layer}/max"] = float(np.max(row))
+                out[f"{prefix}{key}/layer{layer}/head{head}"] = float(v)
+            out[f"{prefix}{key}/layer{layer}/max"] = float(np.max(row))
     return out
 
 
@@ -460,7 +456,10 @@ def load_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
             f"--workdir {workdir})"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [unflatten_probe(row) for row in rows if "probe/in_context_score" in row]
+    # A resumed run probes again the steps it retrains after its last checkpoint: the last
+    # row of a step is the one the finished run's state came from.
+    probes = {row["step"]: row for row in rows if "probe/in_context_score" in row}
+    return [unflatten_probe(probes[step]) for step in sorted(probes)]
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -605,28 +604,40 @@ def summarize(history: list[dict[str, Any]], *, threshold: float = 0.5) -> dict[
     return out
 
 
-def _prepare_workdir(workdir: pathlib.Path) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    if (workdir / "summary.json").exists() or any((workdir / "checkpoints").glob("*")):
-        raise ValueError(
-            f"{workdir} already holds an induction run (summary.json or checkpoints); "
-            "use a new --workdir"
+def describe_probe(step: int, result: dict[str, Any]) -> str:
+    """One line: the probe's copy-loss ratio, in-context score and best heads per layer."""
+    best = ", ".join(
+        f"L{layer} h{int(np.argmax(row))} {np.max(row):.2f}"
+        for layer, row in enumerate(result["induction"])
+    )
+    prev = ", ".join(
+        f"L{layer} {np.max(row):.2f}" for layer, row in enumerate(result["previous_token"])
+    )
+    extra = ""
+    if "text_loss" in result:
+        text_best = ", ".join(
+            f"L{layer} {np.max(row):.2f}" for layer, row in enumerate(result["text_induction"])
         )
-    stale = workdir / "metrics.jsonl"
-    if stale.exists():  # an interrupted run: start the log afresh
-        log.warning("removing %s of an unfinished run", stale)
-        stale.unlink()
+        extra = (
+            f" | text: loss {result['text_loss']:.3f}, ICS "
+            f"{result['text_in_context_score']:+.3f}, repeated-text ratio "
+            f"{result['text_repeat_loss_ratio']:.3f}, induction max [{text_best}]"
+        )
+    return (
+        f"probe step {step:5d}: ratio {result['repeat_loss_ratio']:.3f} "
+        f"(copies {result['first_copy_loss']:.2f} -> {result['second_copy_loss']:.2f}), "
+        f"ICS {result['in_context_score']:+.3f}, induction max [{best}], "
+        f"prev-token max [{prev}]{extra}"
+    )
 
 
-def run(config, workdir) -> dict[str, Any]:
-    """Trains the model of `config` (sections icl, model, optimizer) and probes it as it
-    trains; writes metrics.jsonl, the plots, summary.json and the final parameters to
-    `workdir`; returns the summary."""
-    workdir = storage.as_path(workdir)
-    icl, _, _ = build_configs(config)  # validate everything before any work
-    _prepare_workdir(workdir)
+def build_run(config, workdir: pathlib.Path) -> runs.IclRun:
+    """The induction run of `config` in `workdir` (see `lm.icl.runs`): the attention-only model
+    trained on next-token prediction over repeated random spans (or text windows), the probes
+    as an evaluator, and an `on_end` that writes the plots and summary.json."""
     t0 = time.time()
-
+    icl = build_configs(config).icl  # validate everything before any work
+    workdir.mkdir(parents=True, exist_ok=True)
     text = None
     if icl.data == "text":
         text = load_text(icl, workdir)
@@ -638,25 +649,10 @@ def run(config, workdir) -> dict[str, Any]:
         )
     else:
         data_vocab, token_ids = icl.vocab, np.arange(icl.vocab)
-    icl, model_config, opt_config = build_configs(config, data_vocab)
-    resolved = {
-        "icl": dataclasses.asdict(icl),
-        "model": dataclasses.asdict(model_config),
-        "optimizer": dataclasses.asdict(opt_config),
-    }
-    ckpt.write_config(workdir, resolved)
-
-    model = build_model(model_config)
-    schedule = learning_rate_schedule(opt_config, icl.steps)
-    optimizer = make_optimizer(opt_config, schedule)
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(icl.seed))
-    params = nn.meta.unbox(
-        model.init(init_rng, jnp.zeros((1, icl.length - 1), jnp.int32))["params"]
-    )
-    state = TrainState(
-        step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_rng
-    )
-    train_step = jax.jit(make_train_step(model, optimizer, schedule, opt_config), donate_argnums=0)
+    configs = build_configs(config, data_vocab)
+    model_config, seed = configs.model, configs.train.seed
+    runs.check_workdir(workdir, configs.as_dict(), ("data", "tokenizer"))
+    trainer = runs.make_trainer(configs, build_model(model_config), LANGUAGE_MODELLING)
 
     probe = make_probe(model_config, probe_batch(icl, token_ids), icl)
     text_probe = None
@@ -668,9 +664,10 @@ def run(config, workdir) -> dict[str, Any]:
             "validation",
         )
         text_probe = make_text_probe(model_config, windows, icl)
+    rows = runs.process_rows(icl.batch_size)
 
-    def batch_at(step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([icl.seed, step])  # a pure function of (seed, step)
+    def batch_at(position: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, position])  # a pure function of (seed, position)
         if text is not None:
             tokens = text.windows(rng, icl.batch_size, icl.length)
         else:
@@ -683,115 +680,65 @@ def run(config, workdir) -> dict[str, Any]:
                 max_gap=icl.max_gap,
                 vocab=icl.vocab,
             )["tokens"]
+        tokens = tokens[rows]
         return {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
             "weights": np.ones(tokens[:, 1:].shape, np.float32),
         }
 
+    def run_probe(state) -> dict[str, float]:
+        params = trainer.model_params(state)
+        result = probe(params)
+        if text_probe is not None:
+            result.update(text_probe(params))
+        if jax.process_index() == 0:
+            print(describe_probe(int(state.step), result), flush=True)
+        return flatten_probe(result, prefix="")
+
+    def on_end(state) -> dict[str, Any]:
+        if jax.process_index() != 0:
+            return {}
+        history = load_history(workdir)
+        title = (
+            f"{model_config.num_layers}-layer attention-only, trained on "
+            f"{'text' if text is not None else 'repeated random tokens'}"
+        )
+        plot_scores(history, workdir / "induction_scores.png", title)
+        plot_in_context(history, workdir / "in_context_score.png", title)
+        summary = summarize(history)
+        summary.update(
+            num_layers=model_config.num_layers,
+            num_heads=model_config.num_heads,
+            data=icl.data,
+            steps=configs.train.steps,
+            num_params=trainer.num_params,
+            wall_time_s=round(time.time() - t0, 1),  # of this command (a rerun: no training)
+        )
+        storage.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+        shown = ("repeat_loss_ratio", "in_context_score", "max_induction", "max_previous_token")
+        print("summary: " + json.dumps({k: summary[k] for k in shown}), flush=True)
+        return summary
+
     print(
         f"induction: {model_config.num_layers}-layer attention-only model "
-        f"(mlp_dim={model_config.mlp_dim}), {count_params(params):,} parameters, "
-        f"vocab {model_config.vocab_size}, data={icl.data}, {icl.steps} steps of "
+        f"(mlp_dim={model_config.mlp_dim}), {trainer.num_params:,} parameters, "
+        f"vocab {model_config.vocab_size}, data={icl.data}, {configs.train.steps} steps of "
         f"{icl.batch_size} x {icl.length - 1} tokens",
         flush=True,
     )
-    writer = MetricWriter(workdir)
-    history: list[dict[str, Any]] = []
-
-    def run_probe(step: int) -> None:
-        result = probe(state.params)
-        if text_probe is not None:
-            result.update(text_probe(state.params))
-        history.append({"step": step, **result})
-        writer.write(step, flatten_probe(result))
-        best = ", ".join(
-            f"L{layer} h{int(np.argmax(row))} {np.max(row):.2f}"
-            for layer, row in enumerate(result["induction"])
-        )
-        prev = ", ".join(
-            f"L{layer} {np.max(row):.2f}" for layer, row in enumerate(result["previous_token"])
-        )
-        extra = ""
-        if "text_loss" in result:
-            text_best = ", ".join(
-                f"L{layer} {np.max(row):.2f}" for layer, row in enumerate(result["text_induction"])
-            )
-            extra = (
-                f" | text: loss {result['text_loss']:.3f}, ICS "
-                f"{result['text_in_context_score']:+.3f}, repeated-text ratio "
-                f"{result['text_repeat_loss_ratio']:.3f}, induction max [{text_best}]"
-            )
-        print(
-            f"probe step {step:5d}: ratio {result['repeat_loss_ratio']:.3f} "
-            f"(copies {result['first_copy_loss']:.2f} -> {result['second_copy_loss']:.2f}), "
-            f"ICS {result['in_context_score']:+.3f}, induction max [{best}], "
-            f"prev-token max [{prev}]{extra}",
-            flush=True,
-        )
-
-    run_probe(0)
-    train_start = time.time()
-    last_time, sums, count = time.time(), None, 0
-    for step in range(1, icl.steps + 1):
-        state, metrics = train_step(state, batch_at(step - 1))
-        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        count += 1
-        if step % icl.log_every == 0 or step == icl.steps:
-            means = {k: float(v) / count for k, v in jax.device_get(sums).items() if k != "tokens"}
-            now = time.time()
-            means["steps_per_sec"] = count / max(now - last_time, 1e-9)
-            if not math.isfinite(means["loss"]):
-                raise FloatingPointError(f"training loss is {means['loss']} at step {step}")
-            writer.write(step, means)
-            eta = (icl.steps - step) / means["steps_per_sec"]
-            print(
-                f"step {step:5d}: loss {means['loss']:.4f}, accuracy {means['accuracy']:.3f}, "
-                f"lr {means['learning_rate']:.2e}, {means['steps_per_sec']:.1f} steps/s, "
-                f"ETA {eta:.0f}s",
-                flush=True,
-            )
-            last_time, sums, count = now, None, 0
-        if step % icl.eval_every == 0 or step == icl.steps:
-            run_probe(step)
-    train_time = time.time() - train_start
-    writer.close()
-
-    title = (
-        f"{model_config.num_layers}-layer attention-only, trained on "
-        f"{'text' if text is not None else 'repeated random tokens'}"
+    return runs.IclRun(
+        configs=configs,
+        trainer=trainer,
+        batches=IndexedBatches(batch_at),
+        evaluators={"probe": run_probe},
+        on_end=on_end,
+        seq_len=icl.length - 1,
     )
-    plot_scores(history, workdir / "induction_scores.png", title)
-    plot_in_context(history, workdir / "in_context_score.png", title)
-    saver = ckpt.Checkpointer(workdir, keep=1, async_save=False)
-    saver.save(icl.steps, jax.device_get(state), force=True)
-    saver.close()
 
-    summary = summarize(history)
-    summary.update(
-        num_layers=model_config.num_layers,
-        num_heads=model_config.num_heads,
-        data=icl.data,
-        steps=icl.steps,
-        num_params=count_params(state.params),
-        train_time_s=round(train_time, 1),
-        wall_time_s=round(time.time() - t0, 1),
-    )
-    storage.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
-    print(
-        "summary: "
-        + json.dumps(
-            {
-                k: summary[k]
-                for k in (
-                    "repeat_loss_ratio",
-                    "in_context_score",
-                    "max_induction",
-                    "max_previous_token",
-                    "wall_time_s",
-                )
-            }
-        ),
-        flush=True,
-    )
-    return summary
+
+def run(config, workdir) -> dict[str, Any]:
+    """Trains (or resumes) the model of `config` and probes it as it trains; writes
+    metrics.jsonl, checkpoints, the plots and summary.json to `workdir`; returns the summary
+    (a rerun of a finished run only rewrites the plots and summary)."""
+    return runs.run_experiment(config, workdir)

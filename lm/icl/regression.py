@@ -8,9 +8,11 @@ number k of in-context examples, with least squares, 3-nearest-neighbours and av
 (lm.icl.baselines) on the squared error divided by d.
 
 Entry points:
-    experiment(icl=..., model=..., optimizer=...)  a ConfigDict with every default filled
-    run(config, workdir)                            train (or resume), evaluate, plot
+    experiment(icl=..., model=..., train=...)  a ConfigDict with every default filled
+    run(config, workdir)                       train (or resume), evaluate, plot
 
+Training goes through lm.train's loop (see lm.icl.runs): the `icl` section holds the task and
+the curriculum; steps, seed, logging, evaluation and checkpoints are the `train` section's.
 Outputs in the workdir: config.json, metrics.jsonl (+ TensorBoard), checkpoints/,
 errors.json (normalised error per k for the model and each baseline), error_vs_k.png.
 Rerunning a finished run only re-evaluates.
@@ -20,10 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import math
 import pathlib
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -31,28 +30,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from lm import storage
-from lm.checkpoint import (
-    Checkpointer,
-    CheckpointMismatchError,
-    check_compatible,
-    read_config,
-    write_config,
-)
-from lm.config import filled_sections
-from lm.icl import baselines, functions
+from lm.icl import baselines, functions, runs
 from lm.models import layers
 from lm.models.attention import causal_mask
 from lm.models.transformer import ModelConfig, Stack, config_from_dict
-from lm.train import (
-    MetricWriter,
-    OptimizerConfig,
-    TrainState,
-    learning_rate_schedule,
-    make_optimizer,
-)
+from lm.train import IndexedBatches, Objective
 
 # ------------------------------------------------------------------------------ config
 
@@ -73,9 +57,7 @@ class RegressionConfig:
     function: str = "linear_regression"  # one of lm.icl.functions.KINDS
     n_dims: int = 20
     n_points: int = 41
-    batch_size: int = 64
-    steps: int = 500_000
-    seed: int = 0
+    batch_size: int = 64  # prompts per step (all processes together)
     dims_start: int = 5
     dims_increment: int = 1
     dims_interval: int = 2000
@@ -89,13 +71,7 @@ class RegressionConfig:
     # Baselines.
     knn_k: int = 3
     lasso_alpha: float = 0.01
-    # Logging, evaluation, checkpoints.
-    log_every: int = 100
-    eval_every: int = 0  # > 0: log the model's error at full d and n_points this often
-    eval_batches: int = 16  # final evaluation: eval_batches x batch_size fresh prompts
-    checkpoint_every: int = 5000  # 0 = only at the end
-    keep_checkpoints: int = 2
-    progress: bool = True
+    eval_batches: int = 16  # evaluation: eval_batches x batch_size fixed prompts at full d, n
 
     def __post_init__(self):
         if self.kind != "regression":
@@ -109,19 +85,11 @@ class RegressionConfig:
             "dims_interval",
             "points_interval",
             "eval_batches",
-            "keep_checkpoints",
             "knn_k",
-            "log_every",
         ):
             if getattr(self, key) < 1:
                 raise ValueError(f"icl.{key} must be >= 1, got {getattr(self, key)}")
-        for key in (
-            "steps",
-            "dims_increment",
-            "points_increment",
-            "eval_every",
-            "checkpoint_every",
-        ):
+        for key in ("dims_increment", "points_increment"):
             if getattr(self, key) < 0:
                 raise ValueError(f"icl.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("dims_start", "points_start"):
@@ -176,7 +144,10 @@ OPTIMIZER_DEFAULTS = dict(
     b2=0.999,
     clip_norm=0.0,
 )
-SECTIONS = {"icl": RegressionConfig, "model": ModelConfig, "optimizer": OptimizerConfig}
+# Garg et al.'s schedule: 500k steps; the error per k evaluated at the end only.
+TRAIN_DEFAULTS = dict(
+    steps=500_000, log_every=100, eval_every=0, checkpoint_every=5000, keep_checkpoints=2
+)
 
 
 def experiment(
@@ -184,34 +155,36 @@ def experiment(
     icl: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
     optimizer: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    parallel: dict[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
-    """A complete regression config: sections icl, model, optimizer with every field filled.
+    """A complete regression config: sections icl (`RegressionConfig`), model, optimizer, train
+    and parallel (the ordinary sections, as text runs have them), every field filled.
 
     Each argument holds only the overrides; a misspelt key is an error that names it.
     model.max_len defaults to 2 * icl.n_points (the interleaved prompt length).
     """
-    config = filled_sections(
-        {
-            "icl": (RegressionConfig, {}, icl),
-            "model": (ModelConfig, MODEL_DEFAULTS, model),
-            "optimizer": (OptimizerConfig, OPTIMIZER_DEFAULTS, optimizer),
-        }
+    config = runs.experiment(
+        RegressionConfig,
+        model_defaults=MODEL_DEFAULTS,
+        optimizer_defaults=OPTIMIZER_DEFAULTS,
+        train_defaults=TRAIN_DEFAULTS,
+        icl=icl,
+        model=model,
+        optimizer=optimizer,
+        train=train,
+        parallel=parallel,
     )
     if "max_len" not in (model or {}):
         config.model.max_len = 2 * config.icl.n_points
     return config
 
 
-def build_configs(config) -> tuple[RegressionConfig, ModelConfig, OptimizerConfig]:
-    """ConfigDict (or dict) -> the three frozen configs, checking sections, keys and types."""
-    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    unknown = sorted(set(values) - set(SECTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown config section(s) {unknown} for a regression run; use {sorted(SECTIONS)}"
-        )
-    icl = RegressionConfig.from_dict(values.get("icl", {}))
-    model_values = dict(values.get("model", {}))
+def build_configs(config) -> runs.IclConfigs:
+    """ConfigDict (or dict) -> the frozen configs of every section, checking keys and types."""
+    values = runs.section_values(config)
+    icl = RegressionConfig.from_dict(values["icl"])
+    model_values = values["model"]
     if not model_values.get("vocab_size"):
         model_values["vocab_size"] = 1
     model = ModelConfig.from_dict(model_values)
@@ -222,8 +195,8 @@ def build_configs(config) -> tuple[RegressionConfig, ModelConfig, OptimizerConfi
             f"model.max_len={model.max_len} is shorter than the prompt "
             f"(2 * icl.n_points = {2 * icl.n_points})"
         )
-    optimizer = OptimizerConfig.from_dict(values.get("optimizer", {}))
-    return icl, model, optimizer
+    optimizer, train, par = runs.build_common(values)
+    return runs.IclConfigs(icl=icl, model=model, optimizer=optimizer, train=train, parallel=par)
 
 
 # ------------------------------------------------------------------------------- model
@@ -286,35 +259,60 @@ def masked_squared_error(preds: jax.Array, ys: jax.Array, n_effective) -> jax.Ar
     return jnp.sum((preds - ys) ** 2 * mask) / (ys.shape[0] * jnp.sum(mask))
 
 
-def make_train_step(
-    model: InContextRegressor, optimizer: optax.GradientTransformation, icl: RegressionConfig
-):
-    """jitted (state, d_effective, n_effective) -> (state, metrics). The batch is sampled inside
-    the step from fold_in(state.rng, state.step), so a resumed run sees the same prompts."""
+def objective(icl: RegressionConfig) -> Objective:
+    """The training objective: squared error of the predictions at the x positions that the
+    batch's weights keep (the curriculum's first n_effective points), summed; plus the same
+    divided by E[y^2] at the batch's effective dimension ("normalised_loss": 1 = the zero
+    predictor, comparable across the curriculum)."""
 
-    def loss_fn(params, xs, ys, n_effective):
-        preds = model.apply({"params": params}, xs, ys, deterministic=True)
-        return masked_squared_error(preds, ys, n_effective)
+    def sums(model, params, batch, *, deterministic=True, rng=None):
+        rngs = {"dropout": rng} if rng is not None else {}
+        preds = model.apply(
+            {"params": params}, batch["xs"], batch["ys"], deterministic=deterministic, rngs=rngs
+        )
+        squared = (preds - batch["ys"]) ** 2 * batch["weights"]
+        return {
+            "loss": squared.sum(),
+            "normalised_loss": (squared / batch["scale"][:, None]).sum(),
+            "weight": batch["weights"].sum(),
+        }
 
-    @jax.jit
-    def train_step(state: TrainState, d_effective, n_effective):
-        key = jax.random.fold_in(state.rng, state.step)
-        xs, ys = functions.sample_batch(
+    def init_inputs(_):
+        return {
+            "xs": jnp.zeros((1, icl.n_points, icl.n_dims), jnp.float32),
+            "ys": jnp.zeros((1, icl.n_points), jnp.float32),
+        }
+
+    return Objective(sums=sums, init_inputs=init_inputs)
+
+
+def training_batches(icl: RegressionConfig, key: jax.Array) -> IndexedBatches:
+    """Training prompts as a function of their position p in the stream: a fresh function and
+    inputs from fold_in(key, p), at the curriculum's dimension for step p (trailing coordinates
+    zero) and weights [batch, n_points] keeping its first n_effective points; this process's
+    rows. So a resumed run draws exactly the prompts of an unbroken one."""
+    sample = jax.jit(
+        lambda k, d_effective: functions.sample_batch(
             icl.function,
-            key,
+            k,
             icl.batch_size,
             icl.n_points,
             icl.n_dims,
             d_effective,
             **icl.function_kwargs,
         )
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, xs, ys, n_effective)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    )
+    rows = runs.process_rows(icl.batch_size)
 
-    return train_step
+    def batch_at(position: int) -> dict[str, np.ndarray]:
+        dims, points = icl.curriculum(position)
+        xs, ys = jax.device_get(sample(jax.random.fold_in(key, position), jnp.int32(dims)))
+        weights = np.broadcast_to((np.arange(icl.n_points) < points).astype(np.float32), ys.shape)
+        scale = np.full(ys.shape[0], functions.target_scale(icl.function, dims, icl.sparsity))
+        batch = {"xs": xs, "ys": ys, "weights": weights, "scale": scale.astype(np.float32)}
+        return {k: np.ascontiguousarray(v[rows]) for k, v in batch.items()}
+
+    return IndexedBatches(batch_at)
 
 
 def eval_batches(icl: RegressionConfig, key: jax.Array) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -333,17 +331,32 @@ def eval_batches(icl: RegressionConfig, key: jax.Array) -> list[tuple[np.ndarray
     return [jax.device_get(sample(jax.random.fold_in(key, i))) for i in range(icl.eval_batches)]
 
 
-def model_predictions(model, params, batches) -> np.ndarray:
+def predictor(model):
+    """params, batches [(xs [b, n, d], ys [b, n])] -> predictions [sum of b, n] (one jit)."""
     predict = jax.jit(lambda p, xs, ys: model.apply({"params": p}, xs, ys))
-    return np.concatenate([np.asarray(predict(params, xs, ys)) for xs, ys in batches])
+
+    def predictions(params, batches) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(jax.device_get(predict(params, xs, ys))) for xs, ys in batches]
+        )
+
+    return predictions
 
 
-def evaluate(model, params, icl: RegressionConfig, batches) -> dict[str, list[float]]:
-    """Normalised squared error per k (0 .. n_points-1) of the model and every baseline."""
+def model_predictions(model, params, batches) -> np.ndarray:
+    """The model's predictions [prompts, n_points] on `batches` (see `predictor`)."""
+    return predictor(model)(params, batches)
+
+
+def evaluate(
+    model, params, icl: RegressionConfig, batches, predictions=None
+) -> dict[str, list[float]]:
+    """Normalised squared error per k (0 .. n_points-1) of the model and every baseline.
+    predictions: a `predictor(model)` to reuse (one is made if None)."""
     xs = np.concatenate([b[0] for b in batches])
     ys = np.concatenate([b[1] for b in batches])
     scale = functions.target_scale(icl.function, icl.n_dims, icl.sparsity)
-    preds = model_predictions(model, params, batches)
+    preds = (predictions or predictor(model))(params, batches)
     errors = {"model": baselines.normalized_squared_error(preds, ys, scale)}
     others = baselines.baselines_for(icl.function, knn_k=icl.knn_k, lasso_alpha=icl.lasso_alpha)
     for name, baseline in others.items():
@@ -420,139 +433,71 @@ def plot_errors(
 # --------------------------------------------------------------------------------- run
 
 
-def _check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
-    saved = read_config(workdir)
-    check_compatible(saved, resolved, sections=("model",))
-    if saved is None:
-        return
-    for key in ("function", "n_dims"):
-        old, new = saved.get("icl", {}).get(key), resolved["icl"][key]
-        if old != new:
-            raise CheckpointMismatchError(
-                f"this workdir holds a run with icl.{key}={old!r}, not {new!r}; use a new --workdir"
-            )
-
-
-def run(config, workdir) -> dict[str, Any]:
-    """Trains (resuming from the workdir's latest checkpoint), evaluates and plots.
-
-    config: ConfigDict with sections icl, model, optimizer (see `experiment`).
-    Returns {"step", "errors": {predictor: [error at k]}, "train_seconds", "num_params"}.
-    """
-    workdir = storage.as_path(workdir)
-    icl, model_config, opt_config = build_configs(config)
-    resolved = {
-        "icl": dataclasses.asdict(icl),
-        "model": dataclasses.asdict(model_config),
-        "optimizer": dataclasses.asdict(opt_config),
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_workdir(workdir, resolved)
-    write_config(workdir, resolved)
-
-    model = InContextRegressor(model_config)
-    schedule = learning_rate_schedule(opt_config, icl.steps)
-    optimizer = make_optimizer(opt_config, schedule)
-    init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(icl.seed), 3)
-    params = init_params(model, init_key, icl.n_points, icl.n_dims)
-    state = TrainState(
-        step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params), rng=train_key
+def build_run(config, workdir: pathlib.Path) -> runs.IclRun:
+    """The regression run of `config` in `workdir` (see `lm.icl.runs`): the Garg model, its
+    squared-error objective, prompts drawn afresh every step, an evaluator of the error at full
+    dimension and length, and an `on_end` that writes errors.json and error_vs_k.png."""
+    configs = build_configs(config)
+    icl = configs.icl
+    runs.check_workdir(workdir, configs.as_dict(), ("function", "n_dims"))
+    model = InContextRegressor(configs.model)
+    trainer = runs.make_trainer(configs, model, objective(icl))
+    # The model's init and dropout keys come from train.seed as in text runs; the prompts'
+    # from streams of their own.
+    data_key, eval_key = jax.random.split(
+        jax.random.fold_in(jax.random.PRNGKey(configs.train.seed), 1)
     )
-    num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-
-    checkpointer = Checkpointer(workdir, keep=icl.keep_checkpoints)
-    step = 0
-    if checkpointer.latest_step() is not None:
-        step, state = checkpointer.restore(state)
-        logging.info("restored step %d from %s", step, workdir)
+    batches = eval_batches(icl, eval_key)
+    predictions = predictor(model)
+    scale = functions.target_scale(icl.function, icl.n_dims, icl.sparsity)
+    ys_eval = np.concatenate([b[1] for b in batches])
     print(
         f"in-context {icl.function}: d={icl.n_dims}, {icl.n_points} points, "
-        f"{num_params / 1e6:.2f}M parameters, step {step}/{icl.steps}",
+        f"{trainer.num_params / 1e6:.2f}M parameters, {configs.train.steps} steps",
         flush=True,
     )
 
-    batches = eval_batches(icl, eval_key)
-    state, train_seconds = _train(
-        model, optimizer, schedule, icl, state, step, checkpointer, workdir, batches
+    def evaluate_error(state) -> dict[str, float]:
+        preds = predictions(trainer.model_params(state), batches)
+        error = baselines.normalized_squared_error(preds, ys_eval, scale)
+        return {
+            "loss": float(np.mean((preds - ys_eval) ** 2)),
+            "error_mean": float(error.mean()),
+            "error_last": float(error[-1]),
+        }
+
+    def on_end(state) -> dict[str, Any]:
+        errors = evaluate(model, trainer.model_params(state), icl, batches, predictions)
+        result = {
+            "function": icl.function,
+            "n_dims": icl.n_dims,
+            "n_points": icl.n_points,
+            "step": int(state.step),
+            "num_params": trainer.num_params,
+            "eval_prompts": icl.eval_batches * icl.batch_size,
+            "normaliser": scale,
+            "k": list(range(icl.n_points)),
+            "errors": errors,
+        }
+        if jax.process_index() == 0:
+            storage.write_atomic(workdir / "errors.json", json.dumps(result, indent=2))
+            plot_errors(errors, icl, workdir / "error_vs_k.png", result["step"])
+            print(format_table(errors), flush=True)
+            print(f"wrote {workdir / 'errors.json'} and {workdir / 'error_vs_k.png'}", flush=True)
+        return result
+
+    return runs.IclRun(
+        configs=configs,
+        trainer=trainer,
+        batches=training_batches(icl, data_key),
+        evaluators={"eval": evaluate_error},
+        on_end=on_end,
+        seq_len=2 * icl.n_points,
     )
-    checkpointer.close()
-
-    errors = evaluate(model, state.params, icl, batches)
-    final_step = int(state.step)
-    result = {
-        "function": icl.function,
-        "n_dims": icl.n_dims,
-        "n_points": icl.n_points,
-        "step": final_step,
-        "num_params": num_params,
-        "eval_prompts": icl.eval_batches * icl.batch_size,
-        "normaliser": functions.target_scale(icl.function, icl.n_dims, icl.sparsity),
-        "k": list(range(icl.n_points)),
-        "errors": errors,
-    }
-    if (
-        train_seconds is None and (workdir / "errors.json").exists()
-    ):  # re-evaluation of a finished run
-        train_seconds = json.loads((workdir / "errors.json").read_text()).get("train_seconds")
-    if train_seconds is not None:
-        result["train_seconds"] = train_seconds
-    storage.write_atomic(workdir / "errors.json", json.dumps(result, indent=2))
-    plot_errors(errors, icl, workdir / "error_vs_k.png", final_step)
-    print(format_table(errors), flush=True)
-    print(f"wrote {workdir / 'errors.json'} and {workdir / 'error_vs_k.png'}", flush=True)
-    return result
 
 
-def _train(model, optimizer, schedule, icl, state, start, checkpointer, workdir, batches):
-    """The training loop from step `start` -> (state, seconds; None if there was nothing to do)."""
-    if start >= icl.steps:
-        return state, None
-    from tqdm.auto import tqdm
-
-    train_step = make_train_step(model, optimizer, icl)
-    writer = MetricWriter(workdir)
-    ys_eval = np.concatenate([b[1] for b in batches])
-    bar = tqdm(
-        total=icl.steps, initial=start, disable=not icl.progress, desc="train", dynamic_ncols=True
-    )
-    began = last_time = time.time()
-    last_step = start
-    try:
-        for step in range(start, icl.steps):
-            dims, points = icl.curriculum(step)
-            state, metrics = train_step(state, jnp.int32(dims), jnp.int32(points))
-            done = step + 1
-            bar.update(1)
-            values = {}
-            if done % icl.log_every == 0 or done == icl.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the training loss is {values['loss']} at step {done}"
-                    )
-                now = time.time()
-                values.update(
-                    # The loss divided by E[y^2] at the current dimension: 1 = the zero predictor.
-                    normalised_loss=values["loss"]
-                    / functions.target_scale(icl.function, dims, icl.sparsity),
-                    lr=float(schedule(step)),
-                    curriculum_dims=dims,
-                    curriculum_points=points,
-                    steps_per_second=(done - last_step) / max(now - last_time, 1e-9),
-                )
-                last_time, last_step = now, done
-                bar.set_postfix(loss=f"{values['loss']:.3f}", dims=dims, points=points)
-            if icl.eval_every and (done % icl.eval_every == 0 or done == icl.steps):
-                scale = functions.target_scale(icl.function, icl.n_dims, icl.sparsity)
-                preds = model_predictions(model, state.params, batches)
-                err = baselines.normalized_squared_error(preds, ys_eval, scale)
-                values.update(eval_error_mean=float(err.mean()), eval_error_last=float(err[-1]))
-            if values:
-                writer.write(done, values)
-            if icl.checkpoint_every and done % icl.checkpoint_every == 0 and done < icl.steps:
-                checkpointer.save(done, state)
-        checkpointer.save(icl.steps, state, force=True)
-    finally:
-        bar.close()
-        writer.close()
-    return state, time.time() - began
+def run(config, workdir) -> dict[str, Any]:
+    """Trains (resuming from the workdir's latest checkpoint), evaluates and plots; a finished
+    run only re-evaluates. Returns errors.json's contents: {"step", "num_params", "errors":
+    {predictor: [normalised error at k]}, ...}."""
+    return runs.run_experiment(config, workdir)

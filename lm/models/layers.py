@@ -1,7 +1,7 @@
 """Building blocks shared by every model: embeddings, positions, norms and MLPs.
 
 Every parameter is created through `param_init(...)`, which attaches logical axis
-names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`, `length`). `lm.parallel`
+names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`, `length`, `expert`). `lm.parallel`
 maps those names onto mesh axes; model code never names a mesh axis.
 """
 
@@ -192,3 +192,129 @@ class MLP(nn.Module):
             h = act(self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi")(x))
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return self._dense(features, ("mlp", "embed"), self.out_init_std, "wo")(h)
+
+
+class ExpertWeights(nn.Module):
+    """The parameters of one projection of every expert: kernel [expert, in, out] (logical
+    axes `expert` + `axes`) and, with `use_bias`, bias [expert, out]. Returns (kernel, bias or
+    None), cast to `dtype`. A module of its own so that the kernels sit at `.../wi/kernel` like
+    the dense MLP's (LoRA targets and checkpoint paths find them by the same names)."""
+
+    shape: tuple[int, int, int]  # (num_experts, in, out)
+    axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = DEFAULT_INIT_STD
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param(
+            "kernel",
+            param_init(normal(self.init_std), ("expert",) + tuple(self.axes)),
+            tuple(self.shape),
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                param_init(jax.nn.initializers.zeros, ("expert", self.axes[1])),
+                (self.shape[0], self.shape[2]),
+                self.param_dtype,
+            ).astype(self.dtype)
+        return kernel.astype(self.dtype), bias
+
+
+class MoeMLP(nn.Module):
+    """Mixture-of-experts feed-forward block: a router sends each token to its top-k experts
+    (each an `MLP`-shaped block of width `hidden`) and mixes their outputs by the router's gates.
+
+    Dispatch is dense and dropless: every expert runs on every token and the outputs are
+    combined with gates that are zero outside each token's top k. No token is ever dropped
+    (no capacity factor to tune), the result does not depend on how the batch is split over
+    devices, and the expert dimension shards like any other einsum dimension. The cost is
+    num_experts / experts_per_token times the active FLOPs, fine for a few experts on a CPU;
+    many experts would want capacity-based (GShard) or sorted ragged dispatch behind this
+    same interface.
+
+    Gates: the top-k router probabilities renormalised to sum to 1 (GShard top-2, Mixtral);
+    with k = 1 the raw probability (Switch), so that the language-model loss still reaches
+    the router. The router runs in float32 (Switch's selective precision).
+
+    Load balancing (Switch Transformer eq. 4, top-k counted per assignment): with f_e the
+    fraction of the token-to-expert assignments that go to expert e and P_e the mean router
+    probability of e, `aux_loss * num_experts * sum_e f_e P_e` (= aux_loss when balanced) is
+    sown into the `losses` collection as `load_balancing` (not sown when aux_loss is 0).
+
+    x [batch, length, embed] -> [batch, length, embed].
+    """
+
+    num_experts: int
+    experts_per_token: int
+    hidden: int
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dropout: float = 0.0
+    aux_loss: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = DEFAULT_INIT_STD
+    out_init_std: float = DEFAULT_INIT_STD
+
+    def _weights(self, shape, axes, std, name):
+        return ExpertWeights(
+            shape,
+            axes,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            init_std=std,
+            name=name,
+        )()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        num, k, features = self.num_experts, self.experts_per_token, x.shape[-1]
+        act = ACTIVATIONS[self.activation]
+        router = nn.Dense(
+            num,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=param_init(normal(self.init_std), ("embed", "expert")),
+            name="router",
+        )
+        probs = jax.nn.softmax(router(x), axis=-1)  # [batch, length, expert] float32
+        top, chosen = jax.lax.top_k(probs, k)  # [batch, length, k]
+        if k > 1:
+            top = top / jnp.sum(top, axis=-1, keepdims=True)
+        assigned = jax.nn.one_hot(chosen, num, dtype=jnp.float32)  # [batch, length, k, expert]
+        gates = jnp.einsum("blk,blke->ble", top, assigned)  # zero outside the top k
+
+        up_shape, in_axes = (num, features, self.hidden), ("embed", "mlp")
+        wi, bi = self._weights(up_shape, in_axes, self.init_std, "wi_gate" if self.gated else "wi")
+        h = jnp.einsum("bld,edf->blef", x, wi)
+        h = act(h if bi is None else h + bi)
+        if self.gated:
+            wu, bu = self._weights(up_shape, in_axes, self.init_std, "wi_up")
+            up = jnp.einsum("bld,edf->blef", x, wu)
+            h = h * (up if bu is None else up + bu)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        wo, bo = self._weights(
+            (num, self.hidden, features), ("mlp", "embed"), self.out_init_std, "wo"
+        )
+        # Gate before the down projection: the [batch, length, expert, embed] outputs of
+        # every expert are never materialised.
+        gates_c = gates.astype(self.dtype)
+        y = jnp.einsum("blef,efd->bld", h * gates_c[..., None], wo)
+        if bo is not None:
+            y = y + jnp.einsum("ble,ed->bld", gates_c, bo)
+
+        if self.aux_loss:
+            fraction = jnp.mean(jnp.sum(assigned, axis=2), axis=(0, 1)) / k  # [expert], sums to 1
+            mean_prob = jnp.mean(probs, axis=(0, 1))  # [expert]
+            balance = num * jnp.sum(fraction * mean_prob)
+            self.sow("losses", "load_balancing", self.aux_loss * balance)
+        return y

@@ -53,6 +53,12 @@ class ModelConfig:
     mlp_dim: int = 1024  # 0 = attention-only layers (no MLP sublayer; Olsson et al. 2022)
     mlp_activation: str = "gelu"  # relu | gelu | gelu_tanh | silu
     mlp_gated: bool = False  # SwiGLU (silu) / GeGLU (gelu)
+    # Mixture of experts (layers.MoeMLP): num_experts > 0 replaces every MLP by that many
+    # experts of width mlp_dim, each token using its top experts_per_token of them (dense,
+    # dropless dispatch); router_aux_loss scales the Switch load-balancing loss (0 = none).
+    num_experts: int = 0  # 0 = dense MLP
+    experts_per_token: int = 2
+    router_aux_loss: float = 0.01
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_placement: str = "pre"  # pre (GPT-2, Llama, T5) | post (Vaswani et al.)
@@ -107,6 +113,8 @@ class ModelConfig:
             ("relative_max_distance", 1),
             ("sliding_window", 0),
             ("global_every", 0),
+            ("num_experts", 0),
+            ("experts_per_token", 1),
         ]:
             if getattr(self, key) < low:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be >= {low}")
@@ -118,6 +126,15 @@ class ModelConfig:
                 )
         if self.norm_eps <= 0:
             raise ValueError(f"model.norm_eps={self.norm_eps} must be > 0")
+        if self.num_experts and self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"model.experts_per_token={self.experts_per_token} must be <= "
+                f"model.num_experts={self.num_experts}"
+            )
+        if self.num_experts and not self.mlp_dim:
+            raise ValueError("model.num_experts > 0 needs model.mlp_dim > 0 (each expert's width)")
+        if self.router_aux_loss < 0:
+            raise ValueError(f"model.router_aux_loss={self.router_aux_loss} must be >= 0 (0 = off)")
         for key, allowed in [
             ("architecture", ("decoder", "encoder_decoder")),
             ("norm", ("layernorm", "rmsnorm")),
@@ -165,6 +182,22 @@ class ModelConfig:
     @property
     def encoder_layers(self) -> int:
         return self.num_encoder_layers or self.num_layers
+
+    def active_params(self, num_params: int) -> int:
+        """How many of a model's `num_params` parameters one token's forward pass uses: all of
+        them for a dense model; for a mixture of experts, all but the num_experts -
+        experts_per_token expert MLPs of each layer that the token is not routed to (the router
+        and every other parameter count in full)."""
+        if not self.num_experts:
+            return num_params
+        projections = 3 if self.mlp_gated else 2
+        per_expert = projections * self.d_model * self.mlp_dim
+        if self.use_bias:
+            per_expert += (projections - 1) * self.mlp_dim + self.d_model
+        layers = self.num_layers
+        if self.architecture == "encoder_decoder":
+            layers += self.encoder_layers
+        return num_params - layers * (self.num_experts - self.experts_per_token) * per_expert
 
     @property
     def compute_dtype(self):
@@ -428,7 +461,7 @@ class Block(nn.Module):
             )
         if c.mlp_dim == 0:
             return x
-        mlp = layers.MLP(
+        mlp_options = dict(
             hidden=c.mlp_dim,
             activation=c.mlp_activation,
             gated=c.mlp_gated,
@@ -440,6 +473,15 @@ class Block(nn.Module):
             out_init_std=c.init_std / math.sqrt(2 * c.num_layers),
             name="mlp",
         )
+        if c.num_experts:
+            mlp = layers.MoeMLP(
+                num_experts=c.num_experts,
+                experts_per_token=c.experts_per_token,
+                aux_loss=c.router_aux_loss,
+                **mlp_options,
+            )
+        else:
+            mlp = layers.MLP(**mlp_options)
         return self._residual(
             x,
             lambda h: mlp(h, deterministic=deterministic),
@@ -536,11 +578,12 @@ class Stack(nn.Module):
         period = c.layer_period
         repeats = self.num_layers // period if c.scan_layers else 0
         if repeats:
-            # Parameters (and caches, sown weights) of block_j gain a leading [repeats] axis:
-            # layer r * period + j. One compiled layer body, whatever the depth.
+            # Parameters (and caches, sown weights and auxiliary losses) of block_j gain a
+            # leading [repeats] axis: layer r * period + j. One compiled layer body, whatever
+            # the depth.
             scanned = nn.scan(
                 _Period,
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "losses": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * len(inputs),
                 length=repeats,

@@ -1,0 +1,209 @@
+"""How an in-context-learning experiment trains: through `lm.train`'s one loop.
+
+An ICL experiment's config is an ordinary one (sections model, optimizer, train, parallel)
+plus an `icl` section whose `kind` names the experiment (`regression`, `induction`) and whose
+other fields are that experiment's dataclass. Each kind's module turns a resolved config into
+an `IclRun`: a `Trainer` built for its model and objective (lm.train.Objective), a batch
+source (lm.train.IndexedBatches: batches are a pure function of their position), evaluators
+(`state -> metrics`, logged as `<name>/<metric>` every train.eval_every steps and at the end)
+and an `on_end` hook that writes its results. `run_experiment` then trains it with
+`lm.train.train_loop`, so an ICL run saves on SIGTERM, resumes exactly after a crash, runs on
+a mesh, shows progress and can be swept like any other run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+
+from lm import checkpoint, parallel, storage
+from lm.config import filled_sections
+from lm.models.transformer import ModelConfig
+from lm.parallel import ParallelConfig
+from lm.train import (
+    IndexedBatches,
+    Objective,
+    OptimizerConfig,
+    TrainConfig,
+    Trainer,
+    create_trainer,
+    train_loop,
+)
+
+SECTIONS = ("icl", "model", "optimizer", "train", "parallel")
+# TrainConfig fields that belong to text runs: an ICL config must leave them at their defaults.
+TEXT_ONLY_TRAIN_FIELDS = ("eval_tasks", "init_from", "lora_rank", "sample_prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class IclConfigs:
+    """The resolved sections of an ICL experiment."""
+
+    icl: Any  # the kind's dataclass (RegressionConfig, InductionConfig)
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        """{section: values}, as config.json holds them."""
+        return {
+            name: json.loads(json.dumps(dataclasses.asdict(getattr(self, name)), default=str))
+            for name in SECTIONS
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class IclRun:
+    """Everything `run_experiment` hands to `train_loop`, built by a kind's `build_run`.
+
+    on_end: final host state -> the experiment's results (also written to the workdir); it is
+      called when the run reaches train.steps, also on a rerun of a finished run.
+    seq_len: positions per example (for the FLOPs estimate).
+    """
+
+    configs: IclConfigs
+    trainer: Trainer
+    batches: IndexedBatches
+    evaluators: dict[str, Callable[[Any], dict[str, float]]]
+    on_end: Callable[[Any], dict[str, Any]]
+    seq_len: int
+
+
+def experiment(
+    icl_cls: type,
+    *,
+    model_defaults: dict[str, Any],
+    optimizer_defaults: dict[str, Any],
+    train_defaults: dict[str, Any],
+    icl: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    optimizer: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    parallel: dict[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+    """A complete ICL config: every field of every section, the kind's defaults, then the
+    overrides; a misspelt key is an error that names it."""
+    return filled_sections(
+        {
+            "icl": (icl_cls, {}, icl),
+            "model": (ModelConfig, model_defaults, model),
+            "optimizer": (OptimizerConfig, optimizer_defaults, optimizer),
+            "train": (TrainConfig, train_defaults, train),
+            "parallel": (ParallelConfig, {}, parallel),
+        }
+    )
+
+
+def section_values(config) -> dict[str, dict[str, Any]]:
+    """ConfigDict (or dict) -> {section: values}, refusing sections an ICL run does not have."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown config section(s) {unknown} for an in-context-learning experiment; "
+            f"it has {list(SECTIONS)}"
+        )
+    return {name: dict(values.get(name, {})) for name in SECTIONS}
+
+
+def build_common(
+    values: dict[str, dict[str, Any]],
+) -> tuple[OptimizerConfig, TrainConfig, ParallelConfig]:
+    """The optimizer, train and parallel sections, validated; text-only train fields refused."""
+    train = TrainConfig.from_dict(values["train"])
+    defaults = TrainConfig()
+    changed = [k for k in TEXT_ONLY_TRAIN_FIELDS if getattr(train, k) != getattr(defaults, k)]
+    if changed:
+        raise ValueError(
+            f"train.{changed[0]} applies to text runs only; an in-context-learning experiment "
+            "trains its own data from scratch: remove the override"
+        )
+    return (
+        OptimizerConfig.from_dict(values["optimizer"]),
+        train,
+        ParallelConfig.from_dict(values["parallel"]),
+    )
+
+
+def make_trainer(configs: IclConfigs, model, objective: Objective) -> Trainer:
+    """The run's Trainer: mesh, shardings, compiled step for `model` and `objective`.
+    Refuses an icl.batch_size that the mesh's batch axes cannot split evenly."""
+    parallel.initialize_distributed(configs.parallel)
+    trainer = create_trainer(
+        configs.model,
+        model,
+        configs.optimizer,
+        configs.train.steps,
+        configs.parallel,
+        seed=configs.train.seed,
+        objective=objective,
+    )
+    shape = trainer.mesh.shape
+    ways = jax.device_count() if trainer.use_pmap else shape["data"] * shape["fsdp"]
+    if configs.icl.batch_size % ways:
+        raise ValueError(
+            f"icl.batch_size={configs.icl.batch_size} does not split over the {ways} ways of "
+            f"the mesh's batch axes (data x fsdp of {dict(shape)}); use a multiple of {ways} or "
+            "another parallel.mesh"
+        )
+    return trainer
+
+
+def check_workdir(workdir, resolved: dict[str, Any], icl_keys: tuple[str, ...]) -> None:
+    """Refuses a workdir that holds a run of another model or another task (`icl_keys`)."""
+    saved = checkpoint.read_config(workdir)
+    checkpoint.check_compatible(saved, resolved, sections=("model",))
+    if saved is None:
+        return
+    for key in ("kind", *icl_keys):
+        old, new = saved.get("icl", {}).get(key), resolved["icl"][key]
+        if old != new:
+            raise checkpoint.CheckpointMismatchError(
+                f"this workdir holds a run with icl.{key}={old!r}, not {new!r}; use a new --workdir"
+            )
+
+
+def process_rows(batch_size: int):
+    """The rows of a global batch that this process feeds (`lm.parallel.global_batch` takes
+    process-local rows): a slice, checked to divide evenly."""
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size % count:
+        raise ValueError(f"icl.batch_size={batch_size} must be divisible by the {count} processes")
+    local = batch_size // count
+    return slice(index * local, (index + 1) * local)
+
+
+def run_experiment(config, workdir) -> dict[str, Any]:
+    """Trains (or resumes) the ICL experiment that `config.icl.kind` names in `workdir`, then
+    writes and returns its results (see the kind's module)."""
+    kind = section_values(config)["icl"].get("kind")
+    if kind == "regression":
+        from lm.icl import regression as module
+    elif kind == "induction":
+        from lm.icl import induction as module
+    else:
+        raise ValueError(f"icl.kind={kind!r} is not one of ('regression', 'induction')")
+    workdir = storage.as_path(workdir)
+    run = module.build_run(config, workdir)
+    checkpoint.write_config(workdir, run.configs.as_dict())
+    results: dict[str, Any] = {}
+
+    def on_end(state):
+        results.update(run.on_end(state))
+
+    train_loop(
+        run.trainer,
+        run.configs.train,
+        workdir,
+        run.batches,
+        evaluators=run.evaluators,
+        seq_len=run.seq_len,
+        on_end=on_end,
+    )
+    return results

@@ -1,0 +1,354 @@
+"""Mixture-of-experts MLP (model.num_experts > 0): routing against a hand computation, the
+load-balancing loss through the `losses` collection, experts sharded over 8 fake devices equal
+to one device, active-parameter FLOPs, and the experiment trained through the CLI."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from lm import parallel
+from lm.models import layers
+from lm.models import transformer as T
+from lm.train import OptimizerConfig, create_trainer, flops_per_token, forward_with_aux
+
+from tests.test_main import metrics, run_cli, write_corpus
+from tests.test_train import synthetic_batches
+
+MOE = T.preset("gpt2", **T.TINY, num_experts=4, experts_per_token=2, router_aux_loss=0.1)
+MOE_GATED = T.preset("llama", **T.TINY, num_kv_heads=2, num_experts=4, experts_per_token=1)
+
+
+def init(config, seed=0):
+    model = T.build_model(config)
+    boxed = model.init(jax.random.key(seed), **T.dummy_inputs(config, 2, 8))["params"]
+    return model, boxed, nn.meta.unbox(boxed)
+
+
+def tokens(shape, vocab, seed):
+    return jax.random.randint(jax.random.key(seed), shape, 1, vocab)
+
+
+def sown_losses(model, params, inputs):
+    _, sown = model.apply({"params": params}, inputs, mutable=["losses"])
+    return sown.get("losses", {})
+
+
+# ------------------------------------------------------------------------------ the layer
+
+
+def _silu(x):
+    return x / (1 + np.exp(-x))
+
+
+@pytest.mark.parametrize(
+    "gated, k, activation", [(False, 2, "relu"), (True, 2, "silu"), (True, 1, "silu")]
+)
+def test_moe_mlp_equals_a_per_token_hand_computation(gated, k, activation):
+    """Each token: router softmax, its top k experts, gates renormalised over them (k > 1) or
+    the raw probability (k = 1), the experts' MLPs mixed by the gates; and the Switch
+    load-balancing loss num_experts * sum_e fraction_e * mean_prob_e times its coefficient."""
+    num, hidden, coef = 4, 16, 0.3
+    mlp = layers.MoeMLP(
+        num_experts=num,
+        experts_per_token=k,
+        hidden=hidden,
+        activation=activation,
+        gated=gated,
+        use_bias=True,
+        aux_loss=coef,
+        init_std=0.3,  # large enough that routing and the MLPs are far from uniform / linear
+        out_init_std=0.3,
+    )
+    x = jax.random.normal(jax.random.key(1), (3, 5, 8))
+    params = nn.meta.unbox(mlp.init(jax.random.key(0), x)["params"])
+    y, sown = mlp.apply({"params": params}, x, mutable=["losses"])
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    act = {"relu": lambda h: np.maximum(h, 0), "silu": _silu}[activation]
+    first = "wi_gate" if gated else "wi"
+    want = np.zeros(x.shape, np.float64)
+    counts, prob_sums = np.zeros(num), np.zeros(num)
+    tokens_x = np.asarray(x, np.float64).reshape(-1, 8)
+    for t, xt in enumerate(tokens_x):
+        logits = xt @ p["router"]["kernel"]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        chosen = np.argsort(-probs)[:k]
+        gates = probs[chosen] / (probs[chosen].sum() if k > 1 else 1.0)
+        out = np.zeros(8)
+        for e, g in zip(chosen, gates, strict=True):
+            h = act(xt @ p[first]["kernel"][e] + p[first]["bias"][e])
+            if gated:
+                h = h * (xt @ p["wi_up"]["kernel"][e] + p["wi_up"]["bias"][e])
+            out += g * (h @ p["wo"]["kernel"][e] + p["wo"]["bias"][e])
+        want.reshape(-1, 8)[t] = out
+        counts[chosen] += 1
+        prob_sums += probs
+    n = len(tokens_x)
+    balance = coef * num * np.sum(counts / (n * k) * prob_sums / n)
+    # Measured: float32 against float64, outputs to 2.6e-7 absolute, the loss to 1.9e-7 relative.
+    np.testing.assert_allclose(y, want, atol=3e-6)
+    (got_balance,) = sown["losses"]["load_balancing"]
+    np.testing.assert_allclose(got_balance, balance, rtol=2e-6)
+    assert balance > coef  # a random router is not balanced: the loss's minimum is coef
+
+
+def test_load_balancing_loss_balances_a_lopsided_router():
+    """Gradient steps on the sown loss alone move a router that sends every token to expert 0
+    towards balance (loss -> its minimum, the coefficient)."""
+    mlp = layers.MoeMLP(num_experts=4, experts_per_token=2, hidden=8, aux_loss=1.0)
+    x = 1.0 + 0.5 * jax.random.normal(jax.random.key(1), (4, 16, 8))  # a shared direction
+    params = nn.meta.unbox(mlp.init(jax.random.key(0), x)["params"])
+    kernel = params["router"]["kernel"]
+    params["router"]["kernel"] = kernel.at[:, 0].add(0.5)  # expert 0's logit up by about 4
+
+    def balance(p):
+        return mlp.apply({"params": p}, x, mutable=["losses"])[1]["losses"]["load_balancing"][0]
+
+    start = float(balance(params))
+    opt = optax.adam(1e-2)  # plain SGD oscillates: the assignment fractions jump as it moves
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(jax.grad(balance)(params), state)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for _ in range(100):
+        params, state = step(params, state)
+    end = float(balance(params))
+    # Measured: 1.915 at the start (2 is the most for top-2 of 4), 1.000 after 100 steps.
+    assert start > 1.8 and end < 1.01, (start, end)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def test_expert_parameters_carry_the_expert_axis():
+    _, boxed, params = init(MOE)
+    mlp = boxed["decoder"]["layers"]["block_0"]["mlp"]
+    names = {
+        "/".join(str(getattr(k, "key", k)) for k in path): (leaf.value.shape, leaf.names)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(
+            mlp, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+        )[0]
+    }
+    layers_, e, d, f = MOE.num_layers, MOE.num_experts, MOE.d_model, MOE.mlp_dim
+    assert names == {
+        "router/kernel": ((layers_, d, e), ("layers", "embed", "expert")),
+        "wi/kernel": ((layers_, e, d, f), ("layers", "expert", "embed", "mlp")),
+        "wi/bias": ((layers_, e, f), ("layers", "expert", "mlp")),
+        "wo/kernel": ((layers_, e, f, d), ("layers", "expert", "mlp", "embed")),
+        "wo/bias": ((layers_, e, d), ("layers", "expert", "embed")),
+    }
+
+
+def test_dense_models_have_no_experts_and_sow_no_losses():
+    config = T.preset("gpt2", **T.TINY)
+    assert config.num_experts == 0  # the default: existing models and checkpoints unchanged
+    model, boxed, params = init(config)
+    names = {n for spec in jax.tree.leaves(nn.get_partition_spec(boxed)) for n in spec}
+    assert "expert" not in names
+    assert sown_losses(model, params, tokens((2, 6), config.vocab_size, 1)) == {}
+
+
+def test_losses_are_sown_per_layer_scanned_and_unrolled_alike():
+    model, _, params = init(MOE)
+    inputs = tokens((2, 10), MOE.vocab_size, 2)
+    scanned = sown_losses(model, params, inputs)
+    stacked = scanned["decoder"]["layers"]["block_0"]["mlp"]["load_balancing"][0]
+    assert stacked.shape == (MOE.num_layers,)  # one value per layer, stacked by the scan
+    unrolled = dataclasses.replace(MOE, scan_layers=False)
+    per_layer = sown_losses(T.build_model(unrolled), T.to_layout(params, unrolled), inputs)
+    values = [per_layer["decoder"][f"layer_{i}"]["mlp"]["load_balancing"][0] for i in range(2)]
+    # Measured: equal to 1.5e-7 relative; each at least the coefficient (its balanced minimum).
+    np.testing.assert_allclose(values, stacked, rtol=2e-6)
+    assert all(v >= MOE.router_aux_loss * (1 - 1e-6) for v in values)
+    # What lm.train adds to the objective: the sum over layers, under its name.
+    batch = {"inputs": inputs}
+    _, aux = forward_with_aux(model, params, batch)
+    np.testing.assert_allclose(aux["load_balancing"], np.sum(stacked), rtol=1e-6)
+    off = dataclasses.replace(MOE, router_aux_loss=0.0)
+    assert sown_losses(T.build_model(off), params, inputs) == {}
+
+
+@pytest.mark.parametrize("config", [MOE, MOE_GATED], ids=["gpt2_top2", "llama_top1"])
+def test_moe_decoder_is_causal_and_its_cache_matches_the_full_forward(config):
+    model, _, params = init(config)
+    toks = tokens((2, 10), config.vocab_size, 5)
+    full = model.apply({"params": params}, toks)
+    changed = model.apply({"params": params}, toks.at[:, 6:].set(1))
+    np.testing.assert_allclose(full[:, :6], changed[:, :6], atol=1e-6)
+    cache = T.init_cache(model, params, batch=2, max_len=16)
+    step = jax.jit(
+        lambda cache, t, pos: model.apply(
+            {"params": params, "cache": cache}, t, positions=pos, decode=True, mutable=["cache"]
+        )
+    )
+    logits, mut = step(cache, toks[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)))
+    outs = [logits]
+    for i in range(4, 10):
+        logits, mut = step(mut["cache"], toks[:, i : i + 1], jnp.full((2, 1), i))
+        outs.append(logits)
+    # Measured: 1.8e-7.
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-6)
+
+
+def test_moe_scanned_equals_unrolled_with_gradients():
+    unrolled = dataclasses.replace(MOE, scan_layers=False)
+    model, _, params = init(unrolled)
+    inputs = tokens((2, 10), MOE.vocab_size, 3)
+
+    def loss(model, params):
+        logits, sown = model.apply({"params": params}, inputs, mutable=["losses"])
+        return jnp.sum(jnp.sin(logits)) + sum(jnp.sum(x) for x in jax.tree.leaves(sown))
+
+    want, want_grad = jax.value_and_grad(loss, argnums=1)(model, params)
+    stacked = T.to_layout(params, MOE)
+    got, got_grad = jax.value_and_grad(loss, argnums=1)(T.build_model(MOE), stacked)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grad))
+    # Measured: values equal, gradients to 5.6e-8 of the largest entry.
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=6e-7 * scale),
+        T.unstack_layers(got_grad),
+        want_grad,
+    )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(num_experts=-1), r"model\.num_experts=-1 must be >= 0"),
+        (dict(num_experts=4, experts_per_token=0), r"model\.experts_per_token=0 must be >= 1"),
+        (dict(num_experts=4, experts_per_token=5), r"experts_per_token=5 must be <= .*=4"),
+        (dict(num_experts=4, mlp_dim=0), r"num_experts > 0 needs model\.mlp_dim > 0"),
+        (dict(router_aux_loss=-0.1), r"model\.router_aux_loss=-0.1 must be >= 0"),
+    ],
+)
+def test_bad_expert_settings_are_one_clear_line(values, message):
+    with pytest.raises(ValueError, match=message) as error:
+        T.ModelConfig(**values)
+    assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def test_flops_per_token_counts_active_parameters():
+    """gpt2 TINY, 4 experts top-2 (d 32, expert width 64, 2 layers, vocab 97, 64 positions)."""
+    _, _, params = init(MOE)
+    total = sum(x.size for x in jax.tree.leaves(params))
+    embeddings = 97 * 32 + 64 * 32
+    norms = 2 * (2 * 2 * 32) + 2 * 32  # two LayerNorms per layer and the final one
+    attention = 4 * (32 * 32 + 32)  # query, key, value, out with biases
+    expert = 32 * 64 + 64 + 64 * 32 + 32  # wi, its bias, wo, its bias
+    router = 32 * 4
+    assert total == embeddings + norms + 2 * (attention + 4 * expert + router) == 47_712
+    active = total - 2 * (4 - 2) * expert  # each token skips 2 of 4 experts in each layer
+    assert MOE.active_params(total) == active == 30_944
+    attention_flops = 12 * 2 * 4 * 8 * 16  # layers * heads * head_dim * seq_len
+    assert flops_per_token(MOE, total, 16) == 6 * 30_944 + attention_flops
+    dense = T.preset("gpt2", **T.TINY)
+    assert flops_per_token(dense, 1000, 16) == 6 * 1000 + attention_flops  # unchanged: 6N
+
+
+# ------------------------------------------------------------------------------ meshes
+
+
+@pytest.fixture(scope="module")
+def one_device_loss_and_grads():
+    return _loss_and_grads(parallel.make_mesh((1, 1, 1), jax.devices()[:1]), parallel.DEFAULT_RULES)
+
+
+def _batch():
+    return {k: jnp.asarray(v) for k, v in next(synthetic_batches(vocab=MOE.vocab_size)).items()}
+
+
+def _loss_and_grads(mesh, rules):
+    """The training objective (cross-entropy + load balancing) and its gradients, with the
+    parameters laid out on `mesh` by `rules` and the batch over the batch axes."""
+    model = T.build_model(MOE)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **T.dummy_inputs(MOE))["params"])
+    shardings = parallel.param_shardings(boxed, mesh, rules)
+    params = jax.jit(
+        lambda: nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(MOE))["params"]),
+        out_shardings=shardings,
+    )()
+    batch = jax.device_put(_batch(), parallel.batch_sharding(mesh))
+
+    def objective(params, batch):
+        logits, aux = forward_with_aux(model, params, batch)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(ce * batch["weights"]) / jnp.sum(batch["weights"]) + aux["load_balancing"]
+
+    loss, grads = jax.jit(jax.value_and_grad(objective))(params, batch)
+    return params, float(loss), jax.device_get(grads)
+
+
+@pytest.mark.parametrize(
+    "mesh, rules, expert_axis",
+    [((2, 4, 1), "", "fsdp"), ((2, 2, 2), "", "fsdp"), ((4, 2, 1), "expert=data", "data")],
+)
+def test_experts_sharded_on_8_devices_give_the_one_device_loss_and_gradients(
+    one_device_loss_and_grads, mesh, rules, expert_axis
+):
+    assert jax.device_count() == 8
+    config = parallel.ParallelConfig(mesh=mesh, rules=rules)
+    mesh = parallel.make_mesh(config.mesh)
+    params, loss, grads = _loss_and_grads(mesh, config.logical_rules)
+    _, want_loss, want_grads = one_device_loss_and_grads
+
+    mlp = params["decoder"]["layers"]["block_0"]["mlp"]
+    for name in ("wi", "wo"):
+        kernel = mlp[name]["kernel"]  # [layers, expert, in, out]
+        assert kernel.sharding.spec[1] == expert_axis
+        experts_here = MOE.num_experts // mesh.shape[expert_axis]
+        assert {s.data.shape[1] for s in kernel.addressable_shards} == {experts_here}
+    # Measured (each mesh): loss to 1.0e-7 relative, gradients to 3.3e-7 of the largest entry.
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want_grads))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=3e-6 * scale), grads, want_grads
+    )
+
+
+def test_expert_rules_reach_the_trainer_and_its_optimizer_state():
+    trainer = create_trainer(
+        MOE,
+        T.build_model(MOE),
+        OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+        10,
+        parallel.ParallelConfig(mesh=(2, 4, 1)),
+    )
+    want = NamedSharding(trainer.mesh, P(None, "fsdp", None, "tensor"))
+    wi = trainer.state_shardings.params["decoder"]["layers"]["block_0"]["mlp"]["wi"]["kernel"]
+    mu = trainer.state_shardings.opt_state[1][0].mu["decoder"]["layers"]["block_0"]["mlp"]
+    assert wi.is_equivalent_to(want, 4) and mu["wi"]["kernel"].is_equivalent_to(want, 4)
+    assert math.prod(trainer.mesh.shape.values()) == 8
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def test_tiny_moe_experiment_trains_through_the_cli(tmp_path):
+    source = write_corpus(tmp_path / "corpus", lines=600)
+    workdir = tmp_path / "run"
+    run_cli(
+        "--config=experiments/shakespeare_moe.py:tiny",
+        workdir=workdir,
+        source=source,
+        data_dir=tmp_path / "data",
+    )
+    lines = metrics(workdir)
+    assert lines[-1]["step"] == 20 and lines[-1]["loss"] < lines[0]["loss"]
+    assert "eval/loss" in lines[-1]
+    # Two layers' load-balancing losses, each at least its balanced minimum 0.01.
+    assert all(line["aux/load_balancing"] >= 2 * 0.01 * (1 - 1e-5) for line in lines)
