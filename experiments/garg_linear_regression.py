@@ -35,9 +35,13 @@ steps of 64 prompts; evaluated on 2,048 fresh prompts at d=5 (squared error / d)
     rerunning it on the finished workdir re-evaluates in 9 s. The model tracks least squares
     below k = d and comes close to it (not exact) from k = d on, as in Garg et al.'s Figure 2.
 
+Sweep (`get_sweep`, python -m launch.sweep experiments/garg_linear_regression.py:small
+--workdir DIR): model.num_layers 2 and 4, sorted by eval/loss.
+
 Arg: '' = the paper's scale; 'small' = 2-core CPU; 'tiny' = a seconds-long smoke run (tests).
 """
 
+from lm.config import sweep_axis
 from lm.icl.regression import experiment
 
 
@@ -138,3 +142,9 @@ def get_config(arg: str | None = None):
             ),
         )
     raise ValueError(f"unknown arg {arg!r}: use '', 'small' or 'tiny'")
+
+
+def get_sweep(arg: str | None = None):
+    """Model depth, 2 points (table sorted by eval/loss: the squared error at full d and n)."""
+    get_config(arg)  # a bad arg fails here, before any point runs
+    return sweep_axis("model.num_layers", [2, 4])

@@ -10,6 +10,9 @@ Commands (2-core CPU, each a few minutes):
 Training goes through lm.train's loop: rerunning a command resumes its workdir (SIGTERM
 saves a checkpoint); a finished run only rewrites the plots and summary.json.
 
+Sweep (`get_sweep`, python -m launch.sweep experiments/induction_heads.py --workdir DIR
+--metric probe/repeat_loss_ratio): model.num_layers 1 and 2.
+
 Args: 'two_layer' (default) and 'one_layer' train on random tokens holding one repeated
 span; 'text' trains the two-layer model on the Shakespeare training works (characters);
 'tiny' is a seconds-long smoke run (used by the tests). All are attention-only (mlp_dim=0).
@@ -37,6 +40,7 @@ Measured on the 2-core CPU (2026-11-29, 3,000 steps each, niced beside other job
     it, two_layer gives 0.077 and one_layer 0.531.
 """
 
+from lm.config import sweep_axis
 from lm.icl.induction import experiment
 
 
@@ -75,3 +79,10 @@ def get_config(arg: str | None = None):
     else:
         raise ValueError(f"unknown arg {arg!r}: use two_layer, one_layer, text or tiny")
     return experiment(icl=icl, model=model, optimizer=optimizer, train=train)
+
+
+def get_sweep(arg: str | None = None):
+    """One layer against two (the induction-head comparison), 2 points; sort the table with
+    `--metric probe/repeat_loss_ratio` (lower: the second copy is predicted better)."""
+    get_config(arg)  # a bad arg fails here, before any point runs
+    return sweep_axis("model.num_layers", [1, 2])
