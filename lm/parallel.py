@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lm.utils import config_from_dict, path_key
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -112,8 +114,6 @@ class ParallelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ParallelConfig:
-        from lm.models.transformer import config_from_dict
-
         values = dict(values)
         if "mesh" in values:
             values["mesh"] = tuple(int(x) for x in values["mesh"])
@@ -218,11 +218,14 @@ def _mesh_axes_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Me
 
 
 def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings for a tree of (abstract) parameters that carry logical axis names."""
+    """NamedShardings for a tree of (abstract) parameters that carry logical axis names; a
+    parameter without names (a plain `self.param`) is replicated."""
     logical = nn.get_partition_spec(boxed_params)
     shapes = nn.meta.unbox(boxed_params)
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _mesh_axes_for(tuple(spec), x.shape, mesh, rules)),
+        lambda spec, x: NamedSharding(
+            mesh, _mesh_axes_for(tuple(spec) or (None,) * len(x.shape), x.shape, mesh, rules)
+        ),
         logical,
         shapes,
         is_leaf=lambda x: isinstance(x, P),
@@ -242,8 +245,8 @@ def check_rules_apply(config: ParallelConfig, boxed_params) -> None:
         )
 
 
-def _path_keys(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(path_key(path).split("/"))
 
 
 def matching_shardings(tree, params, shardings, mesh: Mesh):

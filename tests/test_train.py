@@ -302,3 +302,65 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_and_the_file_stays_one_json_pe
     whole = path.read_text()
     MetricWriter(tmp_path).close()  # a whole file is left as it is
     assert path.read_text() == whole
+
+
+def test_auxiliary_losses_join_the_objective_and_are_reported(tmp_path):
+    """A model that sows into the "losses" collection (twice under one name, as layers do)
+    adds their sum to the objective: the step's gradient is that of cross-entropy plus the
+    penalty, and the loop logs the penalty as aux/penalty."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+    from lm import train
+
+    class PenalisedLM(nn.Module):
+        config: T.ModelConfig
+
+        @nn.compact
+        def __call__(self, tokens, deterministic=True, **_):
+            h = nn.Embed(self.config.vocab_size, 8)(tokens)
+            w = self.param("w", nn.initializers.normal(1.0), (8, 8))
+            for _ in range(2):
+                self.sow("losses", "penalty", 0.25 * jnp.sum(w**2))
+            return nn.Dense(self.config.vocab_size)(h @ w)
+
+    model = PenalisedLM(CONFIG)
+    trainer = create_trainer(
+        CONFIG,
+        model,
+        OptimizerConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0),
+        100,
+        parallel.ParallelConfig(),
+        devices=jax.devices()[:1],
+    )
+    state = trainer.init_fn(0)
+    batch = next(synthetic_batches())
+    params = jax.device_get(state.params)
+    penalty = 0.5 * float(np.sum(np.asarray(params["w"], np.float64) ** 2))
+
+    def objective(p):  # what the step should minimise: mean cross-entropy + the penalty
+        logits = model.apply({"params": p}, batch["inputs"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        weights = batch["weights"]
+        return (ce * weights).sum() / weights.sum() + 0.5 * jnp.sum(p["w"] ** 2)
+
+    expected = jax.grad(objective)(params)
+    grads, sums = train._accumulated_grads(model, state.params, batch, None, 1)
+    weight = float(sums["weight"])
+    for (path, g), e in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected), strict=True
+    ):
+        # Measured: up to 1.2e-7 apart (float32 sums in another order).
+        np.testing.assert_allclose(np.asarray(g) / weight, e, atol=1e-6, err_msg=str(path))
+    _, metrics = trainer.train_step(state, trainer.put_batch(batch))
+    assert float(metrics["aux/penalty"]) == pytest.approx(penalty, rel=1e-5)
+
+    train_loop(
+        trainer,
+        TrainConfig(steps=2, log_every=1, eval_every=0, progress=False),
+        tmp_path,
+        synthetic_batches(),
+    )
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2]
+    assert logged[0]["aux/penalty"] == pytest.approx(penalty, rel=1e-5)
