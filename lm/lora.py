@@ -15,8 +15,10 @@ Adapters are a nested dict that mirrors the path of the kernel they adapt:
     {'decoder': {'layer_0': {'self_attention': {'query': {'kernel': {'lora_a': A, 'lora_b': B}}}}}}
 
 so Orbax saves them like any parameter tree, and `merge` finds each kernel by its path.
-A kernel of scanned layers ([layers, *kernel], path `.../layers/block_0/...`) gets one pair per
-layer: A [layers, in, r], B [layers, r, out].
+Which dims are W's input and which its output is read from the kernel's logical axis names
+(see `split_kernel`). Leading `layers` (scanned layers, path `.../layers/block_0/...`) and
+`expert` (mixture-of-experts kernels) dims stack independent kernels: each gets its own pair,
+e.g. A [layers, expert, in, r], B [layers, expert, r, out].
 Nothing here imports from `lm`: `lm.train` builds on it.
 """
 
@@ -39,6 +41,10 @@ DEFAULT_TARGETS: tuple[str, ...] = ("query", "key", "value", "out", "wi", "wi_ga
 KNOWN_TARGETS: tuple[str, ...] = DEFAULT_TARGETS + ("lm_head",)
 
 A, B = "lora_a", "lora_b"
+# Leading logical axes that stack independent kernels (one adapter pair for each entry).
+STACKED_AXES: tuple[str, ...] = ("layers", "expert")
+# The residual stream's axis: a kernel either reads it (input first) or writes it (output last).
+MODEL_AXIS = "embed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +94,7 @@ class Target:
     shape: tuple[int, ...]
     names: tuple[str | None, ...]  # the kernel's logical axis names (None where unnamed)
     num_in: int  # how many dims (after any stacked ones) are the input side
-    stacked: int = 0  # leading 'layers' dims of scanned layers: one adapter pair per layer
+    stacked: int = 0  # leading STACKED_AXES dims (layers, experts): one adapter pair each
 
     @property
     def fan_in(self) -> int:
@@ -103,19 +109,32 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _num_input_dims(names: Sequence[str | None], ndim: int) -> int:
-    """Where a kernel splits into input and output dims.
+def split_kernel(names: Sequence[str | None], where: str = "kernel") -> tuple[int, int]:
+    """(stacked, num_in) of a kernel from its logical axis names: how many leading dims stack
+    independent kernels (`STACKED_AXES`), and how many of the rest are the input side.
 
-    Dense kernels are [in, out]. In this codebase a DenseGeneral either reads the model width
-    (query/key/value: [embed, heads, head_dim], input = the first dim) or writes it
-    (out: [heads, head_dim, embed], input = all dims but the last); the logical name 'embed'
-    says which, where shapes alone cannot (heads * head_dim often equals embed).
+    Every projection here reads or writes the residual stream, and the logical names say
+    which: a kernel whose first (unstacked) dim is `embed` reads it ([embed, mlp], query's
+    [embed, heads, kv]: input = that dim), one whose last dim is `embed` writes it ([mlp,
+    embed], out's [heads, kv, embed]: output = that dim). Shapes alone cannot tell (heads *
+    head_dim often equals embed). Any other 2-D kernel (unnamed, e.g. plain arrays) is the
+    usual [in, out]. Raises ValueError for a kernel of more dims that the names do not split.
     """
-    if ndim == 2 or names[0] == "embed":
-        return 1
-    if names[-1] == "embed":
-        return ndim - 1
-    return 1  # DenseGeneral's default: contract the last input dim only
+    stacked = 0
+    while stacked < len(names) and names[stacked] in STACKED_AXES:
+        stacked += 1
+    kernel = tuple(names[stacked:])
+    if len(kernel) >= 2 and kernel[0] == MODEL_AXIS and kernel[-1] != MODEL_AXIS:
+        return stacked, 1
+    if len(kernel) >= 2 and kernel[-1] == MODEL_AXIS and kernel[0] != MODEL_AXIS:
+        return stacked, len(kernel) - 1
+    if len(kernel) == 2:
+        return stacked, 1
+    raise ValueError(
+        f"LoRA cannot tell the input dims of {where} from its logical axes {tuple(names)}: "
+        f"a kernel of more than 2 dims must start with '{MODEL_AXIS}' (it reads the model "
+        f"width) or end with it (it writes it)"
+    )
 
 
 def _matches(module_path: tuple[str, ...], target: str) -> bool:
@@ -151,12 +170,8 @@ def find_targets(boxed_params, config: LoraConfig) -> list[Target]:
                 f"LoRA needs logical axis names to split the {len(shape)}-D kernel "
                 f"{'/'.join(keys)}: pass the boxed params from model.init"
             )
-        stacked = 1 if names[0] == "layers" else 0  # scanned layers: [layers, *kernel]
-        found.append(
-            Target(
-                keys, shape, names, _num_input_dims(names[stacked:], len(shape) - stacked), stacked
-            )
-        )
+        stacked, num_in = split_kernel(names, "/".join(keys))
+        found.append(Target(keys, shape, names, num_in, stacked))
     unknown = [t for t in config.targets if t not in used and t.split("/")[-1] not in KNOWN_TARGETS]
     if unknown:
         raise ValueError(

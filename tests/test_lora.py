@@ -330,3 +330,26 @@ def test_init_params_become_the_state_on_any_mesh(pretrained):
     wrong["decoder"]["layer_0"]["mlp"]["wo"]["kernel"] = np.zeros((3, 3), np.float32)
     with pytest.raises(ValueError, match="decoder/layer_0/mlp/wo/kernel: shape"):
         trainer_for(None, wrong)
+
+
+@pytest.mark.parametrize(
+    "names, split",
+    [
+        (("embed", "mlp"), (0, 1)),  # wi: reads the model width
+        (("mlp", "embed"), (0, 1)),  # wo
+        (("embed", "heads", "kv"), (0, 1)),  # query: input = embed
+        (("heads", "kv", "embed"), (0, 2)),  # out: output = embed
+        (("layers", "heads", "kv", "embed"), (1, 2)),  # scanned
+        (("layers", "expert", "embed", "mlp"), (2, 1)),  # scanned experts: two stacked axes
+        (("expert", "mlp", "embed"), (1, 1)),
+        (("embed", "vocab"), (0, 1)),  # lm_head
+        ((None, None), (0, 1)),  # a plain 2-D array: [in, out]
+    ],
+)
+def test_split_kernel_reads_the_logical_axis_names(names, split):
+    assert lora.split_kernel(names) == split
+
+
+def test_a_kernel_the_names_do_not_split_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"input dims of k from its logical axes \('heads'"):
+        lora.split_kernel(("heads", "kv", "mlp"), "k")
