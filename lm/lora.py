@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.utils import count_params, path_key
+
 # The projections of lm/models/attention.py (query, key, value, out) and lm/models/layers.py
 # (wi or wi_gate + wi_up, wo). Names a model does not have are skipped (GPT-2 has no wi_gate).
 DEFAULT_TARGETS: tuple[str, ...] = ("query", "key", "value", "out", "wi", "wi_gate", "wi_up", "wo")
@@ -106,7 +108,7 @@ class Target:
 
 
 def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return tuple(path_key(path).split("/"))
 
 
 def split_kernel(names: Sequence[str | None], where: str = "kernel") -> tuple[int, int]:
@@ -277,4 +279,4 @@ def merge(base, adapters, config: LoraConfig | float):
 
 def count(adapters) -> int:
     """Number of adapter parameters: sum of r * (in + out) over adapted kernels."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
+    return count_params(adapters)

@@ -18,6 +18,7 @@ from lm import decode
 from lm.convert import hf
 from lm.convert.gguf import CheckpointFormatError
 from lm.models import transformer as T
+from lm.utils import path_key
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -37,7 +38,7 @@ def reference(name):
 
 def flat(params):
     return {
-        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        path_key(path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
     }
 

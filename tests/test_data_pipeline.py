@@ -77,7 +77,7 @@ def test_config_defaults_and_from_dict():
 def test_config_unknown_key_names_it_and_lists_valid():
     with pytest.raises(ValueError) as err:
         DataConfig.from_dict({"seq_length": 64})
-    assert "'seq_length'" in str(err.value) and "seq_len" in str(err.value)
+    assert "data.seq_length" in str(err.value) and "seq_len" in str(err.value)
 
 
 @pytest.mark.parametrize(

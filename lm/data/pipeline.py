@@ -52,6 +52,7 @@ import numpy as np
 from lm import storage
 from lm.data import sources
 from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+from lm.utils import config_from_dict
 
 TASKS = ("lm", "span_corruption", "translation")
 NUM_SENTINELS = 100  # T5's <extra_id_0..99>, added to tokenizers for span corruption.
@@ -101,8 +102,6 @@ class DataConfig:
     shards: int = 0
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.type])
         if self.task not in TASKS:
             raise ValueError(f"data.task={self.task!r} is not one of {TASKS}.")
         sources.parse_source(self.source)
@@ -125,43 +124,13 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        """Builds a DataConfig from a dict / ConfigDict.
+        """Builds a DataConfig from a dict / ConfigDict (`lm.utils.config_from_dict`).
 
         Raises:
           ValueError: a key that is not a field (naming it and listing the
             valid ones), or a value of the wrong type (naming the key).
         """
-        if hasattr(d, "to_dict"):
-            d = d.to_dict()
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"Unknown data config key(s) {unknown}; valid keys: {valid}.")
-        values = dict(d)
-        for f in dataclasses.fields(cls):
-            if f.name in values and f.type == "float" and _is_int(values[f.name]):
-                values[f.name] = float(values[f.name])
-        return cls(**values)
-
-
-_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_type(name: str, value: Any, want: type) -> None:
-    ok = {
-        int: _is_int(value),
-        bool: isinstance(value, (bool, np.bool_)),
-        float: isinstance(value, (float, np.floating)),
-        str: isinstance(value, str),
-    }[want]
-    if not ok:
-        raise ValueError(
-            f"data.{name} must be {want.__name__}, got {value!r} ({type(value).__name__})."
-        )
+        return config_from_dict(cls, d, prefix="data")
 
 
 # ---------------------------------------------------------------------------

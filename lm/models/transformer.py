@@ -22,6 +22,7 @@ import numpy as np
 from lm.models import layers
 from lm.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
+from lm.utils import config_from_dict
 
 # ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
 # a model may be imported or exported) with other values.
@@ -211,33 +212,6 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Builds a config, rejecting unknown keys with the list of valid ones."""
         return config_from_dict(cls, values, prefix="model")
-
-
-def config_from_dict(cls, values: dict[str, Any], prefix: str):
-    """Frozen-dataclass constructor that names unknown keys and wrong types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}; "
-            f"valid keys: {', '.join(sorted(fields))}"
-        )
-    checked = {}
-    for key, value in values.items():
-        default = fields[key].default
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{prefix}.{key} must be a bool, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{prefix}.{key} must be an int, got {value!r}")
-        if isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{prefix}.{key} must be a number, got {value!r}")
-            value = float(value)
-        if isinstance(default, str) and not isinstance(value, str):
-            raise ValueError(f"{prefix}.{key} must be a string, got {value!r}")
-        checked[key] = value
-    return cls(**checked)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -974,7 +948,3 @@ def gather_batch(tree, index: jax.Array):
         return jnp.take(x, index, axis=axis) if x.ndim > axis else x
 
     return jax.tree_util.tree_map_with_path(gather, tree)
-
-
-def count_params(params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))

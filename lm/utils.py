@@ -1,0 +1,90 @@
+"""Small helpers that every layer of `lm` may use (this module imports only jax, numpy and the
+standard library): building a config dataclass from a dict, naming a pytree path, counting
+parameters, comparing two trees' shapes, and gathering sharded arrays across processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def config_from_dict(cls, values: Mapping[str, Any], prefix: str):
+    """`cls(**values)` for a config dataclass, with unknown keys and wrong types named.
+
+    values: a dict (or anything with `to_dict()`, such as an ml_collections ConfigDict).
+    prefix: the config section, for the messages ('model' -> "model.d_model must be an int").
+    A field's type is judged by its default: bool, int, float (an int is accepted and
+    converted) and str fields are checked; others (tuples, ...) pass as they are.
+    Returns the config; ValueError names the offending key (and lists the valid ones).
+    """
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    checked = {}
+    for key, value in values.items():
+        if isinstance(value, np.generic):  # a numpy scalar from an array: judged as its value
+            value = value.item()
+        default = fields[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{prefix}.{key} must be a bool, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{prefix}.{key} must be an int, got {value!r}")
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{prefix}.{key} must be a number, got {value!r}")
+            value = float(value)
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{prefix}.{key} must be a string, got {value!r}")
+        checked[key] = value
+    return cls(**checked)
+
+
+def path_key(path) -> str:
+    """A pytree key path (from `jax.tree_util.tree_flatten_with_path`) as 'decoder/layer_0/mlp'."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def count_params(tree) -> int:
+    """The number of scalars in a tree of arrays or ShapeDtypeStructs."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def tree_differences(have, want, *, dtypes: bool = False) -> list[tuple[str, Any, Any]]:
+    """Where two trees of arrays (or ShapeDtypeStructs) differ, sorted by path.
+
+    Returns [(path key, have's leaf, want's leaf)] for every path that is in only one tree
+    (the other's entry is None) or whose shape differs (or, with `dtypes`, whose dtype
+    differs). Each leaf is given as its shape tuple, or as (shape, dtype name) with `dtypes`.
+    """
+
+    def table(tree):
+        return {
+            path_key(p): (tuple(np.shape(x)), str(x.dtype)) if dtypes else tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
+
+    a, b = table(have), table(want)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def gather_full(tree):
+    """A tree of global arrays with every element on every process: on one process the tree
+    itself; across processes (where each holds only its shards) full host copies, gathered
+    with a collective that every process must call."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils  # not loaded by `import jax`
+
+    return multihost_utils.process_allgather(tree, tiled=True)

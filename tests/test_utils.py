@@ -1,0 +1,60 @@
+"""lm.utils: the one home of the small helpers every layer uses."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from lm.utils import config_from_dict, count_params, gather_full, path_key, tree_differences
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    steps: int = 1
+    rate: float = 0.5
+    name: str = "a"
+    on: bool = False
+    mesh: tuple = (1, 1)
+
+
+def test_config_from_dict_checks_keys_and_types():
+    config = config_from_dict(Section, {"steps": np.int64(3), "rate": 2, "mesh": (2, 4)}, "s")
+    assert config == Section(steps=3, rate=2.0, mesh=(2, 4)) and isinstance(config.rate, float)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) s\.stepz; valid keys: mesh, name, on"):
+        config_from_dict(Section, {"stepz": 3}, "s")
+    for key, value, kind in [
+        ("steps", 3.0, "an int"),
+        ("steps", True, "an int"),
+        ("rate", "0.1", "a number"),
+        ("name", None, "a string"),
+        ("on", 1, "a bool"),
+    ]:
+        with pytest.raises(ValueError, match=f"s.{key} must be {kind}"):
+            config_from_dict(Section, {key: value}, "s")
+
+
+def test_paths_counts_and_differences():
+    a = {"dense": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}, "layers": [np.zeros(4)]}
+    b = {
+        "dense": {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)},
+        "extra": np.zeros(1, np.int32),
+        "layers": [np.zeros(4)],
+    }
+    keys = [path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
+    assert keys == ["dense/bias", "dense/kernel", "layers/0"]
+    assert count_params(a) == 6 + 3 + 4 and count_params(b) == 9 + 1 + 4
+    assert tree_differences(a, b) == [
+        ("dense/bias", (3,), None),
+        ("dense/kernel", (2, 3), (3, 3)),
+        ("extra", None, (1,)),
+    ]
+    same_shapes = {"dense": {"kernel": np.zeros((3, 3), np.float64)}}
+    assert tree_differences(same_shapes, {"dense": {"kernel": b["dense"]["kernel"]}}) == []
+    assert tree_differences(
+        same_shapes, {"dense": {"kernel": b["dense"]["kernel"]}}, dtypes=True
+    ) == [("dense/kernel", ((3, 3), "float64"), ((3, 3), "float32"))]
+
+
+def test_gather_full_is_the_tree_itself_on_one_process():
+    tree = {"w": jax.numpy.ones((8, 2))}
+    assert gather_full(tree) is tree
