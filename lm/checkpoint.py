@@ -28,8 +28,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm import storage
-from lm.models.transformer import EXECUTION_FIELDS, scanned_period, stack_layers, unstack_layers
+from lm import lora, storage
+from lm.data import pipeline
+from lm.data.pipeline import DataConfig
+from lm.models.transformer import (
+    EXECUTION_FIELDS,
+    ModelConfig,
+    scanned_period,
+    stack_layers,
+    to_layout,
+    unstack_layers,
+)
+from lm.utils import tree_differences
 
 
 class CheckpointMismatchError(ValueError):
@@ -222,32 +232,9 @@ class Checkpointer:
         """What makes `step` unreadable (None if nothing does), decided from the checkpoint's
         own files: no exception text is read. Raises CheckpointMismatchError when its metadata
         is readable and describes another model than `abstract_state`."""
-        directory = epath.Path(self.manager.directory) / str(step)
-        if not directory.is_dir():
-            return f"{directory} is missing"
-        if not any(directory.iterdir()):
-            return f"{directory} is empty"
-        if not ocp.step.is_path_finalized(directory):
-            return f"{directory} was never finalized"
-        step_metadata = _read_json(directory / "_CHECKPOINT_METADATA")
-        committed = (directory / "commit_success.txt").is_file() or (
-            isinstance(step_metadata, dict) and step_metadata.get("commit_timestamp_nsecs")
-        )
-        if not committed:
-            return f"{directory} has no commit marker (commit_success.txt or a commit time in _CHECKPOINT_METADATA)"
-        state_dir = directory / "state"
-        if not state_dir.is_dir():
-            return f"{state_dir} is missing"
-        tree_metadata = _read_json(state_dir / "_METADATA")
-        if not isinstance(tree_metadata, dict) or not isinstance(
-            tree_metadata.get("tree_metadata"), dict
-        ):
-            return f"{state_dir / '_METADATA'} is missing or not Orbax tree metadata"
-        try:
-            saved = self._saved_tree(step)
-            saved = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
-        except Exception as e:  # noqa: BLE001 - any failure to parse the metadata makes it unreadable
-            return f"its metadata cannot be parsed ({type(e).__name__}: {e})"
+        saved, problem = _inspect_step(epath.Path(self.manager.directory) / str(step))
+        if problem is not None:
+            return problem
         diffs = _tree_differences(unstack_layers(saved), unstack_layers(abstract_state))
         if diffs:
             raise CheckpointMismatchError(
@@ -261,11 +248,7 @@ class Checkpointer:
 
     def _saved_tree(self, step: int):
         """The saved state's tree of array metadata (no array is read)."""
-        return (
-            ocp.PyTreeCheckpointHandler()
-            .metadata(self.manager.directory / str(step) / "state")
-            .tree
-        )
+        return _saved_tree(epath.Path(self.manager.directory) / str(step))
 
     def _restore_step(self, step: int, abstract_state, data_iterator):
         """One step's items. A checkpoint saved in the other layer layout (unrolled `layer_i`
@@ -357,6 +340,45 @@ class Checkpointer:
         )
 
 
+def _saved_tree(directory: epath.Path):
+    """The tree of array metadata of the state saved in the step `directory` (no array read)."""
+    return ocp.PyTreeCheckpointHandler().metadata(directory / "state").tree
+
+
+def _inspect_step(directory: epath.Path):
+    """(saved state as a tree of ShapeDtypeStructs, None), or (None, what makes the checkpoint
+    step at `directory` unreadable), decided from the step's own files: its directory, commit
+    marker and metadata. No exception text is read and no array is."""
+    if not directory.is_dir():
+        return None, f"{directory} is missing"
+    if not any(directory.iterdir()):
+        return None, f"{directory} is empty"
+    if not ocp.step.is_path_finalized(directory):
+        return None, f"{directory} was never finalized"
+    step_metadata = _read_json(directory / "_CHECKPOINT_METADATA")
+    committed = (directory / "commit_success.txt").is_file() or (
+        isinstance(step_metadata, dict) and step_metadata.get("commit_timestamp_nsecs")
+    )
+    if not committed:
+        return None, (
+            f"{directory} has no commit marker (commit_success.txt or a commit time in "
+            "_CHECKPOINT_METADATA)"
+        )
+    state_dir = directory / "state"
+    if not state_dir.is_dir():
+        return None, f"{state_dir} is missing"
+    tree_metadata = _read_json(state_dir / "_METADATA")
+    if not isinstance(tree_metadata, dict) or not isinstance(
+        tree_metadata.get("tree_metadata"), dict
+    ):
+        return None, f"{state_dir / '_METADATA'} is missing or not Orbax tree metadata"
+    try:
+        saved = _saved_tree(directory)
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved), None
+    except Exception as e:  # noqa: BLE001 - any failure to parse the metadata makes it unreadable
+        return None, f"its metadata cannot be parsed ({type(e).__name__}: {e})"
+
+
 def _read_json(path: epath.Path):
     """The parsed JSON file at `path`, or None if it is missing or not JSON."""
     try:
@@ -368,26 +390,18 @@ def _read_json(path: epath.Path):
 def _tree_differences(saved, wanted) -> list[str]:
     """Each path present in only one tree, or with another shape or dtype: parameters first,
     then the rest (optimizer state, ...), each sorted by path."""
-
-    def table(tree):
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {
-            jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype))
-            for p, x in leaves
-        }
-
-    old, new = table(saved), table(wanted)
-    diffs = []
-    for name in sorted(set(old) | set(new), key=lambda n: (not n.startswith("params/"), n)):
-        if name not in new:
-            diffs.append(f"{name} only in the checkpoint")
-        elif name not in old:
-            diffs.append(f"{name} only in the model")
-        elif old[name] != new[name]:
-            diffs.append(
-                f"{name}: saved {old[name][0]} {old[name][1]}, model {new[name][0]} {new[name][1]}"
-            )
-    return diffs
+    diffs = sorted(
+        tree_differences(saved, wanted, dtypes=True),
+        key=lambda d: (not d[0].startswith("params/"), d[0]),
+    )
+    return [
+        f"{name} only in the model"
+        if old is None
+        else f"{name} only in the checkpoint"
+        if new is None
+        else f"{name}: saved {old[0]} {old[1]}, model {new[0]} {new[1]}"
+        for name, old, new in diffs
+    ]
 
 
 _WRITE_ERRNOS = {
@@ -478,3 +492,166 @@ def check_compatible(
             + "; ".join(diffs)
             + ". Use a new --workdir, or pass the saved values."
         )
+
+
+# ------------------------------------------------------------------ reading for inference
+# Sampling, evaluating, exporting and fine-tuning from a workdir need its model, parameters and
+# tokenizer, not its optimizer: the readers below build no trainer and compile nothing.
+
+# What reading the arrays of a step whose metadata is sound raises when its files are damaged
+# (TensorStore reports a truncated or garbled file as a ValueError, a missing one as an OSError).
+DAMAGED_ARRAY_ERRORS = (ValueError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """A model read for inference.
+
+    config: the ModelConfig (vocab_size resolved), in the layer layout `params` are in.
+    params: host (numpy) parameter tree; a LoRA run's adapters are merged into its base.
+    tokenizer: the run's Tokenizer, an import's PretrainedTokenizer, or None (an import
+      without one).
+    sections: the run's config.json ({section: values}); {"model": ...} for an import.
+    step: the step of the checkpoint read; None for an import.
+    source: the workdir, or the import's spec, as the user named it.
+    imported: the `lm.convert.Pretrained` an import came from (its tokenizer files and
+      source config.json are kept by an export); None for a workdir.
+    """
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+    sections: dict[str, Any]
+    step: int | None
+    source: str
+    imported: Any = None
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The run's data section (the defaults for an import)."""
+        return DataConfig.from_dict(self.sections.get("data", {}))
+
+
+def _reading_manager(workdir: storage.PathLike) -> ocp.CheckpointManager | None:
+    """A manager that only reads `<workdir>/checkpoints`: it creates and cleans up nothing, so it
+    is safe on the workdir of a run that is still training. None if there is no such folder."""
+    directory = checkpoints_dir(workdir)
+    if not directory.is_dir():
+        return None
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+        # Handlers for both items, so that Orbax does not warn about the one not read.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": DataStateHandler()},
+    )
+
+
+def has_checkpoint(workdir: storage.PathLike) -> bool:
+    """Whether `<workdir>/checkpoints` lists a step (readable or not)."""
+    manager = _reading_manager(workdir)
+    if manager is None:
+        return False
+    try:
+        return bool(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def is_lm_workdir(path: storage.PathLike) -> bool:
+    """A workdir of ours: config.json with our sections, or a checkpoints folder. (A Hugging Face
+    model folder also holds a config.json, but without 'model' and 'train' in it.)"""
+    path = storage.as_path(path)
+    if (path / "checkpoints").is_dir():
+        return True
+    try:
+        saved = read_config(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "model" in saved and "train" in saved
+
+
+def read_params(workdir: storage.PathLike, sections: dict[str, Any]) -> tuple[int, Any]:
+    """(step, host parameters) of the workdir's latest readable checkpoint, in the layer layout
+    it was saved in.
+
+    Reads only the `params` (and, for a LoRA run, `frozen`) items of the state, never the
+    optimizer's. A LoRA run's adapters are merged into its frozen base (with the rank and alpha
+    of `sections["train"]`, the run's config.json). A step that is unreadable (judged as
+    `Checkpointer.restore` judges it) falls back to the one before it with a warning naming
+    both; nothing is moved. ValueError if no step is readable.
+    """
+    manager = _reading_manager(workdir)
+    steps = sorted(manager.all_steps(), reverse=True) if manager is not None else []
+    problem = "it has no checkpoints" if not steps else None
+    try:
+        for i, step in enumerate(steps):
+            saved, problem = _inspect_step(epath.Path(manager.directory) / str(step))
+            if problem is None:
+                wanted = {k: saved[k] for k in ("params", "frozen") if k in saved}
+                as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+                args = ocp.args.PyTreeRestore(
+                    item=wanted, restore_args=as_numpy, partial_restore=True
+                )
+                try:
+                    restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+                    break
+                except DAMAGED_ARRAY_ERRORS as e:  # the metadata was sound: the array files are not
+                    problem = f"its array files cannot be read ({type(e).__name__}: {e})"
+            later = steps[i + 1] if i + 1 < len(steps) else None
+            logging.warning(
+                "checkpoint %d in %s is unreadable: %s; %s",
+                step,
+                workdir,
+                problem,
+                f"falling back to step {later}"
+                if later is not None
+                else "no earlier step to fall back to",
+            )
+        else:
+            raise ValueError(
+                f"no readable checkpoint in {workdir}: "
+                + (f"step {steps[-1]}: {problem}" if steps else problem)
+                + f" (tried steps {sorted(steps)}); copy back a good checkpoint, or train again "
+                "in a new --workdir"
+            )
+    finally:
+        if manager is not None:
+            manager.close()
+    logging.info("parameters of %s at step %d", workdir, step)
+    if "frozen" not in restored:
+        return step, restored["params"]
+    train = sections.get("train", {})
+    scale = train.get("lora_alpha", lora.LoraConfig.alpha) / train["lora_rank"]
+    return step, jax.device_get(lora.merge(restored["frozen"], restored["params"], scale))
+
+
+def read_model(workdir: storage.PathLike) -> SavedModel:
+    """The model, host parameters and tokenizer of a trained workdir's latest readable
+    checkpoint, with its config.json sections. Builds no optimizer and compiles nothing; writes
+    nothing, so it is safe on the workdir of a run still training. ValueError, naming the fix,
+    for a workdir without config.json, without a checkpoint, or with none readable."""
+    sections = read_config(workdir)
+    if sections is None:
+        raise ValueError(
+            f"{workdir} has no config.json: train there first, or pass the right --workdir"
+        )
+    if not has_checkpoint(workdir):
+        raise ValueError(
+            f"{workdir} has no checkpoint yet: train there first (a run saves every "
+            "train.checkpoint_every steps and at the end)"
+        )
+    data = DataConfig.from_dict(sections.get("data", {}))
+    # The tokenizer first: a fine-tune's config may leave model.vocab_size to it.
+    tokenizer = pipeline.get_tokenizer(data, str(workdir))
+    model = dict(sections.get("model", {}))
+    model["vocab_size"] = model.get("vocab_size") or tokenizer.vocab_size
+    config = ModelConfig.from_dict(model)
+    step, params = read_params(workdir, sections)
+    return SavedModel(
+        config=config,
+        params=to_layout(params, config),  # a resume may have changed model.scan_layers
+        tokenizer=tokenizer,
+        sections=sections,
+        step=step,
+        source=str(workdir),
+    )

@@ -103,20 +103,49 @@ def resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return values
 
 
-def build(values: dict[str, Any]):
-    """-> (ModelConfig or None if vocab unresolved, DataConfig, OptimizerConfig, TrainConfig, ParallelConfig)."""
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A resolved experiment config, one frozen dataclass per section (`build` makes it).
+
+    model: the model section's values. Its vocab_size may still be 0 (= the tokenizer's, known
+    only once the tokenizer is built), so the ModelConfig comes from `model_config`.
+    """
+
+    model: dict[str, Any]
+    data: DataConfig
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+
+    def model_config(self, tokenizer_vocab: int) -> ModelConfig:
+        """The ModelConfig, its vocabulary the tokenizer's unless the config pins a larger one.
+        ValueError if the pinned one is smaller than the tokenizer's."""
+        values = dict(self.model)
+        if not values.get("vocab_size"):
+            values["vocab_size"] = tokenizer_vocab
+        elif values["vocab_size"] < tokenizer_vocab:
+            raise ValueError(
+                f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
+                f"{tokenizer_vocab} pieces; set model.vocab_size=0 to follow the tokenizer"
+            )
+        return ModelConfig.from_dict(values)
+
+
+def build(values: dict[str, Any]) -> RunConfig:
+    """Plain config dicts (`resolve`'s) -> a RunConfig, every section validated now (the model's
+    keys too, although its vocabulary may come from the tokenizer later; LoRA targets are
+    checked against the model's kernels). ValueError naming a bad key or value."""
     data = DataConfig.from_dict(values.get("data", {}))
     optimizer = OptimizerConfig.from_dict(values.get("optimizer", {}))
     train = TrainConfig.from_dict(values.get("train", {}))
     par = ParallelConfig.from_dict(values.get("parallel", {}))
     model_values = dict(values.get("model", {}))
-    # Validate the keys now even if the vocabulary comes from the tokenizer later.
     model = ModelConfig.from_dict(
         {**model_values, "vocab_size": model_values.get("vocab_size") or 1}
     )
     if train.lora.enabled:
         check_lora_targets(model, train.lora)
-    return model_values, data, optimizer, train, par
+    return RunConfig(model_values, data, optimizer, train, par)
 
 
 def check_lora_targets(model: ModelConfig, lora_config: lora.LoraConfig) -> None:

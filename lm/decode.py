@@ -471,3 +471,94 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
             if index != -1:
                 cut = min(cut, index)
     return text[:cut]
+
+
+# ------------------------------------------------------------------------ text in, text out
+
+
+def samples(
+    model,
+    params,
+    tokenizer,
+    data_cfg,
+    prompts,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    beams=0,
+    stops=(),
+) -> list[str]:
+    """Text prompts -> one text per prompt: the prompt and its decoded continuation
+    (decoder-only), or the prompt and its translation on the next line (encoder-decoder).
+
+    model: the Flax module (its `.config` says the architecture); params: its parameters;
+    tokenizer: encodes the prompts and decodes the output (its bos/eos ids are used);
+    data_cfg: the run's DataConfig (encoder_len and seq_len bound an encoder-decoder's input
+    and output). beams > 0 uses beam search instead of sampling (decoder-only) or greedy
+    (encoder-decoder); each continuation is cut at the first of `stops`. ValueError for a
+    prompt that leaves no room in the model's context.
+    """
+    if model.config.architecture == "decoder":
+        bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+        ids = [bos + tokenizer.encode(p) for p in prompts]
+        limit = context_limit(model.config)
+        if limit is not None:
+            longest = max(len(i) for i in ids)
+            if longest >= limit:
+                raise ValueError(
+                    f"a prompt of {longest} tokens leaves no room in the model's {limit}-token "
+                    "context (model.max_len); shorten the prompt"
+                )
+            max_new_tokens = min(max_new_tokens, limit - longest)
+        if beams > 0:
+            out, _ = beam_search(
+                model,
+                params,
+                ids,
+                max_new_tokens=max_new_tokens,
+                beams=beams,
+                eos_id=tokenizer.eos_id,
+            )
+        else:
+            out = generate(
+                model,
+                params,
+                ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                eos_id=tokenizer.eos_id,
+            )
+        return [
+            p + cut_at_stop(tokenizer.decode(o), stops) for p, o in zip(prompts, out, strict=True)
+        ]
+    ids = [tokenizer.encode(p)[: data_cfg.encoder_len - 1] + [tokenizer.eos_id] for p in prompts]
+    max_new_tokens = min(max_new_tokens, data_cfg.seq_len)
+    if beams > 0:
+        out, _ = beam_search_seq2seq(
+            model,
+            params,
+            ids,
+            max_new_tokens=max_new_tokens,
+            beams=beams,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+        )
+    else:
+        out = generate_seq2seq(
+            model,
+            params,
+            ids,
+            max_new_tokens=max_new_tokens,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+        )
+    return [
+        f"{p}\n  -> {cut_at_stop(tokenizer.decode(o), stops)}"
+        for p, o in zip(prompts, out, strict=True)
+    ]

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from lm import parallel
-from lm.checkpoint import Checkpointer, CheckpointMismatchError
+from lm.checkpoint import Checkpointer, CheckpointMismatchError, read_params
 from lm.models import transformer as T
 from lm.train import TrainConfig, create_trainer, train_loop
 
@@ -167,3 +167,21 @@ def test_scanned_and_unrolled_layouts_are_no_mismatch(trained, tmp_path):
     )
     assert not (workdir / "unreadable_checkpoints").exists()
     assert os.listdir(workdir / "checkpoints" / "4")
+
+
+def test_reading_params_for_inference_falls_back_and_moves_nothing(trained, tmp_path, caplog):
+    """read_params (sample, eval, convert, init_from) judges steps as restore does, but only
+    reads: an unreadable latest step falls back with a warning naming both steps, and stays."""
+    workdir = _copy(trained, tmp_path)
+    _truncate_array_files(workdir / "checkpoints" / "4")
+    before = _snapshot(workdir)
+    with caplog.at_level(logging.WARNING):
+        step, params = read_params(workdir, {})
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, params, trained[2].params)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint 4 " in w and "falling back to step 2" in w for w in warnings), warnings
+    assert _snapshot(workdir) == before
+    _remove_metadata(workdir / "checkpoints" / "2")
+    with pytest.raises(ValueError, match=r"no readable checkpoint .* \(tried steps \[2, 4\]\)"):
+        read_params(workdir, {})

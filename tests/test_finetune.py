@@ -6,9 +6,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from lm import main
+from lm import checkpoint, finetune, run
 
 from tests.test_main import TINY, metrics, run_cli, snapshot, write_corpus
+
+
+def params_of(workdir):
+    """The parameters of a workdir's latest checkpoint, as sample, eval and init_from read them."""
+    return checkpoint.read_model(workdir).params
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +24,22 @@ def source(tmp_path_factory):
     workdir = root / "source"
     run_cli(TINY, "--config.train.steps=20", workdir=workdir, source=corpus, data_dir=root / "data")
     return root, corpus, workdir
+
+
+def test_a_workdir_read_for_inference_gives_the_runs_own_evaluation(source):
+    """read_model reads the latest checkpoint's parameters (no optimizer, nothing compiled), and
+    the loss over them without a trainer is the one the run logged at that step."""
+    _, _, src = source
+    saved = checkpoint.read_model(src)
+    assert saved.step == 20 and saved.source == str(src) and saved.imported is None
+    assert saved.sections == json.loads((src / "config.json").read_text())
+    assert saved.config.vocab_size == saved.sections["model"]["vocab_size"]
+    last = metrics(src)[-1]
+    assert last["step"] == 20
+    loss = run.split_loss(saved, "validation")
+    np.testing.assert_allclose(loss["loss"], last["eval/loss"], rtol=1e-5)
+    np.testing.assert_allclose(loss["bits_per_byte"], last["eval/bits_per_byte"], rtol=1e-5)
+    np.testing.assert_allclose(loss["accuracy"], last["eval/accuracy"], rtol=1e-5)
 
 
 def test_init_from_starts_from_the_source_parameters(source, tmp_path):
@@ -37,7 +58,7 @@ def test_init_from_starts_from_the_source_parameters(source, tmp_path):
         data_dir=root / "data",
     )
     assert (workdir / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
-    jax.tree.map(np.testing.assert_array_equal, main.read_params(workdir), main.read_params(src))
+    jax.tree.map(np.testing.assert_array_equal, params_of(workdir), params_of(src))
     assert metrics(workdir)[-1]["eval/loss"] == metrics(src)[-1]["eval/loss"]
     assert [m["step"] for m in metrics(workdir)] == [2]  # its own step count, from 0
     assert snapshot(src) == before  # the source is only read
@@ -57,7 +78,7 @@ def test_fine_tune_learns_and_resumes_from_its_own_checkpoint(source, tmp_path):
     )
     kwargs = dict(workdir=tmp_path / "b", source=corpus, data_dir=root / "data")
     run_cli(*flags, "--config.train.steps=5", **kwargs)
-    first = main.read_params(tmp_path / "b")
+    first = params_of(tmp_path / "b")
     shutil.rmtree(copy)  # resuming must need nothing but the fine-tune's own checkpoint
     proc = run_cli(*flags, "--config.train.steps=10", **kwargs)
     assert "ignored" in proc.stderr
@@ -67,9 +88,7 @@ def test_fine_tune_learns_and_resumes_from_its_own_checkpoint(source, tmp_path):
     evals = [m["eval/loss"] for m in lines if "eval/loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0] < metrics(src)[-1]["eval/loss"]
     # ... and the second half moved on from the first half's parameters.
-    changed = jax.tree.map(
-        lambda a, b: bool(np.any(a != b)), main.read_params(tmp_path / "b"), first
-    )
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params_of(tmp_path / "b"), first)
     assert all(jax.tree.leaves(changed))
 
 
@@ -103,9 +122,10 @@ def test_bad_init_from_specs_are_clear_errors(source, tmp_path):
         ("nonsense:thing", "no such workdir"),
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=expected):
-            main.init_source(spec)
+            finetune.init_source(spec)
     assert (
-        main.init_source(str(src)).model == json.loads((src / "config.json").read_text())["model"]
+        finetune.init_source(str(src)).model
+        == json.loads((src / "config.json").read_text())["model"]
     )
 
 

@@ -134,7 +134,7 @@ def test_rules_pass_through_the_config_and_its_command_line():
         "config", config_lib.experiment(), flag_values=flag_values, sys_argv=argv
     )
     flag_values(argv)
-    par = config_lib.build(config_lib.resolve(flag_values.config))[-1]
+    par = config_lib.build(config_lib.resolve(flag_values.config)).parallel
     assert par.rules == "embed=none, vocab=data+tensor" and par.mesh == (2, 1, 4)
     rules = dict(par.logical_rules)
     assert (

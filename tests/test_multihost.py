@@ -191,9 +191,9 @@ def saved_steps(workdir) -> list[int]:
 
 
 def assert_same_params(workdir, other):
-    from lm.main import read_params
+    from lm.checkpoint import read_model
 
-    ours, theirs = read_params(workdir), read_params(other)
+    ours, theirs = read_model(workdir).params, read_model(other).params
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs), strict=True

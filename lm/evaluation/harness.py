@@ -12,12 +12,14 @@ examples come from its own split never shows a document its own answer.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from lm import storage
 from lm.evaluation import metrics as M
 from lm.evaluation.tasks import Doc, Task
 
@@ -318,3 +320,15 @@ def format_table(results: dict) -> str:
                 f"{'' if stderr is None else f'{stderr:.4f}'} | {r['docs_per_second']} |"
             )
     return "\n".join(lines)
+
+
+def write_results(results: dict, out) -> str:
+    """Writes `results` (as `evaluate` returns them, with any keys added) to OUT/results.json and
+    their table to OUT/results.md (OUT: a local directory or a bucket folder, created if
+    missing). Returns the table."""
+    out = storage.as_path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    storage.write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    storage.write_atomic(out / "results.md", table + "\n")
+    return table

@@ -381,3 +381,14 @@ class Seq2SeqModel:
                 for i, ids in zip(chunk, outputs, strict=True):
                     out[i] = decode.cut_at_stop(self.tokenizer.decode(ids), requests[i][1])
         return out
+
+
+def harness_model(model, params, tokenizer, data_cfg, *, batch_size: int, max_length: int):
+    """The harness's model for a Flax module of ours: a `LanguageModel` (decoder-only, inputs cut
+    to `max_length` tokens) or a `Seq2SeqModel` (encoder-decoder, sources cut to the run's
+    data_cfg.encoder_len), scoring `batch_size` rows per compiled batch."""
+    if model.config.architecture == "decoder":
+        return LanguageModel(model, params, tokenizer, batch_size=batch_size, max_length=max_length)
+    return Seq2SeqModel(
+        model, params, tokenizer, encoder_len=data_cfg.encoder_len, batch_size=batch_size
+    )

@@ -189,3 +189,32 @@ def plot_curves(
     storage.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
+
+
+def check_accuracy_tasks(tasks: Sequence[Task]) -> None:
+    """ValueError naming the tasks that have no accuracy (few-shot curves need multiple-choice
+    or classification tasks)."""
+    bad = [t.name for t in tasks if t.kind != "multiple_choice"]
+    if bad:
+        raise ValueError(
+            f"icl: tasks {bad} are not multiple-choice or classification tasks; "
+            "few-shot curves need accuracy (e.g. sst2, boolq, arc_easy, piqa)"
+        )
+
+
+def chance_levels(tasks: Sequence[Task]) -> dict[str, float]:
+    """{task: the accuracy of guessing uniformly}, averaged over its documents."""
+    return {t.name: sum(1 / d.num_options for d in t.load()) / len(t.load()) for t in tasks}
+
+
+def write_curves(curves: dict, out, title: str = "") -> str:
+    """Writes `curves` (as `fewshot_curves` returns them, with "chance" and any other keys
+    added) to OUT/curves.json, their table to OUT/curves.md and their plot to OUT/fewshot.png
+    (OUT: a local directory or a bucket folder, created if missing). Returns the table."""
+    out = storage.as_path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_curves(curves)
+    storage.write_atomic(out / "curves.json", json.dumps(curves, indent=2) + "\n")
+    storage.write_atomic(out / "curves.md", table + "\n")
+    plot_curves(curves, out / "fewshot.png", chance=curves.get("chance"), title=title)
+    return table

@@ -1,0 +1,300 @@
+"""A training run assembled from a resolved experiment config, and the evaluators it uses.
+
+`train(config, workdir)` is what `python -m lm.main --config FILE --workdir DIR` does: it
+resolves the config, builds the tokenizer, model and trainer (`build_run`, honouring
+`train.init_from` through `lm.finetune`), writes config.json, and runs `lm.train.train_loop`
+with the periodic evaluators (`loss_evaluator`, `task_evaluator`), then writes samples.
+`split_loss` is the same loss evaluation for a model read for inference (`lm.main eval`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from typing import Any
+
+import jax
+
+from lm import checkpoint, finetune, parallel, storage
+from lm import config as config_lib
+from lm.data import pipeline
+from lm.data.pipeline import DataConfig
+from lm.decode import samples
+from lm.evaluation import evaluate, get_tasks
+from lm.evaluation.model import harness_model
+from lm.models.transformer import ModelConfig, build_model
+from lm.train import TrainConfig, Trainer, create_trainer, make_eval_step, train_loop
+from lm.utils import gather_full
+
+
+def shared_tokenizer(data_cfg: DataConfig, workdir: pathlib.Path):
+    """The run's tokenizer. Process 0 prepares the data and trains the tokenizer; the others then
+    load them."""
+    if jax.process_count() == 1:
+        return pipeline.get_tokenizer(data_cfg, str(workdir))
+    from jax.experimental import multihost_utils  # not loaded by `import jax`
+
+    tokenizer = pipeline.get_tokenizer(data_cfg, str(workdir)) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("tokenizer ready")
+    return tokenizer or pipeline.get_tokenizer(data_cfg, str(workdir))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a training run needs.
+
+    values: the resolved config as plain dicts, model.vocab_size resolved (what config.json
+      holds). config: its sections as frozen dataclasses. model_config: the model's, vocabulary
+      resolved. tokenizer: the run's. trainer: mesh, shardings and compiled steps.
+    """
+
+    values: dict[str, Any]
+    config: config_lib.RunConfig
+    model_config: ModelConfig
+    tokenizer: Any
+    trainer: Trainer
+
+
+def build_run(values: dict[str, Any], workdir: pathlib.Path) -> Run:
+    """The run a resolved config dict describes, checked against what the workdir holds.
+
+    A workdir without checkpoints of its own honours train.init_from: it adopts the source's
+    tokenizer and the trainer starts from the source's parameters. CheckpointMismatchError if
+    the workdir holds a run of another model, LoRA layout or data source.
+    """
+    config = config_lib.build(values)
+    parallel.initialize_distributed(config.parallel)
+    saved = checkpoint.read_config(workdir)
+    source = None
+    if config.train.init_from:
+        if checkpoint.has_checkpoint(workdir):
+            logging.warning(
+                "init_from %s ignored: %s has checkpoints of its own, resuming them",
+                config.train.init_from,
+                workdir,
+            )
+        else:
+            source = finetune.init_source(config.train.init_from)
+            # Before anything is written: the vocabulary will be the source tokenizer's.
+            vocab = config.model.get("vocab_size") or source.model.get("vocab_size")
+            finetune.check_init_source(source, {**config.model, "vocab_size": vocab})
+            finetune.adopt_tokenizer(source, config.data, workdir)
+    tokenizer = shared_tokenizer(config.data, workdir)
+    model_cfg = config.model_config(tokenizer.vocab_size)
+    values = {**values, "model": {**config.model, "vocab_size": model_cfg.vocab_size}}
+    checkpoint.check_compatible(saved, json.loads(json.dumps(values)), sections=("model",))
+    finetune.check_lora_unchanged(saved, values)
+    if saved is not None and saved.get("data", {}).get("source") != values["data"]["source"]:
+        raise checkpoint.CheckpointMismatchError(
+            f"this workdir was trained on data.source={saved['data'].get('source')!r}, not "
+            f"{values['data']['source']!r}; use a new --workdir (or init_from, for fine-tuning)"
+        )
+    if source is not None:
+        finetune.check_init_source(source, dataclasses.asdict(model_cfg))
+    trainer = create_trainer(
+        model_cfg,
+        build_model(model_cfg),
+        config.optimizer,
+        config.train.steps,
+        config.parallel,
+        seed=config.train.seed,
+        init_params=source.params if source is not None else None,
+        lora_config=config.train.lora,
+    )
+    return Run(values, config, model_cfg, tokenizer, trainer)
+
+
+def _bits_per_byte(metrics: dict, data_cfg: DataConfig, bytes_per_token: float) -> dict:
+    """The metrics, with bits per byte of text added for language modelling."""
+    if data_cfg.task == "lm":
+        metrics["bits_per_byte"] = metrics["loss"] / math.log(2) / bytes_per_token
+    return metrics
+
+
+def loss_evaluator(
+    trainer: Trainer, data_cfg: DataConfig, tokenizer, split: str, seed: int, max_batches: int = 0
+):
+    """state -> {loss, perplexity, bits_per_byte (language modelling), accuracy, tokens} over a
+    split (its first `max_batches` batches if > 0), for periodic evaluation."""
+    bytes_per_token = pipeline.bytes_per_token(data_cfg, split, tokenizer)
+    # Every process must run the same number of (collective) eval steps.
+    num_batches = max_batches or None
+    if jax.process_count() > 1:
+        num_batches = pipeline.count_batches(
+            data_cfg, split, tokenizer, seed=seed, process_count=jax.process_count()
+        )
+        num_batches = min(num_batches, max_batches) if max_batches else num_batches
+
+    def evaluate_split(state):
+        batches = pipeline.make_dataset(
+            data_cfg,
+            split,
+            tokenizer,
+            seed=seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            repeat=False,
+            num_batches=num_batches,
+        )
+        return _bits_per_byte(trainer.evaluate(state, iter(batches)), data_cfg, bytes_per_token)
+
+    return evaluate_split
+
+
+def split_loss(saved: checkpoint.SavedModel, split: str) -> dict[str, float]:
+    """{loss, accuracy, perplexity, tokens, bits_per_byte (language modelling)} of a model read
+    for inference over a split of its run's data, in one process, with no optimizer built."""
+    data_cfg = saved.data_config
+    seed = TrainConfig.from_dict(saved.sections.get("train", {})).seed
+    model = build_model(saved.config)
+    step = jax.jit(make_eval_step(model))
+    totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    batches = pipeline.make_dataset(
+        data_cfg, split, saved.tokenizer, seed=seed, process_index=0, process_count=1, repeat=False
+    )
+    params = jax.device_put(saved.params)  # once, not with every step
+    for batch in batches:
+        out = step(params, batch)
+        for k in totals:
+            totals[k] += float(out[k])
+    tokens = max(totals["tokens"], 1.0)
+    loss = totals["loss_sum"] / tokens
+    metrics = {
+        "loss": loss,
+        "accuracy": totals["correct"] / tokens,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": totals["tokens"],
+    }
+    bytes_per_token = pipeline.bytes_per_token(data_cfg, split, saved.tokenizer)
+    return _bits_per_byte(metrics, data_cfg, bytes_per_token)
+
+
+def task_evaluator(trainer: Trainer, tokenizer, data_cfg: DataConfig, train_cfg: TrainConfig):
+    """state -> {<task>/<metric>: value} with the harness (train.eval_tasks), for periodic
+    evaluation; process 0 evaluates, the others return {}."""
+    tasks = get_tasks([t.strip() for t in train_cfg.eval_tasks.split(",") if t.strip()], data_cfg)
+    fewshot = None if train_cfg.eval_tasks_fewshot < 0 else train_cfg.eval_tasks_fewshot
+
+    def evaluate_tasks(state):
+        params = gather_full(trainer.model_params(state))  # every process holds only shards
+        if jax.process_index() != 0:
+            return {}
+        lm = harness_model(
+            trainer.model, params, tokenizer, data_cfg, batch_size=16, max_length=data_cfg.seq_len
+        )
+        results = evaluate(lm, tasks, num_fewshot=fewshot, limit=train_cfg.eval_tasks_limit or None)
+        return {
+            f"{name}/{metric}": value
+            for name, r in results["tasks"].items()
+            for metric, value in r["metrics"].items()
+            if not metric.endswith("_stderr")
+        }
+
+    return evaluate_tasks
+
+
+def default_prompts(data_cfg: DataConfig, sample_prompt: str = "") -> list[str]:
+    """What to sample from when no prompt is given: train.sample_prompt, else three validation
+    sources (translation), else a newline."""
+    if sample_prompt:
+        return [sample_prompt]
+    if data_cfg.task == "translation":
+        from lm.data.sources import get_source
+
+        source = get_source(data_cfg, "validation")
+        return [source[i]["source"] for i in range(min(3, len(source)))]
+    return ["\n"]
+
+
+def train(config, workdir: pathlib.Path) -> None:
+    """Trains (or resumes) the experiment `config` (a ConfigDict) in `workdir`; prints the
+    model, the unigram baseline, the final validation loss and samples, which it also writes
+    to WORKDIR/samples.txt."""
+    run = build_run(config_lib.resolve(config), workdir)
+    trainer, tokenizer, data_cfg, train_cfg = (
+        run.trainer,
+        run.tokenizer,
+        run.config.data,
+        run.config.train,
+    )
+    checkpoint.write_config(workdir, run.values)
+    if jax.process_index() == 0:
+        print(
+            f"model: {trainer.parameter_summary()} ({run.model_config.architecture}); "
+            f"mesh {dict(trainer.mesh.shape)}; tokenizer: {tokenizer.vocab_size} pieces"
+        )
+    data = iter(
+        pipeline.make_dataset(
+            data_cfg,
+            "train",
+            tokenizer,
+            seed=train_cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            repeat=True,
+        )
+    )
+    evaluators = {
+        "eval": loss_evaluator(
+            trainer, data_cfg, tokenizer, "validation", train_cfg.seed, train_cfg.eval_batches
+        )
+    }
+    if train_cfg.eval_tasks:
+        evaluators["tasks"] = task_evaluator(trainer, tokenizer, data_cfg, train_cfg)
+    if data_cfg.task == "lm" and jax.process_index() == 0:
+        # Computed once per workdir (same data and tokenizer).
+        baseline_file = workdir / "baseline.json"
+        if baseline_file.exists():
+            baseline = json.loads(baseline_file.read_text())["unigram_loss"]
+        else:
+            baseline = pipeline.unigram_entropy(data_cfg, tokenizer)
+            storage.write_atomic(baseline_file, json.dumps({"unigram_loss": baseline}))
+        print(f"unigram baseline on validation: {baseline:.3f} nats/token")
+
+    def on_end(state):
+        params = gather_full(trainer.model_params(state))  # every process holds only shards
+        if jax.process_index() != 0:
+            return
+        texts = samples(
+            trainer.model,
+            params,
+            tokenizer,
+            data_cfg,
+            default_prompts(data_cfg, train_cfg.sample_prompt),
+            max_new_tokens=train_cfg.sample_tokens,
+            temperature=train_cfg.sample_temperature,
+            seed=train_cfg.seed,
+        )
+        text = "\n\n".join(texts)
+        storage.write_atomic(workdir / "samples.txt", text + "\n")
+        print("\n===== samples =====\n" + text + "\n===================")
+
+    state = train_loop(
+        trainer,
+        train_cfg,
+        workdir,
+        data,
+        evaluators=evaluators,
+        seq_len=data_cfg.seq_len,
+        on_end=on_end,
+    )
+    final = (
+        [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        if (workdir / "metrics.jsonl").exists()
+        else []
+    )
+    evals = [m for m in final if "eval/loss" in m]
+    if evals and jax.process_index() == 0:
+        last = evals[-1]
+        print(
+            f"step {int(state.step)}: validation loss {last['eval/loss']:.4f}, "
+            f"perplexity {last['eval/perplexity']:.2f}"
+            + (
+                f", bits/byte {last['eval/bits_per_byte']:.4f}"
+                if "eval/bits_per_byte" in last
+                else ""
+            )
+        )
