@@ -461,3 +461,16 @@ def test_convert_command_writes_the_hf_layout(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_families_are_one_table_and_experts_have_no_layout():
+    assert hf.SUPPORTED == tuple(hf.FAMILIES) == ("gpt2", "llama", "t5")
+    for preset, family in [("gpt2", "gpt2"), ("llama", "llama"), ("t5", "t5")]:
+        config = T.preset(preset, **T.TINY, num_kv_heads=2)
+        assert hf.family_of(config) == family
+        assert hf.FAMILIES[family].holds(config)
+    moe = T.preset("llama", **T.TINY, num_kv_heads=2, num_experts=4)
+    with pytest.raises(
+        ValueError, match=r"model\.num_experts=4 \(the llama layout can only say 0\)"
+    ):
+        hf.config_to_hf(moe)

@@ -1,6 +1,7 @@
 """Import and export of Hugging Face layouts (``config.json`` + ``model.safetensors``).
 
-Three families map onto `ModelConfig` options of the modules that train here:
+Three families map onto `ModelConfig` options of the modules that train here, one entry of
+the `FAMILIES` table each (which models it holds, its config.json both ways, its tensors):
 
 - ``gpt2``: learned positions, LayerNorm with biases, GELU (tanh) MLP, biases everywhere.
   GPT-2's ``Conv1D`` weights are already ``[in, out]`` like our kernels; its fused
@@ -14,7 +15,7 @@ Three families map onto `ModelConfig` options of the modules that train here:
 
 ``torch.nn.Linear`` stores ``[out, in]``; our kernels are ``[in, ...out]`` (attention
 projections split ``out`` into ``[heads, head_dim]``, the output projection splits
-``in``). Every tensor goes through one table (`_tensor_table`) in both directions, so
+``in``). Every tensor goes through its family's table (`Family.tensors`) in both directions, so
 import -> export -> import is bit-identical. Params come back as nested dicts of float32
 numpy arrays and are checked leaf by leaf against ``jax.eval_shape(model.init, ...)``.
 
@@ -31,7 +32,7 @@ import os
 import pathlib
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,6 @@ import numpy as np
 from lm.convert.gguf import CheckpointFormatError, Pretrained
 from lm.models.transformer import ModelConfig, to_layout, unstack_layers
 
-SUPPORTED = ("gpt2", "llama", "t5")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,11 +115,11 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         (e.g. ``rope_scaling``), or a missing required field; the message names it.
     """
     family = hf_config.get("model_type")
-    if family not in SUPPORTED:
+    if family not in FAMILIES:
         raise ValueError(
             f"Hugging Face model_type {family!r} is not supported; supported: {SUPPORTED}."
         )
-    return {"gpt2": _gpt2_config, "llama": _llama_config, "t5": _t5_config}[family](hf_config)
+    return FAMILIES[family].config_from_hf(hf_config)
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
@@ -279,13 +279,11 @@ def _t5_config(hf: dict) -> ModelConfig:
 
 
 def family_of(config: ModelConfig) -> str:
-    """The Hugging Face model_type whose layout can hold `config`'s model."""
-    if config.architecture == "encoder_decoder":
-        return "t5"
-    if config.position == "learned":
-        return "gpt2"
-    if config.position == "rotary":
-        return "llama"
+    """The Hugging Face model_type whose layout can hold `config`'s model (the first entry of
+    `FAMILIES` whose `holds` says so)."""
+    for name, family in FAMILIES.items():
+        if family.holds(config):
+            return name
     raise ValueError(
         f"a decoder-only model with position={config.position!r} has no Hugging Face "
         "layout here: gpt2 needs 'learned' positions, llama 'rotary'."
@@ -350,125 +348,7 @@ def config_to_hf(
             f"the base config is a {base['model_type']!r} config but this model has "
             f"the {family!r} layout."
         )
-    c = config
-    if family == "gpt2":
-        arch = {
-            "activation_function": _hf_activation(
-                c.mlp_activation, base.get("activation_function")
-            ),
-            "add_cross_attention": False,
-            "architectures": ["GPT2LMHeadModel"],
-            "attn_pdrop": c.attention_dropout,
-            "embd_pdrop": c.dropout,
-            "layer_norm_epsilon": c.norm_eps,
-            "model_type": "gpt2",
-            "n_embd": c.d_model,
-            "n_head": c.num_heads,
-            "n_inner": None if c.mlp_dim == 4 * c.d_model else c.mlp_dim,
-            "n_layer": c.num_layers,
-            "n_positions": c.max_len,
-            "reorder_and_upcast_attn": False,
-            "resid_pdrop": c.dropout,
-            "scale_attn_by_inverse_layer_idx": False,
-            "scale_attn_weights": c.attention_scale != 1.0,
-            "tie_word_embeddings": c.tied_embeddings,
-            "vocab_size": c.vocab_size,
-            "initializer_range": c.init_std,
-        }
-        if c.attention_scale not in (0.0, 1.0, c.dim_per_head**-0.5):
-            raise ValueError(
-                f"model.attention_scale={c.attention_scale} has no gpt2 equivalent "
-                "(scale_attn_weights is head_dim^-1/2 or 1)."
-            )
-        defaults = {
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "summary_activation": None,
-            "summary_first_dropout": 0.1,
-            "summary_proj_to_labels": True,
-            "summary_type": "cls_index",
-            "summary_use_proj": True,
-            "use_cache": True,
-        }
-    elif family == "llama":
-        arch = {
-            "architectures": ["LlamaForCausalLM"],
-            "attention_bias": c.use_bias,
-            "attention_dropout": c.attention_dropout,
-            "head_dim": c.dim_per_head,
-            "hidden_act": _hf_activation(c.mlp_activation, base.get("hidden_act")),
-            "hidden_size": c.d_model,
-            "intermediate_size": c.mlp_dim,
-            "max_position_embeddings": c.max_len,
-            "mlp_bias": c.use_bias,
-            "model_type": "llama",
-            "num_attention_heads": c.num_heads,
-            "num_hidden_layers": c.num_layers,
-            "num_key_value_heads": c.kv_heads,
-            "rms_norm_eps": c.norm_eps,
-            "tie_word_embeddings": c.tied_embeddings,
-            "vocab_size": c.vocab_size,
-            "initializer_range": c.init_std,
-        }
-        # transformers 5 reads `rope_parameters`, 4 reads `rope_theta`; follow the base's
-        # spelling, and write both when there is no base.
-        if "rope_parameters" in base or "rope_theta" not in base:
-            arch["rope_parameters"] = {"rope_theta": c.rope_base, "rope_type": "default"}
-        if "rope_theta" in base or "rope_parameters" not in base:
-            arch["rope_theta"] = c.rope_base
-        if "rope_scaling" in base:
-            arch["rope_scaling"] = None
-        defaults = {
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "pretraining_tp": 1,
-            "use_cache": True,
-        }
-    else:
-        act = _HF_ACTIVATION[c.mlp_activation]
-        if c.mlp_gated and c.mlp_activation == "gelu_tanh":
-            feed_forward = "gated-gelu"  # transformers maps it to gelu_new
-        else:
-            feed_forward = f"gated-{act}" if c.mlp_gated else act
-        arch = {
-            "architectures": ["T5ForConditionalGeneration"],
-            "d_ff": c.mlp_dim,
-            "d_kv": c.dim_per_head,
-            "d_model": c.d_model,
-            "dense_act_fn": act,
-            "dropout_rate": c.dropout,
-            "feed_forward_proj": feed_forward,
-            "is_encoder_decoder": True,
-            "is_gated_act": c.mlp_gated,
-            "layer_norm_epsilon": c.norm_eps,
-            "model_type": "t5",
-            "num_decoder_layers": c.num_layers,
-            "num_heads": c.num_heads,
-            "num_layers": c.encoder_layers,
-            "relative_attention_max_distance": c.relative_max_distance,
-            "relative_attention_num_buckets": c.relative_buckets,
-            "scale_decoder_outputs": c.tied_embeddings and c.scale_tied_logits,
-            "tie_word_embeddings": c.tied_embeddings,
-            "vocab_size": c.vocab_size,
-        }
-        if c.max_len != _DEFAULTS.max_len or "n_positions" in base:
-            arch["n_positions"] = c.max_len
-        if c.attention_dropout != c.dropout:
-            raise ValueError(
-                f"model.attention_dropout={c.attention_dropout} differs from "
-                f"model.dropout={c.dropout}; T5 has one dropout_rate for both."
-            )
-        defaults = {
-            "classifier_dropout": 0.0,
-            "decoder_start_token_id": 0,
-            "eos_token_id": 1,
-            "initializer_factor": 1.0,
-            "is_decoder": False,
-            "pad_token_id": 0,
-            "use_cache": True,
-        }
+    arch, defaults = FAMILIES[family].config_to_hf(config, base)
     out = {**defaults, **base, **arch}
     out["torch_dtype" if "torch_dtype" in base and "dtype" not in base else "dtype"] = dtype
     again = config_from_hf(out)
@@ -480,6 +360,137 @@ def config_to_hf(
             + "."
         )
     return dict(sorted(out.items()))
+
+
+def _gpt2_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
+    """The gpt2 config.json keys that describe `c`'s architecture, and defaults for the
+    other keys where `base` lacks them."""
+    arch = {
+        "activation_function": _hf_activation(c.mlp_activation, base.get("activation_function")),
+        "add_cross_attention": False,
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": c.attention_dropout,
+        "embd_pdrop": c.dropout,
+        "layer_norm_epsilon": c.norm_eps,
+        "model_type": "gpt2",
+        "n_embd": c.d_model,
+        "n_head": c.num_heads,
+        "n_inner": None if c.mlp_dim == 4 * c.d_model else c.mlp_dim,
+        "n_layer": c.num_layers,
+        "n_positions": c.max_len,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": c.dropout,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": c.attention_scale != 1.0,
+        "tie_word_embeddings": c.tied_embeddings,
+        "vocab_size": c.vocab_size,
+        "initializer_range": c.init_std,
+    }
+    if c.attention_scale not in (0.0, 1.0, c.dim_per_head**-0.5):
+        raise ValueError(
+            f"model.attention_scale={c.attention_scale} has no gpt2 equivalent "
+            "(scale_attn_weights is head_dim^-1/2 or 1)."
+        )
+    defaults = {
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
+        "use_cache": True,
+    }
+    return arch, defaults
+
+
+def _llama_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
+    """The llama config.json keys that describe `c`'s architecture, and defaults for the
+    other keys where `base` lacks them."""
+    arch = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": c.use_bias,
+        "attention_dropout": c.attention_dropout,
+        "head_dim": c.dim_per_head,
+        "hidden_act": _hf_activation(c.mlp_activation, base.get("hidden_act")),
+        "hidden_size": c.d_model,
+        "intermediate_size": c.mlp_dim,
+        "max_position_embeddings": c.max_len,
+        "mlp_bias": c.use_bias,
+        "model_type": "llama",
+        "num_attention_heads": c.num_heads,
+        "num_hidden_layers": c.num_layers,
+        "num_key_value_heads": c.kv_heads,
+        "rms_norm_eps": c.norm_eps,
+        "tie_word_embeddings": c.tied_embeddings,
+        "vocab_size": c.vocab_size,
+        "initializer_range": c.init_std,
+    }
+    # transformers 5 reads `rope_parameters`, 4 reads `rope_theta`; follow the base's
+    # spelling, and write both when there is no base.
+    if "rope_parameters" in base or "rope_theta" not in base:
+        arch["rope_parameters"] = {"rope_theta": c.rope_base, "rope_type": "default"}
+    if "rope_theta" in base or "rope_parameters" not in base:
+        arch["rope_theta"] = c.rope_base
+    if "rope_scaling" in base:
+        arch["rope_scaling"] = None
+    defaults = {
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "pretraining_tp": 1,
+        "use_cache": True,
+    }
+    return arch, defaults
+
+
+def _t5_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
+    """The t5 config.json keys that describe `c`'s architecture, and defaults for the
+    other keys where `base` lacks them."""
+    act = _HF_ACTIVATION[c.mlp_activation]
+    if c.mlp_gated and c.mlp_activation == "gelu_tanh":
+        feed_forward = "gated-gelu"  # transformers maps it to gelu_new
+    else:
+        feed_forward = f"gated-{act}" if c.mlp_gated else act
+    arch = {
+        "architectures": ["T5ForConditionalGeneration"],
+        "d_ff": c.mlp_dim,
+        "d_kv": c.dim_per_head,
+        "d_model": c.d_model,
+        "dense_act_fn": act,
+        "dropout_rate": c.dropout,
+        "feed_forward_proj": feed_forward,
+        "is_encoder_decoder": True,
+        "is_gated_act": c.mlp_gated,
+        "layer_norm_epsilon": c.norm_eps,
+        "model_type": "t5",
+        "num_decoder_layers": c.num_layers,
+        "num_heads": c.num_heads,
+        "num_layers": c.encoder_layers,
+        "relative_attention_max_distance": c.relative_max_distance,
+        "relative_attention_num_buckets": c.relative_buckets,
+        "scale_decoder_outputs": c.tied_embeddings and c.scale_tied_logits,
+        "tie_word_embeddings": c.tied_embeddings,
+        "vocab_size": c.vocab_size,
+    }
+    if c.max_len != _DEFAULTS.max_len or "n_positions" in base:
+        arch["n_positions"] = c.max_len
+    if c.attention_dropout != c.dropout:
+        raise ValueError(
+            f"model.attention_dropout={c.attention_dropout} differs from "
+            f"model.dropout={c.dropout}; T5 has one dropout_rate for both."
+        )
+    defaults = {
+        "classifier_dropout": 0.0,
+        "decoder_start_token_id": 0,
+        "eos_token_id": 1,
+        "initializer_factor": 1.0,
+        "is_decoder": False,
+        "pad_token_id": 0,
+        "use_cache": True,
+    }
+    return arch, defaults
 
 
 # ----------------------------------------------------------------------------- tensor table
@@ -570,70 +581,82 @@ def _linear(hf: str, ours: Path, use_bias: bool) -> list[_Tensor]:
 
 def _tensor_table(config: ModelConfig) -> _Layout:
     """Every tensor of `config`'s Hugging Face layout, with the param(s) of ours it holds."""
-    c = config
-    family = family_of(c)
-    head = (
+    return FAMILIES[family_of(config)].tensors(config)
+
+
+def _head(c: ModelConfig) -> list[_Tensor]:
+    """The untied output projection (none when tied to the token embedding)."""
+    return (
         [] if c.tied_embeddings else [_Tensor("lm_head.weight", (("lm_head", "kernel"),), "linear")]
     )
-    if family == "gpt2":
-        t = [
-            _Tensor("transformer.wte.weight", (("token_embedding", "embedding"),), "same"),
-            _Tensor("transformer.wpe.weight", (("decoder", "position_embedding"),), "same"),
-        ]
-        for i in range(c.num_layers):
-            hf, ours = f"transformer.h.{i}.", ("decoder", f"layer_{i}")
-            att = ours + ("self_attention",)
-            qkv = [att + (n,) for n in ("query", "key", "value")]
-            t += [
-                _Tensor(hf + "ln_1.weight", (ours + ("pre_attention_norm", "scale"),), "same"),
-                _Tensor(hf + "ln_1.bias", (ours + ("pre_attention_norm", "bias"),), "same"),
-                _Tensor(hf + "attn.c_attn.weight", tuple(p + ("kernel",) for p in qkv), "conv1d"),
-                _Tensor(hf + "attn.c_attn.bias", tuple(p + ("bias",) for p in qkv), "vector"),
-                _Tensor(hf + "attn.c_proj.weight", (att + ("out", "kernel"),), "conv1d", 2),
-                _Tensor(hf + "attn.c_proj.bias", (att + ("out", "bias"),), "same"),
-                _Tensor(hf + "ln_2.weight", (ours + ("pre_mlp_norm", "scale"),), "same"),
-                _Tensor(hf + "ln_2.bias", (ours + ("pre_mlp_norm", "bias"),), "same"),
-                _Tensor(hf + "mlp.c_fc.weight", (ours + ("mlp", "wi", "kernel"),), "conv1d"),
-                _Tensor(hf + "mlp.c_fc.bias", (ours + ("mlp", "wi", "bias"),), "same"),
-                _Tensor(hf + "mlp.c_proj.weight", (ours + ("mlp", "wo", "kernel"),), "conv1d"),
-                _Tensor(hf + "mlp.c_proj.bias", (ours + ("mlp", "wo", "bias"),), "same"),
-            ]
+
+
+def _gpt2_tensors(c: ModelConfig) -> _Layout:
+    """Every tensor of the gpt2 layout of `c`, with the param(s) of ours it holds."""
+    t = [
+        _Tensor("transformer.wte.weight", (("token_embedding", "embedding"),), "same"),
+        _Tensor("transformer.wpe.weight", (("decoder", "position_embedding"),), "same"),
+    ]
+    for i in range(c.num_layers):
+        hf, ours = f"transformer.h.{i}.", ("decoder", f"layer_{i}")
+        att = ours + ("self_attention",)
+        qkv = [att + (n,) for n in ("query", "key", "value")]
         t += [
-            _Tensor("transformer.ln_f.weight", (("decoder", "final_norm", "scale"),), "same"),
-            _Tensor("transformer.ln_f.bias", (("decoder", "final_norm", "bias"),), "same"),
+            _Tensor(hf + "ln_1.weight", (ours + ("pre_attention_norm", "scale"),), "same"),
+            _Tensor(hf + "ln_1.bias", (ours + ("pre_attention_norm", "bias"),), "same"),
+            _Tensor(hf + "attn.c_attn.weight", tuple(p + ("kernel",) for p in qkv), "conv1d"),
+            _Tensor(hf + "attn.c_attn.bias", tuple(p + ("bias",) for p in qkv), "vector"),
+            _Tensor(hf + "attn.c_proj.weight", (att + ("out", "kernel"),), "conv1d", 2),
+            _Tensor(hf + "attn.c_proj.bias", (att + ("out", "bias"),), "same"),
+            _Tensor(hf + "ln_2.weight", (ours + ("pre_mlp_norm", "scale"),), "same"),
+            _Tensor(hf + "ln_2.bias", (ours + ("pre_mlp_norm", "bias"),), "same"),
+            _Tensor(hf + "mlp.c_fc.weight", (ours + ("mlp", "wi", "kernel"),), "conv1d"),
+            _Tensor(hf + "mlp.c_fc.bias", (ours + ("mlp", "wi", "bias"),), "same"),
+            _Tensor(hf + "mlp.c_proj.weight", (ours + ("mlp", "wo", "kernel"),), "conv1d"),
+            _Tensor(hf + "mlp.c_proj.bias", (ours + ("mlp", "wo", "bias"),), "same"),
         ]
-        aliases = {"lm_head.weight": "transformer.wte.weight"} if c.tied_embeddings else {}
-        return _Layout(
-            family, t + head, aliases, re.compile(r"\.attn\.(bias|masked_bias)$"), "transformer."
-        )
-    if family == "llama":
-        t = [_Tensor("model.embed_tokens.weight", (("token_embedding", "embedding"),), "same")]
-        for i in range(c.num_layers):
-            hf, ours = f"model.layers.{i}.", ("decoder", f"layer_{i}")
-            t += [
-                _Tensor(
-                    hf + "input_layernorm.weight", (ours + ("pre_attention_norm", "scale"),), "same"
-                )
-            ]
-            t += _attention(
-                hf + "self_attn.",
-                ours + ("self_attention",),
-                ("q_proj", "k_proj", "v_proj", "o_proj"),
-                c.use_bias,
+    t += [
+        _Tensor("transformer.ln_f.weight", (("decoder", "final_norm", "scale"),), "same"),
+        _Tensor("transformer.ln_f.bias", (("decoder", "final_norm", "bias"),), "same"),
+    ]
+    aliases = {"lm_head.weight": "transformer.wte.weight"} if c.tied_embeddings else {}
+    return _Layout(
+        "gpt2", t + _head(c), aliases, re.compile(r"\.attn\.(bias|masked_bias)$"), "transformer."
+    )
+
+
+def _llama_tensors(c: ModelConfig) -> _Layout:
+    """Every tensor of the llama layout of `c`, with the param(s) of ours it holds."""
+    t = [_Tensor("model.embed_tokens.weight", (("token_embedding", "embedding"),), "same")]
+    for i in range(c.num_layers):
+        hf, ours = f"model.layers.{i}.", ("decoder", f"layer_{i}")
+        t += [
+            _Tensor(
+                hf + "input_layernorm.weight", (ours + ("pre_attention_norm", "scale"),), "same"
             )
-            t += [
-                _Tensor(
-                    hf + "post_attention_layernorm.weight",
-                    (ours + ("pre_mlp_norm", "scale"),),
-                    "same",
-                )
-            ]
-            for name, mine in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
-                t += _linear(hf + "mlp." + name, ours + ("mlp", mine), c.use_bias)
-        t += [_Tensor("model.norm.weight", (("decoder", "final_norm", "scale"),), "same")]
-        aliases = {"lm_head.weight": "model.embed_tokens.weight"} if c.tied_embeddings else {}
-        return _Layout(family, t + head, aliases, re.compile(r"\.rotary_emb\.inv_freq$"), "model.")
-    # T5
+        ]
+        t += _attention(
+            hf + "self_attn.",
+            ours + ("self_attention",),
+            ("q_proj", "k_proj", "v_proj", "o_proj"),
+            c.use_bias,
+        )
+        t += [
+            _Tensor(
+                hf + "post_attention_layernorm.weight",
+                (ours + ("pre_mlp_norm", "scale"),),
+                "same",
+            )
+        ]
+        for name, mine in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
+            t += _linear(hf + "mlp." + name, ours + ("mlp", mine), c.use_bias)
+    t += [_Tensor("model.norm.weight", (("decoder", "final_norm", "scale"),), "same")]
+    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if c.tied_embeddings else {}
+    return _Layout("llama", t + _head(c), aliases, re.compile(r"\.rotary_emb\.inv_freq$"), "model.")
+
+
+def _t5_tensors(c: ModelConfig) -> _Layout:
+    """Every tensor of the t5 layout of `c`, with the param(s) of ours it holds."""
     t = [_Tensor("shared.weight", (("token_embedding", "embedding"),), "same")]
     for stack, layers in (("encoder", c.encoder_layers), ("decoder", c.num_layers)):
         t += [
@@ -683,7 +706,55 @@ def _tensor_table(config: ModelConfig) -> _Layout:
     }
     if c.tied_embeddings:
         aliases["lm_head.weight"] = "shared.weight"
-    return _Layout(family, t + head, aliases, None, "")
+    return _Layout("t5", t + _head(c), aliases, None, "")
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One Hugging Face model_type: which of our models it holds, its config.json in both
+    directions, and its tensor names. A new family is one more entry of `FAMILIES`.
+
+    holds: whether a `ModelConfig`'s model has this layout (`family_of` asks each in turn).
+    config_from_hf: config.json dict -> `ModelConfig`; ValueError naming an option it cannot take.
+    config_to_hf: (`ModelConfig`, base config.json) -> (the keys that describe the architecture,
+      defaults for other keys the base lacks); ValueError for an option the layout lacks.
+    tensors: `ModelConfig` -> every tensor of the layout with the param(s) of ours it holds.
+    decoder_start_is_pad: the decoder starts from the pad token (T5), so export writes the
+      tokenizer's pad id as decoder_start_token_id.
+    """
+
+    holds: Callable[[ModelConfig], bool]
+    config_from_hf: Callable[[dict[str, Any]], ModelConfig]
+    config_to_hf: Callable[[ModelConfig, dict[str, Any]], tuple[dict, dict]]
+    tensors: Callable[[ModelConfig], _Layout]
+    decoder_start_is_pad: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        holds=lambda c: c.architecture == "decoder" and c.position == "learned",
+        config_from_hf=_gpt2_config,
+        config_to_hf=_gpt2_to_hf,
+        tensors=_gpt2_tensors,
+    ),
+    "llama": Family(
+        holds=lambda c: c.architecture == "decoder" and c.position == "rotary",
+        config_from_hf=_llama_config,
+        config_to_hf=_llama_to_hf,
+        tensors=_llama_tensors,
+    ),
+    "t5": Family(
+        holds=lambda c: c.architecture == "encoder_decoder",
+        config_from_hf=_t5_config,
+        config_to_hf=_t5_to_hf,
+        tensors=_t5_tensors,
+        decoder_start_is_pad=True,
+    ),
+}
+SUPPORTED = tuple(FAMILIES)
 
 
 # ----------------------------------------------------------------------------- params
@@ -1079,7 +1150,7 @@ def export_hf(
             i = getattr(tokenizer, f"{kind}_id")
             if i >= 0:
                 out_config[f"{kind}_token_id"] = i
-        if out_config["model_type"] == "t5" and tokenizer.pad_id >= 0:
+        if FAMILIES[out_config["model_type"]].decoder_start_is_pad and tokenizer.pad_id >= 0:
             out_config["decoder_start_token_id"] = tokenizer.pad_id
 
     from safetensors.numpy import save_file
