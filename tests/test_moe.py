@@ -386,3 +386,19 @@ def test_lora_gives_each_expert_of_each_layer_its_own_adapters():
     want = w + config.scale * np.einsum("lefr,lerd->lefd", a, b)  # one product per expert
     # Measured: 2.0e-7 (float32 product against float64).
     np.testing.assert_allclose(merged["wo"]["kernel"], want, atol=2e-6)
+
+
+def test_the_expert_rule_is_a_default_that_the_config_overrides():
+    assert dict(parallel.DEFAULT_RULES)["expert"] == "fsdp"
+    _, boxed, _ = init(MOE)
+    config = parallel.ParallelConfig(mesh=(4, 2, 1), rules="expert=data+fsdp")
+    assert dict(config.logical_rules)["expert"] == ("data", "fsdp")
+    parallel.check_rules_apply(config, boxed)  # a rule for a logical axis the model carries
+    _, dense, _ = init(T.preset("gpt2", **T.TINY))
+    parallel.check_rules_apply(config, dense)  # a default axis: fine for dense models too
+    with pytest.raises(ValueError, match=r"\['experts'\] that no parameter carries"):
+        parallel.check_rules_apply(parallel.ParallelConfig(rules="experts=data"), boxed)
+    # fsdp = 8 does not divide 4 experts: the embed dim takes fsdp, as in a dense model.
+    shardings = parallel.param_shardings(boxed, parallel.make_mesh((1, 8, 1)))
+    wi = shardings["decoder"]["layers"]["block_0"]["mlp"]["wi"]["kernel"]
+    assert tuple(wi.spec) == (None, None, "fsdp", "tensor")
