@@ -407,7 +407,7 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+        loss, grad_norm = loss_sum / denom, optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
         if skip_nonfinite:
             params, opt_state = jax.tree.map(
