@@ -1,0 +1,76 @@
+"""The house plan holds: every import inside `lm` points to a lower layer (README, "How the code
+is laid out"), and launch/ runs the CLI rather than importing training code."""
+
+import ast
+import collections
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "data", "evaluation", "icl", "convert")
+
+# Bottom to top; a unit may import only units of lower layers. The README's table says the same.
+LAYERS = [
+    {"lm.utils", "lm.storage"},
+    {"lm.models", "lm.data"},
+    {"lm.parallel", "lm.lora", "lm.decode", "lm.inspect"},
+    {"lm.checkpoint"},
+    {"lm.train", "lm.convert"},
+    {"lm.config", "lm.evaluation", "lm.bench"},
+    {"lm.icl", "lm.finetune"},
+    {"lm.run"},
+    {"lm.main"},
+]
+
+
+def unit(module: str) -> str:
+    """lm.models.attention -> lm.models (a package is one unit); lm.train -> lm.train."""
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in PACKAGES:
+        return "lm." + parts[1]
+    return ".".join(parts[:2])
+
+
+def lm_imports(path: pathlib.Path) -> set[str]:
+    """The lm units a file imports (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+            if node.module == "lm":
+                names = [f"lm.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {unit(n) for n in names if n.startswith("lm.")}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = collections.defaultdict(set)
+    for path in (ROOT / "lm").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        if module == "lm":
+            continue
+        source = unit(module)
+        graph[source] |= lm_imports(path) - {source}
+    return graph
+
+
+def test_every_import_points_down():
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    graph = import_graph()
+    assert set(graph) <= set(layer), f"units missing from LAYERS: {sorted(set(graph) - set(layer))}"
+    upward = sorted(
+        f"{source} (layer {layer[source]}) imports {target} (layer {layer[target]})"
+        for source, targets in graph.items()
+        for target in targets
+        if layer[target] >= layer[source]
+    )
+    assert not upward, upward
+
+
+def test_launch_imports_no_training_code():
+    allowed = {"lm.config", "lm.storage"}  # sweep helpers, configs, bucket paths
+    for path in (ROOT / "launch").glob("*.py"):
+        assert lm_imports(path) <= allowed, (path.name, lm_imports(path) - allowed)
