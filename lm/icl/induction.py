@@ -283,30 +283,13 @@ OPTIMIZER_DEFAULTS = dict(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0
 
 # Probe at step 0, every 250 steps and at the end (train.eval_every, train.eval_at_start).
 TRAIN_DEFAULTS = dict(steps=3000, eval_every=250, eval_at_start=True, log_every=50)
+DEFAULTS = {"model": MODEL_DEFAULTS, "optimizer": OPTIMIZER_DEFAULTS, "train": TRAIN_DEFAULTS}
 
 
-def experiment(
-    icl: dict | None = None,
-    model: dict | None = None,
-    optimizer: dict | None = None,
-    train: dict | None = None,
-    parallel: dict | None = None,
-) -> ml_collections.ConfigDict:
-    """A complete induction-heads config: sections icl (`InductionConfig`), model, optimizer,
-    train and parallel (the ordinary sections, as text runs have them) with every field
-    present (so each can be overridden from the command line), the given overrides applied;
-    a misspelt key is an error that names it."""
-    return runs.experiment(
-        InductionConfig,
-        model_defaults=MODEL_DEFAULTS,
-        optimizer_defaults=OPTIMIZER_DEFAULTS,
-        train_defaults=TRAIN_DEFAULTS,
-        icl=icl,
-        model=model,
-        optimizer=optimizer,
-        train=train,
-        parallel=parallel,
-    )
+def experiment(**sections: dict | None) -> ml_collections.ConfigDict:
+    """A complete induction-heads config from overrides per section (icl=, model=,
+    optimizer=, train=, parallel=; see `lm.icl.runs.experiment`)."""
+    return runs.experiment(InductionConfig, DEFAULTS, **sections)
 
 
 def build_configs(config, data_vocab: int | None = None) -> runs.IclConfigs:

@@ -148,34 +148,15 @@ OPTIMIZER_DEFAULTS = dict(
 TRAIN_DEFAULTS = dict(
     steps=500_000, log_every=100, eval_every=0, checkpoint_every=5000, keep_checkpoints=2
 )
+DEFAULTS = {"model": MODEL_DEFAULTS, "optimizer": OPTIMIZER_DEFAULTS, "train": TRAIN_DEFAULTS}
 
 
-def experiment(
-    *,
-    icl: dict[str, Any] | None = None,
-    model: dict[str, Any] | None = None,
-    optimizer: dict[str, Any] | None = None,
-    train: dict[str, Any] | None = None,
-    parallel: dict[str, Any] | None = None,
-) -> ml_collections.ConfigDict:
-    """A complete regression config: sections icl (`RegressionConfig`), model, optimizer, train
-    and parallel (the ordinary sections, as text runs have them), every field filled.
-
-    Each argument holds only the overrides; a misspelt key is an error that names it.
-    model.max_len defaults to 2 * icl.n_points (the interleaved prompt length).
-    """
-    config = runs.experiment(
-        RegressionConfig,
-        model_defaults=MODEL_DEFAULTS,
-        optimizer_defaults=OPTIMIZER_DEFAULTS,
-        train_defaults=TRAIN_DEFAULTS,
-        icl=icl,
-        model=model,
-        optimizer=optimizer,
-        train=train,
-        parallel=parallel,
-    )
-    if "max_len" not in (model or {}):
+def experiment(**sections: dict[str, Any] | None) -> ml_collections.ConfigDict:
+    """A complete regression config from overrides per section (icl=, model=, optimizer=,
+    train=, parallel=; see `lm.icl.runs.experiment`). model.max_len defaults to
+    2 * icl.n_points (the interleaved prompt length)."""
+    config = runs.experiment(RegressionConfig, DEFAULTS, **sections)
+    if "max_len" not in (sections.get("model") or {}):
         config.model.max_len = 2 * config.icl.n_points
     return config
 

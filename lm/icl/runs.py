@@ -76,27 +76,24 @@ class IclRun:
 
 
 def experiment(
-    icl_cls: type,
-    *,
-    model_defaults: dict[str, Any],
-    optimizer_defaults: dict[str, Any],
-    train_defaults: dict[str, Any],
-    icl: dict[str, Any] | None = None,
-    model: dict[str, Any] | None = None,
-    optimizer: dict[str, Any] | None = None,
-    train: dict[str, Any] | None = None,
-    parallel: dict[str, Any] | None = None,
+    icl_cls: type, defaults: dict[str, dict[str, Any]], **overrides: dict[str, Any] | None
 ) -> ml_collections.ConfigDict:
-    """A complete ICL config: every field of every section, the kind's defaults, then the
-    overrides; a misspelt key is an error that names it."""
+    """A complete ICL config: sections icl (`icl_cls`), model, optimizer, train and parallel
+    with every field present (so each can be overridden from the command line): the
+    dataclasses' defaults, then the kind's `defaults` {section: values}, then `overrides`
+    {section: values}. A misspelt section or key is an error that names it."""
+    unknown = sorted(set(overrides) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; use {list(SECTIONS)}")
+    classes = {
+        "icl": icl_cls,
+        "model": ModelConfig,
+        "optimizer": OptimizerConfig,
+        "train": TrainConfig,
+        "parallel": ParallelConfig,
+    }
     return filled_sections(
-        {
-            "icl": (icl_cls, {}, icl),
-            "model": (ModelConfig, model_defaults, model),
-            "optimizer": (OptimizerConfig, optimizer_defaults, optimizer),
-            "train": (TrainConfig, train_defaults, train),
-            "parallel": (ParallelConfig, {}, parallel),
-        }
+        {name: (cls, defaults.get(name, {}), overrides.get(name)) for name, cls in classes.items()}
     )
 
 
