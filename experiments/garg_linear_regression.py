@@ -14,26 +14,29 @@ Commands:
 Outputs: WORKDIR/errors.json, WORKDIR/error_vs_k.png, a printed table; rerunning a finished
 run re-evaluates only.
 
-Measured ('small') on the 2-core CPU dev machine (2026-11-29), 0.20M parameters, 20,000
-steps of 64 prompts; evaluated on 2,048 fresh prompts at d=5 (squared error / d):
+Measured ('small') on the 2-core CPU dev machine (2026-11-30, through lm.train's loop), 0.20M
+parameters, 20,000 steps of 64 prompts; evaluated on 2,048 fixed prompts at d=5 (squared
+error / d):
 
       k    model   least squares   3-NN    averaging
-      0    1.026       1.025       1.025     1.025
-      1    0.766       0.764       2.015     6.604
-      2    0.582       0.578       1.403     3.009
-      3    0.406       0.401       1.423     2.114
-      4    0.217       0.198       1.018     1.386
-      5    0.084       0.000       0.897     1.200
-      6    0.039       0.000       0.832     0.972
-      7    0.018       0.000       0.708     0.827
-      8    0.012       0.000       0.687     0.771
-      9    0.007       0.000       0.597     0.621
-     10    0.008       0.000       0.578     0.568
+      0    0.978       0.975       0.975     0.975
+      1    0.852       0.849       2.027     5.982
+      2    0.552       0.553       1.431     2.799
+      3    0.426       0.411       1.331     1.753
+      4    0.251       0.211       1.054     1.479
+      5    0.114       0.000       0.922     1.145
+      6    0.057       0.000       0.814     0.963
+      7    0.029       0.000       0.775     0.915
+      8    0.021       0.000       0.664     0.744
+      9    0.012       0.000       0.626     0.655
+     10    0.015       0.000       0.605     0.606
 
-    wall time: 63 min for the whole command under `nice -n 15` beside other jobs (its last
-    stretch, with the CPU less busy, ran at 12.4 steps/s: about 27 min for 20,000 steps);
-    rerunning it on the finished workdir re-evaluates in 9 s. The model tracks least squares
-    below k = d and comes close to it (not exact) from k = d on, as in Garg et al.'s Figure 2.
+    wall time: 33.5 min for the whole command under `nice -n 10` beside two other jobs (a
+    median 29.8 steps/s; the loop it replaced ran 12.4 steps/s on a quieter machine); rerunning
+    it on the finished workdir re-evaluates in 5 s. The model tracks least squares below
+    k = d and comes close to it (not exact) from k = d on, as in Garg et al.'s Figure 2.
+    (The run of 2026-11-29, with the old loop's random streams, gave 0.084 at k = 5 and 0.008
+    at k = 10.)
 
 Sweep (`get_sweep`, python -m launch.sweep experiments/garg_linear_regression.py:small
 --workdir DIR): model.num_layers 2 and 4, sorted by eval/loss.
