@@ -209,14 +209,10 @@ def resolve_config(spec: str, flags: list[str], where: str = "") -> dict[str, An
 
 
 def target_steps(values: dict[str, Any]) -> int | None:
-    """The step a finished run has logged: train.steps (icl.steps for the ICL experiments)."""
-    for section in ("train", "icl"):
-        steps = (
-            values.get(section, {}).get("steps") if isinstance(values.get(section), dict) else None
-        )
-        if isinstance(steps, int):
-            return steps
-    return None
+    """The step a finished run has logged: train.steps (ICL experiments have it too)."""
+    train = values.get("train")
+    steps = train.get("steps") if isinstance(train, dict) else None
+    return steps if isinstance(steps, int) else None
 
 
 # ---------------------------------------------------------------------------------- names

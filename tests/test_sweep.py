@@ -276,10 +276,8 @@ def test_skip_finished(tmp_path):
     assert not sweep.is_finished(tmp_path / "torn", 10)
     assert not sweep.is_finished(tmp_path / "missing", 10)
     assert not sweep.is_finished(tmp_path / "done", None)
-    assert (
-        sweep.target_steps({"train": {"steps": 7}}) == 7
-        and sweep.target_steps({"icl": {"steps": 3}}) == 3
-    )
+    assert sweep.target_steps({"train": {"steps": 7}, "icl": {"kind": "induction"}}) == 7
+    assert sweep.target_steps({"model": {}}) is None
 
 
 def test_results_table(tmp_path):
