@@ -97,12 +97,11 @@ def test_moe_mlp_equals_a_per_token_hand_computation(gated, k, activation):
     np.testing.assert_allclose(y, want, atol=3e-6)
     (got_balance,) = sown["losses"]["load_balancing"]
     np.testing.assert_allclose(got_balance, balance, rtol=2e-6)
-    assert balance > coef  # a random router is not balanced: the loss's minimum is coef
 
 
 def test_load_balancing_loss_balances_a_lopsided_router():
     """Gradient steps on the sown loss alone move a router that sends every token to expert 0
-    towards balance (loss -> its minimum, the coefficient)."""
+    towards balance (loss -> the coefficient, its value for a balanced router)."""
     mlp = layers.MoeMLP(num_experts=4, experts_per_token=2, hidden=8, aux_loss=1.0)
     x = 1.0 + 0.5 * jax.random.normal(jax.random.key(1), (4, 16, 8))  # a shared direction
     params = nn.meta.unbox(mlp.init(jax.random.key(0), x)["params"])
@@ -168,9 +167,9 @@ def test_losses_are_sown_per_layer_scanned_and_unrolled_alike():
     unrolled = dataclasses.replace(MOE, scan_layers=False)
     per_layer = sown_losses(T.build_model(unrolled), T.to_layout(params, unrolled), inputs)
     values = [per_layer["decoder"][f"layer_{i}"]["mlp"]["load_balancing"][0] for i in range(2)]
-    # Measured: equal to 1.5e-7 relative; each at least the coefficient (its balanced minimum).
+    # Measured: equal to 1.5e-7 relative.
     np.testing.assert_allclose(values, stacked, rtol=2e-6)
-    assert all(v >= MOE.router_aux_loss * (1 - 1e-6) for v in values)
+    assert all(v > 0 for v in values)
     # What lm.train adds to the objective: the sum over layers, under its name.
     batch = {"inputs": inputs}
     _, aux = forward_with_aux(model, params, batch)
@@ -350,8 +349,9 @@ def test_tiny_moe_experiment_trains_through_the_cli(tmp_path):
     lines = metrics(workdir)
     assert lines[-1]["step"] == 20 and lines[-1]["loss"] < lines[0]["loss"]
     assert "eval/loss" in lines[-1]
-    # Two layers' load-balancing losses, each at least its balanced minimum 0.01.
-    assert all(line["aux/load_balancing"] >= 2 * 0.01 * (1 - 1e-5) for line in lines)
+    # Two layers' load-balancing losses, 0.01 each for a balanced router. Measured: 0.0200 to
+    # 0.0201 over the run (below 0.02 is possible: the Switch ratio is not bounded by 1).
+    assert all(abs(line["aux/load_balancing"] - 0.02) < 0.002 for line in lines)
 
 
 # ------------------------------------------------------------------------------ LoRA
