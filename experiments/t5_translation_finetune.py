@@ -13,24 +13,14 @@ bible_translation.py; the validation loss is measured before the first step too.
 Arg: 'tiny' pairs with t5_span_corruption.py:tiny (used by the slow tests).
 """
 
-import importlib.util
 import pathlib
 
-from lm.config import experiment, experiment_args
-
-
-def _pretraining_config(arg):
-    """The pretraining experiment's config (loaded by path: experiments/ is not a package)."""
-    path = pathlib.Path(__file__).with_name("t5_span_corruption.py")
-    spec = importlib.util.spec_from_file_location("t5_span_corruption", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from lm.config import config_of, experiment, experiment_args
 
 
 def get_config(arg: str | None = None):
     args = experiment_args(arg, "tiny")
-    pretrained = _pretraining_config(arg)
+    pretrained = config_of(pathlib.Path(__file__).with_name("t5_span_corruption.py"), arg)
     config = experiment(
         preset="t5",
         model=dict(pretrained.model),

@@ -8,6 +8,8 @@ with its default, so any value can be overridden from the command line
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 from typing import Any
 
 import jax
@@ -77,6 +79,17 @@ def experiment(
             for name, cls in SECTIONS.items()
         }
     )
+
+
+def config_of(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the experiment file at `path`, loaded by its path (experiments/ is
+    not a package): for an experiment that varies another one, e.g.
+    `config_of(pathlib.Path(__file__).with_name("shakespeare_gpt.py"), arg)`."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def experiment_args(arg: str | None, *known: str) -> set[str]:
