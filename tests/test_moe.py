@@ -17,6 +17,7 @@ from lm import lora, parallel
 from lm.models import layers
 from lm.models import transformer as T
 from lm.train import OptimizerConfig, create_trainer, flops_per_token, forward_with_aux
+from lm.utils import path_key
 
 from tests.test_main import metrics, run_cli, write_corpus
 from tests.test_train import synthetic_batches
@@ -134,7 +135,7 @@ def test_expert_parameters_carry_the_expert_axis():
     _, boxed, params = init(MOE)
     mlp = boxed["decoder"]["layers"]["block_0"]["mlp"]
     names = {
-        "/".join(str(getattr(k, "key", k)) for k in path): (leaf.value.shape, leaf.names)
+        path_key(path): (leaf.value.shape, leaf.names)
         for path, leaf in jax.tree_util.tree_flatten_with_path(
             mlp, is_leaf=lambda x: isinstance(x, nn.Partitioned)
         )[0]
