@@ -3,7 +3,7 @@ each layer's MLP (width 1024) replaced by 4 experts of width 512, each token rou
 top 2. A token so uses as many parameters as in the dense model (the same active count up
 to the router), while the model holds twice the MLP parameters.
 
-Command (2-core CPU; see the wall time below):
+Command (2-core CPU, about 7 minutes):
 
     python -m lm.main --config experiments/shakespeare_moe.py --workdir workdirs/shakespeare_moe
 
@@ -20,12 +20,10 @@ run, beside experiments/shakespeare_gpt.py's numbers (dense, from its docstring)
     aux/load_balancing (4 layers x 0.01 x the Switch ratio, 0.04 when balanced): 0.043 at
       step 20, 0.040 from step 300 on: the router keeps the experts evenly used
     unigram baseline (add-one, fit on train): 6.063 nats/token on validation
-    wall time: 33 min 23 s for the whole command, and a median 1,100 tokens/s, while other
-      jobs kept the 2 cores' load average near 10 (the dense run's 5 min 36 s and 6,500
-      tokens/s were measured on an idle machine). Timed alternately in one process (load
-      about 4), a MoE step takes 1.26x a dense one (2,640 vs 3,330 tokens/s): the dense
-      dispatch runs all 4 experts, twice the active MLP FLOPs; on an idle machine that
-      suggests about 7 minutes.
+    wall time on the idle machine: 7 min 14 s for the whole command, a median 4,910
+      tokens/s; the dense command, run just before it, took 5 min 46 s at 6,200 tokens/s and
+      gave its docstring's losses exactly. The dense dispatch runs all 4 experts on every
+      token, twice the active MLP FLOPs: a MoE step costs about 1.26x a dense one.
 
 So at equal active parameters and the same tokens, the mixture is as good as the dense model
 (0.3% worse validation loss at step 480) at this small scale and step count; its extra
