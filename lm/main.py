@@ -36,6 +36,7 @@ from lm.decode import samples
 from lm.evaluation import evaluate, get_tasks, harness_model, write_results
 from lm.icl import fewshot
 from lm.models.transformer import for_inference
+from lm.utils import default_compilation_cache, enable_compilation_cache
 
 COMMANDS = ("train", "sample", "eval", "icl", "convert")
 
@@ -95,6 +96,13 @@ _MODEL = flags.DEFINE_string(
     "model",
     None,
     "sample, eval, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.",
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Directory of JAX's persistent compilation cache, so that a command run again skips "
+    "compiling; 'off' to disable (default: $LM_COMPILATION_CACHE, else $LM_CACHE_DIR/jax, "
+    "else ~/.cache/lm/jax).",
 )
 _OUT = flags.DEFINE_string(
     "out",
@@ -243,6 +251,7 @@ def main(argv):
         raise app.UsageError(
             "--workdir is required (sample, eval, icl and convert also take --model NAME instead)"
         )
+    enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
     workdir = storage.as_path(_WORKDIR.value) if _WORKDIR.value else None
     if workdir is not None:
         checkpoint.check_checkpoint_store(workdir)
@@ -252,7 +261,7 @@ def main(argv):
     if command == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config experiments/NAME.py")
-        if "icl" in _CONFIG.value:  # Garg et al. regression, induction heads: their own loops
+        if "icl" in _CONFIG.value:  # Garg et al. regression, induction heads (lm.icl.runs)
             from lm.icl import run_experiment
 
             run_experiment(_CONFIG.value, workdir)

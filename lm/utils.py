@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,3 +89,32 @@ def gather_full(tree):
     from jax.experimental import multihost_utils  # not loaded by `import jax`
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory` (created if missing), so that
+    a command run again loads its compiled programs instead of compiling them (start-up of
+    train, sample, eval and icl). Every program is cached, however quick its compilation:
+    start-up is many short compilations (one per step, evaluation shape, decode length).
+
+    directory: a local path; None or "off" leaves the cache off. Call it before anything is
+    compiled (jax reads the setting when it first compiles). Returns the directory in use, or
+    None when off.
+    """
+    if directory is None or directory == "off":
+        return None
+    path = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+def default_compilation_cache() -> str:
+    """Where the CLI caches compiled programs: $LM_COMPILATION_CACHE if set (a path, or "off"),
+    else the `jax` folder of lm's cache ($LM_CACHE_DIR, default ~/.cache/lm)."""
+    explicit = os.environ.get("LM_COMPILATION_CACHE")
+    if explicit:
+        return explicit
+    root = os.environ.get("LM_CACHE_DIR") or os.path.join("~", ".cache", "lm")
+    return os.path.join(root, "jax")

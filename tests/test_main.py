@@ -81,6 +81,8 @@ def test_train_writes_metrics_checkpoints_samples(trained):
     assert (workdir / "samples.txt").read_text().startswith("ROMEO.")
     assert list((workdir / "tensorboard").glob("events.*"))
     assert "validation loss" in proc.stdout
+    # The CLI's compilation cache ($LM_CACHE_DIR/jax by default) holds the run's programs.
+    assert len(list((root / "data" / "jax").iterdir())) > 5
 
 
 def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):

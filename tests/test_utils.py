@@ -1,10 +1,14 @@
 """lm.utils: the one home of the small helpers every layer uses."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from lm import utils
 from lm.utils import config_from_dict, count_params, gather_full, path_key, tree_differences
 
 
@@ -58,3 +62,49 @@ def test_paths_counts_and_differences():
 def test_gather_full_is_the_tree_itself_on_one_process():
     tree = {"w": jax.numpy.ones((8, 2))}
     assert gather_full(tree) is tree
+
+
+CACHE_PROBE = """
+import sys
+import jax
+import jax.numpy as jnp
+from jax import monitoring
+from lm.utils import enable_compilation_cache
+
+hits = []
+monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event.endswith("cache_hits") else None
+)
+print(enable_compilation_cache(sys.argv[1]))
+jax.jit(lambda x: jnp.tanh(x) @ x.T + 1.0)(jnp.ones((64, 64))).block_until_ready()
+print(len(hits))
+"""
+
+
+def test_compilation_cache_serves_a_second_process(tmp_path):
+    """The first process compiles and writes the cache; a second one loads the program from it
+    (a cache hit); 'off' leaves the cache alone."""
+
+    def probe(directory):
+        out = subprocess.run(
+            [sys.executable, "-c", CACHE_PROBE, directory],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"},
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    cache = tmp_path / "cache"
+    assert probe(str(cache)) == (str(cache), 0)
+    assert any(cache.iterdir())
+    assert probe(str(cache)) == (str(cache), 1)
+    assert probe("off") == ("None", 0)
+
+
+def test_default_compilation_cache(monkeypatch):
+    monkeypatch.delenv("LM_COMPILATION_CACHE", raising=False)
+    monkeypatch.setenv("LM_CACHE_DIR", "/data/lm")
+    assert utils.default_compilation_cache() == "/data/lm/jax"
+    monkeypatch.setenv("LM_COMPILATION_CACHE", "off")
+    assert utils.default_compilation_cache() == "off"
