@@ -98,7 +98,8 @@ def test_compilation_cache_serves_a_second_process(tmp_path):
     cache = tmp_path / "cache"
     assert probe(str(cache)) == (str(cache), 0)
     assert any(cache.iterdir())
-    assert probe(str(cache)) == (str(cache), 1)
+    directory, hits = probe(str(cache))
+    assert directory == str(cache) and hits >= 1  # the jitted function (and jnp.ones's program)
     assert probe("off") == ("None", 0)
 
 
