@@ -251,13 +251,13 @@ def main(argv):
         raise app.UsageError(
             "--workdir is required (sample, eval, icl and convert also take --model NAME instead)"
         )
-    enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
     workdir = storage.as_path(_WORKDIR.value) if _WORKDIR.value else None
     if workdir is not None:
         checkpoint.check_checkpoint_store(workdir)
         storage.check_reachable(workdir)  # a bucket that is missing or out of reach: one line, now
     if _OUT.value:
         storage.check_reachable(_OUT.value)
+    enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
     if command == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config experiments/NAME.py")

@@ -97,14 +97,13 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     train, sample, eval and icl). Every program is cached, however quick its compilation:
     start-up is many short compilations (one per step, evaluation shape, decode length).
 
-    directory: a local path; None or "off" leaves the cache off. Call it before anything is
-    compiled (jax reads the setting when it first compiles). Returns the directory in use, or
-    None when off.
+    directory: a local path, created by jax when it first compiles (so a command refused
+    before that writes nothing); None or "off" leaves the cache off. Call it before anything
+    is compiled (jax reads the setting then). Returns the directory in use, or None when off.
     """
     if directory is None or directory == "off":
         return None
     path = os.path.abspath(os.path.expanduser(directory))
-    os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
