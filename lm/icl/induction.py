@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 import time
 from typing import Any
@@ -41,8 +40,6 @@ from lm.config import field_defaults
 from lm.icl import runs, scores
 from lm.models.transformer import ModelConfig, build_model, config_from_dict
 from lm.train import LANGUAGE_MODELLING, IndexedBatches
-
-log = logging.getLogger(__name__)
 
 DATA_KINDS = ("repeated_random", "text")
 TOKENIZERS = ("char", "sentencepiece")

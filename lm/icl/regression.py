@@ -324,11 +324,6 @@ def predictor(model):
     return predictions
 
 
-def model_predictions(model, params, batches) -> np.ndarray:
-    """The model's predictions [prompts, n_points] on `batches` (see `predictor`)."""
-    return predictor(model)(params, batches)
-
-
 def evaluate(
     model, params, icl: RegressionConfig, batches, predictions=None
 ) -> dict[str, list[float]]:
