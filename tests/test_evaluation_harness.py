@@ -50,14 +50,15 @@ def toy_task(n=12, **overrides):
 
 def test_fewshot_examples_are_seeded_and_never_the_item():
     task, docs = toy_task()
-    for i, doc in enumerate(docs):
-        shots = harness.fewshot_indices(task, i, doc, docs, 5, 1234, same_split=True)
-        assert i not in shots and len(set(shots)) == 5
-        assert shots == harness.fewshot_indices(task, i, doc, docs, 5, 1234, same_split=True)
-    draws = {tuple(harness.fewshot_indices(task, 0, docs[0], docs, 5, s, True)) for s in range(5)}
-    assert len(draws) > 1  # the seed matters
+    chosen = range(len(docs))
+    draws = harness.fewshot_indices(task, docs, chosen, docs, 5, 1234, same_split=True)
+    for i in chosen:
+        assert i not in draws[i] and len(set(draws[i])) == 5
+    assert draws == harness.fewshot_indices(task, docs, chosen, docs, 5, 1234, same_split=True)
+    other = harness.fewshot_indices(task, docs, chosen, docs, 5, 7, same_split=True)
+    assert other != draws  # the seed matters
     with pytest.raises(ValueError, match="few-shot pool"):
-        harness.fewshot_indices(task, 0, docs[0], docs, 12, 1234, same_split=True)
+        harness.fewshot_indices(task, docs, [0], docs, 12, 1234, same_split=True)
 
 
 def test_first_order_and_groups_as_mmlu():
@@ -70,10 +71,23 @@ def test_first_order_and_groups_as_mmlu():
         fewshot_order="first",
         description="About {group}.\n\n",
     )
-    assert harness.fewshot_indices(task, 4, docs[4], docs, 2, 1234, same_split=True) == [3, 5]
+    draws = harness.fewshot_indices(task, docs, [4, 0], docs, 2, 1234, same_split=True)
+    assert draws == {4: [3, 5], 0: [1, 2]}
     prefix = harness.prompt_prefix(task, docs[4], [docs[3]])
     assert prefix == "About law.\n\nx A\n\n"
     assert harness.select_docs(docs, limit=1) == [0, 3]  # --limit counts per group
+
+
+def test_random_draws_are_per_group():
+    """An MMLU subject is a task of its own in lm-eval: each group has its own generator,
+    seeded alike, so a group's draws do not depend on the other groups' documents."""
+    docs = [Doc((f"{g}{i}",), ("A", "B"), 0, group=g) for g in ("a", "b") for i in range(8)]
+    task = Task("t", "multiple_choice", lambda: docs, ("acc",))
+    both = harness.fewshot_indices(task, docs, range(16), docs, 2, 1234, same_split=True)
+    alone = harness.fewshot_indices(task, docs, range(8, 16), docs, 2, 1234, same_split=True)
+    assert {i: both[i] for i in range(8, 16)} == alone
+    assert all(8 <= j < 16 for i in range(8, 16) for j in both[i])
+    assert [both[i] for i in range(8)] == [[j - 8 for j in both[i]] for i in range(8, 16)]
 
 
 def test_prompt_of_partial_scoring_uses_the_gold_context():

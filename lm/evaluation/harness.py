@@ -4,16 +4,25 @@
     results = evaluate(lm, get_tasks(["arc_easy", "piqa"]), num_fewshot=0, limit=100)
     print(format_table(results))
 
-Few-shot examples are drawn per document from a generator seeded with (seed, document
-index) -- lm-evaluation-harness's default seed 1234 -- so a document's prompt does not
-depend on --limit, on the batch size or on which other documents run; a task whose
-examples come from its own split never shows a document its own answer.
+Few-shot examples are drawn as lm-evaluation-harness's default sampler draws them, so that a
+k-shot prompt is the one lm-eval builds from the same pool (tests/test_fewshot_parity.py holds
+lm-eval's own ARC-Easy contexts): one `random.Random(seed)` per task (per group: an MMLU
+subject is a sub-task of its own in lm-eval), seed 1234 as lm-eval's default
+`fewshot_random_seed`, consumed document after document in evaluation order; each document
+takes `sample(pool, k)`, or, when the pool is the evaluated split, `sample(pool, k + 1)` less
+the document itself (the first k of the rest). So a document's examples depend on the
+documents evaluated before it: the same for --limit N as for a full run (the first N
+documents are the same ones), and independent of the batch size, but a document's prompt
+changes if documents before it are added, dropped or reordered. A task whose examples come
+from its own split never shows a document its own answer; `fewshot_order="first"` takes the
+pool's first k (lm-eval's `first_n` sampler, as MMLU's dev set is used).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Sequence
 
@@ -44,23 +53,51 @@ def select_docs(docs: list[Doc], limit: int | None) -> list[int]:
 
 
 def fewshot_indices(
-    task: Task, index: int, doc: Doc, pool: list[Doc], k: int, seed: int, same_split: bool
-) -> list[int]:
-    """Indices into `pool` of document `index`'s k examples: its group's, never itself."""
-    candidates = [
-        j
-        for j, shot in enumerate(pool)
-        if shot.group == doc.group and not (same_split and j == index)
-    ]
-    if k > len(candidates):
-        raise ValueError(
-            f"task {task.name}: {k} few-shot examples asked, but the few-shot pool "
-            f"of {doc.group or 'the task'} has {len(candidates)}"
-        )
-    if task.fewshot_order == "first":
-        return candidates[:k]
-    rng = np.random.default_rng([seed, index])
-    return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
+    task: Task,
+    docs: Sequence[Doc],
+    chosen: Sequence[int],
+    pool: Sequence[Doc],
+    k: int,
+    seed: int,
+    same_split: bool,
+) -> dict[int, list[int]]:
+    """Each chosen document's k examples, as lm-evaluation-harness's samplers draw them.
+
+    chosen: the evaluated documents in evaluation order (the draws consume one generator per
+    group in this order, so a document's examples depend on the documents before it).
+    same_split: `pool` is `docs` (the evaluated split): a document is drawn k + 1 examples and
+    loses itself, as lm-eval does when it passes the evaluated document to its sampler.
+    lm-eval drops the examples equal to the document; dropping the document's own index is
+    the same wherever the split has no repeated documents (true of every benchmark here).
+
+    Returns {document index: indices into `pool` of its examples, in the order shown}.
+    """
+    by_group: dict[str, list[int]] = {}
+    for j, shot in enumerate(pool):
+        by_group.setdefault(shot.group, []).append(j)
+    generators: dict[str, random.Random] = {}
+    draws = {}
+    for i in chosen:
+        group = docs[i].group
+        candidates = by_group.get(group, [])
+        available = len(candidates) - same_split  # the pool less the document itself
+        if k > available:
+            raise ValueError(
+                f"task {task.name}: {k} few-shot examples asked, but the few-shot pool "
+                f"of {group or 'the task'} has {available}"
+            )
+        if task.fewshot_order == "first":
+            draws[i] = [j for j in candidates[: k + 1] if not (same_split and j == i)][:k]
+            continue
+        generator = generators.setdefault(group, random.Random(seed))
+        # random.sample picks positions by the population's length alone, so sampling
+        # positions draws the same examples as lm-eval's sample over the documents.
+        if same_split:
+            drawn = [candidates[p] for p in generator.sample(range(len(candidates)), k + 1)]
+            draws[i] = [j for j in drawn if j != i][:k]
+        else:
+            draws[i] = [candidates[p] for p in generator.sample(range(len(candidates)), k)]
+    return draws
 
 
 def prompt_prefix(
@@ -121,9 +158,9 @@ def evaluate_task(
 ) -> dict:
     """Scores one task. lm: a LanguageModel (any kind) or Seq2SeqModel (generation only).
 
-    seed: draws each document's few-shot examples. shuffle_labels: the examples show a random
-    option as their answer instead of the gold one (Min et al. 2022's control: how much the
-    model reads the demonstrations' input-label mapping).
+    seed: seeds the task's few-shot generator (see the module docstring). shuffle_labels: the
+    examples show a random option as their answer instead of the gold one (Min et al. 2022's
+    control: how much the model reads the demonstrations' input-label mapping).
 
     Returns {task, kind, num_fewshot, docs, source, seconds, docs_per_second, metrics:
     {name: value, name_stderr: ...}}.
@@ -146,12 +183,14 @@ def evaluate_task(
         k = 0  # whole documents / a translation model: nothing to prompt with
     same_split = task.load_fewshot is None
     pool = docs if same_split else (task.load_fewshot() if k else [])
+    # Drawn up front, in evaluation order: each draw advances the task's generator.
+    draws = fewshot_indices(task, docs, chosen, pool, k, seed, same_split) if k else {}
     bar = _progress(len(chosen), task.name, progress)
 
     def prefix(i):
         if not k:
             return task.description.format(group=docs[i].group.replace("_", " "))
-        shots = [pool[j] for j in fewshot_indices(task, i, docs[i], pool, k, seed, same_split)]
+        shots = [pool[j] for j in draws[i]]
         labels = random_labels(i, shots, seed) if shuffle_labels else None
         return prompt_prefix(task, docs[i], shots, labels)
 

