@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.models import layers
 from lm.models.transformer import Block, ModelConfig, Stack, build_model, unstack_layers
 
 # --------------------------------------------------------------------------- head scores
@@ -187,7 +188,7 @@ def _residual_filter(module: nn.Module, method_name: str) -> bool:
         return False
     if isinstance(module, Block):
         return True
-    return isinstance(module, nn.Dropout) and isinstance(module.parent, Stack)
+    return isinstance(module, layers.Dropout) and isinstance(module.parent, Stack)
 
 
 def _stacked_residual(intermediates, stack: str = "decoder") -> jax.Array:

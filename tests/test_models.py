@@ -350,3 +350,27 @@ def test_scanned_layers_equal_unrolled_layers(name):
             T.unstack_layers(got_grad),
             want_grad,
         )
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 256), (3, 1001, 7)])
+def test_dropout_drops_the_rate_and_keeps_the_expectation(shape):
+    """16-bit dropout: the dropped fraction is the rate (within 5 standard deviations), kept
+    elements are scaled by exactly 1 / (1 - rounded rate), odd last axes work, and the mask
+    is a pure function of the key."""
+    from lm.models.layers import DROPOUT_BITS, dropout
+
+    rate = 0.2
+    x = jnp.ones(shape, jnp.float32)
+    y = np.asarray(dropout(x, rate, jax.random.key(1)))
+    levels = 1 << DROPOUT_BITS
+    kept_scale = levels / (levels - round(rate * levels))
+    assert set(np.unique(y)) == {0.0, np.float32(kept_scale)}
+    n = y.size
+    dropped = (y == 0).mean()
+    assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_array_equal(y, np.asarray(dropout(x, rate, jax.random.key(1))))
+    assert (y != np.asarray(dropout(x, rate, jax.random.key(2)))).mean() > 0.1
+    # Neighbouring elements (the two halves of one random word) are independent.
+    flat = (y.reshape(-1)[: n // 2 * 2].reshape(-1, 2) == 0).astype(np.float64)
+    both = flat.prod(axis=1).mean()
+    assert abs(both - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / len(flat))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import backend as jax_backend
 
-from lm.models.layers import DEFAULT_INIT_STD, RMSNorm, apply_rotary, normal, param_init
+from lm.models.layers import DEFAULT_INIT_STD, RMSNorm, apply_rotary, dropout, normal, param_init
 
 NEG_INF = -1e30
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
@@ -161,8 +161,7 @@ def dot_product_attention(
     weights = attention_weights(q, k, mask, bias, scale)
     probs = weights
     if not deterministic and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        probs = dropout(probs, dropout_rate, dropout_rng)
     probs = probs.reshape(b, kv, h // kv, t, -1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, v.shape[-1]), weights

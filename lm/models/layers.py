@@ -27,6 +27,43 @@ def normal(std: float = DEFAULT_INIT_STD) -> Initializer:
     return jax.nn.initializers.normal(stddev=std)
 
 
+DROPOUT_BITS = 16  # random bits per element (a rate is rounded to a multiple of 2**-16)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Inverted dropout of `x` (any shape): zeroes each element with probability `rate` and
+    scales the rest by 1 / (1 - rate); returns an array of x's shape and dtype.
+
+    Why not `flax.linen.Dropout`: it draws one 32-bit word per element (a whole Threefry
+    hash under JAX's partitionable PRNG), which on CPU cost a third of a nanoGPT-sized
+    train step with dropout 0.2. Here each 32-bit word serves two elements (16 bits each),
+    halving the hashing; the rate is rounded to a multiple of 2**-16 (0.1 -> 0.0999908) and
+    the scale uses the rounded rate, so the expectation of the output is exactly x. The bits
+    are drawn along the last axis in pairs, so a sharded array draws its own shard's bits.
+    """
+    levels = 1 << DROPOUT_BITS
+    threshold = round(rate * levels)
+    if threshold == 0:
+        return x
+    *lead, last = x.shape
+    words = jax.random.bits(rng, (*lead, (last + 1) // 2), jnp.uint32)
+    halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :last]
+    scale = jnp.asarray(levels / (levels - threshold), x.dtype)
+    return jnp.where(halves >= threshold, x * scale, jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """`dropout` as a module: its key comes from the `dropout` rng stream."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
 class Embed(nn.Module):
     """Token embedding whose transpose can also produce logits (tied embeddings).
 
@@ -190,7 +227,7 @@ class MLP(nn.Module):
             h = h * self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi_up")(x)
         else:
             h = act(self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi")(x))
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
         return self._dense(features, ("mlp", "embed"), self.out_init_std, "wo")(h)
 
 
@@ -301,7 +338,7 @@ class MoeMLP(nn.Module):
             wu, bu = self._weights(up_shape, in_axes, self.init_std, "wi_up")
             up = jnp.einsum("bld,edf->blef", x, wu)
             h = h * (up if bu is None else up + bu)
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
         wo, bo = self._weights(
             (num, self.hidden, features), ("mlp", "embed"), self.out_init_std, "wo"
         )

@@ -377,7 +377,7 @@ class Block(nn.Module):
         With `sublayer_output_norm` (Gemma 2/3), pre-norm becomes x + norm'(f(norm(x))).
         """
         c = self.config
-        drop = nn.Dropout(c.dropout)
+        drop = layers.Dropout(c.dropout)
         if c.norm_placement == "pre":
             h = sublayer(self._norm(norm_name)(x))
             if c.sublayer_output_norm and output_norm_name:
@@ -547,7 +547,7 @@ class Stack(nn.Module):
                 (c.relative_buckets, c.num_heads),
                 c.weight_dtype,
             )
-        x = nn.Dropout(c.dropout)(x, deterministic=deterministic)
+        x = layers.Dropout(c.dropout)(x, deterministic=deterministic)
         inputs = (mask, positions, segment_ids, encoded, cross_mask, relative_table)
         period = c.layer_period
         repeats = self.num_layers // period if c.scan_layers else 0
