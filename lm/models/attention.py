@@ -32,7 +32,15 @@ import jax
 import jax.numpy as jnp
 from jax.extend import backend as jax_backend
 
-from lm.models.layers import DEFAULT_INIT_STD, RMSNorm, apply_rotary, dropout, normal, param_init
+from lm.models.layers import (
+    DEFAULT_INIT_STD,
+    RMSNorm,
+    apply_rotary,
+    dropout,
+    kernel_dot_general,
+    normal,
+    param_init,
+)
 
 NEG_INF = -1e30
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
@@ -296,6 +304,7 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=param_init(normal(self.init_std), ("embed",) + axes),
             bias_init=param_init(jax.nn.initializers.zeros, axes),
+            dot_general=kernel_dot_general,
             name=name,
         )
 
@@ -383,6 +392,7 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=param_init(normal(self.out_init_std), ("heads", "kv", "embed")),
             bias_init=param_init(jax.nn.initializers.zeros, ("embed",)),
+            dot_general=kernel_dot_general,
             name="out",
         )(out)
 
