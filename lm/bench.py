@@ -82,7 +82,9 @@ def ours(
 ) -> dict[int, float]:
     """Our tokens/s per batch size."""
     pretrained = load_pretrained(spec)
-    model, params = for_inference(pretrained.config, pretrained.params, precision)
+    model, params = for_inference(
+        pretrained.config, pretrained.params, precision, unroll_layers=True
+    )
     params = jax.device_put(params)
     tok = pretrained.tokenizer
     prefix = [tok.bos_id] if tok.add_bos else []
@@ -392,7 +394,7 @@ def mfu_benchmark(
         f"{100 * tokens_per_s * flops / measured:.1f}% of {measured / 1e12:.1f} TFLOP/s (measured "
         f"{precision} matmul); compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics['loss']):.3f}",
     ]
-    model, params = for_inference(config, trainer.model_params(state))
+    model, params = for_inference(config, trainer.model_params(state), unroll_layers=True)
     for decode_batch in decode_batches:
         prompts = [list(map(int, tokens[i % batch, :16])) for i in range(decode_batch)]
 

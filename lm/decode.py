@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.models.transformer import DecoderOnly, EncoderDecoder, gather_batch, init_cache
+from lm.utils import first_argmax
 
 
 def sample_logits(logits, rng, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -24,7 +25,7 @@ def sample_logits(logits, rng, temperature: float = 1.0, top_k: int = 0, top_p: 
     smallest set whose probability reaches p (nucleus sampling).
     """
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -192,7 +193,7 @@ def _generate_seq2seq(model, params, source, source_valid, *, max_new_tokens, bo
             mutable=["cache"],
             method=EncoderDecoder.decode,
         )
-        next_token = jnp.where(done, 0, jnp.argmax(logits[:, -1], -1).astype(jnp.int32))
+        next_token = jnp.where(done, 0, first_argmax(logits[:, -1]))
         done = done | (next_token == eos_id)
         return (mutated["cache"], next_token, done), next_token
 

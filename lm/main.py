@@ -122,13 +122,18 @@ def load(workdir: pathlib.Path | None) -> checkpoint.SavedModel:
     return convert.load_model(workdir=workdir)
 
 
-def load_for_inference(workdir: pathlib.Path | None, no_tokenizer: str):
+def load_for_inference(
+    workdir: pathlib.Path | None, no_tokenizer: str, unroll_layers: bool = False
+):
     """(saved model, Flax module, params on the default device) at --precision, from --model or
-    --workdir; `no_tokenizer` ends the error for an import without a tokenizer."""
+    --workdir; `no_tokenizer` ends the error for an import without a tokenizer. unroll_layers:
+    see `for_inference` (decoding)."""
     saved = load(workdir)
     if saved.tokenizer is None:
         raise ValueError(f"--model {_MODEL.value!r} {no_tokenizer}")
-    model, params = for_inference(saved.config, saved.params, _PRECISION.value)
+    model, params = for_inference(
+        saved.config, saved.params, _PRECISION.value, unroll_layers=unroll_layers
+    )
     return saved, model, jax.device_put(params)  # once, not with every compiled call
 
 
@@ -143,7 +148,7 @@ def default_out(workdir: pathlib.Path | None, kind: str):
 
 def sample_command(workdir: pathlib.Path | None) -> None:
     saved, model, params = load_for_inference(
-        workdir, "has no tokenizer.json to encode prompts with"
+        workdir, "has no tokenizer.json to encode prompts with", unroll_layers=True
     )
     if _PROMPT.value:
         prompts = _PROMPT.value

@@ -159,3 +159,23 @@ def test_cut_at_stop_uses_the_earliest_stop():
     assert decode.cut_at_stop("Hello.\nWorld\n\nmore", ["\n\n", "\n"]) == "Hello."
     assert decode.cut_at_stop("no stop here", ["###", ""]) == "no stop here"
     assert decode.cut_at_stop("a###b", ["###"]) == "a"
+
+
+def test_unrolled_inference_layout_decodes_the_same(model_and_params):
+    """for_inference(unroll_layers=True) (what sample and the decode benchmark use) converts
+    the scanned parameters and gives the same logits and greedy tokens."""
+    model, params = model_and_params
+    assert model.config.scan_layers
+    unrolled, unrolled_params = T.for_inference(model.config, params, unroll_layers=True)
+    assert not unrolled.config.scan_layers and "layer_0" in unrolled_params["decoder"]
+    tokens = jnp.array([[5, 9, 3, 7, 11]])
+    np.testing.assert_allclose(
+        unrolled.apply({"params": unrolled_params}, tokens),
+        model.apply({"params": params}, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    prompts = [[5, 9, 3, 7, 11], [4, 2]]
+    assert decode.generate(unrolled, unrolled_params, prompts, max_new_tokens=6) == (
+        decode.generate(model, params, prompts, max_new_tokens=6)
+    )

@@ -374,3 +374,33 @@ def test_dropout_drops_the_rate_and_keeps_the_expectation(shape):
     flat = (y.reshape(-1)[: n // 2 * 2].reshape(-1, 2) == 0).astype(np.float64)
     both = flat.prod(axis=1).mean()
     assert abs(both - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / len(flat))
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Dense(7), (2, 5, 8)),
+        (lambda: nn.DenseGeneral((3, 4)), (2, 5, 8)),
+        (lambda: nn.DenseGeneral(6, axis=(-2, -1)), (2, 5, 3, 4)),
+    ],
+)
+def test_kernel_dot_general_equals_lax_dot_general(make, shape):
+    """The dense layers' dot_general (kernel gradient as x^T g) gives JAX's values and
+    gradients; other contractions are refused."""
+    from lm.models.layers import kernel_dot_general
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    plain = make()
+    ours = plain.clone(dot_general=kernel_dot_general)
+    params = plain.init(jax.random.key(1), x)
+
+    def loss(p, x, module):
+        return jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), rtol=1e-6)
+    want = jax.grad(loss, argnums=(0, 1))(params, x, plain)
+    got = jax.grad(loss, argnums=(0, 1))(params, x, ours)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="trailing axes"):
+        kernel_dot_general(x, x, (((0,), (0,)), ((), ())))

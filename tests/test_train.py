@@ -364,3 +364,25 @@ def test_auxiliary_losses_join_the_objective_and_are_reported(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [1, 2]
     assert logged[0]["aux/penalty"] == pytest.approx(penalty, rel=1e-5)
+
+
+def test_cross_entropy_equals_optax_and_accuracy_equals_argmax():
+    """The loss's cross-entropy and gradient are optax's; 'correct' is argmax == target
+    (without ties, which random logits do not have)."""
+    import jax.numpy as jnp
+    import optax
+    from lm.train import cross_entropy
+
+    logits = 3 * jax.random.normal(jax.random.key(0), (4, 6, 50))
+    targets = jax.random.randint(jax.random.key(1), (4, 6), 0, 50)
+    targets = targets.at[0, :3].set(jnp.argmax(logits[0, :3], -1))  # some correct ones
+    ce, correct = cross_entropy(logits, targets)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(ce, want, rtol=1e-6)
+    np.testing.assert_array_equal(correct, (jnp.argmax(logits, -1) == targets).astype(np.float32))
+    assert correct[0, :3].all()
+    grad = jax.grad(lambda x: cross_entropy(x, targets)[0].sum())(logits)
+    want_grad = jax.grad(
+        lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).sum()
+    )(logits)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7)

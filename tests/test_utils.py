@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from lm import utils
@@ -109,3 +110,19 @@ def test_default_compilation_cache(monkeypatch):
     assert utils.default_compilation_cache() == "/data/lm/jax"
     monkeypatch.setenv("LM_COMPILATION_CACHE", "off")
     assert utils.default_compilation_cache() == "off"
+
+
+def test_first_argmax_is_jnp_argmax():
+    """Ties go to the first index, a NaN row to its first NaN, -inf rows to 0, as jnp.argmax."""
+    from lm.utils import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (64, 37)).astype(np.float32)  # many ties
+    x[3, 5] = np.nan
+    x[3, 9] = np.nan
+    x[7] = -np.inf
+    x[8, 30] = np.inf
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got[3] == 5 and got[7] == 0 and got[8] == 30
+    assert got.dtype == np.int32
