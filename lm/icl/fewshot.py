@@ -7,7 +7,7 @@ the choice of demonstrations, with the random-label control of Min et al. (2022)
     print(format_curves(curves)); plot_curves(curves, "fewshot.png")
 
 Every (task, k, seed) runs the same documents; a seed changes only which demonstrations
-each document sees (the harness's per-document generator, seeded with FEWSHOT_SEED + seed).
+each document sees (the harness's sampler, lm-eval's, seeded with FEWSHOT_SEED + seed).
 With `control=True` each k > 0 runs a second time with the demonstrations' answers replaced
 by options drawn uniformly at random: the gap between the two curves is how much the model
 reads the input-label mapping rather than the format and the label space.
