@@ -37,7 +37,7 @@ from lm import decode, parallel
 from lm.convert import PRETRAINED_ASSETS, load_pretrained
 from lm.models.attention import IMPLEMENTATIONS, resolve_implementation
 from lm.models.transformer import ModelConfig, build_model, for_inference, preset
-from lm.train import OptimizerConfig, create_trainer, learning_rate_schedule
+from lm.train import OptimizerConfig, create_trainer, learning_rate_schedule, matmul_peak
 
 PROMPTS = [
     "The history of the old harbour town begins with",
@@ -60,21 +60,6 @@ def _timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def matmul_peak(dtype=jnp.bfloat16, size: int = 0, repeats: int = 10) -> float:
-    """Measured FLOP/s of one square matrix product on the first device (median of `repeats`
-    after a warm-up), on random data: the ceiling MFU is quoted against beside the datasheet's.
-    size 0: 8192 on an accelerator, 2048 on CPU."""
-    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-    keys = jax.random.split(jax.random.key(0), 2)
-    a, b = (jax.random.normal(k, (size, size), dtype) for k in keys)
-    product = jax.jit(jnp.matmul)
-
-    def run():
-        jax.block_until_ready(product(a, b))
-
-    return 2 * size**3 / _timed(run, repeats)
 
 
 def ours(
@@ -579,7 +564,7 @@ def train_benchmark(shapes: list[str], steps: int, rounds: int, precisions: list
         import torch
     except ImportError:
         torch = None
-    jax_peak = matmul_peak(jnp.float32)
+    jax_peak = matmul_peak(jnp.float32, 2048)
     torch_peak = torch_matmul_peak() if torch is not None else float("nan")
     device = jax.devices()[0]
     lines = [
