@@ -448,48 +448,17 @@ PEER_SHAPES = {
 
 
 def torch_peer_model(config: ModelConfig):
-    """transformers' model of the same shape as `config` (GPT2LMHeadModel for the GPT-2
-    family, LlamaForCausalLM for the Llama family), float32, in training mode."""
+    """transformers' model of the same architecture as `config` (its Hugging Face config from
+    `lm.convert.hf.config_to_hf`: GPT2LMHeadModel for the GPT-2 family, LlamaForCausalLM for
+    the Llama family), float32, randomly initialised, in training mode."""
     import torch
     import transformers
 
-    if config.position == "learned":
-        model = transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(
-                vocab_size=config.vocab_size,
-                n_positions=config.max_len,
-                n_embd=config.d_model,
-                n_layer=config.num_layers,
-                n_head=config.num_heads,
-                n_inner=config.mlp_dim,
-                activation_function="gelu_new",  # tanh approximation, as our gelu_tanh
-                resid_pdrop=config.dropout,
-                embd_pdrop=config.dropout,
-                attn_pdrop=config.attention_dropout,
-                layer_norm_epsilon=config.norm_eps,
-                bos_token_id=0,  # GPT-2's 50256 is outside the small vocabularies here
-                eos_token_id=0,
-                tie_word_embeddings=config.tied_embeddings,
-            )
-        )
-    elif config.position == "rotary" and config.mlp_gated:
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                vocab_size=config.vocab_size,
-                hidden_size=config.d_model,
-                intermediate_size=config.mlp_dim,
-                num_hidden_layers=config.num_layers,
-                num_attention_heads=config.num_heads,
-                num_key_value_heads=config.kv_heads,
-                max_position_embeddings=config.max_len,
-                rms_norm_eps=config.norm_eps,
-                rope_theta=config.rope_base,
-                tie_word_embeddings=config.tied_embeddings,
-                attention_dropout=config.attention_dropout,
-            )
-        )
-    else:
-        raise ValueError("torch_peer_model: only GPT-2 and Llama shapes have a peer")
+    from lm.convert.hf import config_to_hf
+
+    hf = config_to_hf(config)
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
     return model.to(torch.float32).train()
 
 

@@ -68,3 +68,17 @@ def test_our_side_of_the_train_benchmark_learns():
         side.step()
     assert abs(side.losses[0] - math.log(config.vocab_size)) < 0.3
     assert side.losses[-1] < side.losses[0] - 0.3  # measured: 4.58 -> 4.04
+
+
+def test_peer_shapes_have_a_transformers_layout():
+    """The PyTorch peer is built from `config_to_hf` of the same config (no torch needed
+    here): the GPT-2 shapes map to GPT2LMHeadModel with our dropouts, llama to
+    LlamaForCausalLM with grouped-query heads."""
+    from lm.convert.hf import config_to_hf
+
+    s = config_to_hf(bench.PEER_SHAPES["S"][0])
+    assert s["architectures"] == ["GPT2LMHeadModel"]
+    assert s["attn_pdrop"] == s["resid_pdrop"] == s["embd_pdrop"] == 0.2
+    llama = config_to_hf(bench.PEER_SHAPES["llama"][0])
+    assert llama["architectures"] == ["LlamaForCausalLM"]
+    assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (6, 2)
