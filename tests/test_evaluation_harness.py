@@ -332,3 +332,17 @@ def test_perplexity_documents_share_batches_without_changing_results(random_lm, 
     alone = evaluate_task(lm, task)["metrics"]
     assert together["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
     assert together["bits_per_byte"] == pytest.approx(alone["bits_per_byte"], rel=1e-6)
+
+
+def test_results_record_when_the_first_batch_was_scored(random_lm):
+    """results["first_scored_unix"]: when the model's first batch came back (what the end-to-end
+    benchmark times start-up by), between the start and the end of the evaluation."""
+    import time
+
+    model, params = random_lm
+    task, _ = toy_task(n=6)
+    lm = LanguageModel(model, params, ByteTokenizer())
+    assert lm.first_scored is None
+    started = time.time()
+    results = evaluate(lm, [task])
+    assert started < results["first_scored_unix"] < time.time()

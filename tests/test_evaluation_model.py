@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from lm import decode
 from lm.evaluation import LanguageModel
+from lm.evaluation import model as model_mod
 from lm.evaluation.model import bucket_length
 from lm.models import transformer as T
 
@@ -160,3 +161,76 @@ def test_imported_smollm2_scores_like_transformers():
             assert logprob == pytest.approx(float(want), abs=1e-3) and greedy
             checked += 1
     assert checked >= 3
+
+
+MANY = [  # multiple-choice groups (one tree each) and single requests of varied lengths
+    *[("which animal says moo", c) for c in (" cow", " a cat", " the big dog", " owl")],
+    *[("pick a colour ", c) for c in ("red", "green", "blue")],
+    ("a", " b"),
+    ("the quick brown fox jumps over the lazy dog", " and runs away"),
+    ("", "an empty context"),
+    *[("z" * n, " yes") for n in range(1, 40, 7)],
+]
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("llama", dict(num_kv_heads=2)),
+        ("gpt2", {}),  # learned positions: each packed tree restarts at position 0
+        ("gemma3", dict(num_kv_heads=1, head_dim=8, sliding_window=8, global_every=2)),
+    ],
+)
+def test_packing_trees_into_rows_keeps_each_requests_loglikelihood(name, overrides):
+    """Requests packed several to a row (any row length, any batch size) score exactly as each
+    request alone in an unpadded forward pass: the mask keeps trees apart and positions
+    restart with each tree (Gemma: scaled embeddings, sliding window)."""
+    config = T.preset(name, **{**T.TINY, **overrides})
+    model = T.build_model(config)
+    params = nn.meta.unbox(model.init(jax.random.key(1), **T.dummy_inputs(config))["params"])
+    tok = CharTokenizer()
+    # The reference: each request alone, right-padded to max_len (causal: padding after the
+    # request changes nothing before it), so that one compiled forward pass serves them all.
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    expected = []
+    for context, continuation in MANY:
+        context_ids, ids = LanguageModel(model, params, tok).encode_pair(context, continuation)
+        whole = context_ids + ids
+        padded = np.zeros((1, config.max_len), np.int32)
+        padded[0, : len(whole) - 1] = whole[:-1]
+        logits = forward(padded)[0, : len(whole) - 1]
+        logprobs = jax.nn.log_softmax(logits, axis=-1)[-len(ids) :]
+        wanted = np.asarray(whole[-len(ids) :])
+        expected.append(
+            (
+                float(logprobs[np.arange(len(ids)), wanted].sum()),
+                bool((logits[-len(ids) :].argmax(-1) == wanted).all()),
+            )
+        )
+    settings = [(32, 1), (64, 3), (256, 16)] if name == "llama" else [(64, 3)]
+    for row_length, batch_size in settings:
+        evaluator = LanguageModel(model, params, tok, batch_size=batch_size, row_length=row_length)
+        got = evaluator.loglikelihood(MANY)
+        np.testing.assert_allclose([p for p, _ in got], [p for p, _ in expected], atol=1e-4)
+        assert [g for _, g in got] == [g for _, g in expected]
+
+
+def test_rows_hold_every_tree_once_within_their_length(lm):
+    model, params = lm
+    evaluator = LanguageModel(model, params, CharTokenizer(), row_length=48, max_length=64)
+    rng = np.random.default_rng(0)
+    trees = []
+    for i in range(60):
+        context = [1] + list(rng.integers(3, 29, int(rng.integers(1, 30))))
+        branches = [(list(rng.integers(3, 29, int(rng.integers(1, 6)))), 1)] * int(
+            rng.integers(1, 5)
+        )
+        trees.append(model_mod._Tree(context, branches, [i]))
+    rows = evaluator._rows(trees)
+    placed = sorted(t for _, members in rows for t in members)
+    assert placed == list(range(len(trees)))
+    for length, members in rows:
+        assert sum(max(trees[t].length, trees[t].num_reads) for t in members) <= length
+        assert length in (48, 64)  # row_length, or a longer tree's bucket
+    used = sum(trees[t].length for t in placed)
+    assert used / sum(length for length, _ in rows) > 0.9  # first fit leaves little padding

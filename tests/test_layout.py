@@ -16,7 +16,7 @@ LAYERS = [
     {"lm.checkpoint"},
     {"lm.train", "lm.convert"},
     {"lm.config", "lm.evaluation", "lm.bench"},
-    {"lm.icl", "lm.finetune"},
+    {"lm.icl", "lm.finetune", "lm.evalbench"},
     {"lm.run"},
     {"lm.main"},
 ]

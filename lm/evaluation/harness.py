@@ -33,7 +33,7 @@ from lm.evaluation import metrics as M
 from lm.evaluation.tasks import Doc, Task
 
 FEWSHOT_SEED = 1234
-ROWS_PER_CHUNK = 512  # requests per progress update (some tens of compiled batches)
+ROWS_PER_CHUNK = 2048  # requests per progress update and per packing (a handful of calls)
 CHARS_PER_CHUNK = 200_000  # perplexity: text per call (tens of full-context windows, so that
 # short documents share batches and long ones still update the progress bar)
 
@@ -324,7 +324,9 @@ def evaluate(
     seed: int = FEWSHOT_SEED,
     progress: bool = False,
 ) -> dict:
-    """{"tasks": {name: result of evaluate_task}, "config": {...}} for several tasks."""
+    """{"tasks": {name: result of evaluate_task}, "config": {...}, "first_scored_unix": the
+    time.time() at which the model's first batch of results came back (`lm.first_scored`;
+    None for a model that does not record it)} for several tasks."""
     results = {
         task.name: evaluate_task(
             lm, task, num_fewshot=num_fewshot, limit=limit, seed=seed, progress=progress
@@ -339,6 +341,7 @@ def evaluate(
             "seed": seed,
             "batch_size": getattr(lm, "batch_size", None),
         },
+        "first_scored_unix": getattr(lm, "first_scored", None),
     }
 
 

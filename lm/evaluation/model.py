@@ -5,14 +5,17 @@
     lm.loglikelihood_rolling(["a whole document", ...])  # [log p(document)]
     lm.generate_until([("Q: ...\nA:", ["\n"], 32), ...])  # [continuation text]
 
-Requests whose contexts share a prefix (a question and its choices) become one row: the
-prefix once, then each request's remainder as a branch that attends to the prefix and to
-itself (`prefix_tree_mask`). Rows are sorted by length and cut into batches of
-`batch_size` whose length is padded up to a bucket (multiples of 16, then powers of two and
-their midpoints), so a task compiles a handful of programs, not one per document; only the
-positions whose next token is scored are projected onto the vocabulary. Results come back
-in request order, and every row is scored on its own (float32 log-softmax), so they do not
-depend on the batch size.
+Requests whose contexts share a prefix (a question and its choices) become one prefix
+tree: the prefix once, then each request's remainder as a branch that attends to the
+prefix and to itself. Trees are packed side by side into rows of `row_length` tokens (256;
+a longer tree gets a row of its own bucketed length), first fit from the longest, and a
+compiled call scores about batch_size * row_length tokens; a mask keeps every tree to
+itself (`_packed_tree_mask`) and positions restart with each tree. So padding is a few per
+cent and a task compiles two or three programs, not one per length. Only the positions
+whose next token is scored are projected onto the vocabulary (a loop over chunks of them,
+as many as the call needs). Results come back in request order, and every tree is scored
+on its own (float32 log-softmax), so they do not depend on the batch size or on what
+shares its row.
 
 Tokenisation follows the harness: a context's trailing spaces move to the continuation,
 the pair is encoded whole and split where the context's tokens end; the model's BOS is
@@ -24,6 +27,7 @@ tokens.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 
 import jax
@@ -31,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import decode
+from lm.models.attention import causal_mask
 
 MIN_BUCKET = 32
 PROJECT_CHUNK = 128  # positions projected onto the vocabulary at a time (bounds memory)
-MIN_READS = 16
+ROW_LENGTH = 256  # tokens per packed row (longer requests get longer rows)
 
 
 def bucket_length(n: int, limit: int | None, minimum: int = MIN_BUCKET) -> int:
@@ -50,51 +55,77 @@ def bucket_length(n: int, limit: int | None, minimum: int = MIN_BUCKET) -> int:
     return min(length, limit) if limit else length
 
 
+def _packed_tree_mask(trees: jax.Array, segments: jax.Array) -> jax.Array:
+    """Causal mask of rows that pack several prefix trees side by side.
+
+    trees [b, L]: which tree of the row a token belongs to (1, 2, ...; 0 = padding).
+    segments [b, L]: within its tree, 1 = the shared context, 2 + a = branch a.
+    -> [b, 1, L, L]: a token sees the earlier tokens of its own tree's context and of its
+    own branch (`attention.prefix_tree_mask` per tree), nothing of the other trees.
+    """
+    q_tree, k_tree = trees[:, :, None], trees[:, None, :]
+    q_seg, k_seg = segments[:, :, None], segments[:, None, :]
+    visible = (k_tree == q_tree) & (k_tree != 0) & ((k_seg == q_seg) | (k_seg == 1))
+    return causal_mask(trees.shape[1]) & visible[:, None]
+
+
+def _packed_features(module, tokens, trees, segments, positions):
+    """A `DecoderOnly` method (for `model.apply(..., method=)`): final hidden states
+    [b, L, d] of rows packed with prefix trees (see `_packed_tree_mask`), as
+    `DecoderOnly.features` computes them for one tree per row (embedding, the decoder
+    stack with its final norm)."""
+    x = module.embedder(tokens)
+    if module.config.scale_embeddings:  # as DecoderOnly's embedding (Gemma)
+        x = x * jnp.sqrt(module.config.d_model).astype(x.dtype)
+    mask = _packed_tree_mask(trees, segments)
+    return module.decoder(x, mask, positions=positions, segment_ids=trees)
+
+
 def _project_scores(model, params, hidden, targets):
-    """hidden [b, r, d], targets [b, r] -> (target log-probs [b, r], target is argmax [b, r])."""
-    logits = model.apply({"params": params}, hidden, method=model.project)
+    """hidden [r, d], targets [r] -> (target log-probs [r], target is the argmax [r])."""
+    logits = model.apply({"params": params}, hidden[None], method=model.project)[0]
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
     return picked, logits.argmax(-1) == targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "branches"))
-def _score(model, params, tokens, segments, positions, reads, targets, owners, *, branches):
-    """Log-likelihoods of the branches of prefix-tree rows (see `_Tree`).
+@functools.partial(jax.jit, static_argnames=("model",))
+def _score(model, params, tokens, trees, segments, positions, reads, targets, owners, num_reads):
+    """Log-likelihoods of the branches of rows packed with prefix trees.
 
-    tokens, segments, positions [b, L]: the rows (segment 1: the shared context, 2 + a:
-      branch a, 0: padding).
-    reads, targets, owners [b, r]: the positions whose next-token distribution is read, the
-      token wanted there, and the branch it belongs to (-1: unused). Only these positions
-      are projected onto the vocabulary, PROJECT_CHUNK at a time.
-    -> (sum log-prob [b, branches], every target the argmax [b, branches]).
+    tokens, trees, segments, positions [b, L]: the rows (see `_packed_tree_mask`; positions
+      restart at 0 with each tree and continue its context in each branch).
+    reads, targets, owners [r] (r: a multiple of PROJECT_CHUNK, at least b * L): the
+      positions (flat indices into b * L) whose next-token distribution is read, the token
+      wanted there, and the branch slot it adds to (0..r-1; r: unused); the first
+      `num_reads` (a scalar) are used. Only those are projected onto the vocabulary,
+      PROJECT_CHUNK at a time in a loop of ceil(num_reads / PROJECT_CHUNK) steps, so that
+      the read count is a value, not a shape (one compiled program per row shape).
+    -> (sum log-prob [r], every target the argmax [r]) per branch slot.
     """
     hidden = model.apply(
-        {"params": params},
-        tokens,
-        segment_ids=segments,
-        positions=positions,
-        prefix_tree=True,
-        method=model.features,
+        {"params": params}, tokens, trees, segments, positions, method=_packed_features
     )
-    b, r = targets.shape
-    read = jnp.take_along_axis(hidden, reads[..., None], axis=1)  # [b, r, d]
-    if r <= PROJECT_CHUNK:
-        picked, greedy = _project_scores(model, params, read, targets)
-    else:  # long rows (rolling windows): project a chunk of positions at a time
-        chunks = r // PROJECT_CHUNK
-        picked, greedy = jax.lax.map(
-            lambda xs: _project_scores(model, params, *xs),
-            (
-                read.reshape(b, chunks, PROJECT_CHUNK, -1).swapaxes(0, 1),
-                targets.reshape(b, chunks, PROJECT_CHUNK).swapaxes(0, 1),
-            ),
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [b * L, d]
+    r = reads.shape[0]
+
+    def project_chunk(i, carry):
+        picked, greedy = carry
+        start = i * PROJECT_CHUNK
+        where = jax.lax.dynamic_slice(reads, (start,), (PROJECT_CHUNK,))
+        wanted = jax.lax.dynamic_slice(targets, (start,), (PROJECT_CHUNK,))
+        p, g = _project_scores(model, params, hidden[where], wanted)  # [chunk, vocab] logits
+        return (
+            jax.lax.dynamic_update_slice(picked, p, (start,)),
+            jax.lax.dynamic_update_slice(greedy, g, (start,)),
         )
-        picked, greedy = picked.swapaxes(0, 1).reshape(b, r), greedy.swapaxes(0, 1).reshape(b, r)
-    member = (owners[..., None] == jnp.arange(branches)).astype(jnp.float32)  # [b, r, branches]
-    used = owners >= 0
-    sums = jnp.einsum("br,brk->bk", jnp.where(used, picked, 0.0), member)
-    misses = jnp.einsum("br,brk->bk", (used & ~greedy).astype(jnp.float32), member)
+
+    steps = (num_reads + PROJECT_CHUNK - 1) // PROJECT_CHUNK
+    picked, greedy = jax.lax.fori_loop(
+        0, steps, project_chunk, (jnp.zeros(r, jnp.float32), jnp.zeros(r, jnp.bool_))
+    )
+    sums = jax.ops.segment_sum(picked, owners, num_segments=r + 1)[:r]
+    misses = jax.ops.segment_sum((~greedy).astype(jnp.int32), owners, num_segments=r + 1)[:r]
     return sums, misses == 0
 
 
@@ -178,12 +209,20 @@ class LanguageModel:
 
     model, params: a `DecoderOnly` and its params (trained here or imported).
     tokenizer: ours or an imported model's (`encode`, `decode`, `bos_id`, `eos_id`, `add_bos`).
-    batch_size: rows per compiled call. max_length: the longest input (default: the
-      model's `max_len`).
+    batch_size, row_length: a compiled call scores batch_size rows of row_length tokens,
+      each packed with several requests (or fewer, longer rows for longer requests).
+    max_length: the longest input (default: the model's `max_len`).
     """
 
     def __init__(
-        self, model, params, tokenizer, *, batch_size: int = 16, max_length: int | None = None
+        self,
+        model,
+        params,
+        tokenizer,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        row_length: int = ROW_LENGTH,
     ):
         if model.config.architecture != "decoder":
             raise ValueError(
@@ -193,8 +232,9 @@ class LanguageModel:
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.batch_size = batch_size
         self.max_length = min(max_length or model.config.max_len, model.config.max_len)
+        self.row_length = min(row_length, self.max_length)
         self._prefix = [tokenizer.bos_id] if tokenizer.add_bos else [tokenizer.eos_id]
-        self._read_width: dict[int, int] = {}  # row length -> read width compiled for it
+        self.first_scored: float | None = None  # time.time() when the first batch came back
 
     # ------------------------------------------------------------------ tokenisation
 
@@ -212,52 +252,88 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ scoring
 
+    def _rows(self, trees: list[_Tree]) -> list[tuple[int, list[int]]]:
+        """Packs trees into rows: (row length, tree indices), longest rows first.
+
+        A tree of n tokens goes in a row of length max(row_length, bucket_length(n)) -- most
+        trees into rows of row_length -- and the trees of one row length are packed first
+        fit, longest first, so that rows carry little padding."""
+        # A row holds at most as many reads as tokens, so that a call's reads fit in its
+        # b * L read slots: a tree's size is the larger of its tokens and its reads.
+        size = [max(tree.length, tree.num_reads) for tree in trees]
+        open_rows: dict[int, list[tuple[int, list[int]]]] = {}  # length -> [(room, trees)]
+        for t in sorted(range(len(trees)), key=lambda t: -size[t]):
+            length = max(self.row_length, bucket_length(size[t], None))
+            rows = open_rows.setdefault(length, [])
+            for r, (room, members) in enumerate(rows):
+                if size[t] <= room:
+                    rows[r] = (room - size[t], members + [t])
+                    break
+            else:
+                rows.append((length - size[t], [t]))
+        return [
+            (length, members)
+            for length in sorted(open_rows, reverse=True)
+            for _, members in open_rows[length]
+        ]
+
     def _score_trees(self, trees: list[_Tree], num_results: int) -> list[tuple[float, bool]]:
-        """(sum log-prob, greedy?) for every result index the trees' branches answer."""
-        order = sorted(range(len(trees)), key=lambda t: -trees[t].length)
+        """(sum log-prob, greedy?) for every result index the trees' branches answer.
+
+        Trees are packed into rows (`_rows`); a call scores about batch_size * row_length
+        tokens: batch_size rows of row_length, fewer of longer rows, and the last call of a
+        length a power of two of rows, so that few shapes (each one a compilation) occur.
+        Reads are numbered in call order; each branch gets a slot of the call's results."""
         results: list = [None] * num_results
-        for start in range(0, len(order), self.batch_size):
-            chunk = [trees[t] for t in order[start : start + self.batch_size]]
-            length = bucket_length(max(t.length for t in chunk), self.max_length)
-            # Few read widths (powers of two from 16; per row length, the widest one needed
-            # so far) and a fixed branch count: every new shape is a compilation, which costs
-            # more than projecting a few spare positions.
-            reads = 1 << max(MIN_READS - 1, max(t.num_reads for t in chunk) - 1).bit_length()
-            if reads > PROJECT_CHUNK:
-                reads = -(-reads // PROJECT_CHUNK) * PROJECT_CHUNK
-            reads = self._read_width[length] = max(reads, self._read_width.get(length, 0))
-            branches = MAX_BRANCHES
-            rows = self.batch_size
-            tokens = np.zeros((rows, length), np.int32)
-            segments = np.zeros((rows, length), np.int32)
-            positions = np.zeros((rows, length), np.int32)
-            read_index = np.zeros((rows, reads), np.int32)
-            targets = np.zeros((rows, reads), np.int32)
-            owners = np.full((rows, reads), -1, np.int32)
-            for r, tree in enumerate(chunk):
-                ids, segs, pos, wanted = tree.layout()
-                tokens[r, : len(ids)], segments[r, : len(ids)], positions[r, : len(ids)] = (
-                    ids,
-                    segs,
-                    pos,
-                )
-                for j, (index, target, branch) in enumerate(wanted):
-                    read_index[r, j], targets[r, j], owners[r, j] = index, target, branch
+        rows = self._rows(trees)
+        start = 0
+        while start < len(rows):
+            length = rows[start][0]
+            per_call = max(1, self.batch_size * self.row_length // length)
+            chunk = [members for n, members in rows[start : start + per_call] if n == length]
+            start += len(chunk)
+            num_rows = per_call if len(chunk) == per_call else 1 << (len(chunk) - 1).bit_length()
+            reads = -(-num_rows * length // PROJECT_CHUNK) * PROJECT_CHUNK
+            tokens = np.zeros((num_rows, length), np.int32)
+            tree_ids = np.zeros((num_rows, length), np.int32)
+            segments = np.zeros((num_rows, length), np.int32)
+            positions = np.zeros((num_rows, length), np.int32)
+            read_index = np.zeros(reads, np.int32)
+            targets = np.zeros(reads, np.int32)
+            owners = np.full(reads, reads, np.int32)
+            answers = []  # result index of each branch slot
+            j = 0
+            for r, members in enumerate(chunk):
+                at = 0
+                for k, t in enumerate(members):
+                    ids, segs, pos, wanted_reads = trees[t].layout()
+                    span = slice(at, at + len(ids))
+                    tokens[r, span], segments[r, span], positions[r, span] = ids, segs, pos
+                    tree_ids[r, span] = k + 1
+                    for index, target, branch in wanted_reads:
+                        read_index[j] = r * length + at + index
+                        targets[j] = target
+                        owners[j] = len(answers) + branch
+                        j += 1
+                    answers += trees[t].results
+                    at += len(ids)
             sums, greedy = _score(
                 self.model,
                 self.params,
                 tokens,
+                tree_ids,
                 segments,
                 positions,
                 read_index,
                 targets,
                 owners,
-                branches=branches,
+                np.int32(j),
             )
             sums, greedy = np.asarray(sums), np.asarray(greedy)
-            for r, tree in enumerate(chunk):
-                for a, index in enumerate(tree.results):
-                    results[index] = (float(sums[r, a]), bool(greedy[r, a]))
+            if self.first_scored is None:
+                self.first_scored = time.time()
+            for slot, index in enumerate(answers):
+                results[index] = (float(sums[slot]), bool(greedy[slot]))
         return results
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -335,6 +411,8 @@ class LanguageModel:
                     eos_id=self.tokenizer.eos_id,
                     pad_to=bucket_length(max(map(len, prompts)), room),
                 )
+                if self.first_scored is None:
+                    self.first_scored = time.time()
                 for i, ids in zip(chunk, continuations, strict=True):
                     out[i] = decode.cut_at_stop(self.tokenizer.decode(ids), requests[i][1])
         return out
@@ -354,6 +432,7 @@ class Seq2SeqModel:
             )
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.encoder_len, self.batch_size = encoder_len, batch_size
+        self.first_scored: float | None = None  # time.time() when the first batch came back
 
     def generate_until(self, requests: Sequence[tuple[str, Sequence[str], int]]) -> list[str]:
         """Greedy output for each (source text, stop strings, max new tokens)."""
@@ -378,6 +457,8 @@ class Seq2SeqModel:
                     eos_id=self.tokenizer.eos_id,
                     pad_to=bucket_length(max(map(len, sources)), self.encoder_len),
                 )
+                if self.first_scored is None:
+                    self.first_scored = time.time()
                 for i, ids in zip(chunk, outputs, strict=True):
                     out[i] = decode.cut_at_stop(self.tokenizer.decode(ids), requests[i][1])
         return out

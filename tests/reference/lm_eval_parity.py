@@ -14,6 +14,8 @@ What it does:
   2. writes each task's documents (as `lm.evaluation.tasks` builds them: same prompts,
      choices and gold) to JSONL, with an lm-eval task YAML that reads them back
      (partial scoring for Winogrande, through lm-eval's multiple-context mode);
+     steps 1 and 2 are `lm.evalbench.write_peer_inputs`, which the end-to-end benchmark
+     (`python -m lm.bench eval`, each side in its own process) uses too;
   3. runs `lm_eval.simple_evaluate` with the `hf` model (float32, CPU) and then our
      `evaluate`, both zero-shot on the same documents, timing each;
   4. prints a Markdown table of acc / acc_norm from both and the wall times, and writes
@@ -25,64 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import textwrap
 import time
-
-UTILS = """
-def doc_to_text(doc):
-    return doc["gold"] if doc["partial"] else doc["contexts"][0]
-
-
-def doc_to_choice(doc):
-    return doc["contexts"] if doc["partial"] else doc["continuations"]
-
-
-def doc_to_target(doc):
-    return doc["continuations"][0] if doc["partial"] else doc["gold"]
-"""
-
-
-def write_lm_eval_task(task, docs, directory: pathlib.Path) -> str:
-    """JSONL documents and a YAML config for lm-eval; returns the lm-eval task name."""
-    name = f"parity_{task.name}"
-    data = directory / f"{name}.jsonl"
-    with data.open("w") as f:
-        for d in docs:
-            f.write(
-                json.dumps(
-                    {
-                        "contexts": list(d.contexts),
-                        "continuations": list(d.continuations),
-                        "gold": d.gold,
-                        "partial": len(d.contexts) > 1,
-                    }
-                )
-                + "\n"
-            )
-    metrics = "".join(
-        f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
-        for m in task.metrics
-        if m in ("acc", "acc_norm")
-    )
-    (directory / f"{name}.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: !function parity_utils.doc_to_text
-        doc_to_choice: !function parity_utils.doc_to_choice
-        doc_to_target: !function parity_utils.doc_to_target
-        target_delimiter: "{task.target_delimiter}"
-        metric_list:
-        """)
-        + metrics
-        + "metadata:\n  version: 1.0\n"
-    )
-    return name
 
 
 def main():
@@ -96,30 +41,19 @@ def main():
 
     import lm_eval
     from lm import convert
-    from lm.convert.hf import export_hf
+    from lm.evalbench import write_peer_inputs
     from lm.evaluation import LanguageModel, evaluate, get_tasks
-    from lm.evaluation.harness import select_docs
     from lm.models.transformer import build_model
     from lm_eval.tasks import TaskManager
 
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     pretrained = convert.load_pretrained(args.model)
-    hf_dir = out / "hf_model"
-    if not (hf_dir / "config.json").exists():
-        export_hf(pretrained, hf_dir)
-    task_dir = out / "lm_eval_tasks"
-    task_dir.mkdir(exist_ok=True)
-    (task_dir / "parity_utils.py").write_text(UTILS)
     tasks = get_tasks(args.tasks.split(","))
-    names = {}
     for task in tasks:
         if task.kind != "multiple_choice":
             raise SystemExit(f"{task.name}: the parity script compares multiple-choice tasks")
-        docs = task.load()
-        names[task.name] = write_lm_eval_task(
-            task, [docs[i] for i in select_docs(docs, args.limit)], task_dir
-        )
+    hf_dir, names = write_peer_inputs(pretrained, tasks, args.limit, out)
+    task_dir = out / "lm_eval_tasks"
 
     started = time.perf_counter()
     theirs = lm_eval.simple_evaluate(
