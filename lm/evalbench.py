@@ -13,9 +13,10 @@ ours     `python -m lm.main eval --model M --tasks T --limit N --num_fewshot K -
 peer     lm-eval's `simple_evaluate` with transformers' `hf` model (float32, CPU) on exactly
          our weights (imported, then exported in the Hugging Face layout) and our documents
          (each task's first N, written as an lm-eval task: same prompts, choices and gold),
-         zero-shot, at the same batch size; its first scored batch is the first return of
-         `HFLM._model_call`. Writing its inputs happens before the timing. It needs the
-         `[reference]` extra (lm-eval, transformers, torch); without it only ours is run.
+         zero-shot, batch size 16 (--peer_batch_size; ours runs the CLI's defaults); its
+         first scored batch is the first return of `HFLM._model_call`. Writing its inputs
+         happens before the timing. It needs the `[reference]` extra (lm-eval, transformers,
+         torch); without it only ours is run.
 
 The table gives each side's wall and first-scored seconds, the CPU seconds its process tree
 used (user + system: the machine may be shared), acc / acc_norm per task, and the ratios:
@@ -437,7 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["peer"]:
         peer_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="python -m lm.evalbench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lm.evalbench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_eval_arguments(parser)
     print(run_from_arguments(parser.parse_args(argv)), flush=True)
 
