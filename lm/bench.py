@@ -4,6 +4,12 @@
     python -m lm.bench layers [--depths 4,30] [--batch 4 --seq 512]
     python -m lm.bench step [--steps 10 --rounds 3]
     python -m lm.bench mfu --shape gpt2_124m --batch 16 --seq 1024 --precision bf16
+    python -m lm.bench train [--shapes S,V,llama] [--precision fp32,bf16]
+    python -m lm.bench eval [--model smollm2 --tasks arc_easy,piqa --limit 300 --num_fewshot 0]
+
+`eval`: the evaluation end to end, each side in a fresh process (`lm.evalbench`, whose
+`python -m lm.evalbench` takes the same flags); the other subcommands run in this process.
+`train`: our train step against transformers' GPT-2 / Llama in PyTorch, eager, same shapes.
 
 `layers`: the real train step (`lm.train.create_trainer`) at SmolLM2-135M's shape, compiled at
 several depths with scanned and with unrolled layers (compile seconds and their ratio), and
@@ -33,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import decode, parallel
+from lm import decode, evalbench, parallel
 from lm.convert import PRETRAINED_ASSETS, load_pretrained
 from lm.models.attention import IMPLEMENTATIONS, resolve_implementation
 from lm.models.transformer import ModelConfig, build_model, for_inference, preset
@@ -613,6 +619,13 @@ def main(argv=None) -> None:
     train.add_argument("--steps", type=int, default=5, help="steps per side per round")
     train.add_argument("--rounds", type=int, default=4)
     train.add_argument("--precision", default="fp32", help="ours, comma-separated: fp32, bf16")
+    evaluation = sub.add_parser(
+        "eval",
+        help="evaluation end to end (fresh processes) against lm-eval + transformers",
+        description=evalbench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evalbench.add_eval_arguments(evaluation)
     mfu = sub.add_parser(
         "mfu", help="train-step tokens/s and MFU of a model shape, decode tokens/s"
     )
@@ -654,6 +667,8 @@ def main(argv=None) -> None:
             ),
             flush=True,
         )
+    elif args.command == "eval":
+        print(evalbench.run_from_arguments(args), flush=True)
     elif args.command == "step":
         print(step_benchmark(args.steps, args.rounds), flush=True)
     else:

@@ -7,8 +7,10 @@ exit (start-up, imports, model load, compilation, scoring and results: the wall 
 waits) and to its first scored document (the first batch of scores back from the model).
 
 ours     `python -m lm.main eval --model M --tasks T --limit N --num_fewshot K --out DIR`, run
-         twice on one new compilation-cache directory: cold (empty cache: everything is
-         compiled) and warm (the same command again: the programs come from the cache). The
+         twice on new cache directories (compiled programs, --compilation_cache, and
+         imported checkpoints, $LM_IMPORT_CACHE): cold (empty caches: the GGUF file is
+         converted, everything is compiled) and warm (the same command again: the import and
+         the programs come from the caches). The
          first batch's scores are timed by the harness (`first_scored_unix` in results.json).
 peer     lm-eval's `simple_evaluate` with transformers' `hf` model (float32, CPU) on exactly
          our weights (imported, then exported in the Hugging Face layout) and our documents
@@ -154,13 +156,20 @@ class Side:
     metrics: dict[str, dict[str, float]]
 
 
-def run_timed(name: str, command: list[str], result_file: pathlib.Path, log: pathlib.Path) -> Side:
+def run_timed(
+    name: str,
+    command: list[str],
+    result_file: pathlib.Path,
+    log: pathlib.Path,
+    env: dict[str, str] | None = None,
+) -> Side:
     """Runs `command` in a fresh process (stdout and stderr to `log`) and reads `result_file`,
     a JSON file it writes with "first_scored_unix" (time.time() when its first batch of scores
     came back) and either "metrics" ({task: {metric: value}}, the peer's) or "tasks" (our
-    results.json: {task: {"metrics": {...}}}); acc and acc_norm are kept. Raises RuntimeError
+    results.json: {task: {"metrics": {...}}}); acc and acc_norm are kept; `env` is added to
+    the process's environment. Raises RuntimeError
     (with the log's tail) if the command fails or recorded no first scored batch."""
-    env = {**os.environ, **PEER_ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **PEER_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as out:
         started = time.time()
@@ -345,7 +354,7 @@ def eval_benchmark(
     workdir: str | None = None,
     peer: bool | None = None,
 ) -> str:
-    """Times our CLI evaluation (cold, then warm compilation cache) and, when `peer` (None: when
+    """Times our CLI evaluation (cold, then warm caches) and, when `peer` (None: when
     the `[reference]` extra is installed), lm-eval + transformers on the same weights and
     documents; returns the table (`format_table`).
 
@@ -371,17 +380,22 @@ def eval_benchmark(
             )
     root = pathlib.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    cache = root / f"compilation_cache_{time.strftime('%Y%m%d_%H%M%S')}"
+    cache = root / f"caches_{time.strftime('%Y%m%d_%H%M%S')}"
     if cache.exists():
-        raise FileExistsError(f"{cache} exists: the cold run needs a new cache directory")
+        raise FileExistsError(f"{cache} exists: the cold run needs new cache directories")
     sides = []
     for run in ("cold", "warm"):
         out = root / f"ours_{run}"
-        command = our_command(model, tasks, limit, num_fewshot, out, cache)
-        print(f"ours ({run} cache): {' '.join(command[1:])}", flush=True)
-        sides.append(
-            run_timed(f"ours, {run} cache", command, out / "results.json", root / f"ours_{run}.log")
+        command = our_command(model, tasks, limit, num_fewshot, out, cache / "jax")
+        print(f"ours ({run} caches): {' '.join(command[1:])}", flush=True)
+        side = run_timed(
+            f"ours, {run} caches",
+            command,
+            out / "results.json",
+            root / f"ours_{run}.log",
+            env={"LM_IMPORT_CACHE": str(cache / "imports")},
         )
+        sides.append(side)
     if peer:
         from lm.convert import load_pretrained
         from lm.evaluation import get_tasks

@@ -113,11 +113,13 @@ def enable_compilation_cache(directory: str | None) -> str | None:
 def default_compilation_cache() -> str:
     """Where the CLI caches compiled programs: $LM_COMPILATION_CACHE if set (a path, or "off"),
     else the `jax` folder of lm's cache ($LM_CACHE_DIR, default ~/.cache/lm)."""
-    explicit = os.environ.get("LM_COMPILATION_CACHE")
-    if explicit:
-        return explicit
-    root = os.environ.get("LM_CACHE_DIR") or os.path.join("~", ".cache", "lm")
-    return os.path.join(root, "jax")
+    return os.environ.get("LM_COMPILATION_CACHE") or os.path.join(default_cache_dir(), "jax")
+
+
+def default_cache_dir() -> str:
+    """The root of lm's caches (compiled programs, imported checkpoints): $LM_CACHE_DIR, else
+    ~/.cache/lm (unexpanded: users of the path expand it)."""
+    return os.environ.get("LM_CACHE_DIR") or os.path.join("~", ".cache", "lm")
 
 
 def first_argmax(x: jax.Array) -> jax.Array:

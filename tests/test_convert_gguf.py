@@ -235,3 +235,58 @@ def test_truncated_or_foreign_file_is_a_clear_error(tmp_path):
         load_gguf(tmp_path / "absent.gguf")
     with pytest.raises(ValueError, match="Unknown pretrained model"):
         load_pretrained("no-such-model")
+
+
+def _leaves(tree):
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_import_cache_gives_back_the_same_model_and_follows_the_file(tmp_path, monkeypatch):
+    import lm.convert
+
+    path = _write_tiny_llama(tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    direct = load_pretrained(f"gguf:{path}", cache="off")
+    assert not cache.exists()
+    load_pretrained(f"gguf:{path}", cache=str(cache))  # converts and writes the entry
+    (entry,) = cache.iterdir()
+
+    def no_conversion(source):
+        raise AssertionError(f"converted {source} again instead of reading the cache")
+
+    monkeypatch.setattr(lm.convert, "load_gguf", no_conversion)
+    cached = load_pretrained(f"gguf:{path}", cache=str(cache))
+    assert cached.config == direct.config and cached.source == direct.source
+    assert [p for p, _ in _leaves(cached.params)] == [p for p, _ in _leaves(direct.params)]
+    for (name, a), (_, b) in zip(_leaves(cached.params), _leaves(direct.params), strict=True):
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    text = "x0x1 hello <|endoftext|> 123"
+    assert cached.tokenizer.encode(text) == direct.tokenizer.encode(text)
+    assert cached.tokenizer.to_json() == direct.tokenizer.to_json()
+    model = build_model(cached.config)
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    np.testing.assert_array_equal(
+        model.apply({"params": cached.params}, tokens),
+        model.apply({"params": direct.params}, tokens),
+    )
+    # A rewritten file is a different source: converted again, into a new entry.
+    monkeypatch.undo()
+    _write_tiny_llama(path, bad_shape=None)
+    load_pretrained(f"gguf:{path}", cache=str(cache))
+    assert len(list(cache.iterdir())) == 2
+    # An entry with a missing array is a clear error that says what to delete.
+    next(entry.glob("*.npy")).unlink()
+    monkeypatch.setattr(lm.convert.cache, "entry_key", lambda source: entry.name)
+    with pytest.raises(CheckpointFormatError, match=f"{entry}.*delete that folder"):
+        load_pretrained(f"gguf:{path}", cache=str(cache))
+
+
+def test_import_cache_location(monkeypatch):
+    from lm.convert.cache import default_import_cache
+
+    monkeypatch.delenv("LM_IMPORT_CACHE", raising=False)
+    monkeypatch.setenv("LM_CACHE_DIR", "/somewhere/lm")
+    assert default_import_cache() == "/somewhere/lm/imports"
+    monkeypatch.setenv("LM_IMPORT_CACHE", "off")
+    assert default_import_cache() == "off"

@@ -15,8 +15,9 @@ LAYERS = [
     {"lm.parallel", "lm.lora", "lm.decode", "lm.inspect"},
     {"lm.checkpoint"},
     {"lm.train", "lm.convert"},
-    {"lm.config", "lm.evaluation", "lm.bench"},
+    {"lm.config", "lm.evaluation"},
     {"lm.icl", "lm.finetune", "lm.evalbench"},
+    {"lm.bench"},
     {"lm.run"},
     {"lm.main"},
 ]

@@ -22,6 +22,7 @@ import pathlib
 import tempfile
 
 from lm import checkpoint, storage
+from lm.convert.cache import cached_import, default_import_cache
 from lm.convert.gguf import CheckpointFormatError, Pretrained, load_gguf
 
 # Registry assets that are GGUF checkpoints, by the name users type.
@@ -44,20 +45,25 @@ def is_pretrained_spec(spec: str) -> bool:
     return (pathlib.Path(spec) / "config.json").is_file()
 
 
-def load_pretrained(spec: str) -> Pretrained:
+def load_pretrained(spec: str, *, cache: str | None = None) -> Pretrained:
     """Loads a foreign checkpoint as float32 params of our modules, with its tokenizer.
+
+    cache: where GGUF imports are kept for the next load (`lm.convert.cache`; 'off': not
+      kept); default `default_import_cache()`. Hugging Face directories are read directly.
 
     Raises:
       ValueError: an unknown spec (the message lists the accepted forms).
       FileNotFoundError / CheckpointFormatError: see :func:`lm.convert.gguf.load_gguf`
         and :func:`lm.convert.hf.load_hf`.
     """
+    if cache is None:
+        cache = default_import_cache()
     if spec in PRETRAINED_ASSETS:
         from lm.data.assets import fetch
 
-        return load_gguf(fetch(PRETRAINED_ASSETS[spec]))
+        return cached_import(fetch(PRETRAINED_ASSETS[spec]), load_gguf, cache)
     if spec.startswith("gguf:") or spec.endswith(".gguf"):
-        return load_gguf(spec.removeprefix("gguf:"))
+        return cached_import(spec.removeprefix("gguf:"), load_gguf, cache)
     if spec.startswith("hf:") or (pathlib.Path(spec) / "config.json").is_file():
         from lm.convert.hf import load_hf
 
