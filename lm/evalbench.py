@@ -141,6 +141,37 @@ def write_peer_inputs(pretrained, tasks, limit: int | None, directory) -> tuple[
     return hf_dir, names
 
 
+def run_lm_eval(
+    hf_dir,
+    task_dir,
+    lm_eval_tasks: list[str],
+    *,
+    add_bos: bool,
+    batch_size: int,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+) -> dict:
+    """lm-eval's `simple_evaluate` with transformers' `hf` model: float32 weights from `hf_dir`
+    (see `write_peer_inputs`), on CPU, tasks found in `task_dir`; BOS as our tokenizer adds it.
+    Returns lm-eval's results dict ({"results": {task: {"acc,none": ...}}, ...}). Needs the
+    `[reference]` extra."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(hf_dir), "dtype": "float32", "add_bos_token": add_bos},
+        tasks=lm_eval_tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        device="cpu",
+        task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+
+
 # ----------------------------------------------------------------------------- the sides
 
 
@@ -248,9 +279,7 @@ def peer_main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     first: list[float] = []
     model_call = HFLM._model_call
@@ -263,20 +292,12 @@ def peer_main(argv: list[str]) -> None:
 
     HFLM._model_call = timed_call
     names = dict(pair.split("=") for pair in args.tasks.split(","))
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={
-            "pretrained": args.hf_dir,
-            "dtype": "float32",
-            "add_bos_token": bool(args.add_bos),
-        },
-        tasks=list(names.values()),
-        num_fewshot=0,
+    results = run_lm_eval(
+        args.hf_dir,
+        args.task_dir,
+        list(names.values()),
+        add_bos=bool(args.add_bos),
         batch_size=args.batch_size,
-        device="cpu",
-        task_manager=TaskManager(include_path=args.task_dir),
-        log_samples=False,
-        bootstrap_iters=0,
     )["results"]
     metrics = {
         ours: {

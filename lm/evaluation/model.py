@@ -72,13 +72,9 @@ def _packed_tree_mask(trees: jax.Array, segments: jax.Array) -> jax.Array:
 def _packed_features(module, tokens, trees, segments, positions):
     """A `DecoderOnly` method (for `model.apply(..., method=)`): final hidden states
     [b, L, d] of rows packed with prefix trees (see `_packed_tree_mask`), as
-    `DecoderOnly.features` computes them for one tree per row (embedding, the decoder
-    stack with its final norm)."""
-    x = module.embedder(tokens)
-    if module.config.scale_embeddings:  # as DecoderOnly's embedding (Gemma)
-        x = x * jnp.sqrt(module.config.d_model).astype(x.dtype)
+    `DecoderOnly.features` computes them, with the packed rows' mask."""
     mask = _packed_tree_mask(trees, segments)
-    return module.decoder(x, mask, positions=positions, segment_ids=trees)
+    return module.features(tokens, segment_ids=trees, positions=positions, mask=mask)
 
 
 def _project_scores(model, params, hidden, targets):

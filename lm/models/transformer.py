@@ -671,6 +671,7 @@ class DecoderOnly(nn.Module):
         deterministic=True,
         decode=False,
         prefix_tree=False,
+        mask=None,
     ):
         """tokens [batch, length] -> final hidden states [batch, length, embed] (after the
         final norm, before the vocabulary projection).
@@ -678,11 +679,16 @@ class DecoderOnly(nn.Module):
         prefix_tree: segment_ids mark a shared prefix (1) and branches after it (2, 3, ...;
         see attention.prefix_tree_mask) instead of packed documents; pass each branch's
         positions continuing the prefix's.
+        mask: a boolean attention mask [batch, 1, length, length] (True: may attend) to use
+        instead of the one segment_ids and prefix_tree imply (the evaluation harness packs
+        several prefix trees per row).
         """
         c = self.config
         positions = _positions_or_default(positions, tokens)
         seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
-        if decode:
+        if mask is not None:
+            pass
+        elif decode:
             mask = None
         elif prefix_tree:
             mask = prefix_tree_mask(seg)

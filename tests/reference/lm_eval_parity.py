@@ -39,12 +39,10 @@ def main():
     parser.add_argument("--out", default="parity")
     args = parser.parse_args()
 
-    import lm_eval
     from lm import convert
-    from lm.evalbench import write_peer_inputs
+    from lm.evalbench import run_lm_eval, write_peer_inputs
     from lm.evaluation import LanguageModel, evaluate, get_tasks
     from lm.models.transformer import build_model
-    from lm_eval.tasks import TaskManager
 
     out = pathlib.Path(args.out)
     pretrained = convert.load_pretrained(args.model)
@@ -56,20 +54,12 @@ def main():
     task_dir = out / "lm_eval_tasks"
 
     started = time.perf_counter()
-    theirs = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={
-            "pretrained": str(hf_dir),
-            "dtype": "float32",
-            "add_bos_token": pretrained.tokenizer.add_bos,
-        },
-        tasks=list(names.values()),
-        num_fewshot=0,
+    theirs = run_lm_eval(
+        hf_dir,
+        task_dir,
+        list(names.values()),
+        add_bos=pretrained.tokenizer.add_bos,
         batch_size=args.batch_size,
-        device="cpu",
-        task_manager=TaskManager(include_path=str(task_dir)),
-        log_samples=False,
-        bootstrap_iters=0,
     )
     their_seconds = time.perf_counter() - started
 

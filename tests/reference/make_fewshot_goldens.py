@@ -155,12 +155,11 @@ def record_contexts(directory: pathlib.Path) -> dict:
 
 def accuracy(model_name: str, directory: pathlib.Path, out: pathlib.Path, batch_size: int):
     """acc / acc_norm of lm-eval + transformers and of our harness; writes OUT/fewshot_parity.*"""
-    import lm_eval
     from lm import convert
     from lm.convert.hf import export_hf
+    from lm.evalbench import run_lm_eval
     from lm.evaluation import LanguageModel, evaluate, get_tasks
     from lm.models.transformer import build_model
-    from lm_eval.tasks import TaskManager
 
     out.mkdir(parents=True, exist_ok=True)
     pretrained = convert.load_pretrained(model_name)
@@ -168,20 +167,14 @@ def accuracy(model_name: str, directory: pathlib.Path, out: pathlib.Path, batch_
     if not (hf_dir / "config.json").exists():
         export_hf(pretrained, hf_dir)
     started = time.perf_counter()
-    theirs = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={
-            "pretrained": str(hf_dir),
-            "dtype": "float32",
-            "add_bos_token": pretrained.tokenizer.add_bos,
-        },
-        tasks=[TASK],
+    theirs = run_lm_eval(
+        hf_dir,
+        directory,
+        [TASK],
+        add_bos=pretrained.tokenizer.add_bos,
+        batch_size=batch_size,
         num_fewshot=NUM_FEWSHOT,
         limit=LIMIT,
-        batch_size=batch_size,
-        device="cpu",
-        task_manager=TaskManager(include_path=str(directory)),
-        bootstrap_iters=0,
     )["results"][TASK]
     their_seconds = time.perf_counter() - started
     started = time.perf_counter()
