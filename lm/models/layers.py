@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -41,16 +42,21 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     halving the hashing; the rate is rounded to a multiple of 2**-16 (0.1 -> 0.0999908) and
     the scale uses the rounded rate, so the expectation of the output is exactly x. The bits
     are drawn along the last axis in pairs, so a sharded array draws its own shard's bits.
+    The keep mask is named "dropout_keep" (`jax.ad_checkpoint.checkpoint_name`): the
+    'dots_saveable' remat policy keeps it rather than drawing the bits again.
     """
     levels = 1 << DROPOUT_BITS
     threshold = round(rate * levels)
     if threshold == 0:
         return x
+    per_word = 32 // DROPOUT_BITS
     *lead, last = x.shape
-    words = jax.random.bits(rng, (*lead, (last + 1) // 2), jnp.uint32)
-    halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :last]
+    words = jax.random.bits(rng, (*lead, -(-last // per_word)), jnp.uint32)
+    parts = [(words >> (DROPOUT_BITS * i)) & (levels - 1) for i in range(per_word)]
+    draws = jnp.stack(parts, axis=-1).reshape(*lead, -1)[..., :last]
     scale = jnp.asarray(levels / (levels - threshold), x.dtype)
-    return jnp.where(halves >= threshold, x * scale, jnp.zeros((), x.dtype))
+    keep = checkpoint_name(draws >= threshold, "dropout_keep")
+    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
 class Dropout(nn.Module):
