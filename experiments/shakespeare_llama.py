@@ -6,15 +6,15 @@ Command (2-core CPU):
 
 Same data, tokenizer and budget as shakespeare_gpt; 4 query heads sharing 2 key/value heads.
 
-Measured on the 2-core CPU dev machine (2026-11-30, scanned layers), 4.00M parameters,
-480 steps of 16 x 256 tokens, about 6,600 tokens/s:
+Measured on the 2-core CPU dev machine (2026-12-01, scanned layers), 4.00M parameters,
+480 steps of 16 x 256 tokens, about 8,000 tokens/s:
 
     step   train loss   validation loss   perplexity   bits/byte
-     160      4.57           4.612           100.7        2.335
-     320      4.04           4.249            70.1        2.152
-     480      4.06           4.149            63.4        2.101
+     160      4.56           4.632           102.7        2.345
+     320      4.05           4.247            69.9        2.151
+     480      4.07           4.149            63.3        2.101
 
-    wall time: 5 min 21 s; unigram baseline 6.063 nats/token (GPT-2 family: 4.537)
+    wall time: 4 min 47 s; unigram baseline 6.063 nats/token (GPT-2 family: 4.536)
 Arg: 'tiny' gives a seconds-long smoke run (used by the tests).
 """
 

@@ -404,3 +404,34 @@ def test_kernel_dot_general_equals_lax_dot_general(make, shape):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="trailing axes"):
         kernel_dot_general(x, x, (((0,), (0,)), ((), ())))
+
+
+@pytest.mark.parametrize(
+    "remat, redrawn", [("dots_saveable", False), ("none", False), ("full", True)]
+)
+def test_backward_pass_redraws_dropout_bits_only_under_full_remat(remat, redrawn):
+    """dots_saveable keeps dropout's keep masks (named dropout_keep): the gradient's program
+    draws random bits exactly where the forward pass does; `full` remat draws them again."""
+    config = T.preset(
+        "gpt2",
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=64,
+        vocab_size=50,
+        max_len=16,
+        dropout=0.1,
+        attention_dropout=0.1,
+        remat=remat,
+    )
+    model, tokens = T.build_model(config), jnp.zeros((2, 16), jnp.int32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+
+    def loss(p):
+        rngs = {"dropout": jax.random.key(1)}
+        return model.apply({"params": p}, tokens, deterministic=False, rngs=rngs).sum()
+
+    forward = str(jax.make_jaxpr(loss)(params)).count("random_bits")
+    backward = str(jax.make_jaxpr(jax.grad(loss))(params)).count("random_bits")
+    assert forward >= 4  # residual, attention-weight and MLP dropout of the scanned layer
+    assert (backward > forward) == redrawn, (forward, backward)
