@@ -30,10 +30,10 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from lm.convert.gguf import CheckpointFormatError, Pretrained
 from lm.data.tokenizers import PretrainedTokenizer
@@ -62,30 +62,6 @@ def entry_key(source: pathlib.Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if "/" in key:
-            raise ValueError(f"parameter name {key!r} contains '/'")
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
 def write_entry(entry: pathlib.Path, pretrained: Pretrained) -> None:
     """Writes `pretrained` as the folder `entry`: into a temporary sibling, then renamed, so a
     reader sees a whole entry or none (a process killed mid-write leaves only a tmp folder)."""
@@ -94,7 +70,7 @@ def write_entry(entry: pathlib.Path, pretrained: Pretrained) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        flat = _flatten(pretrained.params)
+        flat = traverse_util.flatten_dict(pretrained.params, sep="/")
         for i, value in enumerate(flat.values()):
             np.save(tmp / f"{i}.npy", np.asarray(value), allow_pickle=False)
         meta = {
@@ -118,21 +94,14 @@ def read_entry(entry: pathlib.Path) -> Pretrained:
     """The `Pretrained` that `write_entry` wrote in `entry`."""
     try:
         meta = json.loads((entry / META_FILE).read_text())
-        params = _unflatten(
-            {path: np.load(entry / f"{i}.npy") for i, path in enumerate(meta["params"])}
-        )
+        flat = {path: np.load(entry / f"{i}.npy") for i, path in enumerate(meta["params"])}
+        params = traverse_util.unflatten_dict(flat, sep="/")
     except (OSError, ValueError) as e:
         raise CheckpointFormatError(
             f"the import cache entry {entry} is unreadable ({type(e).__name__}: {e}); "
             "delete that folder and import again."
         ) from e
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig.from_dict(
-        {  # JSON has no tuples: give tuple fields theirs back
-            k: tuple(v) if isinstance(fields[k].default, tuple) else v
-            for k, v in meta["config"].items()
-        }
-    )
+    config = ModelConfig.from_dict(meta["config"])  # as lm.checkpoint.read_model does
     tokenizer = PretrainedTokenizer.from_json(meta["tokenizer"], meta["tokenizer_path"])
     return Pretrained(config, params, tokenizer, meta["source"])
 

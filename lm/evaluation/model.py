@@ -279,7 +279,8 @@ class LanguageModel:
         Trees are packed into rows (`_rows`); a call scores about batch_size * row_length
         tokens: batch_size rows of row_length, fewer of longer rows, and the last call of a
         length a power of two of rows, so that few shapes (each one a compilation) occur;
-        the model's first call is one row (results come back early). Reads are numbered in call order; each branch gets a slot of the call's results."""
+        the model's first call is one row (results come back early). Reads are numbered in
+        call order; each branch gets a slot of the call's results."""
         results: list = [None] * num_results
         rows = self._rows(trees)
         start = 0
