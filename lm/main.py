@@ -1,4 +1,4 @@
-"""Command line: train | sample | eval | icl | convert.
+"""Command line: train | sample | eval | icl | convert | compile.
 
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt --config.train.steps=100
@@ -10,6 +10,7 @@
     python -m lm.main icl --workdir /tmp/gpt --tasks heldout_order --shots 0,2,4  # few-shot curves
     python -m lm.main convert --model smollm2 --out /tmp/smollm2_hf     # or --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir gs://bucket/gpt  # a bucket workdir
+    python -m lm.main compile --config experiments/llama3_8b.py --topology v5p:4x4x4  # will it fit?
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
 
@@ -30,6 +31,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import checkpoint, convert, storage
+from lm import compile as compile_lib
+from lm import config as config_lib
 from lm import run as run_lib
 from lm.data import assets
 from lm.decode import samples
@@ -38,7 +41,7 @@ from lm.icl import fewshot
 from lm.models.transformer import for_inference
 from lm.utils import default_compilation_cache, enable_compilation_cache
 
-COMMANDS = ("train", "sample", "eval", "icl", "convert")
+COMMANDS = ("train", "sample", "eval", "icl", "convert", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file (experiments/NAME.py[:arg])."
@@ -109,6 +112,26 @@ _OUT = flags.DEFINE_string(
     None,
     "convert: new directory for the Hugging Face layout; eval: directory for "
     "results.json and results.md (default: WORKDIR/eval, or eval/MODEL for --model).",
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "compile: the devices to compile for, a TPU slice (v5p:4x4x4, v5e:2x2, v6e:8x8; needs the "
+    "[tpu] extra, no TPU) or cpu:N (N host devices, a stand-in for a GPU box).",
+)
+_JSON = flags.DEFINE_boolean("json", False, "compile: print the report as JSON.")
+_DEVICE_MEMORY_GIB = flags.DEFINE_float(
+    "device_memory_gib",
+    0.0,
+    "compile: memory per device to judge 'fits' by (default: the TPU's HBM; none for cpu:N, "
+    "e.g. 80 for an H100).",
+    lower_bound=0.0,
+)
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops",
+    0.0,
+    "compile: dense bf16 peak per device for the step time (default: the TPU's datasheet).",
+    lower_bound=0.0,
 )
 
 
@@ -244,12 +267,35 @@ def convert_command(workdir: pathlib.Path | None) -> None:
     print(f"wrote {written}: " + ", ".join(names))
 
 
+def compile_command() -> None:
+    """Compiles the experiment's train and eval steps for --topology and prints what each
+    device holds; a run that does not fit ends with one line and exit status 2."""
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        raise app.UsageError("compile needs --config experiments/NAME.py and --topology T")
+    target = compile_lib.topology(_TOPOLOGY.value, _DEVICE_MEMORY_GIB.value, _PEAK_TFLOPS.value)
+    report = compile_lib.compile_run(config_lib.resolve(_CONFIG.value), target)
+    print(json.dumps(report.to_dict(), indent=2) if _JSON.value else report.table())
+    compile_lib.check_fits(report)
+
+
+def use_host_devices(topology: str | None) -> None:
+    """compile --topology cpu:N: N host devices, set before JAX starts its CPU backend."""
+    if topology and topology.startswith("cpu:") and topology[4:].isdigit():
+        flag = f"--xla_force_host_platform_device_count={topology[4:]}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def main(argv):
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
         raise app.UsageError(
             f"usage: python -m lm.main [{'|'.join(COMMANDS)}] --workdir DIR [--config FILE]"
         )
+    if command == "compile":
+        use_host_devices(_TOPOLOGY.value)
+        enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
+        compile_command()
+        return
     if _WORKDIR.value is None and not (
         command in ("sample", "eval", "icl", "convert") and _MODEL.value
     ):
@@ -318,8 +364,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise ValueError(message) from e
 
 
-# Bad input, an asset out of reach, or a checkpoint that cannot be written (disk full): one line that
-# names the problem and the fix, exit status 2.
+# Bad input, an asset out of reach, a checkpoint that cannot be written (disk full), or a run that
+# does not fit its devices (compile): one line that names the problem and the fix, exit status 2.
 # Anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (
     ValueError,

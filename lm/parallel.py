@@ -11,6 +11,7 @@ The table is `DEFAULT_RULES`, changed per run by `parallel.rules` (see `parse_ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +22,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lm.utils import config_from_dict, path_key
+from lm.models import layers
+from lm.utils import config_from_dict, logical_to_mesh_spec, path_key
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -40,12 +42,24 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),  # the stacked axis of scanned layers: each device holds every layer
     # Mixture-of-experts kernels [expert, embed, mlp]: experts over fsdp, the axis whose
     # weights are already split and gathered for compute. A dimension takes a mesh axis only
-    # if no earlier dimension of the same parameter took it (`_mesh_axes_for`), so the expert
+    # if no earlier dimension of the same parameter took it (`lm.utils.logical_to_mesh_spec`), so the expert
     # dim claims fsdp ahead of embed: each device holds whole experts (expert parallelism)
     # and an MoE model costs a device no more parameter memory than FSDP of a dense one. When
     # fsdp does not divide the experts, embed takes it as in a dense model. `data` stays pure
     # data parallelism; `parallel.rules="expert=data"` (or data+fsdp) moves them.
     ("expert", "fsdp"),
+    # Activations (`lm.models.layers.constrain`): every device holds its own rows of the
+    # batch, whatever the weights' layout, and splits heads, MLP and vocabulary over tensor as
+    # the weights are split. Without these the compiler may lay the residual stream out along
+    # FSDP's embed split and hold the whole batch on each device. `activation_length=tensor`
+    # would be sequence parallelism.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
@@ -196,27 +210,6 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     )
 
 
-def _mesh_axes_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
-    """Logical names -> PartitionSpec, dropping mesh axes that do not divide the dimension."""
-    table = dict(rules)
-    spec = []
-    used = set()
-    for name, dim in zip(logical, shape, strict=True):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        kept = []
-        size = 1
-        for axis in axes:
-            if axis in used:
-                continue
-            if dim % (size * mesh.shape[axis]) == 0:
-                kept.append(axis)
-                size *= mesh.shape[axis]
-        used.update(kept)
-        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
-    return P(*spec)
-
-
 def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a tree of (abstract) parameters that carry logical axis names; a
     parameter without names (a plain `self.param`) is replicated."""
@@ -224,12 +217,26 @@ def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
     shapes = nn.meta.unbox(boxed_params)
     return jax.tree.map(
         lambda spec, x: NamedSharding(
-            mesh, _mesh_axes_for(tuple(spec) or (None,) * len(x.shape), x.shape, mesh, rules)
+            mesh,
+            logical_to_mesh_spec(tuple(spec) or (None,) * len(x.shape), x.shape, mesh.shape, rules),
         ),
         logical,
         shapes,
         is_leaf=lambda x: isinstance(x, P),
     )
+
+
+def with_activation_layout(fn, mesh: Mesh, rules=DEFAULT_RULES):
+    """`fn` traced with its activations laid out by `rules` over `mesh`: the model's
+    `layers.constrain` pins then take effect (outside this they are no-ops). Wrap a step
+    before `jax.jit`; the context is entered only while the step is traced."""
+
+    @functools.wraps(fn)
+    def laid_out(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), layers.activation_rules(rules):
+            return fn(*args, **kwargs)
+
+    return laid_out
 
 
 def check_rules_apply(config: ParallelConfig, boxed_params) -> None:

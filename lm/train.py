@@ -36,7 +36,7 @@ from lm.models.transformer import (
     to_layout,
     unstack_layers,
 )
-from lm.utils import config_from_dict, count_params, tree_differences
+from lm.utils import config_from_dict, count_params, longest_prefix_entry, tree_differences
 
 # ------------------------------------------------------------------------------ configs
 
@@ -284,10 +284,66 @@ def loss_sums(logits, targets, weights):
     return (ce * weights).sum(), (correct * weights).sum(), weights.sum()
 
 
+def chunked_loss_sums(project, x, targets, weights, chunk: int):
+    """`loss_sums` of `project(x)` computed `chunk` positions of every row at a time.
+
+    project: hidden states [batch, chunk, embed] -> float32 logits [batch, chunk, vocab].
+    x [batch, length, embed]; targets, weights [batch, length]; length a multiple of chunk.
+    Each chunk's logits live only inside its scan step and are made again in the backward
+    pass (jax.checkpoint), so memory holds [batch, chunk, vocab], not [batch, length, vocab].
+    Returns the three sums of `loss_sums`.
+    """
+    batch, length = targets.shape
+    if length % chunk:
+        raise ValueError(
+            f"model.logits_chunk={chunk} does not divide the sequence length {length}: "
+            f"use a divisor of it (or 0 for the whole row)"
+        )
+
+    def split(a):  # [batch, length, ...] -> [length // chunk, batch, chunk, ...]
+        return jnp.moveaxis(a.reshape(batch, length // chunk, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sums(xc, tc, wc):
+        return loss_sums(project(xc), tc, wc)
+
+    def body(totals, xs):
+        return jax.tree.map(jnp.add, totals, chunk_sums(*xs)), None
+
+    zeros = (jnp.zeros((), jnp.float32),) * 3
+    totals, _ = jax.lax.scan(body, zeros, (split(x), split(targets), split(weights)))
+    return totals
+
+
+def _features_with_aux(model: nn.Module, params, batch, *, deterministic=True, rng=None):
+    """(final hidden states [batch, length, embed], {name: auxiliary loss}) of a decoder-only
+    model: `forward_with_aux` before the vocabulary projection."""
+    kwargs = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+    rngs = {"dropout": rng} if rng is not None else {}
+    x, sown = model.apply(
+        {"params": params},
+        batch["inputs"],
+        deterministic=deterministic,
+        rngs=rngs,
+        mutable=[AUX_LOSSES],
+        method="features",
+        **kwargs,
+    )
+    return x, sum_aux_losses(sown.get(AUX_LOSSES, {}))
+
+
 def language_model_sums(model, params, batch, *, deterministic=True, rng=None):
-    """The objective of text models: next-token cross-entropy (see `Objective`)."""
-    logits, aux = forward_with_aux(model, params, batch, deterministic=deterministic, rng=rng)
-    loss, correct, weight = loss_sums(logits, batch["targets"], batch["weights"])
+    """The objective of text models: next-token cross-entropy (see `Objective`), with the
+    logits made `model.logits_chunk` positions at a time where the config says so."""
+    targets, weights = batch["targets"], batch["weights"]
+    chunk = model.config.logits_chunk
+    if chunk and chunk < targets.shape[1]:
+        x, aux = _features_with_aux(model, params, batch, deterministic=deterministic, rng=rng)
+        project = lambda h: model.apply({"params": params}, h, method="project")
+        loss, correct, weight = chunked_loss_sums(project, x, targets, weights, chunk)
+    else:
+        logits, aux = forward_with_aux(model, params, batch, deterministic=deterministic, rng=rng)
+        loss, correct, weight = loss_sums(logits, targets, weights)
     sums = {"loss": loss, "accuracy": correct, "weight": weight}
     for name, value in aux.items():  # a mean over the batch: weighted like the loss
         sums[f"aux/{name}"] = value * weight
@@ -702,7 +758,8 @@ def create_trainer(
             return jit_init(seed_value, _put_params(init_params, abstract_model_params))
 
     eval_step = jax.jit(
-        make_eval_step(model, objective), in_shardings=(p_shardings, parallel.batch_sharding(mesh))
+        parallel.with_activation_layout(make_eval_step(model, objective), mesh, rules),
+        in_shardings=(p_shardings, parallel.batch_sharding(mesh)),
     )
 
     @functools.cache  # one compiled step per policy, however often with_nonfinite asks
@@ -719,26 +776,23 @@ def create_trainer(
         )
         if parallel_config.use_pmap:
             step = jax.pmap(step_fn, axis_name="batch", donate_argnums=0)
-        elif lora_config is None:
-            step = jax.jit(
+            return step if lora_config is None else _frozen_beside(step)
+        step_fn = parallel.with_activation_layout(step_fn, mesh, rules)
+        if lora_config is None:
+            return jax.jit(
                 step_fn,
                 in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                 out_shardings=(state_shardings, replicated),
                 donate_argnums=0,
             )
-        else:
-            trainable_state_shardings = state_shardings.replace(frozen=None)
-            step = jax.jit(
-                step_fn,
-                in_shardings=(
-                    trainable_state_shardings,
-                    parallel.batch_sharding(mesh),
-                    p_shardings,
-                ),
-                out_shardings=(trainable_state_shardings, replicated),
-                donate_argnums=0,
-            )
-        return step if lora_config is None else _frozen_beside(step)
+        trainable_state_shardings = state_shardings.replace(frozen=None)
+        step = jax.jit(
+            step_fn,
+            in_shardings=(trainable_state_shardings, parallel.batch_sharding(mesh), p_shardings),
+            out_shardings=(trainable_state_shardings, replicated),
+            donate_argnums=0,
+        )
+        return _frozen_beside(step)
 
     train_step = build_step(nonfinite == "skip")
     merge_fn = None
@@ -777,6 +831,10 @@ def _frozen_beside(step):
         new_state, metrics = step(state.replace(frozen=None), batch, state.frozen)
         return new_state.replace(frozen=state.frozen), metrics
 
+    # Ahead-of-time lowering as for a jitted step: `.lower(abstract state, abstract batch)`.
+    train_step.lower = lambda state, batch: step.lower(
+        state.replace(frozen=None), batch, state.frozen
+    )
     return train_step
 
 
@@ -787,6 +845,7 @@ PEAK_FLOPS = {  # dense bf16 FLOP/s per device
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p's device_kind
     "TPU v6 lite": 918e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
@@ -809,16 +868,21 @@ def matmul_peak(dtype=jnp.float32, size: int = 0, repeats: int = 10) -> float:
     return 2 * size**3 / statistics.median(times)
 
 
+def peak_flops_for_kind(kind: str) -> float:
+    """The datasheet's dense bf16 FLOP/s of a device kind (`Device.device_kind`); 0 if not
+    listed. The longest matching name wins: 'TPU v5 lite' (v5e) before 'TPU v5' (v5p)."""
+    return longest_prefix_entry(PEAK_FLOPS, kind, 0.0)
+
+
 def peak_flops_per_device(override: float = 0.0) -> float:
     """Peak FLOP/s of one device: the datasheet's for known accelerators; on CPU a float32
     matrix product measured now (about 0.1 s), since clock boost and vector width make any
     formula wrong (2 EPYC cores: 32 FLOP/cycle x 2.5 GHz said 160 GFLOP/s, they do 450)."""
     if override > 0:
         return override
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return flops
+    flops = peak_flops_for_kind(jax.devices()[0].device_kind)
+    if flops:
+        return flops
     if jax.default_backend() == "cpu":  # forced host devices share the cores
         return _cpu_peak() / jax.local_device_count()
     return 0.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,6 +51,42 @@ def config_from_dict(cls, values: Mapping[str, Any], prefix: str):
             raise ValueError(f"{prefix}.{key} must be a string, got {value!r}")
         checked[key] = value
     return cls(**checked)
+
+
+def logical_to_mesh_spec(
+    logical: Sequence[str | None], shape: Sequence[int], axis_sizes: Mapping[str, int], rules
+) -> jax.sharding.PartitionSpec:
+    """Logical axis names (one per dimension of `shape`) -> the PartitionSpec the rules table
+    `rules` ((logical name, mesh axes) pairs) gives them on a mesh of `axis_sizes`.
+
+    A mesh axis is dropped for a dimension it does not divide, and for a dimension after one
+    that already took it: any array lays out on any mesh shape, and one rule may list an axis
+    that an earlier dimension claims first (MoE experts ahead of embed).
+    """
+    table = dict(rules)
+    spec = []
+    used = set()
+    for name, dim in zip(logical, shape, strict=True):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        size = 1
+        for axis in axes:
+            if axis in used:
+                continue
+            if dim % (size * axis_sizes[axis]) == 0:
+                kept.append(axis)
+                size *= axis_sizes[axis]
+        used.update(kept)
+        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return jax.sharding.PartitionSpec(*spec)
+
+
+def longest_prefix_entry(table: Mapping[str, Any], key: str, default=None):
+    """The value of the longest name in `table` that `key` starts with, else `default`
+    (device kinds: 'TPU v5 lite' is v5e, 'TPU v5' v5p)."""
+    matches = [name for name in table if key.startswith(name)]
+    return table[max(matches, key=len)] if matches else default
 
 
 def path_key(path) -> str:

@@ -34,8 +34,11 @@ from jax.extend import backend as jax_backend
 
 from lm.models.layers import (
     DEFAULT_INIT_STD,
+    HEADS_LAYOUT,
+    KV_HEADS_LAYOUT,
     RMSNorm,
     apply_rotary,
+    constrain,
     dropout,
     kernel_dot_general,
     normal,
@@ -346,6 +349,9 @@ class Attention(nn.Module):
         if self.rotary and not is_cross:
             q = apply_rotary(q, positions, self.rope_base)
             k = apply_rotary(k, positions, self.rope_base)
+        q = constrain(q, HEADS_LAYOUT)
+        k = constrain(k, KV_HEADS_LAYOUT)
+        v = constrain(v, KV_HEADS_LAYOUT)
 
         key_positions = positions
         if decode and not is_cross:
@@ -384,6 +390,7 @@ class Attention(nn.Module):
         if self.capture_attention:
             out, weights = out
             self.sow("intermediates", "attention_weights", weights)
+        out = constrain(out, HEADS_LAYOUT)
         return nn.DenseGeneral(
             x.shape[-1],
             axis=(-2, -1),

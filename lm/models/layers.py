@@ -1,12 +1,16 @@
 """Building blocks shared by every model: embeddings, positions, norms and MLPs.
 
 Every parameter is created through `param_init(...)`, which attaches logical axis
-names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`, `length`, `expert`). `lm.parallel`
-maps those names onto mesh axes; model code never names a mesh axis.
+names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `kv`, `length`, `expert`), and the
+activations that decide memory are pinned with `constrain(x, names)` (`activation_batch`,
+`activation_length`, `activation_embed`, `activation_heads`, ...). `lm.parallel` maps those
+names onto mesh axes; model code never names a mesh axis.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Sequence
 
@@ -14,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from lm.utils import logical_to_mesh_spec
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -23,6 +29,50 @@ DEFAULT_INIT_STD = 0.02
 def param_init(init: Initializer, axes: Sequence[str | None]) -> Initializer:
     """Wraps an initializer so that the parameter carries logical axis names."""
     return nn.with_logical_partitioning(init, tuple(axes))
+
+
+# Logical layouts of the activations that decide memory (names mapped by lm.parallel's rules).
+RESIDUAL_LAYOUT = ("activation_batch", "activation_length", "activation_embed")
+HEADS_LAYOUT = ("activation_batch", "activation_length", "activation_heads", None)
+KV_HEADS_LAYOUT = ("activation_batch", "activation_length", "activation_kv_heads", None)
+MLP_LAYOUT = ("activation_batch", "activation_length", "activation_mlp")
+LOGITS_LAYOUT = ("activation_batch", "activation_length", "activation_vocab")
+
+
+# The rules table `constrain` maps names with, set only while a step is traced.
+_ACTIVATION_RULES: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "activation_rules", default=()
+)
+
+
+@contextlib.contextmanager
+def activation_rules(rules):
+    """Within: `constrain` maps logical names by `rules` ((name, mesh axes) pairs) over the
+    abstract mesh in force (`jax.sharding.use_abstract_mesh`). Entered by
+    `lm.parallel.with_activation_layout`; flax's own `nn.logical_axis_rules` is not used,
+    since flax would then also constrain parameters as it creates them."""
+    token = _ACTIVATION_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """x laid out by its logical axis names (one per dimension), e.g. a residual stream
+    [batch, length, embed] as RESIDUAL_LAYOUT; returns x (same shape and values).
+
+    Inside `activation_rules` and an abstract mesh the names map to mesh axes as parameters'
+    names do (`lm.utils.logical_to_mesh_spec`); outside them (one device, decoding, a bare
+    model) this is the identity. Without these pins the compiler may follow a weight's FSDP
+    split into the activations and hold the whole batch on every device.
+    """
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = logical_to_mesh_spec(tuple(names), x.shape, mesh.shape, rules)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def normal(std: float = DEFAULT_INIT_STD) -> Initializer:
@@ -156,7 +206,10 @@ class Embed(nn.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids [batch, length] int -> [batch, length, features]."""
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        # The table gathered over its embed split first, as FSDP gathers any weight: a
+        # lookup into a table split along embed cannot be partitioned like the batch.
+        table = constrain(self.embedding, ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [batch, length, features] -> logits [batch, length, num_embeddings]."""
@@ -297,6 +350,7 @@ class MLP(nn.Module):
             h = h * self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi_up")(x)
         else:
             h = act(self._dense(self.hidden, ("embed", "mlp"), self.init_std, "wi")(x))
+        h = constrain(h, MLP_LAYOUT)
         h = Dropout(self.dropout)(h, deterministic=deterministic)
         return self._dense(features, ("mlp", "embed"), self.out_init_std, "wo")(h)
 

@@ -26,7 +26,7 @@ from lm.utils import config_from_dict
 
 # ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
 # a model may be imported or exported) with other values.
-EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat", "precision")
+EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat", "precision", "logits_chunk")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -104,6 +104,10 @@ class ModelConfig:
     # 'dots_saveable' was the fastest on the 2-core CPU (python -m lm.bench step: 4% faster than
     # the unrolled stack, 'none' 14% slower) and also needs less memory than 'none'.
     remat: str = "dots_saveable"
+    # Positions of each row whose logits the training loss computes at a time (0 = the whole
+    # row): a chunk's float32 [batch, chunk, vocab] logits are made, reduced to the loss and
+    # made again in the backward pass, never the whole [batch, length, vocab] at once.
+    logits_chunk: int = 0
 
     def __post_init__(self):
         for key, low in [
@@ -122,6 +126,7 @@ class ModelConfig:
             ("global_every", 0),
             ("num_experts", 0),
             ("experts_per_token", 1),
+            ("logits_chunk", 0),
         ]:
             if getattr(self, key) < low:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be >= {low}")
@@ -160,6 +165,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}"
             )
+        if self.logits_chunk and self.architecture != "decoder":
+            raise ValueError("model.logits_chunk is for decoder-only models: set it to 0")
         if self.sublayer_output_norm and self.norm_placement != "pre":
             raise ValueError("model.sublayer_output_norm needs model.norm_placement='pre'")
         if self.head_dim == 0 and self.d_model % self.num_heads:
@@ -410,6 +417,7 @@ class Block(nn.Module):
         two, as static by position): see `_layer`.
         """
         c = self.config
+        x = layers.constrain(x, layers.RESIDUAL_LAYOUT)
         self_attention = self._attention("self_attention")
         x = self._residual(
             x,
@@ -440,7 +448,7 @@ class Block(nn.Module):
                 deterministic,
             )
         if c.mlp_dim == 0:
-            return x
+            return layers.constrain(x, layers.RESIDUAL_LAYOUT)
         mlp_options = dict(
             hidden=c.mlp_dim,
             activation=c.mlp_activation,
@@ -462,13 +470,14 @@ class Block(nn.Module):
             )
         else:
             mlp = layers.MLP(**mlp_options)
-        return self._residual(
+        x = self._residual(
             x,
             lambda h: mlp(h, deterministic=deterministic),
             "pre_mlp_norm" if c.norm_placement == "pre" else "post_mlp_norm",
             deterministic,
             "mlp_output_norm",
         )
+        return layers.constrain(x, layers.RESIDUAL_LAYOUT)
 
 
 def _layer(c: ModelConfig, scanned: bool):
@@ -602,7 +611,7 @@ def _embedder(c: ModelConfig, name: str) -> layers.Embed:
 
 
 def _embed(embedder: layers.Embed, c: ModelConfig, tokens):
-    x = embedder(tokens)
+    x = layers.constrain(embedder(tokens), layers.RESIDUAL_LAYOUT)
     return x * jnp.sqrt(c.d_model).astype(x.dtype) if c.scale_embeddings else x
 
 
@@ -614,7 +623,8 @@ def _logits(c: ModelConfig, embedder, head, x):
         logits = embedder.attend(x)
     else:
         logits = head(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return layers.constrain(logits, layers.LOGITS_LAYOUT) if logits.ndim == 3 else logits
 
 
 def _lm_head(c: ModelConfig):
