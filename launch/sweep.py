@@ -4,6 +4,7 @@ r"""Hyperparameter sweeps on one machine: one `python -m lm.main` run per point,
     python -m launch.sweep experiments/shakespeare_gpt.py:tiny --workdir /tmp/sweep --parallel 2 \
         --config.train.steps=10          # passed to every point
     python -m launch.sweep experiments/shakespeare_gpt.py --workdir /tmp/sweep --dry_run
+    python -m launch.sweep experiments/gpt2.py --compile_only --topology cpu:8  # will each fit?
 
 The experiment file's `get_sweep(arg)` returns a list of override dicts mapping dotted config keys
 to values (build them with `lm.config.sweep_axis`, `sweep_product` and `sweep_zip`); the `:arg`
@@ -21,6 +22,11 @@ step, the last logged value of each metric), sorted by --metric.
 
 Ctrl-C (or SIGTERM) sends SIGTERM to the running points, which save a checkpoint and stop;
 the table is written for what has finished, and rerunning the command continues the sweep.
+
+With --compile_only --topology T every point is compiled for T by `python -m lm.main
+compile` instead (nothing trains, no workdir is needed): one table of whether each fits, its
+memory per device, FLOPs, step time at peak and MFU ceiling (ROOT/compile.md and
+compile.json with --workdir); exit status 1 if any point does not fit or fails to compile.
 
 This module runs `python -m lm.main` and imports no training code (lm.config only for the
 sweep helpers and to read configs).
@@ -573,6 +579,97 @@ def write_results(root: storage.PathLike, rows, metric: str) -> str:
     return table
 
 
+# ------------------------------------------------------------------------ compile only
+
+
+def compile_command(spec: str, topology: str, point: Point, memory_gib: float = 0.0) -> list[str]:
+    memory = [f"--device_memory_gib={memory_gib}"] if memory_gib else []
+    return [
+        sys.executable,
+        "-m",
+        "lm.main",
+        "compile",
+        f"--config={spec}",
+        f"--topology={topology}",
+        "--json",
+        *memory,
+        *point.flags,
+    ]
+
+
+def compile_point(
+    spec: str, topology: str, point: Point, memory_gib: float = 0.0
+) -> dict[str, Any]:
+    """One point compiled for `topology` by `python -m lm.main compile`: its report (parsed
+    JSON, with 'status' 'fits', 'does not fit' or 'not judged'), or the status 'does not fit'
+    / 'failed' and the command's last line of output."""
+    proc = subprocess.run(
+        compile_command(spec, topology, point, memory_gib),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    report: dict[str, Any] = {"name": point.name, "overrides": point.overrides}
+    start = proc.stdout.find("{")
+    if start >= 0:  # a report, printed before a does-not-fit exit too
+        report.update(json.loads(proc.stdout[start:]))
+    if proc.returncode == 0:
+        report["status"] = {True: "fits", None: "not judged"}[report["fits"]]
+    elif "does not fit" in last:
+        report["status"], report["error"] = "does not fit", last.removeprefix("error: ")
+    else:
+        report["status"], report["error"] = "failed", last.removeprefix("error: ")
+    return report
+
+
+def compile_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per point, whether it fits, GiB per device, FLOPs, step time, MFU ceiling."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    header = ["name", *keys, "status", "GiB per device", "temporaries GiB", "FLOPs per step"]
+    header += ["step ms at peak", "MFU ceiling", "compile s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        train = r.get("train")
+        cells = [r["name"], *(format_value(r["overrides"].get(k, "")) for k in keys)]
+        cells.append(r["status"] + (f": {r['error']}" if "error" in r else ""))
+        if train is None:
+            cells += [""] * 6
+        else:
+            total = max(train["total"], r["eval"]["total"])
+            cells += [
+                f"{total / 2**30:.2f}",
+                f"{train['temporaries'] / 2**30:.2f}",
+                f"{r['model_flops']:.3e}",
+                f"{r['step_seconds'] * 1e3:.0f}" if r["step_seconds"] else "",
+                f"{100 * r['mfu_ceiling']:.0f}%",
+                f"{r['compile_seconds']:.0f}",
+            ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def compile_sweep(
+    spec: str, points: list[Point], topology: str, root, parallel: int, memory_gib: float = 0.0
+) -> int:
+    """Compiles every point for `topology` (nothing is trained), prints one table and writes
+    ROOT/compile.md and ROOT/compile.json when a root is given. 0 if every point fits (or
+    compiled where fitting is not judged), else 1."""
+    import concurrent.futures
+
+    print(f"compiling {len(points)} points for {topology} ({parallel} at a time)", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+        rows = list(pool.map(lambda p: compile_point(spec, topology, p, memory_gib), points))
+    table = compile_table(rows)
+    print(f"\n{table}", flush=True)
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        storage.write_atomic(root / "compile.json", json.dumps(rows, indent=2) + "\n")
+        storage.write_atomic(root / "compile.md", f"{spec} compiled for {topology}.\n\n{table}\n")
+        print(f"\nwrote {root / 'compile.md'} and {root / 'compile.json'}", flush=True)
+    return 0 if all(r["status"] in ("fits", "not judged") for r in rows) else 1
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -586,7 +683,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "experiment", help="experiments/NAME.py[:arg]; the arg goes to get_sweep and get_config"
     )
     parser.add_argument(
-        "--workdir", required=True, help="sweep root: one workdir per point, results.csv/.md"
+        "--workdir",
+        help="sweep root: one workdir per point, results.csv/.md (optional with --compile_only)",
     )
     parser.add_argument("--parallel", type=int, default=1, help="points run at once (default 1)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="sort the table by this metric")
@@ -594,7 +692,28 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--mode", choices=("min", "max"), default="min", help="min: lower is better"
     )
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--compile_only",
+        action="store_true",
+        help="compile every point for --topology and print one table (fits, GiB per device, "
+        "FLOPs, MFU ceiling); nothing is trained",
+    )
+    parser.add_argument(
+        "--topology", help="with --compile_only: v5p:4x4x4, v5e:2x2, cpu:8, ... (lm.main compile)"
+    )
+    parser.add_argument(
+        "--device_memory_gib",
+        type=float,
+        default=0.0,
+        help="with --compile_only: memory per device to judge 'fits' by (lm.main compile)",
+    )
     args, rest = parser.parse_known_args(argv)
+    if args.compile_only and not args.topology:
+        parser.error("--compile_only needs --topology (e.g. v5p:4x4x4 or cpu:8)")
+    if args.topology and not args.compile_only:
+        parser.error("--topology is for --compile_only")
+    if not (args.workdir or args.compile_only):
+        parser.error("--workdir is required (it is optional only with --compile_only)")
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -605,9 +724,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    root = storage.as_path(args.workdir)
-    storage.check_reachable(root)
+    root = storage.as_path(args.workdir) if args.workdir else None
+    if root is not None:
+        storage.check_reachable(root)
     points = plan_sweep(args.experiment, extra)
+    if args.compile_only:
+        if args.dry_run:
+            for p in points:
+                command_line = compile_command(
+                    args.experiment, args.topology, p, args.device_memory_gib
+                )
+                print(shlex.join(command_line))
+            return 0
+        return compile_sweep(
+            args.experiment, points, args.topology, root, args.parallel, args.device_memory_gib
+        )
     finished = [p for p in points if is_finished(root / p.name, p.steps)]
     todo = [p for p in points if p not in finished]
     print(

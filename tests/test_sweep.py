@@ -485,3 +485,41 @@ def test_sweep_end_to_end(tmp_path):
     with open(root / "results.csv") as f:
         assert [r["name"] for r in csv.DictReader(f)] == [r["name"] for r in rows]
     assert took < 60, took  # nothing retrained
+
+
+def run_sweep(*args):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "LM_COMPILATION_CACHE": "off"}
+    cmd = [sys.executable, "-m", "launch.sweep", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_compile_only_sweep_tables_every_point(tmp_path):
+    """Every point compiled for 8 host devices, nothing trained: one table, and the exit
+    status says whether all of them fit."""
+    spec = "experiments/gpt2.py:tiny"
+    proc = run_sweep(spec, "--compile_only", "--topology=cpu:8", f"--workdir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "compile.json").read_text())
+    assert [r["name"] for r in rows] == ["d64", "d128"]
+    assert [r["status"] for r in rows] == ["not judged", "not judged"]
+    assert rows[1]["num_params"] > rows[0]["num_params"]
+    assert rows[1]["model_flops"] > rows[0]["model_flops"]
+    assert "| d128 | 128 | 512 | not judged |" in proc.stdout
+    assert not list(tmp_path.glob("d64*"))  # no workdir: nothing trained
+
+
+@pytest.mark.slow
+def test_compile_only_sweep_fails_when_a_point_does_not_fit(tmp_path):
+    spec = "experiments/gpt2.py:tiny"
+    proc = run_sweep(spec, "--compile_only", "--topology=cpu:8", f"--workdir={tmp_path}")
+    rows = json.loads((tmp_path / "compile.json").read_text())
+    between = (rows[0]["train"]["total"] + rows[1]["train"]["total"]) / 2 / 2**30
+    proc = run_sweep(spec, "--compile_only", "--topology=cpu:8", f"--device_memory_gib={between}")
+    assert proc.returncode == 1
+    assert "| d64 | 64 | 256 | fits |" in proc.stdout
+    assert "| d128 | 128 | 512 | does not fit: batch 40 x 128 on cpu:8" in proc.stdout
+
+
+def test_compile_only_needs_a_topology():
+    proc = run_sweep("experiments/gpt2.py:tiny", "--compile_only")
+    assert proc.returncode == 2 and "--compile_only needs --topology" in proc.stderr

@@ -175,6 +175,8 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
     "saved_on, restored_on",
     [
         ((8, 1, 1), (2, 2, 2)),
+        ((8, 1, 1), (2, 4, 1)),
+        ((8, 1, 1), "one device"),
         ((1, 8, 1), "one device"),  # FSDP over 8 devices -> a single device
         ("one device", (1, 8, 1)),  # and the reverse
     ],
@@ -210,6 +212,9 @@ def test_restore_onto_a_different_mesh(tmp_path, saved_on, restored_on):
     assert kernel.sharding == wanted.sharding
     if restored_on == (2, 2, 2):
         assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+    elif restored_on == (2, 4, 1):
+        assert tuple(kernel.sharding.spec)[1] == "fsdp"
+        assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
     elif restored_on == (1, 8, 1):
         assert tuple(kernel.sharding.spec)[1] == "fsdp" and len(kernel.sharding.device_set) == 8
         assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 8
