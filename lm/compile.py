@@ -107,6 +107,8 @@ def _tpu_devices(spec: str) -> list:
     from jax.experimental import topologies  # not loaded by `import jax`
 
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    # Compiling touches no chip, so several compiles (a sweep, the tests) may share libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         import libtpu  # noqa: F401 - only to say how to get it
     except ImportError:

@@ -231,3 +231,54 @@ def test_a_batch_a_tpu_cannot_hold_is_one_line():
         r"the train step does not fit: needs [\d.]+ GiB per device of 15\.\d+ GiB; try", last
     ), last
     assert "Traceback" not in proc.stderr
+
+
+def _eval_loss(attention_impl: str, mesh) -> float:
+    config = preset("llama", **dict(SHAPE, vocab_size=256, num_layers=1), num_kv_heads=2)
+    config = dataclasses.replace(config, attention_impl=attention_impl)
+    trainer = create_trainer(
+        config, build_model(config), OptimizerConfig(), 10, parallel.ParallelConfig(mesh=mesh)
+    )
+    state = trainer.init_fn(0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, (4, 129)).astype(np.int32)
+    ids = np.ones((4, 128), np.int32)
+    ids[0, 60:] = 2  # two documents packed in row 0, padding at the end of row 1
+    ids[1, 100:] = 0
+    positions = np.where(ids[0] == 2, np.arange(128) - 60, np.arange(128))
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": (ids != 0).astype(np.float32),
+        "segment_ids": ids,
+        "positions": np.stack([positions] + [np.arange(128)] * 3).astype(np.int32),
+    }
+    out = trainer.eval_step(state.params, parallel.global_batch(batch, trainer.mesh))
+    return float(out["loss_sum"] / out["tokens"])
+
+
+def test_splash_inside_the_laid_out_step_equals_xla():
+    """The kernel per device (shard_map over batch and heads, Pallas interpreter on CPU)
+    gives the loss that XLA's attention gives over the whole mesh."""
+    want = _eval_loss("xla", (2, 2, 2))
+    assert _eval_loss("splash", (2, 2, 2)) == pytest.approx(want, rel=1e-6)
+    assert _eval_loss("splash", (1, 1, 8)) == pytest.approx(want, rel=1e-6)
+
+
+@needs_libtpu
+def test_auto_attention_compiles_the_splash_kernel_for_tpu():
+    from lm import config as config_lib
+
+    values = config_lib.resolve(config_lib.config_of(ROOT / "experiments/llama3_8b.py", "tiny"))
+    values["model"].update(head_dim=128)
+    values["parallel"]["mesh"] = (1, 2, 2)
+    run = config_lib.build(values)
+    model_cfg = run.model_config(run.data.vocab_size)
+    assert model_cfg.attention_impl == "auto"
+    target = compile_lib.topology("v5e:2x2")
+    trainer = create_trainer(
+        model_cfg, build_model(model_cfg), run.optimizer, 10, run.parallel, devices=target.devices
+    )
+    batch = compile_lib.abstract_batch(run.data, trainer.mesh)
+    text = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
+    assert "tpu_custom_call" in text  # the Mosaic kernel, not XLA's dot-product attention

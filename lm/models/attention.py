@@ -13,7 +13,11 @@ All attention in the models goes through `attend`, which runs one of
                handled inside, grouped heads without repeating k/v.
   'cudnn'      the same call with implementation='cudnn': cuDNN flash attention on CUDA
                GPUs, bf16/fp16 only; jax folds the dense mask into its bias.
-  'auto'       cuDNN where it applies (see `resolve_implementation`), else XLA.
+  'splash'     Pallas splash attention, the TPU flash kernel, for causal self-attention
+               within packed segments at lengths that are multiples of 128 (never a
+               [t, s] matrix in memory); XLA's for every other attention. Off a TPU the
+               kernel runs in the Pallas interpreter (slow; for the parity tests).
+  'auto'       cuDNN or splash where they apply (see `resolve_implementation`), else XLA.
 They agree up to rounding (tests/test_attention_parity.py). Query rows with no key to
 attend to (padding) get finite outputs whose values depend on the implementation.
 
@@ -25,6 +29,7 @@ from the same q/k by `attention_weights`, the one definition the reference core 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -37,6 +42,7 @@ from lm.models.layers import (
     HEADS_LAYOUT,
     KV_HEADS_LAYOUT,
     RMSNorm,
+    activation_spec,
     apply_rotary,
     constrain,
     dropout,
@@ -46,7 +52,7 @@ from lm.models.layers import (
 )
 
 NEG_INF = -1e30
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "reference")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -88,7 +94,13 @@ def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
 
 
 def _backend() -> str:
-    """jax.default_backend(), except that a GPU without CUDA (ROCm: no cuDNN) is 'rocm'."""
+    """The platform the model is traced for: that of the abstract mesh in force (a step
+    compiled ahead of time for a TPU slice from a CPU host), else jax.default_backend();
+    a GPU without CUDA (ROCm: no cuDNN) is 'rocm'."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    if device is not None and device.platform != "cpu":
+        return device.platform
     backend = jax.default_backend()
     if backend == "gpu" and "cuda" not in jax_backend.get_backend().platform_version.lower():
         return "rocm"
@@ -102,14 +114,21 @@ def resolve_implementation(
     backend: str | None = None,
     *,
     lengths: tuple[int, int] | None = None,
+    segmented: bool = False,
 ) -> str:
-    """The implementation `attend` runs, 'reference', 'xla' or 'cudnn', chosen at trace time.
+    """The implementation `attend` runs, 'reference', 'xla', 'cudnn' or 'splash', chosen at
+    trace time.
 
     'auto' takes cuDNN where jax 0.10's cuDNN path accepts the inputs: backend 'gpu'
     (CUDA; default: the running one), bf16/fp16, head_dim a multiple of 8 and <= 128
     (Hopper would allow 256), and, when `lengths` (q_len, k_len) are given, both even:
     its backward pass with a bias - the folded mask always is one - needs that, and
-    'auto' cannot know whether it will be differentiated. Anything else gets 'xla'.
+    'auto' cannot know whether it will be differentiated. On backend 'tpu' it takes splash
+    where it applies: `segmented` (causal self-attention within segments, no bias: see
+    `attend`), q_len == k_len a multiple of 128, head_dim a multiple of 128. Anything else
+    gets 'xla'. 'splash' takes splash where it applies whatever the backend and head_dim
+    (interpreted off a TPU), and 'xla' for the rest: decoding with a cache, cross-attention,
+    biases, sliding windows, custom masks, other lengths.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -128,8 +147,14 @@ def resolve_implementation(
                 f"model.attention_impl='cudnn' needs a CUDA GPU, the backend is {backend!r}; "
                 "use 'xla' or 'auto'"
             )
+    t, s = lengths if lengths is not None else (0, 1)
+    splash_applies = segmented and t == s and t % SPLASH_BLOCK == 0
+    if implementation == "splash":
+        return "splash" if splash_applies else "xla"
     if implementation != "auto":
         return implementation
+    if backend == "tpu":
+        return "splash" if splash_applies and head_dim % 128 == 0 else "xla"
     fits = backend == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
     if lengths is not None:
         fits = fits and all(n % 2 == 0 for n in lengths)
@@ -192,10 +217,13 @@ def attend(
     dropout_rate=0.0,
     deterministic=True,
     return_weights=False,
+    segment_ids=None,
 ):
     """Attention by `implementation`: q [b, t, h, d], k/v [b, s, kv, d] -> [b, t, h, d].
 
-    mask/bias/scale as in `attention_weights`. `causal` says the mask already contains
+    mask/bias/scale as in `attention_weights`. segment_ids [b, t], given with `causal`, say
+    that the mask is exactly causal_mask & segment_mask(segment_ids, segment_ids) (what
+    splash computes from the ids alone); leave them out for any other mask. `causal` says the mask already contains
     causality, so cuDNN may skip the blocks above the diagonal. It reaches cuDNN only when
     t == s (jax's causal mask is top-left, query i sees keys <= i: wrong for queries at
     the end of a cache) and never XLA (which would only rebuild the same mask); the dense
@@ -205,7 +233,10 @@ def attend(
     With `return_weights`, returns (out, softmax weights [b, h, t, s]).
     """
     t, s = q.shape[1], k.shape[1]
-    impl = resolve_implementation(implementation, q.dtype, q.shape[-1], lengths=(t, s))
+    segmented = causal and segment_ids is not None and bias is None and t == s
+    impl = resolve_implementation(
+        implementation, q.dtype, q.shape[-1], lengths=(t, s), segmented=segmented
+    )
     if not deterministic and dropout_rate > 0.0:
         impl = "reference"
     if impl == "reference":
@@ -223,6 +254,8 @@ def attend(
         return (out, weights) if return_weights else out
     if impl == "xla":
         out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="xla")
+    elif impl == "splash":
+        out = splash_attention(q, k, v, segment_ids, scale=scale)
     else:
         # jax's cuDNN path rejects a folded mask/bias not spanning [.., t, s] (e.g. the
         # [b, 1, 1, s] padding mask); the kernel takes the bias in the inputs' dtype.
@@ -243,6 +276,74 @@ def attend(
     if return_weights:
         return out, attention_weights(q, k, mask, bias, scale)
     return out
+
+
+SPLASH_BLOCK = 128  # splash's tile: the lengths it takes are multiples of it
+
+
+def _splash_per_device(q, k, v, segment_ids, interpret: bool):
+    """Splash on one device's shard: q [b, t, h, d], k/v [b, t, kv, d], segment_ids [b, t]."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # loaded when used
+
+    t, heads = q.shape[1], q.shape[2]
+    block = next(n for n in (512, 256, SPLASH_BLOCK) if t % n == 0)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * heads)
+    kernel = splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+    def one_row(q, k, v, ids):  # [heads, t, d] each
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids))
+
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    out = jax.vmap(one_row)(heads_first(q), heads_first(k), heads_first(v), segment_ids)
+    return heads_first(out)
+
+
+def splash_attention(q, k, v, segment_ids, *, scale=None):
+    """Causal attention within segments by the Pallas splash kernel (TPU flash attention).
+
+    q [b, t, h, d], k/v [b, t, kv, d], segment_ids [b, t] -> [b, t, h, d] in q's dtype; t a
+    multiple of SPLASH_BLOCK. Queries are scaled by `scale` (default d^-1/2) before the
+    kernel, which takes none. Under a laid-out step (`layers.activation_rules`) the kernel
+    runs per device by shard_map over the batch and head splits of q and k (the compiler
+    cannot split a custom kernel itself); elsewhere on the whole arrays. Off a TPU it runs
+    in the Pallas interpreter.
+    """
+    if q.shape[1] % SPLASH_BLOCK:
+        raise ValueError(
+            f"splash attention needs lengths that are multiples of {SPLASH_BLOCK}, got "
+            f"{q.shape[1]}; use model.attention_impl='auto' or 'xla'"
+        )
+    q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
+    run = functools.partial(_splash_per_device, interpret=_backend() != "tpu")
+    q_spec = activation_spec(HEADS_LAYOUT, q.shape)
+    kv_spec = activation_spec(KV_HEADS_LAYOUT, k.shape)
+    if q_spec is None:
+        return run(q, k, v, segment_ids)
+    if q_spec[2] != kv_spec[2]:  # grouped heads must split alike: one kv head per q group
+        raise ValueError(
+            f"splash attention: the query heads ({q.shape[2]}) and key/value heads "
+            f"({k.shape[2]}) split differently over the mesh ({q_spec[2]} vs {kv_spec[2]}); "
+            f"use a tensor size that divides both, or model.attention_impl='xla'"
+        )
+    ids_spec = jax.sharding.PartitionSpec(q_spec[0], q_spec[1])
+    return jax.shard_map(
+        run,
+        in_specs=(q_spec, kv_spec, kv_spec, ids_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)
 
 
 def relative_position_bucket(
@@ -373,6 +474,9 @@ class Attention(nn.Module):
         dropout_rng = None
         if not deterministic and self.dropout > 0.0:
             dropout_rng = self.make_rng("dropout")
+        # The mask is causal within segments exactly when the stack passes segment ids
+        # without decoding (DecoderOnly.features leaves them out for any other mask).
+        segmented = causal and not decode and not is_cross and not self.window
         out = attend(
             q,
             k,
@@ -381,6 +485,7 @@ class Attention(nn.Module):
             bias=bias,
             scale=self.scale or None,
             causal=causal,
+            segment_ids=segment_ids if segmented else None,
             implementation=self.implementation,
             dropout_rng=dropout_rng,
             dropout_rate=self.dropout,

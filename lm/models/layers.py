@@ -58,6 +58,16 @@ def activation_rules(rules):
         _ACTIVATION_RULES.reset(token)
 
 
+def activation_spec(names: Sequence[str | None], shape: Sequence[int]):
+    """The PartitionSpec that logical `names` (one per dimension of `shape`) get under the
+    rules and abstract mesh in force (see `activation_rules`), or None outside them."""
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return None
+    return logical_to_mesh_spec(tuple(names), tuple(shape), mesh.shape, rules)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """x laid out by its logical axis names (one per dimension), e.g. a residual stream
     [batch, length, embed] as RESIDUAL_LAYOUT; returns x (same shape and values).
@@ -67,12 +77,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     model) this is the identity. Without these pins the compiler may follow a weight's FSDP
     split into the activations and hold the whole batch on every device.
     """
-    rules = _ACTIVATION_RULES.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return x
-    spec = logical_to_mesh_spec(tuple(names), x.shape, mesh.shape, rules)
-    return jax.lax.with_sharding_constraint(x, spec)
+    spec = activation_spec(names, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def normal(std: float = DEFAULT_INIT_STD) -> Initializer:

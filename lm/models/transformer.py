@@ -702,6 +702,9 @@ class DecoderOnly(nn.Module):
         c = self.config
         positions = _positions_or_default(positions, tokens)
         seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+        # The layers get segment ids when decoding (the cache marks real keys by them) and
+        # when the mask is causal within segments (a fused kernel may build it from them).
+        segmented = mask is None and not prefix_tree
         if mask is None and not decode:  # decoding masks by the cache's filled positions
             if prefix_tree:
                 mask = prefix_tree_mask(seg)
@@ -712,7 +715,7 @@ class DecoderOnly(nn.Module):
             x,
             mask,
             positions=positions,
-            segment_ids=seg,
+            segment_ids=seg if decode or segmented else None,
             deterministic=deterministic,
             decode=decode,
         )
@@ -775,7 +778,7 @@ class EncoderDecoder(nn.Module):
             x,
             mask,
             positions=positions,
-            segment_ids=seg,
+            segment_ids=seg if decode else None,  # the mask is not segment_mask's: see features
             encoded=encoded,
             cross_mask=cross,
             deterministic=deterministic,
