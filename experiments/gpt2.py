@@ -22,17 +22,28 @@ model of that vocabulary trained on C4's training split.
 Arg: '124m' (default), '350m', '774m', '1.5b'; 'tiny' (with a size: a 2-layer model of the
 same family, for tests). The sweep (`get_sweep`) is the four sizes.
 
-Compile table: README, "Will it fit?" (re-measured with the sweep command above).
+Compiled for 8 host devices with the sweep command above (2026-12-06, 2-core CPU; GiB per
+device of the train step, temporaries as the CPU compiler counts them: an estimate for a GPU):
+
+    size   remat          GiB per device  temporaries  FLOPs per step  MFU ceiling
+    124M   dots_saveable  17.84           16.44        4.23e14         100%
+    350M   dots_saveable  37.75           33.78        1.20e15         100%
+    774M   dots_saveable  67.37           58.72        2.56e15         100%
+    1.5B   full           39.64           22.23        5.06e15         75%
+
+(1.5B with dots_saveable: 114.15 GiB, does not fit in 80.) The 124M shape has run on one H200
+(README, "Accelerators"); this experiment as a whole has not.
 """
 
 from lm.config import experiment, experiment_args
 
-# name: (layers, heads, d_model, peak learning rate)
+# name: (layers, heads, d_model, peak learning rate, remat). 1.5B keeps only each layer's
+# input: saving its matmul outputs too needs more than an 80 GB GPU holds (README).
 SIZES = {
-    "124m": (12, 12, 768, 6e-4),
-    "350m": (24, 16, 1024, 3e-4),
-    "774m": (36, 20, 1280, 2.5e-4),
-    "1.5b": (48, 25, 1600, 2e-4),
+    "124m": (12, 12, 768, 6e-4, "dots_saveable"),
+    "350m": (24, 16, 1024, 3e-4, "dots_saveable"),
+    "774m": (36, 20, 1280, 2.5e-4, "dots_saveable"),
+    "1.5b": (48, 25, 1600, 2e-4, "full"),
 }
 
 
@@ -41,7 +52,7 @@ def get_config(arg: str | None = None):
     sizes = [a for a in args if a in SIZES] or ["124m"]
     if len(sizes) > 1:
         raise ValueError(f"experiments/gpt2.py takes one size, got {sizes}")
-    layers, heads, width, learning_rate = SIZES[sizes[0]]
+    layers, heads, width, learning_rate, remat = SIZES[sizes[0]]
     config = experiment(
         preset="gpt2",
         model=dict(
@@ -53,6 +64,7 @@ def get_config(arg: str | None = None):
             max_len=1024,
             dropout=0.0,
             precision="bf16",
+            remat=remat,
         ),
         data=dict(
             source="tfds:c4/en",
@@ -91,7 +103,7 @@ def get_sweep(arg: str | None = None):
         ]
     points = []
     for name in SIZES:
-        layers, heads, width, learning_rate = SIZES[name]
+        layers, heads, width, learning_rate, remat = SIZES[name]
         points.append(
             {
                 "name": name,
@@ -100,6 +112,7 @@ def get_sweep(arg: str | None = None):
                 "model.d_model": width,
                 "model.mlp_dim": 4 * width,
                 "optimizer.learning_rate": learning_rate,
+                "model.remat": remat,
             }
         )
     return points

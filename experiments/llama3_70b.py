@@ -12,9 +12,21 @@ Shape of Llama 3 70B (Grattafiori et al. 2024): d_model 8,192, 80 layers, 64 que
 sharing 8 key/value heads of 128, SwiGLU MLP 28,672, vocabulary 128,256, RoPE base 500,000,
 untied embeddings: 70.6B parameters. One row of 8,192 tokens per chip (a global batch of
 128 x 8,192 = 1M tokens), bf16 compute over float32 parameters and Adam moments sharded
-128 ways (FSDP), remat full, logits made 1,024 positions at a time. The smallest v5p slice
-it fits: the float32 state alone is 70.6B x 12 bytes = 789 GiB, and the compiler's table
-in the README ("Will it fit?") says which slices hold it with the activations.
+128 ways (FSDP), remat full, logits made 1,024 positions at a time.
+
+Compiled from the 2-core CPU dev machine (2026-12-06, jax 0.10.2, libtpu 0.0.42.1), one
+row of 8,192 per chip (--config.data.batch_size = chips), splash attention, GiB per chip:
+state + temporaries of the train step, of 95.74 GiB HBM:
+
+    topology          batch         GiB per chip            step at peak  MFU ceiling  compile
+    v5p:4x4x8 (128)   128 x 8,192   29.97 (6.16 + 23.73)    11.6 s        75%          166 s
+    v5p:4x4x4 (64)    64 x 8,192    40.88 (12.32 + 28.48)   11.6 s        75%          185 s
+    v5p:2x4x4 (32)    32 x 8,192    63.04 (24.64 + 38.36)   11.6 s        75%          142 s
+    v5p:2x2x4 (16)    16 x 8,192    does not fit: 102.03 (49.28 + 52.70)
+    v5p:2x2x2 (8)     8 x 8,192     does not fit: the compiler needs 159.94
+
+So the smallest v5p slice it fits is v5p-32 (the float32 state alone is 789 GiB). No TPU
+has run it: step times are the ceilings at the chips' 459 TFLOP/s.
 
 Args: 'tiny' (a few-million-parameter model of the same family, for tests).
 """

@@ -19,8 +19,19 @@ trained on C4's training split (or set data.tokenizer to one you have).
 Args (comma-separated): 'short' (2,048 positions per row, one row per chip: the issue's
 first measurement), 'tiny' (a few-million-parameter model of the same family, for tests).
 
-Compiled for v5p:4x4x4 from the 2-core CPU dev machine (see README, "Will it fit?"):
-see the table there, re-measured with the command above.
+Compiled from the 2-core CPU dev machine (2026-12-06, jax 0.10.2, libtpu 0.0.42.1; the
+command above, GiB per chip: state + temporaries of the train step, of 95.74 GiB HBM):
+
+    topology          batch         attention  GiB per chip          step at peak  MFU ceiling  compile
+    v5p:4x4x4 (64)    128 x 8,192   splash     13.01 (1.40 + 11.54)  2.94 s        74%          91 s
+    v5p:4x4x4 (64)    512 x 8,192   splash     41.67 (1.40 + 40.19)  11.8 s        74%          91 s
+    v5p:4x4x4 (64)    128 x 8,192   xla        48.78 (1.40 + 47.30)  2.94 s        74%          191 s
+    v5p:4x4x4 (64)    64 x 2,048    splash     9.74 (1.40 + 8.27)    0.31 s        74%          142 s
+    v5p:2x4x4 (32)    128 x 8,192   splash     26.91 (2.81 + 24.07)  5.89 s        74%          120 s
+
+(512 x 8,192: --config.data.batch_size=512; xla: --config.model.attention_impl=xla; the
+2,048 row is the 'short' arg.) No TPU has run it: step times are the ceilings at the
+chips' 459 TFLOP/s, not measurements.
 """
 
 from lm.config import experiment, experiment_args

@@ -636,7 +636,7 @@ def compile_table(rows: list[dict[str, Any]]) -> str:
         if train is None:
             cells += [""] * 6
         else:
-            total = max(train["total"], r["eval"]["total"])
+            total = max(train["total"], r["eval"]["total"], r["init"]["total"])
             cells += [
                 f"{total / 2**30:.2f}",
                 f"{train['temporaries'] / 2**30:.2f}",

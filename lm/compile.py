@@ -172,6 +172,7 @@ class CompileReport:
     remat: str
     train: StepMemory
     eval: StepMemory
+    init: StepMemory  # the random init of the state, made sharded where it lives
     hbm_bytes: int  # per device; 0 = unknown
     model_flops: float
     executed_flops: float  # model_flops plus the forward pass that remat runs again
@@ -183,7 +184,12 @@ class CompileReport:
     def fits(self) -> bool | None:
         if not self.hbm_bytes:
             return None
-        return max(self.train.total, self.eval.total) <= self.hbm_bytes
+        return self.peak_bytes <= self.hbm_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most that one of the programs (init, train step, eval step) holds per device."""
+        return max(self.train.total, self.eval.total, self.init.total)
 
     @property
     def step_seconds(self) -> float:
@@ -200,6 +206,7 @@ class CompileReport:
         out = dataclasses.asdict(self)
         out["train"]["total"] = self.train.total
         out["eval"]["total"] = self.eval.total
+        out["init"]["total"] = self.init.total
         del out["hint"]
         out.update(fits=self.fits, step_seconds=self.step_seconds, mfu_ceiling=self.mfu_ceiling)
         return out
@@ -212,7 +219,7 @@ class CompileReport:
             f"{self.topology}: {self.devices} x {self.device_kind}, mesh {self.mesh} "
             f"(data, fsdp, tensor), {self.num_params:,} parameters, batch {rows} x {length}, "
             f"remat {self.remat}",
-            f"{'per device':<34}{'train step':>12}{'eval step':>12}",
+            f"{'per device':<34}{'train step':>12}{'eval step':>12}{'init':>12}",
         ]
         for label, field in [
             ("arguments (state, batch)", "arguments"),
@@ -221,12 +228,12 @@ class CompileReport:
             ("total", "total"),
         ]:
             if field is None:
-                values = [m.outputs - m.aliased for m in (self.train, self.eval)]
+                values = [m.outputs - m.aliased for m in (self.train, self.eval, self.init)]
             else:
-                values = [getattr(m, field) for m in (self.train, self.eval)]
+                values = [getattr(m, field) for m in (self.train, self.eval, self.init)]
             lines.append(f"{label:<34}" + "".join(f"{_size(v):>12}" for v in values))
         verdict = {None: "not judged", True: "fits", False: "DOES NOT FIT"}[self.fits]
-        peak = max(self.train.total, self.eval.total)
+        peak = self.peak_bytes
         headroom = f", headroom {_size(self.hbm_bytes - peak)}" if self.hbm_bytes else ""
         lines.append(f"device memory {hbm}: {verdict}{headroom}")
         lines.append(
@@ -240,7 +247,7 @@ class CompileReport:
                 f"{rows * length / max(self.step_seconds, 1e-12):,.0f} tokens/s at most, "
                 f"MFU ceiling {100 * self.mfu_ceiling:.1f}%"
             )
-        lines.append(f"compile {self.compile_seconds:.1f} s (train and eval steps)")
+        lines.append(f"compile {self.compile_seconds:.1f} s (train step, eval step, init)")
         return "\n".join(lines)
 
 
@@ -344,6 +351,7 @@ def compile_run(values: dict[str, Any], target: Topology) -> CompileReport:
     if trainer.lora is not None:  # evaluation runs the merged model, laid out like the base
         eval_params = trainer.abstract_state.frozen
     evaluation = _compile(trainer.eval_step.lower(eval_params, batch), "the eval step", hint)
+    init = _compile(trainer.init_fn.lower(config.train.seed), "the parameter init", hint)
     seconds = time.perf_counter() - start
     rows, length = data_cfg.batch_size, data_cfg.seq_len
     model_flops, executed = model_flops_per_step(model_cfg, trainer.num_params, rows, length)
@@ -357,6 +365,7 @@ def compile_run(values: dict[str, Any], target: Topology) -> CompileReport:
         remat=model_cfg.remat,
         train=StepMemory.of(train),
         eval=StepMemory.of(evaluation),
+        init=StepMemory.of(init),
         hbm_bytes=target.hbm_bytes,
         model_flops=model_flops,
         executed_flops=executed,
@@ -373,7 +382,7 @@ def check_fits(report: CompileReport) -> None:
         rows, length = report.batch
         raise _does_not_fit(
             f"batch {rows} x {length} on {report.topology} (mesh {report.mesh})",
-            max(report.train.total, report.eval.total),
+            report.peak_bytes,
             report.hbm_bytes,
             report.hint,
         )

@@ -105,7 +105,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     None,
     "Directory of JAX's persistent compilation cache, so that a command run again skips "
     "compiling; 'off' to disable (default: $LM_COMPILATION_CACHE, else $LM_CACHE_DIR/jax, "
-    "else ~/.cache/lm/jax).",
+    "else ~/.cache/lm/jax; compile: off unless given).",
 )
 _OUT = flags.DEFINE_string(
     "out",
@@ -293,7 +293,9 @@ def main(argv):
         )
     if command == "compile":
         use_host_devices(_TOPOLOGY.value)
-        enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
+        # No persistent cache unless asked: the compile time is part of the report, and the
+        # programs are for other devices than this machine's.
+        enable_compilation_cache(_COMPILATION_CACHE.value or "off")
         compile_command()
         return
     if _WORKDIR.value is None and not (

@@ -231,8 +231,12 @@ def forward(model: nn.Module, params, batch, *, deterministic=True, rng=None):
     return forward_with_aux(model, params, batch, deterministic=deterministic, rng=rng)[0]
 
 
-def forward_with_aux(model: nn.Module, params, batch, *, deterministic=True, rng=None):
-    """(logits [batch, length, vocab], {name: auxiliary loss}) for a data batch.
+def forward_with_aux(
+    model: nn.Module, params, batch, *, deterministic=True, rng=None, method: str | None = None
+):
+    """(logits [batch, length, vocab], {name: auxiliary loss}) for a data batch; with
+    method="features" (decoder-only models) the final hidden states [batch, length, embed]
+    instead of the logits.
 
     A model adds a term to the objective by sowing a scalar, already multiplied by its
     coefficient, into the `AUX_LOSSES` collection (`self.sow("losses", name, value)`, e.g. a
@@ -247,6 +251,7 @@ def forward_with_aux(model: nn.Module, params, batch, *, deterministic=True, rng
         deterministic=deterministic,
         rngs=rngs,
         mutable=[AUX_LOSSES],
+        method=method,
         **kwargs,
     )
     return logits, sum_aux_losses(sown.get(AUX_LOSSES, {}))
@@ -315,30 +320,15 @@ def chunked_loss_sums(project, x, targets, weights, chunk: int):
     return totals
 
 
-def _features_with_aux(model: nn.Module, params, batch, *, deterministic=True, rng=None):
-    """(final hidden states [batch, length, embed], {name: auxiliary loss}) of a decoder-only
-    model: `forward_with_aux` before the vocabulary projection."""
-    kwargs = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
-    rngs = {"dropout": rng} if rng is not None else {}
-    x, sown = model.apply(
-        {"params": params},
-        batch["inputs"],
-        deterministic=deterministic,
-        rngs=rngs,
-        mutable=[AUX_LOSSES],
-        method="features",
-        **kwargs,
-    )
-    return x, sum_aux_losses(sown.get(AUX_LOSSES, {}))
-
-
 def language_model_sums(model, params, batch, *, deterministic=True, rng=None):
     """The objective of text models: next-token cross-entropy (see `Objective`), with the
     logits made `model.logits_chunk` positions at a time where the config says so."""
     targets, weights = batch["targets"], batch["weights"]
     chunk = model.config.logits_chunk
     if chunk and chunk < targets.shape[1]:
-        x, aux = _features_with_aux(model, params, batch, deterministic=deterministic, rng=rng)
+        x, aux = forward_with_aux(
+            model, params, batch, deterministic=deterministic, rng=rng, method="features"
+        )
         project = lambda h: model.apply({"params": params}, h, method="project")
         loss, correct, weight = chunked_loss_sums(project, x, targets, weights, chunk)
     else:

@@ -266,7 +266,7 @@ def test_invalid_implementation_is_rejected():
     x, mask, positions = _module_inputs()
     with pytest.raises(
         ValueError,
-        match=r"model\.attention_impl must be one of .*'auto', 'xla', 'cudnn', 'reference'",
+        match=r"model\.attention_impl must be one of .*'auto', 'xla', 'cudnn', 'splash', 'reference'",
     ):
         _module(implementation="flash").init(jax.random.PRNGKey(0), x, mask, positions=positions)
 
@@ -312,6 +312,7 @@ def test_splash_only_where_the_mask_is_causal_within_segments():
     odd = dict(lengths=(200, 200), segmented=True)
     assert A.resolve_implementation("splash", jnp.float32, 128, **odd) == "xla"
     assert A.resolve_implementation("auto", jnp.bfloat16, 128, "tpu", **segmented) == "splash"
-    assert A.resolve_implementation("auto", jnp.bfloat16, 64, "tpu", **segmented) == "xla"
+    assert A.resolve_implementation("auto", jnp.bfloat16, 64, "tpu", **segmented) == "splash"
+    assert A.resolve_implementation("auto", jnp.bfloat16, 32, "tpu", **segmented) == "xla"
     assert A.resolve_implementation("auto", jnp.bfloat16, 128, "tpu", lengths=(256, 256)) == "xla"
     assert A.resolve_implementation("auto", jnp.bfloat16, 128, "cpu", **segmented) == "xla"

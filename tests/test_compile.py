@@ -171,6 +171,10 @@ def test_compile_for_host_devices_reports_exact_argument_bytes():
     assert report["num_params"] == trainer.num_params
     assert report["train"]["arguments"] == shard_bytes((trainer.abstract_state, batch))
     assert report["train"]["temporaries"] > 0
+    # The init makes each device's shards only, never the whole state on one device.
+    whole_state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state))
+    assert report["init"]["outputs"] == shard_bytes(trainer.abstract_state)
+    assert report["init"]["total"] < whole_state / 2, (report["init"], whole_state)
     assert report["model_flops"] == pytest.approx(
         compile_lib.model_flops_per_step(model_cfg, trainer.num_params, 16, 256)[0]
     )
@@ -282,3 +286,29 @@ def test_auto_attention_compiles_the_splash_kernel_for_tpu():
     batch = compile_lib.abstract_batch(run.data, trainer.mesh)
     text = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
     assert "tpu_custom_call" in text  # the Mosaic kernel, not XLA's dot-product attention
+
+
+@pytest.mark.parametrize(
+    "spec, params",
+    [
+        # The published sizes: Llama 3 8B, 70B and 3.2 1B; GPT-2 1.5B with 50,304 tokens.
+        ("llama3_8b.py", 8_030_261_248),
+        ("llama3_70b.py", 70_553_706_496),
+        ("llama3_1b.py", 1_235_814_400),
+        ("gpt2.py:1.5b", 1_557_686_400),
+    ],
+)
+def test_real_size_experiments_have_the_published_shapes(spec, params):
+    from lm import config as config_lib
+    from lm.models.transformer import dummy_inputs
+    from lm.utils import count_params
+
+    path, _, arg = spec.partition(":")
+    run = config_lib.build(
+        config_lib.resolve(config_lib.config_of(ROOT / "experiments" / path, arg or None))
+    )
+    model_cfg = run.model_config(run.data.vocab_size)
+    shapes = jax.eval_shape(
+        build_model(model_cfg).init, jax.random.PRNGKey(0), **dummy_inputs(model_cfg)
+    )
+    assert count_params(shapes["params"]) == params

@@ -125,7 +125,7 @@ def resolve_implementation(
     its backward pass with a bias - the folded mask always is one - needs that, and
     'auto' cannot know whether it will be differentiated. On backend 'tpu' it takes splash
     where it applies: `segmented` (causal self-attention within segments, no bias: see
-    `attend`), q_len == k_len a multiple of 128, head_dim a multiple of 128. Anything else
+    `attend`), q_len == k_len a multiple of 128, head_dim a multiple of 64. Anything else
     gets 'xla'. 'splash' takes splash where it applies whatever the backend and head_dim
     (interpreted off a TPU), and 'xla' for the rest: decoding with a cache, cross-attention,
     biases, sliding windows, custom masks, other lengths.
@@ -154,7 +154,8 @@ def resolve_implementation(
     if implementation != "auto":
         return implementation
     if backend == "tpu":
-        return "splash" if splash_applies and head_dim % 128 == 0 else "xla"
+        # head_dim 64 and 128 are what the kernel has been compiled for here.
+        return "splash" if splash_applies and head_dim % 64 == 0 else "xla"
     fits = backend == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
     if lengths is not None:
         fits = fits and all(n % 2 == 0 for n in lengths)
