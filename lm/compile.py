@@ -29,8 +29,8 @@ from typing import Any
 import jax
 
 from lm import config as config_lib
-from lm.models.transformer import ModelConfig, build_model
-from lm.train import create_trainer, flops_per_token, peak_flops_for_kind
+from lm.models.transformer import ModelConfig
+from lm.train import flops_per_token, peak_flops_for_kind
 from lm.utils import longest_prefix_entry
 
 GIB = 2**30
@@ -330,16 +330,7 @@ def compile_run(values: dict[str, Any], target: Topology) -> CompileReport:
     config = config_lib.build(values)
     data_cfg = config.data
     model_cfg = config.model_config(data_cfg.vocab_size)
-    trainer = create_trainer(
-        model_cfg,
-        build_model(model_cfg),
-        config.optimizer,
-        config.train.steps,
-        config.parallel,
-        seed=config.train.seed,
-        devices=target.devices,
-        lora_config=config.train.lora,
-    )
+    trainer = config.create_trainer(model_cfg, devices=target.devices)
     mesh = tuple(trainer.mesh.shape.values())
     hint = _hint(model_cfg, mesh)
     batch = abstract_batch(data_cfg, trainer.mesh)

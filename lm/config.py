@@ -19,7 +19,7 @@ from lm import lora
 from lm.data.pipeline import DataConfig
 from lm.models.transformer import PRESETS, ModelConfig, build_model, dummy_inputs
 from lm.parallel import ParallelConfig
-from lm.train import OptimizerConfig, TrainConfig
+from lm.train import OptimizerConfig, TrainConfig, create_trainer
 
 SECTIONS = {
     "model": ModelConfig,
@@ -142,6 +142,21 @@ class RunConfig:
                 f"{tokenizer_vocab} pieces; set model.vocab_size=0 to follow the tokenizer"
             )
         return ModelConfig.from_dict(values)
+
+    def create_trainer(self, model_cfg: ModelConfig, *, devices=None, init_params=None):
+        """The run's `lm.train.Trainer` for `model_cfg` (`model_config`'s): its optimizer,
+        steps, mesh and rules, seed and LoRA, over `devices` (default: all attached)."""
+        return create_trainer(
+            model_cfg,
+            build_model(model_cfg),
+            self.optimizer,
+            self.train.steps,
+            self.parallel,
+            seed=self.train.seed,
+            devices=devices,
+            init_params=init_params,
+            lora_config=self.train.lora,
+        )
 
 
 def build(values: dict[str, Any]) -> RunConfig:

@@ -26,7 +26,7 @@ from lm.decode import samples
 from lm.evaluation import evaluate, get_tasks
 from lm.evaluation.model import harness_model
 from lm.models.transformer import ModelConfig, build_model
-from lm.train import TrainConfig, Trainer, create_trainer, make_eval_step, train_loop
+from lm.train import TrainConfig, Trainer, make_eval_step, train_loop
 from lm.utils import gather_full
 
 
@@ -94,15 +94,8 @@ def build_run(values: dict[str, Any], workdir: pathlib.Path) -> Run:
         )
     if source is not None:
         finetune.check_init_source(source, dataclasses.asdict(model_cfg))
-    trainer = create_trainer(
-        model_cfg,
-        build_model(model_cfg),
-        config.optimizer,
-        config.train.steps,
-        config.parallel,
-        seed=config.train.seed,
-        init_params=source.params if source is not None else None,
-        lora_config=config.train.lora,
+    trainer = config.create_trainer(
+        model_cfg, init_params=source.params if source is not None else None
     )
     return Run(values, config, model_cfg, tokenizer, trainer)
 
