@@ -29,6 +29,8 @@ from typing import Any
 import jax
 
 from lm import config as config_lib
+from lm import parallel
+from lm.data.pipeline import empty_batch
 from lm.models.transformer import ModelConfig
 from lm.train import flops_per_token, peak_flops_for_kind
 from lm.utils import longest_prefix_entry
@@ -257,9 +259,6 @@ def _size(n: int) -> str:
 
 def abstract_batch(data_cfg, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of `data_cfg` as ShapeDtypeStructs laid out over `mesh`'s batch axes."""
-    from lm import parallel
-    from lm.data.pipeline import empty_batch
-
     sharding = parallel.batch_sharding(mesh)
     return {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)

@@ -229,7 +229,10 @@ def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
 def with_activation_layout(fn, mesh: Mesh, rules=DEFAULT_RULES):
     """`fn` traced with its activations laid out by `rules` over `mesh`: the model's
     `layers.constrain` pins then take effect (outside this they are no-ops). Wrap a step
-    before `jax.jit`; the context is entered only while the step is traced."""
+    before `jax.jit`; the context is entered only while the step is traced. On one device
+    there is nothing to lay out: `fn` comes back as it is."""
+    if mesh.size == 1:
+        return fn
 
     @functools.wraps(fn)
     def laid_out(*args, **kwargs):

@@ -265,12 +265,15 @@ def test_splash_inside_the_laid_out_step_equals_xla():
 
 
 @needs_libtpu
-def test_auto_attention_compiles_the_splash_kernel_for_tpu():
+@pytest.mark.parametrize("mesh, splash", [((1, 2, 2), True), ((1, 1, 4), False)])
+def test_auto_attention_compiles_the_splash_kernel_for_tpu(mesh, splash):
+    """Splash where each device holds its query heads' kv heads: 4 query heads and 2 kv heads
+    split over tensor 2 alike, but over tensor 4 only the query heads split (XLA then)."""
     from lm import config as config_lib
 
     values = config_lib.resolve(config_lib.config_of(ROOT / "experiments/llama3_8b.py", "tiny"))
     values["model"].update(head_dim=128)
-    values["parallel"]["mesh"] = (1, 2, 2)
+    values["parallel"]["mesh"] = mesh
     run = config_lib.build(values)
     model_cfg = run.model_config(run.data.vocab_size)
     assert model_cfg.attention_impl == "auto"
@@ -278,7 +281,7 @@ def test_auto_attention_compiles_the_splash_kernel_for_tpu():
     trainer = run.create_trainer(model_cfg, devices=target.devices)
     batch = compile_lib.abstract_batch(run.data, trainer.mesh)
     text = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
-    assert "tpu_custom_call" in text  # the Mosaic kernel, not XLA's dot-product attention
+    assert ("tpu_custom_call" in text) == splash  # the Mosaic kernel, or XLA's attention
 
 
 @pytest.mark.parametrize(

@@ -224,8 +224,8 @@ def attend(
 
     mask/bias/scale as in `attention_weights`. segment_ids [b, t], given with `causal`, say
     that the mask is exactly causal_mask & segment_mask(segment_ids, segment_ids) (what
-    splash computes from the ids alone); leave them out for any other mask. `causal` says the mask already contains
-    causality, so cuDNN may skip the blocks above the diagonal. It reaches cuDNN only when
+    splash computes from the ids alone); leave them out for any other mask. `causal` says
+    the mask already contains causality, so cuDNN may skip the blocks above the diagonal. It reaches cuDNN only when
     t == s (jax's causal mask is top-left, query i sees keys <= i: wrong for queries at
     the end of a cache) and never XLA (which would only rebuild the same mask); the dense
     mask is always passed as well, so correctness never depends on the hint.
@@ -240,6 +240,8 @@ def attend(
     )
     if not deterministic and dropout_rate > 0.0:
         impl = "reference"
+    if impl == "splash" and implementation == "auto" and not _heads_split_alike(q, k):
+        impl = "xla"  # the kernel needs each device's query heads beside their kv heads
     if impl == "reference":
         out, weights = dot_product_attention(
             q,
@@ -311,6 +313,13 @@ def _splash_per_device(q, k, v, segment_ids, interpret: bool):
     return heads_first(out)
 
 
+def _heads_split_alike(q, k) -> bool:
+    """Whether the layout in force splits the query heads of q [b, t, h, d] and the kv heads
+    of k [b, t, kv, d] over the same mesh axes (always, outside a laid-out step)."""
+    q_spec = activation_spec(HEADS_LAYOUT, q.shape)
+    return q_spec is None or q_spec[2] == activation_spec(KV_HEADS_LAYOUT, k.shape)[2]
+
+
 def splash_attention(q, k, v, segment_ids, *, scale=None):
     """Causal attention within segments by the Pallas splash kernel (TPU flash attention).
 
@@ -332,7 +341,7 @@ def splash_attention(q, k, v, segment_ids, *, scale=None):
     kv_spec = activation_spec(KV_HEADS_LAYOUT, k.shape)
     if q_spec is None:
         return run(q, k, v, segment_ids)
-    if q_spec[2] != kv_spec[2]:  # grouped heads must split alike: one kv head per q group
+    if not _heads_split_alike(q, k):
         raise ValueError(
             f"splash attention: the query heads ({q.shape[2]}) and key/value heads "
             f"({k.shape[2]}) split differently over the mesh ({q_spec[2]} vs {kv_spec[2]}); "
