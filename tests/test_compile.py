@@ -73,7 +73,7 @@ def test_fsdp_and_tensor_meshes_split_activation_memory(family, scan, lora_rank)
     data_parallel = train_temporaries(config, (8, 1, 1), lora_rank)
     for mesh in [(1, 8, 1), (2, 2, 2)]:
         ratio = train_temporaries(config, mesh, lora_rank) / data_parallel
-        # Whole-batch activations on every device made this 7.9 at (1, 8, 1).
+        # Each device holds its own rows' activations, whatever splits the weights.
         assert ratio <= 1.25, (mesh, ratio)
 
 
