@@ -56,8 +56,9 @@ def init_source(spec: str) -> InitSource:
 
 def _pretrained_source(spec: str) -> InitSource:
     """An imported checkpoint; its tokenizer is written to a temporary tokenizer.json that the
-    fine-tune's workdir adopts."""
-    saved = convert.load_model(model=spec)
+    fine-tune's workdir adopts. A Hugging Face directory's params stay unread until the trainer
+    places them, each device's block read from the files (`lm.convert.hf.load_hf`)."""
+    saved = convert.load_model(model=spec, lazy=True)
     if saved.tokenizer is None:
         raise ValueError(
             f"train.init_from={spec!r} has no tokenizer.json; add the model's tokenizer "

@@ -23,7 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lm.models import layers
-from lm.utils import config_from_dict, logical_to_mesh_spec, path_key
+from lm.utils import LazyArray, config_from_dict, logical_to_mesh_spec, path_key
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -283,6 +283,34 @@ def matching_shardings(tree, params, shardings, mesh: Mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def put_params(host_params, abstract_params):
+    """Host params -> global arrays laid out as `abstract_params` (ShapeDtypeStructs with
+    shardings), cast to the model's param dtype. Leaves are numpy arrays or `LazyArray`s (an
+    import streamed from its files). Each distinct block of a leaf is read once, put on the
+    devices that hold it and dropped, so host memory holds one block beyond what the devices
+    hold. Every process contributes only its own devices' blocks, so this works across
+    processes."""
+
+    def put(x, a):
+        x = x if isinstance(x, LazyArray) else np.asarray(x)
+        index_of = a.sharding.addressable_devices_indices_map(a.shape)
+        devices_at: dict[tuple, list] = {}
+        for device, index in index_of.items():
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            devices_at.setdefault(key, []).append(device)
+        shards = {}
+        for devices in devices_at.values():
+            # A LazyArray's block is a fresh array; a host array's is a view of the caller's.
+            block = x[index_of[devices[0]]].astype(a.dtype, copy=not isinstance(x, LazyArray))
+            shards.update({d: jax.device_put(block, d) for d in devices})
+            del block
+        return jax.make_array_from_single_device_arrays(
+            a.shape, a.sharding, [shards[d] for d in index_of]
+        )
+
+    return jax.tree.map(put, host_params, abstract_params)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -617,20 +617,6 @@ def check_params_fit(params, abstract_params, what: str = "init params") -> None
         raise ValueError(f"{what} do not fit the model: {'; '.join(problems[:8])}{more}")
 
 
-def _put_params(host_params, abstract_params):
-    """Host (numpy) params -> global arrays laid out as `abstract_params` (ShapeDtypeStructs with
-    shardings), cast to the model's param dtype. Every process holds the whole host tree and
-    contributes the shards of its devices, so this also works across processes."""
-
-    def put(x, a):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(
-            a.shape, a.sharding, lambda index: x[index].astype(a.dtype)
-        )
-
-    return jax.tree.map(put, host_params, abstract_params)
-
-
 def create_trainer(
     model_config: ModelConfig,
     model: nn.Module,
@@ -745,7 +731,7 @@ def create_trainer(
         )
 
         def init_fn(seed_value):
-            return jit_init(seed_value, _put_params(init_params, abstract_model_params))
+            return jit_init(seed_value, parallel.put_params(init_params, abstract_model_params))
 
     eval_step = jax.jit(
         parallel.with_activation_layout(make_eval_step(model, objective), mesh, rules),

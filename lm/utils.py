@@ -1,13 +1,14 @@
 """Small helpers that every layer of `lm` may use (this module imports only jax, numpy and the
 standard library): building a config dataclass from a dict, naming a pytree path, counting
-parameters, comparing two trees' shapes, and gathering sharded arrays across processes."""
+parameters, comparing two trees' shapes, gathering sharded arrays across processes, and host
+arrays that are read only where they are indexed (`LazyArray`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -87,6 +88,79 @@ def longest_prefix_entry(table: Mapping[str, Any], key: str, default=None):
     (device kinds: 'TPU v5 lite' is v5e, 'TPU v5' v5p)."""
     matches = [name for name in table if key.startswith(name)]
     return table[max(matches, key=len)] if matches else default
+
+
+Index = tuple[slice, ...]
+
+
+def _block_shape(index: Index) -> tuple[int, ...]:
+    return tuple(len(range(s.start, s.stop, s.step)) for s in index)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyArray:
+    """A host array whose elements are read only when indexed, so that a checkpoint larger
+    than host memory can be laid out shard by shard (`jax.make_array_from_callback` asks
+    each device's block in turn).
+
+    read: takes one slice per axis, each with concrete start, stop and step, and returns that
+      block as a numpy array of `dtype`. `x[index]` normalises the index and calls it;
+      `np.asarray(x)` reads everything. A LazyArray is a pytree leaf.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[Index], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def normalize(self, index) -> Index:
+        """`index` (a slice, or a tuple of slices, shorter than ndim or not) as one concrete
+        slice per axis. TypeError for integers, arrays and Ellipsis: blocks only."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > self.ndim or not all(isinstance(s, slice) for s in index):
+            raise TypeError(f"LazyArray{self.shape} takes slices only, not {index!r}")
+        index = index + (slice(None),) * (self.ndim - len(index))
+        return tuple(slice(*s.indices(n)) for s, n in zip(index, self.shape, strict=True))
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.read(self.normalize(index))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[()]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype) -> LazyArray:
+        """The same elements cast to `dtype` as they are read."""
+        return LazyArray(self.shape, np.dtype(dtype), lambda i: self.read(i).astype(dtype))
+
+    def take(self, row: int) -> LazyArray:
+        """`x[row]` without reading it: the array of the remaining axes."""
+        assert 0 <= row < self.shape[0], (row, self.shape)
+        return LazyArray(
+            self.shape[1:], self.dtype, lambda i: self.read((slice(row, row + 1, 1),) + i)[0]
+        )
+
+    @staticmethod
+    def stack(parts: Sequence[LazyArray]) -> LazyArray:
+        """`np.stack(parts)` without reading them; a block reads only the parts it covers,
+        one at a time, into its output."""
+        shape, dtype = parts[0].shape, parts[0].dtype
+        assert all(p.shape == shape and p.dtype == dtype for p in parts), "ragged stack"
+
+        def read(index: Index) -> np.ndarray:
+            out = np.empty(_block_shape(index), dtype)
+            for i, row in enumerate(range(index[0].start, index[0].stop, index[0].step)):
+                out[i] = parts[row].read(index[1:])
+            return out
+
+        return LazyArray((len(parts),) + tuple(shape), dtype, read)
 
 
 def path_key(path) -> str:

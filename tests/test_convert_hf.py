@@ -5,6 +5,7 @@ reference.npz with its float32 logits (tests/reference/make_hf_goldens.py); noth
 needs torch or transformers.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -14,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lm import decode
+from lm import decode, parallel
 from lm.convert import hf
 from lm.convert.gguf import CheckpointFormatError
 from lm.models import transformer as T
-from lm.utils import path_key
+from lm.train import OptimizerConfig, create_trainer
+from lm.utils import LazyArray, path_key
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -251,6 +253,36 @@ def test_sharded_and_bare_model_checkpoints(tmp_path):
         np.testing.assert_array_equal(value, flat(golden("gpt2").params)[key])
 
 
+# Meshes (data, fsdp, tensor) of the 8 test devices that split the golden models' kernels along
+# their input axis, their heads and their vocabulary (llama_tied's one kv head stays whole).
+STREAMED = [("gpt2", (1, 8, 1), True), ("llama", (2, 2, 2), True), ("llama_tied", (1, 4, 2), False)]
+STREAMED += [("t5", (1, 2, 4), True)]
+
+
+@pytest.mark.parametrize("name,mesh,scan", STREAMED, ids=[s[0] for s in STREAMED])
+def test_streamed_import_places_the_eager_imports_params(name, mesh, scan):
+    lazy = hf.load_hf(GOLDENS / name, lazy=True)
+    assert all(isinstance(leaf, LazyArray) for leaf in jax.tree.leaves(lazy.params))
+    config = dataclasses.replace(lazy.config, scan_layers=scan)
+    trainer = create_trainer(
+        config,
+        T.build_model(config),
+        OptimizerConfig(),
+        10,
+        parallel.ParallelConfig(mesh=mesh),
+        init_params=lazy.params,
+    )
+    params = trainer.init_fn(0).params
+    # Each device holds a block of its leaves, not a copy of the model.
+    split = [x for x in jax.tree.leaves(params) if x.addressable_shards[0].data.shape != x.shape]
+    assert len(split) >= len(jax.tree.leaves(params)) // 3
+    placed = flat(T.unstack_layers(jax.device_get(params)))
+    want = flat(T.unstack_layers(golden(name).params))
+    assert placed.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(placed[key], value, err_msg=key)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -474,3 +506,16 @@ def test_families_are_one_table_and_experts_have_no_layout():
         ValueError, match=r"model\.num_experts=4 \(the llama layout can only say 0\)"
     ):
         hf.config_to_hf(moe)
+
+
+def test_init_from_a_hugging_face_directory_streams_its_params(tmp_path):
+    from lm import finetune
+
+    d = copy_golden("llama", tmp_path)
+    write_tokenizer(d, bos_template=True)
+    source = finetune.init_source(f"hf:{d}")
+    assert all(isinstance(leaf, LazyArray) for leaf in jax.tree.leaves(source.params))
+    assert source.model == dataclasses.asdict(golden("llama").config)
+    streamed = flat(T.unstack_layers(source.params))
+    for key, value in flat(T.unstack_layers(golden("llama").params)).items():
+        np.testing.assert_array_equal(streamed[key], value, err_msg=key)

@@ -126,3 +126,25 @@ def test_first_argmax_is_jnp_argmax():
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
     assert got[3] == 5 and got[7] == 0 and got[8] == 30
     assert got.dtype == np.int32
+
+
+def test_lazy_array_reads_only_the_blocks_asked_for():
+    full = np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)
+    reads = []
+
+    def read(index):
+        reads.append(index)
+        return full[index]
+
+    x = utils.LazyArray(full.shape, full.dtype, read)
+    np.testing.assert_array_equal(x[1:3, ::2], full[1:3, ::2])
+    assert reads == [(slice(1, 3, 1), slice(0, 6, 2), slice(0, 5, 1))]
+    stacked = utils.LazyArray.stack([x.take(3), x.take(0), x.take(2)]).astype(np.float16)
+    reads.clear()
+    block = stacked[1:, 2:4]
+    np.testing.assert_array_equal(block, full[[0, 2], 2:4].astype(np.float16))
+    assert block.dtype == np.float16 and len(reads) == 2  # one read per stacked part covered
+    np.testing.assert_array_equal(np.asarray(stacked), full[[3, 0, 2]])
+    assert stacked.shape == (3, 6, 5) and stacked.nbytes == 3 * 6 * 5 * 2
+    with pytest.raises(TypeError, match="slices only"):
+        x[0]

@@ -45,11 +45,13 @@ def is_pretrained_spec(spec: str) -> bool:
     return (pathlib.Path(spec) / "config.json").is_file()
 
 
-def load_pretrained(spec: str, *, cache: str | None = None) -> Pretrained:
+def load_pretrained(spec: str, *, cache: str | None = None, lazy: bool = False) -> Pretrained:
     """Loads a foreign checkpoint as float32 params of our modules, with its tokenizer.
 
     cache: where GGUF imports are kept for the next load (`lm.convert.cache`; 'off': not
       kept); default `default_import_cache()`. Hugging Face directories are read directly.
+    lazy: a Hugging Face directory's params stay unread `LazyArray`s, read block by block
+      where they are placed on devices (`lm.convert.hf.load_hf`); GGUF files load whole.
 
     Raises:
       ValueError: an unknown spec (the message lists the accepted forms).
@@ -67,7 +69,7 @@ def load_pretrained(spec: str, *, cache: str | None = None) -> Pretrained:
     if spec.startswith("hf:") or (pathlib.Path(spec) / "config.json").is_file():
         from lm.convert.hf import load_hf
 
-        return load_hf(spec.removeprefix("hf:"))
+        return load_hf(spec.removeprefix("hf:"), lazy=lazy)
     raise ValueError(
         f"Unknown pretrained model {spec!r}: use one of {sorted(PRETRAINED_ASSETS)}, "
         "'gguf:PATH' (a .gguf file) or 'hf:DIR' (config.json + model.safetensors)."
@@ -75,16 +77,16 @@ def load_pretrained(spec: str, *, cache: str | None = None) -> Pretrained:
 
 
 def load_model(
-    *, model: str | None = None, workdir: storage.PathLike | None = None
+    *, model: str | None = None, workdir: storage.PathLike | None = None, lazy: bool = False
 ) -> checkpoint.SavedModel:
     """The model, host parameters and tokenizer of an import (`model`: a spec as for
-    :func:`load_pretrained`) or of a trained workdir's latest readable checkpoint (`workdir`,
-    see `lm.checkpoint.read_model`); give exactly one. Compiles nothing."""
+    :func:`load_pretrained`, `lazy` as there) or of a trained workdir's latest readable
+    checkpoint (`workdir`, see `lm.checkpoint.read_model`); give exactly one. Compiles nothing."""
     if (model is None) == (workdir is None):
         raise TypeError("load_model takes exactly one of model= and workdir=")
     if workdir is not None:
         return checkpoint.read_model(workdir)
-    pretrained = load_pretrained(model)
+    pretrained = load_pretrained(model, lazy=lazy)
     return checkpoint.SavedModel(
         config=pretrained.config,
         params=pretrained.params,

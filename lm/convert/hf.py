@@ -17,7 +17,9 @@ the `FAMILIES` table each (which models it holds, its config.json both ways, its
 projections split ``out`` into ``[heads, head_dim]``, the output projection splits
 ``in``). Every tensor goes through its family's table (`Family.tensors`) in both directions, so
 import -> export -> import is bit-identical. Params come back as nested dicts of float32
-numpy arrays and are checked leaf by leaf against ``jax.eval_shape(model.init, ...)``.
+numpy arrays, or of `LazyArray`s that read each block from the files when it is placed on a
+device (``lazy=True``: sharded checkpoints larger than host memory), and are checked leaf by
+leaf against ``jax.eval_shape(model.init, ...)``.
 
 No torch or transformers is needed: tensors are read and written with
 ``safetensors.numpy`` (bfloat16 checkpoints load through ``ml_dtypes``).
@@ -32,13 +34,15 @@ import os
 import pathlib
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from lm.convert.gguf import CheckpointFormatError, Pretrained
 from lm.models.transformer import ModelConfig, to_layout, unstack_layers
+from lm.utils import LazyArray
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -533,21 +537,57 @@ class _Tensor:
         out = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
         return out.T if self.kind == "linear" else out
 
-    def from_hf(self, array: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-        if self.kind == "same":
-            return [array]
+    def from_hf(self, array: LazyArray, shapes: Sequence[tuple[int, ...]]) -> list[LazyArray]:
+        """Our params (float32, of `shapes`) over the HF tensor, unread: a block of one reads
+        only the box of HF elements that holds it."""
+        sizes = [math.prod(s[self.in_axes :]) for s in shapes]
         if self.kind == "vector":
             sizes = [math.prod(s) for s in shapes]
-            return [
-                part.reshape(s)
-                for part, s in zip(np.split(array, np.cumsum(sizes)[:-1]), shapes, strict=True)
-            ]
-        array = array.T if self.kind == "linear" else array
-        sizes = [math.prod(s[self.in_axes :]) for s in shapes]
+        offsets = np.cumsum([0] + sizes[:-1]).tolist()
+        if self.kind == "same":
+            return [array.astype(np.float32)]
+        if self.kind == "vector":
+            return [_vector_part(array, o, s) for o, s in zip(offsets, shapes, strict=True)]
+        transposed = self.kind == "linear"
         return [
-            part.reshape(s)
-            for part, s in zip(np.split(array, np.cumsum(sizes)[:-1], axis=1), shapes, strict=True)
+            _matrix_part(array, o, s, self.in_axes, transposed)
+            for o, s in zip(offsets, shapes, strict=True)
         ]
+
+
+def _vector_part(vector: LazyArray, offset: int, shape: tuple[int, ...]) -> LazyArray:
+    """The param of `shape` stored flat at vector[offset:] (read whole: vectors are small)."""
+
+    def read(index):
+        part = vector.read((slice(offset, offset + math.prod(shape), 1),))
+        return part.reshape(shape)[index].astype(np.float32)
+
+    return LazyArray(tuple(shape), np.dtype(np.float32), read)
+
+
+def _positions(shape: tuple[int, ...], index) -> np.ndarray:
+    """Flat (row-major) positions of the elements `index` picks from an array of `shape`."""
+    return np.arange(math.prod(shape)).reshape(shape)[index]
+
+
+def _matrix_part(
+    matrix: LazyArray, offset: int, shape: tuple[int, ...], in_axes: int, transposed: bool
+) -> LazyArray:
+    """The kernel of `shape` ([in..., out...]) that a HF matrix holds at columns `offset`... of
+    its [in, out] form (`transposed`: the matrix is [out, in], as torch.nn.Linear stores it)."""
+
+    def read(index):
+        ins = _positions(shape[:in_axes], index[:in_axes])
+        outs = _positions(shape[in_axes:], index[in_axes:]) + offset
+        if not ins.size or not outs.size:
+            return np.zeros(ins.shape + outs.shape, np.float32)
+        i0, o0 = int(ins.min()), int(outs.min())
+        box_in, box_out = slice(i0, int(ins.max()) + 1, 1), slice(o0, int(outs.max()) + 1, 1)
+        box = matrix.read((box_out, box_in)).T if transposed else matrix.read((box_in, box_out))
+        block = box[np.ix_(ins.ravel() - i0, outs.ravel() - o0)]
+        return block.reshape(ins.shape + outs.shape).astype(np.float32)
+
+    return LazyArray(tuple(shape), np.dtype(np.float32), read)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,7 +804,6 @@ def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
     """Flat {path: shape} of the params `build_model(config).init` makes (no allocation), in
     the unrolled layout (`layer_i`) that the tensor tables name."""
     import flax.linen as nn
-    import jax
 
     from lm.models.transformer import build_model, dummy_inputs
 
@@ -841,14 +880,42 @@ def _layout_for(config: ModelConfig, shapes: dict[Path, tuple[int, ...]]) -> _La
     return layout
 
 
+def _unread(array: np.ndarray | LazyArray) -> LazyArray:
+    if isinstance(array, LazyArray):
+        return array
+    array = np.asarray(array)
+    return LazyArray(array.shape, array.dtype, lambda index: array[index])
+
+
+def _equal(a: LazyArray, b: LazyArray, block_bytes: int = 1 << 26) -> bool:
+    """Whether two tensors are equal, compared a block of rows at a time."""
+    if a.shape != b.shape:
+        return False
+    if not a.shape:
+        return bool(np.array_equal(a[()], b[()]))
+    rows = max(1, block_bytes // max(1, a.nbytes // max(1, a.shape[0])))
+    return all(
+        np.array_equal(a[start : start + rows], b[start : start + rows])
+        for start in range(0, a.shape[0], rows)
+    )
+
+
 def params_from_hf(
-    tensors: dict[str, np.ndarray], config: ModelConfig, source: str = "the checkpoint"
+    tensors: Mapping[str, np.ndarray | LazyArray],
+    config: ModelConfig,
+    source: str = "the checkpoint",
+    *,
+    lazy: bool = False,
 ) -> dict[str, Any]:
     """Our float32 params (nested dicts, in the layout `config` builds) from HF-named
-    tensors, checked name by name.
+    tensors (arrays, or `LazyArray`s as `open_tensors` gives), checked name by name.
 
+    lazy: leave the params as float32 `LazyArray`s, read only where they are indexed: a
+      sharded placement (`lm.train.create_trainer(init_params=...)`) then reads each device's
+      block from the files, never the whole model into host memory.
     Raises CheckpointFormatError naming a missing, unexpected or misshapen tensor.
     """
+    tensors = {name: _unread(array) for name, array in tensors.items()}
     shapes = param_shapes(config)
     layout = _layout_for(config, shapes)
     if layout.prefix and not any(k.startswith(layout.prefix) for k in tensors):
@@ -874,7 +941,7 @@ def params_from_hf(
         if layout.ignore is not None and layout.ignore.search(name):
             continue
         if name in layout.aliases:
-            if not np.array_equal(tensors[name], tensors[layout.aliases[name]]):
+            if not _equal(tensors[name], tensors[layout.aliases[name]]):
                 raise CheckpointFormatError(
                     f"{source}: {name!r} differs from {layout.aliases[name]!r}, but config.json "
                     "says they are one tied tensor (tie_word_embeddings)."
@@ -889,7 +956,7 @@ def params_from_hf(
         )
     flat = {}
     for t in layout.tensors:
-        array = np.asarray(tensors[t.name])
+        array = tensors[t.name]
         if array.dtype.kind not in "fV":  # float16/32/64; bfloat16 (ml_dtypes) is kind 'V'
             raise CheckpointFormatError(
                 f"{source}: tensor {t.name!r} has dtype {array.dtype}, not a float type."
@@ -901,12 +968,11 @@ def params_from_hf(
                 f"{source}: tensor {t.name!r} has shape {tuple(array.shape)} but config.json "
                 f"implies {want}; the config does not match the weights."
             )
-        parts = t.from_hf(array.astype(np.float32, copy=False), ours)
-        for path, part in zip(t.ours, parts, strict=True):
-            flat[path] = np.ascontiguousarray(part)
+        flat.update(zip(t.ours, t.from_hf(array, ours), strict=True))
     # The table covers exactly the leaves of jax.eval_shape(model.init) (`_layout_for`).
     assert {p: a.shape for p, a in flat.items()} == shapes
-    return to_layout(_unflatten(flat), config)
+    params = to_layout(_unflatten(flat), config)  # stacking LazyArrays reads nothing
+    return params if lazy else jax.tree.map(np.asarray, params)
 
 
 def params_to_hf(
@@ -946,23 +1012,62 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return value
 
 
-def _read_safetensors(
-    path: pathlib.Path, names: Sequence[str] | None = None
-) -> dict[str, np.ndarray]:
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64"}
+    names |= {"I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    out = {k: np.dtype(v) for k, v in names.items()}
+    out |= {"BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
+    return out | {"F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+
+
+def _corrupt(path: pathlib.Path, error: Exception) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"{path} could not be read as safetensors ({error}); the file is probably truncated or "
+        f"corrupt ({path.stat().st_size:,} bytes): download or export it again."
+    )
+
+
+def _stored_tensor(path: pathlib.Path, name: str, shape, dtype: np.dtype) -> LazyArray:
+    """One tensor of a safetensors file, read block by block. Each read opens the file anew, so
+    no mapping of it outlives the read (mapped pages count as the process's memory)."""
     from safetensors import SafetensorError, safe_open
 
+    def read(index):
+        try:
+            with safe_open(str(path), framework="np") as f:
+                return f.get_slice(name)[index] if index else f.get_tensor(name)
+        except SafetensorError as e:
+            raise _corrupt(path, e) from e
+
+    return LazyArray(tuple(shape), dtype, read)
+
+
+def _list_safetensors(
+    path: pathlib.Path, names: Sequence[str] | None = None
+) -> dict[str, LazyArray]:
+    """`names` (default: all) of a safetensors file, unread: only its header is parsed."""
+    from safetensors import SafetensorError, safe_open
+
+    dtypes = _safetensors_dtypes()
     try:
         with safe_open(str(path), framework="np") as f:
-            return {name: f.get_tensor(name) for name in (f.keys() if names is None else names)}
+            names = list(f.keys()) if names is None else names
+            found = {name: f.get_slice(name) for name in names}
+            meta = {name: (t.get_shape(), t.get_dtype()) for name, t in found.items()}
     except SafetensorError as e:
+        raise _corrupt(path, e) from e
+    if unknown := {dtype for _, dtype in meta.values()} - set(dtypes):
         raise CheckpointFormatError(
-            f"{path} could not be read as safetensors ({e}); the file is probably truncated or "
-            f"corrupt ({path.stat().st_size:,} bytes): download or export it again."
-        ) from e
+            f"{path} holds tensors of dtype {sorted(unknown)}, unknown here."
+        )
+    return {n: _stored_tensor(path, n, shape, dtypes[d]) for n, (shape, d) in meta.items()}
 
 
-def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a HF directory: ``model.safetensors`` or the shards its index lists."""
+def open_tensors(directory: str | os.PathLike) -> dict[str, LazyArray]:
+    """Every tensor of a HF directory (``model.safetensors``, or the shards its index lists) as
+    a `LazyArray`: the headers are read here, the data only where a tensor is indexed."""
     directory = pathlib.Path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
@@ -977,7 +1082,7 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
             shard = directory / file
             if not shard.is_file():
                 raise FileNotFoundError(f"{index} lists shard {file}, which does not exist.")
-            tensors.update(_read_safetensors(shard, names))
+            tensors.update(_list_safetensors(shard, names))
         return tensors
     path = directory / WEIGHTS_FILE
     if not path.is_file():
@@ -986,7 +1091,7 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         )
         hint = f" (it has {', '.join(others)}: only model.safetensors is read)" if others else ""
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE} or {INDEX_FILE}{hint}.")
-    return _read_safetensors(path)
+    return _list_safetensors(path)
 
 
 def _token_content(value: Any) -> str | None:
@@ -1042,8 +1147,12 @@ def read_tokenizer(
     )
 
 
-def load_hf(directory: str | os.PathLike) -> Pretrained:
-    """Reads a Hugging Face directory (config.json + model.safetensors, optional tokenizer.json).
+def load_hf(directory: str | os.PathLike, *, lazy: bool = False) -> Pretrained:
+    """Reads a Hugging Face directory (config.json + model.safetensors, or sharded
+    model-*.safetensors with their index; optional tokenizer.json).
+
+    lazy: the params are float32 `LazyArray`s over the files (see `params_from_hf`): checked
+      against config.json here, read block by block when they are placed on devices.
 
     Raises:
       FileNotFoundError: no such directory, or no config.json / model.safetensors in it.
@@ -1062,8 +1171,7 @@ def load_hf(directory: str | os.PathLike) -> Pretrained:
         )
     hf_config = _read_json(config_path)
     config = config_from_hf(hf_config)
-    tensors = read_tensors(directory)
-    params = params_from_hf(tensors, config, source=str(directory))
+    params = params_from_hf(open_tensors(directory), config, source=str(directory), lazy=lazy)
     return Pretrained(config, params, read_tokenizer(directory, config, hf_config), str(directory))
 
 

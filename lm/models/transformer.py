@@ -22,7 +22,7 @@ import numpy as np
 from lm.models import layers
 from lm.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
-from lm.utils import config_from_dict
+from lm.utils import LazyArray, config_from_dict
 
 # ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
 # a model may be imported or exported) with other values.
@@ -899,19 +899,21 @@ def _is_unrolled_stack(node) -> bool:
 def _take(x, r: int):
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-    return x[r]
+    return x.take(r) if isinstance(x, LazyArray) else x[r]
 
 
 def _stack(*xs):
     if isinstance(xs[0], jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+    if isinstance(xs[0], LazyArray):
+        return LazyArray.stack(xs)
     return (jnp if isinstance(xs[0], jax.Array) else np).stack(xs)
 
 
 def unstack_layers(tree):
     """Any tree in the scanned layout (params, optimizer moments, caches, sown intermediates)
     -> the unrolled one: `layers/block_j` [repeats, ...] becomes `layer_{r * period + j}`.
-    Trees already unrolled pass through. Leaves may be arrays or ShapeDtypeStructs."""
+    Trees already unrolled pass through. Leaves may be arrays, ShapeDtypeStructs or LazyArrays (kept unread)."""
 
     def convert(node):
         if not _is_scanned_stack(node):
