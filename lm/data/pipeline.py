@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import collections.abc
 import dataclasses
 import math
 import tempfile
@@ -64,9 +65,11 @@ class DataConfig:
     """What data to read and how to batch it (see the module docstring).
 
     Attributes:
-      source: 'shakespeare' | 'text:GLOB' | 'tfds:NAME[/CONFIG]' | 'bible:SRC-TGT'.
+      source: 'shakespeare' | 'text:GLOB' | 'jsonl:GLOB' | 'parquet:GLOB' | 'datasets:DIR' |
+        'tfds:NAME[/CONFIG]' | 'bible:SRC-TGT' (`lm.data.sources`, `lm.data.corpora`).
       task: 'lm' | 'span_corruption' | 'translation'.
-      text_key: field holding the text for 'tfds:' sources ('a/b' if nested).
+      text_key: the field or column holding the text for 'tfds:', 'jsonl:', 'parquet:' and
+        'datasets:' sources ('a/b' if nested).
       data_dir: where TFDS data is prepared ('' -> assets.cache_dir()/'tfds').
       seq_len: LM row length / decoder length.
       encoder_len: seq2seq encoder length.
@@ -397,16 +400,85 @@ def _records(
     """One data shard of ``split`` (``records[shard::num_shards]``), shuffled per epoch and
     repeated as asked."""
     source = sources.get_source(cfg, split)
-    records = grain.MapDataset.source(source)[shard::num_shards]
+    chunk_rows = getattr(source, "chunk_rows", 0)  # corpora read in place decode by chunks
+    if chunk_rows:
+        records = grain.MapDataset.source(_ShardChunks(source, chunk_rows, shard, num_shards))
+    else:
+        records = grain.MapDataset.source(source)[shard::num_shards]
     if len(records) == 0 and repeat:  # one pass (evaluation): an empty shard only pads
         raise ValueError(
             f"Split {split!r} of {cfg.source!r} has {len(source)} records, fewer "
             f"than the {num_shards} data shards (data.shards, or one per process); "
             "use fewer shards or processes, or more data."
         )
-    if cfg.shuffle:
+    if cfg.shuffle and chunk_rows:
+        records = _ChunkShuffle(records, chunk_rows, derive_seed(seed, shard, 0))
+    elif cfg.shuffle:
         records = _EpochShuffle(records, derive_seed(seed, shard, 0))
     return records.repeat() if repeat else records
+
+
+class _ShardChunks(collections.abc.Sequence):
+    """Data shard ``shard`` of ``num_shards`` of chunked records: chunks ``shard``,
+    ``shard + num_shards``, ... of ``chunk_rows`` consecutive records each, in order. Every
+    chunk is whole but the corpus's last, which is the shard's last when it has it."""
+
+    def __init__(self, records, chunk_rows: int, shard: int, num_shards: int):
+        self._records, self._rows = records, chunk_rows
+        self._chunks = range(shard, -(-len(records) // chunk_rows), num_shards)
+        whole = len(self._chunks) * chunk_rows
+        has_last = len(self._chunks) and (self._chunks[-1] + 1) * chunk_rows > len(records)
+        self._len = whole - ((self._chunks[-1] + 1) * chunk_rows - len(records) if has_last else 0)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):  # pytype: disable=signature-mismatch
+        if not 0 <= index < self._len:
+            raise IndexError(f"record index {index} out of range [0, {self._len})")
+        chunk, row = divmod(index, self._rows)
+        return self._records[self._chunks[chunk] * self._rows + row]
+
+
+class _ChunkShuffle(grain.MapDataset):
+    """Each epoch a new order of the parent's chunks of ``chunk_rows`` records (the last,
+    partial one stays last) and of the rows inside each chunk, so that consecutive records come
+    from one chunk, which a corpus read in place decodes once. Same indexing contract as
+    `_EpochShuffle`."""
+
+    _MAX_CACHED = 16
+
+    def __init__(self, parent: grain.MapDataset, chunk_rows: int, seed: int):
+        super().__init__(parent)
+        self._rows, self._seed = chunk_rows, seed
+        self._perms: collections.OrderedDict = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"ChunkShuffle(chunk_rows={self._rows}, seed={self._seed})"
+
+    def _perm(self, key: tuple[int, ...], n: int) -> np.ndarray:
+        perm = self._perms.get(key)
+        if perm is None:
+            perm = np.random.default_rng([self._seed, *key]).permutation(n)
+            self._perms[key] = perm
+            while len(self._perms) > self._MAX_CACHED:
+                self._perms.popitem(last=False)
+        return perm
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = len(self._parent)
+        epoch, i = divmod(int(index), n)
+        whole = n // self._rows
+        slot, row = divmod(i, self._rows)
+        chunk = int(self._perm((epoch,), whole)[slot]) if slot < whole else slot
+        size = self._rows if chunk < whole else n - whole * self._rows
+        row = int(self._perm((epoch, chunk + 1), size)[row])
+        return self._parent[epoch * n + chunk * self._rows + row]
 
 
 class _EpochShuffle(grain.MapDataset):

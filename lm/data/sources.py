@@ -20,6 +20,11 @@ that ``grain.MapDataset.source`` wraps. ``cfg.source`` picks the corpus:
     for test and validation); with 1-2 files every file keeps its first 90% of lines for
     train, the next 5% for validation and the last 5% for test.
 
+``'jsonl:GLOB'``, ``'parquet:GLOB'``, ``'datasets:DIR'``
+    Pretraining corpora read in place, local or on an object store (:mod:`lm.data.corpora`):
+    JSON Lines (plain, .gz, .zst), Parquet, and directories that Hugging Face ``datasets``
+    saved. Records ``{'text': str}`` from the field or column ``cfg.text_key``.
+
 ``'tfds:NAME[/CONFIG][:VERSION]'``
     Any TFDS dataset (prepared under ``data_dir``; the user must be able to
     download it). Records ``{'text': str}`` from field ``cfg.text_key``
@@ -143,11 +148,12 @@ def parse_source(source: str) -> tuple[str, str]:
     kind, _, arg = source.partition(":")
     if kind == "shakespeare" and not arg:
         return kind, ""
-    if kind in ("text", "tfds", "bible") and arg:
+    if kind in ("text", "tfds", "bible", "jsonl", "parquet", "datasets") and arg:
         return kind, arg
     raise ValueError(
         f'Unknown data source {source!r}; use one of: "shakespeare", '
-        '"text:GLOB", "tfds:NAME[/CONFIG]", "bible:SRC-TGT" (e.g. "bible:4-l").'
+        '"text:GLOB", "jsonl:GLOB", "parquet:GLOB", "datasets:DIR", "tfds:NAME[/CONFIG]", '
+        '"bible:SRC-TGT" (e.g. "bible:4-l").'
     )
 
 
@@ -167,6 +173,11 @@ def get_source(cfg: SourceConfig, split: str) -> Sequence[dict[str, Any]]:
         split, or a file that is not UTF-8 text.
     """
     kind, arg = parse_source(cfg.source)
+    if kind in ("jsonl", "parquet", "datasets"):
+        from lm.data import corpora  # read in place, not through TFDS
+
+        records = corpora.get_records(kind, arg, split, cfg.text_key, data_dir(cfg))
+        return _nonempty(records, cfg.source, split)
     if kind == "bible":
         from lm.data import bible  # Lazy: owned by the seq2seq data module.
 
