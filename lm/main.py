@@ -1,4 +1,4 @@
-"""Command line: train | sample | eval | icl | convert | compile.
+"""Command line: train | prepare | sample | eval | icl | convert | compile.
 
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt --config.train.steps=100
@@ -11,6 +11,7 @@
     python -m lm.main convert --model smollm2 --out /tmp/smollm2_hf     # or --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir gs://bucket/gpt  # a bucket workdir
     python -m lm.main compile --config experiments/llama3_8b.py --topology v5p:4x4x4  # will it fit?
+    python -m lm.main prepare --config EXP --workdir W --config.data.cache=DIR --workers 8  # tokenize once
 
 Rerunning the training command on a workdir resumes from its latest checkpoint.
 
@@ -34,14 +35,14 @@ from lm import checkpoint, convert, storage
 from lm import compile as compile_lib
 from lm import config as config_lib
 from lm import run as run_lib
-from lm.data import assets
+from lm.data import assets, cache
 from lm.decode import samples
 from lm.evaluation import evaluate, get_tasks, harness_model, write_results
 from lm.icl import fewshot
 from lm.models.transformer import for_inference
 from lm.utils import default_compilation_cache, enable_compilation_cache
 
-COMMANDS = ("train", "sample", "eval", "icl", "convert", "compile")
+COMMANDS = ("train", "prepare", "sample", "eval", "icl", "convert", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file (experiments/NAME.py[:arg])."
@@ -120,6 +121,9 @@ _TOPOLOGY = flags.DEFINE_string(
     "[tpu] extra, no TPU) or cpu:N (N host devices, a stand-in for a GPU box).",
 )
 _JSON = flags.DEFINE_boolean("json", False, "compile: print the report as JSON.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", 0, "prepare: tokenizing processes (0: this one).", lower_bound=0
+)
 _DEVICE_MEMORY_GIB = flags.DEFINE_float(
     "device_memory_gib",
     0.0,
@@ -278,6 +282,26 @@ def compile_command() -> None:
     compile_lib.check_fits(report)
 
 
+def prepare_command(workdir: pathlib.Path) -> None:
+    """Tokenizes the experiment's data source once into data.cache (`lm.data.cache`), with the
+    run's tokenizer (trained into the workdir first if it has none), for training to read."""
+    if _CONFIG.value is None:
+        raise app.UsageError("prepare needs --config experiments/NAME.py")
+    config = config_lib.build(config_lib.resolve(_CONFIG.value))
+    if not config.data.cache:
+        raise ValueError(
+            "prepare writes a tokenized cache to data.cache, which is empty; add "
+            "--config.data.cache=DIR (a local directory or gs://bucket/path)"
+        )
+    tokenizer = run_lib.shared_tokenizer(config.data, workdir)
+    manifest = cache.prepare(config.data, tokenizer, workers=_WORKERS.value)
+    for split, entry in manifest["splits"].items():
+        tokens = sum(c["tokens"] for c in entry["finished"].values())
+        print(
+            f"{split}: {entry['records']:,} records, {tokens:,} tokens in {entry['shards']} shards"
+        )
+
+
 def use_host_devices(topology: str | None) -> None:
     """compile --topology cpu:N: N host devices, set before JAX starts its CPU backend."""
     if topology and topology.startswith("cpu:") and topology[4:].isdigit():
@@ -320,6 +344,8 @@ def main(argv):
             run_experiment(_CONFIG.value, workdir)
         else:
             run_lib.train(_CONFIG.value, workdir)
+    elif command == "prepare":
+        prepare_command(workdir)
     elif command == "sample":
         sample_command(workdir)
     elif command == "convert":

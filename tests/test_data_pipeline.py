@@ -242,8 +242,8 @@ def test_deterministic_and_seed_dependent(setup):
 
 
 def test_records_reshuffled_each_epoch(setup):
-    cfg, _ = setup
-    records = pipeline._records(cfg, "train", seed=1, shard=0, num_shards=1, repeat=True)
+    cfg, tok = setup
+    records = pipeline._records(cfg, "train", tok, seed=1, shard=0, num_shards=1, repeat=True)
     n = len(sources.get_source(cfg, "train"))
     epochs = [[records[e * n + i]["name"] for i in range(n)] for e in range(3)]
     assert all(sorted(e) == sorted(epochs[0]) for e in epochs)

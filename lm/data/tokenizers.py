@@ -10,6 +10,7 @@ whitespace folding) so that bits-per-byte is measured on the real text.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -89,6 +90,11 @@ class Tokenizer:
         """The model file's bytes."""
         return self._proto
 
+    def fingerprint(self) -> str:
+        """A hash of what this tokenizer makes of a text (its model and special ids)."""
+        specials = f"{self.bos_id} {self.eos_id} {self.add_bos}".encode()
+        return hashlib.sha256(self._proto + specials).hexdigest()[:16]
+
     def __getstate__(self):
         return {"model_proto": self._proto, "path": self.path}
 
@@ -164,6 +170,10 @@ class PretrainedTokenizer:
                 },
             }
         )
+
+    def fingerprint(self) -> str:
+        """A hash of what this tokenizer makes of a text (its model and special ids)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
         storage.write_atomic(path, self.to_json())
