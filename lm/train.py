@@ -1282,7 +1282,7 @@ def train_loop(
         if jax.process_index() == 0:
             print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in initial.items()), flush=True)
 
-    window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+    window_tokens, window_start, window_steps, window_wait = 0.0, time.perf_counter(), 0, 0.0
     pending = []  # (step, metrics) since the last log
     skips_in_a_row = 0  # skip: steps skipped up to the last logged one (SKIP_LIMIT)
     step = start
@@ -1290,7 +1290,9 @@ def train_loop(
     try:
         with _Preemption() as preemption:
             while step < total and not (stop := preemption.reached(step)):
+                waited = time.perf_counter()
                 batch, batch_position = next_batch()
+                window_wait += time.perf_counter() - waited
                 state, metrics = trainer.train_step(state, trainer.put_batch(batch))
                 step += 1
                 pending.append((step, metrics))
@@ -1304,7 +1306,12 @@ def train_loop(
                     if bad is not None:  # abort raises; rollback goes back to a good state
                         state, step = handle_nonfinite(bad)
                         pending = []
-                        window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+                        window_tokens, window_start, window_steps, window_wait = (
+                            0.0,
+                            time.perf_counter(),
+                            0,
+                            0.0,
+                        )
                         if progress is not None:
                             progress.n = step
                             progress.refresh()
@@ -1329,7 +1336,11 @@ def train_loop(
                     logged |= {
                         "tokens_per_sec": tokens_per_sec,
                         "steps_per_sec": window_steps / max(elapsed, 1e-9),
+                        # The share of the window spent waiting for batches: a starving run.
+                        "data_wait_fraction": window_wait / max(elapsed, 1e-9),
                     }
+                    if hasattr(data_iterator, "data_metrics"):  # the LM pipeline's: a mixture's
+                        logged |= data_iterator.data_metrics()
                     if peak > 0:
                         logged["mfu"] = tokens_per_sec * flops / peak
                     if policy == "skip":
@@ -1366,7 +1377,12 @@ def train_loop(
                         )
                     else:
                         logging.info("step %d %s", step, logged)
-                    window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
+                    window_tokens, window_start, window_steps, window_wait = (
+                        0.0,
+                        time.perf_counter(),
+                        0,
+                        0.0,
+                    )
                 if progress is not None:
                     progress.update(1)
                 if is_save:

@@ -41,6 +41,8 @@ import atexit
 import collections
 import collections.abc
 import dataclasses
+import json
+import logging
 import math
 import tempfile
 import weakref
@@ -54,6 +56,8 @@ from lm import storage
 from lm.data import cache, sources
 from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from lm.utils import config_from_dict
+
+log = logging.getLogger(__name__)
 
 TASKS = ("lm", "span_corruption", "translation")
 NUM_SENTINELS = 100  # T5's <extra_id_0..99>, added to tokenizers for span corruption.
@@ -89,6 +93,12 @@ class DataConfig:
       cache: a tokenized cache of the source (`lm.data.cache`, made by ``python -m lm.main
         prepare``), local or on an object store: LM training and evaluation read token ids
         from it and tokenize nothing ('' = tokenize the text as it is read).
+      mixture: several sources mixed by weight, ``'0.7 jsonl:web/*.gz; 0.3 parquet:code/*'``
+        (then ``source`` is not read). Training rows are drawn from each source in those
+        shares (deterministically, part of the iterator state); held-out splits and the
+        tokenizer's text take every source (the tokenizer in those shares).
+      mixture_schedule: weights from a step on, ``'1000: 0.5 0.5; 5000: 0.2 0.8'`` (one per
+        mixture source; 0 leaves a source out from that step).
     """
 
     source: str = "shakespeare"
@@ -107,6 +117,8 @@ class DataConfig:
     worker_count: int = 0
     shards: int = 0
     cache: str = ""
+    mixture: str = ""
+    mixture_schedule: str = ""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -122,6 +134,16 @@ class DataConfig:
                 f"data.shards={self.shards} must be 0 (one per process) or divide "
                 f"data.batch_size={self.batch_size}."
             )
+        if self.mixture:
+            parts = sources.parse_mixture(self.mixture)
+            if self.task != "lm" or self.cache:
+                raise ValueError(
+                    "data.mixture mixes language-modelling text sources; it takes data.task='lm' "
+                    "and no data.cache."
+                )
+            mixture_schedule(self.mixture_schedule, len(parts))
+        elif self.mixture_schedule:
+            raise ValueError("data.mixture_schedule needs data.mixture (the sources it weighs).")
         if self.cache and self.task != "lm":
             raise ValueError(
                 f"data.cache holds language-modelling tokens; data.task={self.task!r} reads "
@@ -149,13 +171,38 @@ class DataConfig:
 # Tokenizer.
 
 
+def mixture_schedule(text: str, sources_count: int) -> list[tuple[int, tuple[float, ...]]]:
+    """``'1000: 0.5 0.5; 5000: 0.2 0.8'`` -> [(1000, (0.5, 0.5)), (5000, (0.2, 0.8))]: increasing
+    steps, one weight per mixture source, not all 0. ValueError naming the entry."""
+    out = []
+    for entry in (e.strip() for e in text.split(";") if e.strip()):
+        step, _, weights = entry.partition(":")
+        try:
+            parsed = (int(step), tuple(float(w) for w in weights.split()))
+        except ValueError:
+            parsed = (-1, ())
+        ok = parsed[0] > (out[-1][0] if out else 0) and len(parsed[1]) == sources_count
+        if not ok or min(parsed[1]) < 0 or sum(parsed[1]) <= 0:
+            raise ValueError(
+                f"data.mixture_schedule entry {entry!r} is not 'STEP: W1 ... W{sources_count}' "
+                f"with increasing steps > 0 and {sources_count} weights >= 0, not all 0."
+            )
+        out.append(parsed)
+    return out
+
+
 def training_texts(
     cfg: DataConfig, split: str = "train", max_chars: int | None = None
 ) -> Iterator[str]:
     """Texts of ``split`` in source order ('source' and 'target' for pairs), at most
     ``max_chars`` characters in all (default ``cfg.tokenizer_max_chars``); the
-    text that crosses the cap is cut."""
+    text that crosses the cap is cut. A mixture gives each source its share of the cap."""
     budget = cfg.tokenizer_max_chars if max_chars is None else max_chars
+    if parts := sources.mixture_configs(cfg):
+        total = sum(w for w, _ in parts)
+        for weight, part in parts:
+            yield from training_texts(part, split, int(budget * weight / total))
+        return
     for record in sources.get_source(cfg, split):
         for key in ("text", "source", "target"):
             if key in record and budget > 0:
@@ -405,7 +452,7 @@ def lm_source(cfg: DataConfig, split: str, tokenizer: Tokenizer):
     (`lm.data.cache.open_split`), else the source's text records."""
     if cfg.cache:
         return cache.open_split(cfg, tokenizer, split)
-    return sources.get_source(cfg, split)
+    return sources.get_source(cfg, split)  # a mixture: its sources one after the other
 
 
 def _records(
@@ -655,11 +702,14 @@ def _shard_batches(
     prefetch: bool,
 ) -> grain.IterDataset:
     """Batches of ``rows`` rows from one data shard."""
-    records = _records(
-        cfg, split, tokenizer, seed=seed, shard=shard, num_shards=num_shards, repeat=repeat
-    )
+    if not (cfg.mixture and repeat):
+        records = _records(
+            cfg, split, tokenizer, seed=seed, shard=shard, num_shards=num_shards, repeat=repeat
+        )
     shard_seed = derive_seed(seed, shard)
-    if cfg.task == "lm":
+    if cfg.task == "lm" and cfg.mixture and repeat:
+        examples = _mixed_rows(cfg, split, tokenizer, seed, shard, num_shards, rows)
+    elif cfg.task == "lm":
         examples = _lm_rows(records, cfg, tokenizer, rows, shard_seed)
     else:
         examples = _seq2seq_examples(records, cfg, tokenizer, shard_seed)
@@ -674,6 +724,107 @@ def _shard_batches(
     elif prefetch:
         batches = _ThreadPrefetch(batches, buffer_size=2)
     return batches
+
+
+def _mixed_rows(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    seed: int,
+    shard: int,
+    num_shards: int,
+    rows: int,
+) -> grain.IterDataset:
+    """One data shard's packed rows of every mixture source, drawn in the mixture's shares."""
+    streams = []
+    for i, (_, part) in enumerate(sources.mixture_configs(cfg)):
+        part_seed = derive_seed(seed, 1 << 20, i)  # each source its own shuffle and packing
+        records = _records(
+            part, split, tokenizer, seed=part_seed, shard=shard, num_shards=num_shards, repeat=True
+        )
+        streams.append(_lm_rows(records, part, tokenizer, rows, derive_seed(part_seed, shard)))
+    weights = [w for w, _ in sources.mixture_configs(cfg)]
+    schedule = [(0, tuple(weights))] + mixture_schedule(cfg.mixture_schedule, len(weights))
+    return _MixedRows(streams, schedule, rows_per_step=rows)
+
+
+class _MixedRowsIterator(grain.DatasetIterator):
+    """Rows drawn from several streams by weight: each row comes from the stream furthest
+    behind its share of the rows drawn since the weights last changed (the shares are exact to
+    a row at every point, and the choice is a pure function of the state). The state counts the
+    rows and real tokens drawn from each stream."""
+
+    def __init__(self, parents, schedule, rows_per_step: int):
+        super().__init__(parents)
+        self._streams, self._schedule, self._rows_per_step = parents, schedule, rows_per_step
+        n = len(parents)
+        self._mixture = {"row": 0, "phase_start": 0, "phase_rows": [0] * n}
+        self._mixture |= {"weights": list(self._weights_at(0)), "rows": [0] * n, "tokens": [0] * n}
+
+    def _weights_at(self, row: int) -> tuple[float, ...]:
+        step = row // self._rows_per_step
+        return [w for start, w in self._schedule if start <= step][-1]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        m = self._mixture
+        weights = self._weights_at(m["row"])
+        if list(weights) != m["weights"]:  # a scheduled change: new shares from this row
+            m |= {
+                "weights": list(weights),
+                "phase_start": m["row"],
+                "phase_rows": [0] * len(weights),
+            }
+        drawn = m["row"] - m["phase_start"] + 1
+        total = sum(weights)
+        behind = [w / total * drawn - c for w, c in zip(weights, m["phase_rows"], strict=True)]
+        k = max(range(len(weights)), key=lambda i: (weights[i] > 0, behind[i], -i))
+        row = next(self._streams[k])
+        m["row"] += 1
+        m["phase_rows"][k] += 1
+        m["rows"][k] += 1
+        m["tokens"][k] += int(np.count_nonzero(row["segment_ids"]))
+        return row
+
+    def get_state(self) -> dict[str, Any]:
+        parents = {str(k): it.get_state() for k, it in enumerate(self._streams)}
+        return {"parents": parents, "mixture": json.loads(json.dumps(self._mixture))}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for k, it in enumerate(self._streams):
+            it.set_state(state["parents"][str(k)])
+        self._mixture = json.loads(json.dumps(state["mixture"]))
+        now = list(self._weights_at(self._mixture["row"]))
+        if now != self._mixture["weights"]:
+            step = self._mixture["row"] // self._rows_per_step
+            log.warning(
+                "data.mixture weights changed at the resume: %s at step %d, now %s; the new "
+                "weights apply from step %d",
+                self._mixture["weights"],
+                step,
+                now,
+                step,
+            )
+
+
+class _MixedRows(grain.IterDataset):
+    """Packed-row streams mixed by a weight schedule [(first step, weights)], see
+    `_MixedRowsIterator`."""
+
+    def __init__(self, streams, schedule, rows_per_step: int):
+        super().__init__(list(streams))
+        self._args = schedule, rows_per_step
+
+    def __iter__(self) -> _MixedRowsIterator:
+        return _MixedRowsIterator([p.__iter__() for p in self._parents], *self._args)
+
+
+def _mixture_counts(state: Any) -> list[dict[str, Any]]:
+    """The mixture counters found anywhere in a (nested) iterator state."""
+    if not isinstance(state, dict):
+        return []
+    if "mixture" in state and isinstance(state["mixture"], dict) and "tokens" in state["mixture"]:
+        return [state["mixture"]]
+    return [m for value in state.values() for m in _mixture_counts(value)]
 
 
 class _ConcatShardsIterator(grain.DatasetIterator):
@@ -696,6 +847,18 @@ class _ConcatShardsIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {name: it.get_state() for name, it in self._named.items()}
+
+    def data_metrics(self) -> dict[str, float]:
+        """What the loop logs of the data: for a mixture, the tokens this process drew from each
+        source (``mixture/tokens_K``, K its place in data.mixture) and their shares."""
+        counts = _mixture_counts(self.get_state())
+        if not counts:
+            return {}
+        tokens = np.sum([m["tokens"] for m in counts], axis=0)
+        out = {f"mixture/tokens_{k}": float(t) for k, t in enumerate(tokens)}
+        return out | {
+            f"mixture/share_{k}": float(t / max(1, tokens.sum())) for k, t in enumerate(tokens)
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         missing = sorted(set(self._named) - set(state))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -157,6 +158,57 @@ def parse_source(source: str) -> tuple[str, str]:
     )
 
 
+def parse_mixture(text: str) -> list[tuple[float, str]]:
+    """``'0.7 jsonl:web/*.gz; 0.3 parquet:code/*.parquet'`` -> [(0.7, 'jsonl:web/*.gz'), ...]:
+    positive weights (any scale), each source a valid spec. ValueError naming the entry."""
+    parts = []
+    for entry in (e.strip() for e in text.split(";")):
+        weight, _, source = entry.partition(" ")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not entry or value <= 0 or not source.strip():
+            raise ValueError(
+                f"data.mixture entry {entry!r} is not 'WEIGHT SOURCE' with a positive weight; "
+                "write e.g. data.mixture='0.7 jsonl:web/*.jsonl.gz; 0.3 parquet:code/*.parquet'."
+            )
+        parse_source(source.strip())
+        parts.append((value, source.strip()))
+    return parts
+
+
+class _Chain(collections.abc.Sequence):
+    """Several record sequences read as one, one after the other."""
+
+    def __init__(self, parts: Sequence[Sequence[Any]]):
+        self._parts = list(parts)
+        self._starts = [0]
+        for part in self._parts:
+            self._starts.append(self._starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index):  # pytype: disable=signature-mismatch
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record index {index} out of range [0, {len(self)})")
+        index %= len(self)
+        part = next(k for k in range(len(self._parts)) if index < self._starts[k + 1])
+        return self._parts[part][index - self._starts[part]]
+
+
+def mixture_configs(cfg: SourceConfig) -> list[tuple[float, Any]]:
+    """The mixture's sources as (weight, the config with that source alone); [] without one."""
+    text = getattr(cfg, "mixture", "")
+    if not text:
+        return []
+    alone = {"mixture": "", "mixture_schedule": ""}
+    return [(w, dataclasses.replace(cfg, source=s, **alone)) for w, s in parse_mixture(text)]
+
+
 def data_dir(cfg: SourceConfig) -> pathlib.Path:
     """Where TFDS data is prepared: ``cfg.data_dir`` or ``assets.cache_dir()/'tfds'``."""
     return pathlib.Path(cfg.data_dir).expanduser() if cfg.data_dir else assets.cache_dir() / "tfds"
@@ -172,6 +224,8 @@ def get_source(cfg: SourceConfig, split: str) -> Sequence[dict[str, Any]]:
       ValueError: unknown source or split, no input files, an empty corpus or
         split, or a file that is not UTF-8 text.
     """
+    if parts := mixture_configs(cfg):  # every source's records, one after the other
+        return _Chain([get_source(part, split) for _, part in parts])
     kind, arg = parse_source(cfg.source)
     if kind in ("jsonl", "parquet", "datasets"):
         from lm.data import corpora  # read in place, not through TFDS
