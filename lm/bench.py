@@ -6,6 +6,7 @@
     python -m lm.bench mfu --shape gpt2_124m --batch 16 --seq 1024 --precision bf16
     python -m lm.bench train [--shapes S,V,llama] [--precision fp32,bf16]
     python -m lm.bench eval [--model smollm2 --tasks arc_easy,piqa --limit 300 --num_fewshot 0]
+    python -m lm.bench data --config experiments/shakespeare_gpt.py [--set data.source=...]
 
 `eval`: the evaluation end to end, each side in a fresh process (`lm.evalbench`, whose
 `python -m lm.evalbench` takes the same flags); the other subcommands run in this process.
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import decode, evalbench, parallel
+from lm import databench, decode, evalbench, parallel
 from lm.convert import PRETRAINED_ASSETS, load_pretrained
 from lm.models.attention import IMPLEMENTATIONS, resolve_implementation
 from lm.models.transformer import ModelConfig, build_model, for_inference, preset
@@ -645,8 +646,23 @@ def main(argv=None) -> None:
     mfu.add_argument(
         "--attention", default="auto", choices=list(IMPLEMENTATIONS), help="model.attention_impl"
     )
+    data = sub.add_parser(
+        "data",
+        help="input-pipeline tokens/s (text by worker count, the cache) beside the train step's",
+        description=databench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data.add_argument("--config", default="experiments/shakespeare_gpt.py", help="FILE[:arg]")
+    data.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE (repeatable)")
+    data.add_argument("--workers", default="0,2", help="comma-separated data.worker_count values")
+    data.add_argument("--batches", type=int, default=50, help="batches timed per pipeline")
+    data.add_argument("--steps", type=int, default=3, help="train steps timed")
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3)
+    if args.command == "data":
+        workers = [int(w) for w in args.workers.split(",") if w]
+        print(databench.data_benchmark(args.config, args.set, workers, args.batches, args.steps))
+        return
     if args.command == "decode":
         batches = [int(b) for b in args.batches.split(",") if b]
         precisions = tuple(p for p in args.precision.split(",") if p)

@@ -206,6 +206,7 @@ def test_tpu_topology_without_libtpu_says_how_to_install_it():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_compile_for_a_tpu_slice():
     proc = run_compile("--topology=v5e:2x2", "--config.parallel.mesh=1,4,1", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]

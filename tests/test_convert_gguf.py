@@ -19,10 +19,12 @@ from lm.convert.gguf import load_gguf
 from lm.data.tokenizers import PretrainedTokenizer
 from lm.models.transformer import ModelConfig, build_model
 
+from tests import slow_except
+
 GOLDENS = pathlib.Path(__file__).parent / "goldens" / "gguf"
 
 
-@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+@pytest.fixture(scope="module", params=slow_except(["smollm2", "gemma3"], "smollm2"))
 def imported(request):
     """(name, Pretrained, golden arrays) for each real checkpoint."""
     name = request.param
@@ -93,6 +95,7 @@ def test_smollm2_spells_numbers_digit_by_digit():
     assert pieces[-4:] == ["2", "0", "2", "4"]
 
 
+@pytest.mark.slow
 def test_sample_command_with_an_imported_model():
     """`python -m lm.main sample --model smollm2`: no workdir, greedy continuation printed."""
     import os

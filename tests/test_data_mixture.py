@@ -14,7 +14,7 @@ from tests.test_data_corpora import write_corpus
 
 def corpus(root, word, n=300):
     rng = np.random.default_rng(len(word))
-    docs = [" ".join([word] * int(rng.integers(1, 30))) for _ in range(n)]
+    docs = [" ".join([word] * int(rng.integers(1, 12))) for _ in range(n)]
     return write_corpus(root / word, docs, "jsonl", shards=3)
 
 
@@ -23,7 +23,7 @@ def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")
     a, b = corpus(root, "alpha"), corpus(root, "beta")
     cfg = pipeline.DataConfig(
-        mixture=f"0.7 {a}; 0.3 {b}", seq_len=64, batch_size=50, vocab_size=270, data_dir=str(root)
+        mixture=f"0.7 {a}; 0.3 {b}", seq_len=32, batch_size=50, vocab_size=270, data_dir=str(root)
     )
     tokenizer = pipeline.get_tokenizer(cfg, str(root / "work"))
     return cfg, tokenizer
@@ -107,7 +107,10 @@ def test_held_out_splits_and_the_tokenizer_take_every_source(mixed):
     [
         (dict(mixture="0.7 jsonl:a/*.jsonl; heavy parquet:b"), r"entry 'heavy parquet:b' is not"),
         (dict(mixture="0.5 nonsense:x"), r"Unknown data source 'nonsense:x'"),
-        (dict(mixture="1 jsonl:a", mixture_schedule="5: 1 1"), r"entry '5: 1 1' is not 'STEP: W1 \.\.\. W1'"),
+        (
+            dict(mixture="1 jsonl:a", mixture_schedule="5: 1 1"),
+            r"entry '5: 1 1' is not 'STEP: W1 \.\.\. W1'",
+        ),
         (dict(mixture_schedule="5: 1"), r"mixture_schedule needs data.mixture"),
         (dict(mixture="1 jsonl:a", cache="/c"), r"takes data.task='lm' and no data.cache"),
     ],

@@ -73,6 +73,7 @@ def seq2seq_model_and_params():
     return model, nn.meta.unbox(model.init(jax.random.key(0), **T.dummy_inputs(config))["params"])
 
 
+@pytest.mark.slow
 def test_seq2seq_greedy_matches_teacher_forced_argmax(seq2seq_model_and_params):
     model, params = seq2seq_model_and_params
     sources = SOURCES

@@ -19,6 +19,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from lm.checkpoint import Checkpointer
 
 from tests.test_main import ROOT, SMALL_VOCAB, TINY, metrics, run_cli, write_corpus
@@ -63,6 +64,7 @@ def params_at(workdir: pathlib.Path, step: int):
     return restored["params"]
 
 
+@pytest.mark.slow
 def test_failed_save_is_a_clear_error_and_the_run_resumes_exactly(tmp_path):
     source = write_corpus(tmp_path / "corpus")
     data_dir = tmp_path / "data"

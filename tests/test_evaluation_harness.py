@@ -17,6 +17,8 @@ from lm.evaluation import (
 from lm.evaluation.tasks import Doc, Task
 from lm.models import transformer as T
 
+from tests import slow_except
+
 
 class ByteTokenizer:
     """One id per UTF-8 byte: any text, for random-model bookkeeping tests."""
@@ -107,7 +109,7 @@ def test_prompt_of_partial_scoring_uses_the_gold_context():
 # ----------------------------------------------------------------------------- the model
 
 
-@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("window", slow_except([0, 4], 4))
 def test_continuations_sharing_a_context_score_as_separate_forward_passes(window):
     """One row holds the shared (part of the) context once and every remainder after it
     (prefix-tree mask); each result equals an unpadded forward pass over context + continuation alone, also
@@ -205,6 +207,7 @@ def test_unknown_task_names_the_known_ones():
 # ----------------------------------------------------------------------------- translation
 
 
+@pytest.mark.slow
 def test_translation_model_beats_data_baselines(tmp_path, monkeypatch):
     """An encoder-decoder trained on (synthetic) Bible pairs: BLEU and chrF on the held-out
     book well above copying the source and above always answering the commonest target."""

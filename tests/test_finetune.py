@@ -129,6 +129,7 @@ def test_bad_init_from_specs_are_clear_errors(source, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_lora_through_the_cli(source, tmp_path):
     root, corpus, src = source
     workdir = tmp_path / "lora"

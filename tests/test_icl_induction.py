@@ -222,6 +222,7 @@ def test_tiny_run_writes_metrics_plots_summary(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(lines)
 
 
+@pytest.mark.slow
 def test_text_run_on_a_small_corpus(tmp_path, monkeypatch):
     words = "the king queen lord lady sword crown night day love death".split()
     rng = np.random.default_rng(0)

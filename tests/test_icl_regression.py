@@ -281,6 +281,7 @@ def test_experiment_configs_build():
     assert configs.optimizer.learning_rate == 1e-4
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_results_and_reevaluates(tmp_path):
     config = _experiment_module().get_config("tiny")
     result = regression.run(config, tmp_path)

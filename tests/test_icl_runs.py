@@ -150,6 +150,7 @@ def test_icl_experiment_runs_under_launch_sweep(tmp_path, kind):
         assert saved["icl"]["kind"] == kind
 
 
+@pytest.mark.slow
 def test_icl_run_on_a_mesh_equals_one_device_and_shows_progress(tmp_path):
     """The regression run on 8 fake devices (batch split over the mesh's data axis) logs the
     losses of the same run on one device, and the loop's progress bar shows on stderr."""

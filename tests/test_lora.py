@@ -254,7 +254,9 @@ def lora_one_device(lora_trainer):
     return run(lora_trainer, synthetic_batches(seed=1), 4)
 
 
-@pytest.mark.parametrize("mesh, use_pmap", [((2, 2, 2), False), ((-1, 1, 1), True)])
+@pytest.mark.parametrize(
+    "mesh, use_pmap", [((2, 2, 2), False), pytest.param((-1, 1, 1), True, marks=pytest.mark.slow)]
+)
 def test_lora_on_eight_devices_matches_one(
     pretrained, lora_trainer, lora_one_device, mesh, use_pmap
 ):

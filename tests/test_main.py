@@ -306,6 +306,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert steps[-1] == metrics(workdir)[-1]["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["shakespeare_llama", "t5_span_corruption"])
 def test_other_experiments_train_through_the_cli(tmp_path, experiment):
     source = write_corpus(tmp_path / "corpus", lines=600)

@@ -110,6 +110,7 @@ def corpus(tmp_path_factory):
     return root, write_corpus(root / "corpus", files=12, lines=100), root / "data", root / "cache"
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(corpus):
     root, source, data_dir, cache = corpus
     pair, one = root / "pair", root / "one"

@@ -22,6 +22,7 @@ from lm.train import (
     train_loop,
 )
 
+from tests import slow_except
 from tests.test_main import TINY, run_cli, write_corpus
 from tests.test_train import BATCH, CONFIG, LENGTH, OPT
 
@@ -130,7 +131,7 @@ def test_a_nan_batch_makes_the_plain_step_non_finite(trainer):
     assert not all_finite(jax.device_get(state.params))
 
 
-@pytest.mark.parametrize("variant", ["jit", "pmap", "lora", "accum"])
+@pytest.mark.parametrize("variant", slow_except(["jit", "pmap", "lora", "accum"], "jit", "accum"))
 def test_skip_keeps_the_state_bit_for_bit_and_counts(variant):
     """train.nonfinite=skip, in the step: on the poisoned batch the parameters and optimizer
     state are the previous step's exactly and the step counter advances; the skip is counted;

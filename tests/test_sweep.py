@@ -493,6 +493,7 @@ def run_sweep(*args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_compile_only_sweep_tables_every_point(tmp_path):
     """Every point compiled for 8 host devices, nothing trained: one table, and the exit
     status says whether all of them fit."""

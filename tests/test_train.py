@@ -242,7 +242,9 @@ def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path
     assert Checkpointer(tmp_path).all_steps() == [2, 4]
 
 
-@pytest.mark.parametrize("saved_scan, restored_scan", [(False, True), (True, False)])
+@pytest.mark.parametrize(
+    "saved_scan, restored_scan", [(True, False), pytest.param(False, True, marks=pytest.mark.slow)]
+)
 def test_checkpoint_converts_between_unrolled_and_scanned_layers(
     tmp_path, saved_scan, restored_scan
 ):

@@ -40,16 +40,23 @@ FORMAT = 1
 SPLITS = ("train", "validation", "test")
 
 
+def _document(tokenizer, ids: Sequence[int]) -> np.ndarray:
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # imported models may not use it
+    return np.asarray([*bos, *ids, tokenizer.eos_id], np.int32)
+
+
+def encode_document(tokenizer, text: str) -> np.ndarray:
+    """A text as the LM pipeline encodes a document: int32 ``[bos] + ids + [eos]`` (no bos for
+    tokenizers whose model was trained without it); an empty text gives no tokens."""
+    return _document(tokenizer, tokenizer.encode(text)) if text else np.zeros([0], np.int32)
+
+
 def document_tokens(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-    """Each text as the LM pipeline encodes a document: int32 ``[bos] + ids + [eos]`` (no bos
-    for tokenizers whose model was trained without it); an empty text gives no tokens."""
-    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    """`encode_document` of each text, the texts encoded as one batch (SentencePiece's threads
+    pay off on a batch; on one text they cost more than they save)."""
     full = [t for t in texts if t]
     ids = iter(tokenizer.encode_batch(full) if full else [])
-    return [
-        np.asarray([*bos, *next(ids), tokenizer.eos_id], np.int32) if t else np.zeros([0], np.int32)
-        for t in texts
-    ]
+    return [_document(tokenizer, next(ids)) if t else np.zeros([0], np.int32) for t in texts]
 
 
 def cache_key(cfg, tokenizer) -> dict[str, Any]:

@@ -264,7 +264,7 @@ class _EncodeDocument(grain.transforms.Map):
     def map(self, record: Mapping[str, Any]) -> np.ndarray:
         if "tokens" in record:  # a tokenized cache's record
             return record["tokens"]
-        return cache.document_tokens(self._tok, [record["text"]])[0]
+        return cache.encode_document(self._tok, record["text"])
 
 
 class _SplitPieces(grain.experimental.FlatMapTransform):
