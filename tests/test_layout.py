@@ -16,7 +16,7 @@ LAYERS = [
     {"lm.checkpoint"},
     {"lm.train", "lm.convert"},
     {"lm.config", "lm.evaluation"},
-    {"lm.icl", "lm.finetune", "lm.evalbench", "lm.compile"},
+    {"lm.icl", "lm.finetune", "lm.evalbench", "lm.databench", "lm.compile"},
     {"lm.bench"},
     {"lm.run"},
     {"lm.main"},
