@@ -4,7 +4,10 @@ shards, plain, gzip and zstd, gives the same records and the same batches from e
 import gzip
 import json
 import os
+import pathlib
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -176,7 +179,9 @@ def test_bad_corpora_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"No files match the jsonl source glob"):
         texts(config(f"jsonl:{tmp_path}/none/*.jsonl", tmp_path), "train")
     source = write_corpus(tmp_path / "a", documents(20), "jsonl", shards=1)
-    with pytest.raises(ValueError, match=r"row 0 has no field 'body' .*it has \['id', 'meta'"):
+    with pytest.raises(
+        ValueError, match=r"row 0: Record has no field 'body' .*available: \['id', 'meta'"
+    ):
         texts(config(source, tmp_path, text_key="body"), "train")
     assert texts(config(source, tmp_path, text_key="meta/n"), "test") == [
         str(len(documents(20)[-1]))
@@ -206,3 +211,64 @@ def test_a_dataset_dict_has_its_own_splits(tmp_path):
     assert texts(cfg, "train") == docs[:50] and texts(cfg, "test") == docs[50:]
     with pytest.raises(ValueError, match=r"has no split 'validation' \(it has \['train', 'test'\]"):
         texts(cfg, "validation")
+
+
+def write_large_corpus(root, total_bytes, files=8):
+    """`files` JSON Lines files of about total_bytes in all: a block of 2 KB documents of random
+    words, repeated (what is measured is memory and disk, not what is learnt)."""
+    rng = np.random.default_rng(0)
+    words = np.array(["the", "king", "speaks", "and", "all", "his", "court", "listens", "now"])
+    docs = [
+        " ".join(rng.choice(words, size=400)) for _ in range(min(8000, total_bytes // 2400 + 1))
+    ]
+    block = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    root.mkdir(parents=True)
+    for k in range(files):
+        with open(root / f"part-{k:02d}.jsonl", "wb") as f:
+            for _ in range(max(1, total_bytes // files // len(block))):
+                f.write(block)
+    return f"jsonl:{root}/*.jsonl"
+
+
+def train_peak_rss(source, data_dir, workdir):
+    """The peak RSS (bytes) of a short training run of the tiny main job on `source`."""
+    from tests.test_main import ROOT, TINY
+
+    command = [sys.executable, "-m", "lm.main", TINY, f"--workdir={workdir}"]
+    command += [f"--config.data.source={source}", f"--config.data.data_dir={data_dir}"]
+    command += ["--config.train.steps=10", "--config.train.eval_batches=2"]
+    measure = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+        "print('peak', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+    )
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", measure, *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return int(out.stdout.split("peak")[-1]) * 1024
+
+
+def tree_size(root):
+    return sum(p.stat().st_size for p in pathlib.Path(root).rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_a_gigabyte_corpus_trains_in_bounded_memory_and_is_not_copied(tmp_path):
+    big = write_large_corpus(tmp_path / "big", 1 << 30)
+    small = write_large_corpus(tmp_path / "small", 1 << 20)
+    assert tree_size(tmp_path / "big") > 1e9
+    peaks = {
+        name: train_peak_rss(source, tmp_path / f"data_{name}", tmp_path / f"work_{name}")
+        for name, source in (("small", small), ("big", big))
+    }
+    # What a gigabyte of text adds to the run's memory, against the same run on a megabyte.
+    assert peaks["big"] - peaks["small"] <= 2 << 30, peaks
+    # Nothing of the text is copied: the index is a few bytes a record.
+    assert tree_size(tmp_path / "data_big") < 0.01 * tree_size(tmp_path / "big")
+    print(f"peak RSS {peaks}, index {tree_size(tmp_path / 'data_big'):,} bytes")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from lm import storage
-from lm.data import sources
+from lm.data import corpora, sources
 
 SHARD_RECORDS = 1 << 14  # a multiple of every source's chunk_rows
 MANIFEST = "manifest.json"
@@ -158,7 +158,7 @@ def prepare(cfg, tokenizer, *, workers: int = 0, log: Callable[[str], None] = pr
     return manifest
 
 
-class TokenRecords(collections.abc.Sequence):
+class TokenRecords(corpora.ProcessLocal, collections.abc.Sequence):
     """The records of one split of a cache, ``{'tokens': int32 [n], 'bytes', 'chars'}``, in
     the source's order and with its ``chunk_rows`` (0: none). A record is read from its shard
     (a local shard memory-mapped, a remote one by a ranged read); the last shards' indexes
@@ -169,14 +169,10 @@ class TokenRecords(collections.abc.Sequence):
     def __init__(self, root: str, split: str, entry: dict[str, Any]):
         self._root, self._split = root, split
         self._len, self.chunk_rows = entry["records"], entry["chunk_rows"]
-        self.__setstate__(self.__dict__)
+        self.__dict__.update(self._fresh())
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_indexes")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock, self._indexes = threading.Lock(), collections.OrderedDict()
+    def _fresh(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock(), "_indexes": collections.OrderedDict()}
 
     def __len__(self) -> int:
         return self._len

@@ -101,19 +101,33 @@ def _open(path: str):
 
 
 def _lookup(record: Any, path: str, where: str) -> str:
-    """The text at field path 'a/b' of a record, as str; ValueError naming the fields there."""
-    for key in path.split("/"):
-        if not isinstance(record, collections.abc.Mapping) or key not in record:
-            keys = sorted(record) if isinstance(record, collections.abc.Mapping) else type(record)
-            raise ValueError(
-                f"{where} has no field {path!r} (at {key!r}; it has {keys}); set data.text_key "
-                "to the field that holds the text."
-            )
-        record = record[key]
-    return record if isinstance(record, str) else str(record)
+    """The text at field path 'a/b' of a record, as str; ValueError naming `where`."""
+    from lm.data import sources
+
+    try:
+        value = sources.lookup(record, path)
+    except KeyError as e:
+        raise ValueError(f"{where}: {e.args[0]}") from None
+    return value if isinstance(value, str) else str(value)
 
 
 # ---------------------------------------------------------------------------------- JSON Lines
+
+
+class ProcessLocal:
+    """A picklable reader whose lock, open files and caches belong to the process that uses it:
+    `_fresh()` makes them, at construction and again after unpickling (grain's worker
+    processes), and pickling leaves them out."""
+
+    def _fresh(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock()}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._fresh()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.update(self._fresh())
 
 
 def _line_starts(stream) -> np.ndarray:
@@ -137,7 +151,7 @@ def _line_starts(stream) -> np.ndarray:
     return np.concatenate([starts[~blank], [offset]]).astype(np.int64)
 
 
-class _JsonlFile:
+class _JsonlFile(ProcessLocal):
     """One JSON Lines file: its line index and reads of row ranges, from any thread."""
 
     def __init__(self, path: str, index_dir: pathlib.Path, text_key: str):
@@ -148,14 +162,10 @@ class _JsonlFile:
         self._seek_points = index_dir / f"{key}.gzidx"
         self.starts = self._load_index()
         self.rows = len(self.starts) - 1
-        self.__setstate__(self.__dict__)
+        self.__dict__.update(self._fresh())
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_stream")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock, self._stream = threading.Lock(), None
+    def _fresh(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock(), "_stream": None}
 
     def _load_index(self) -> np.ndarray:
         from lm.data import assets
@@ -230,7 +240,7 @@ class _JsonlFile:
 # ---------------------------------------------------------------------------- Parquet, Arrow
 
 
-class _ParquetFile:
+class _ParquetFile(ProcessLocal):
     """One Parquet file: rows by row group (its footer is the index), the text column read
     from the row groups a range covers; the last few decoded groups are kept."""
 
@@ -252,14 +262,10 @@ class _ParquetFile:
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self.group_starts = np.cumsum([0] + sizes)
         self.rows = int(self.group_starts[-1])
-        self.__setstate__(self.__dict__)
+        self.__dict__.update(self._fresh())
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_groups")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock, self._groups = threading.Lock(), collections.OrderedDict()
+    def _fresh(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock(), "_groups": collections.OrderedDict()}
 
     def _group(self, g: int) -> list:
         import pyarrow.parquet as pq
@@ -290,7 +296,7 @@ class _ParquetFile:
         return value if isinstance(value, str) else str(value)
 
 
-class _ArrowFile:
+class _ArrowFile(ProcessLocal):
     """One Arrow stream file of a `datasets` directory, memory-mapped (nothing is read until
     a row range is sliced)."""
 
@@ -304,14 +310,10 @@ class _ArrowFile:
                 "data.text_key to the column that holds the text."
             )
         self.rows = table.num_rows
-        self.__setstate__(self.__dict__)
+        self.__dict__.update(self._fresh())
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_cached")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock, self._cached = threading.Lock(), None
+    def _fresh(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock(), "_cached": None}
 
     def _table(self):
         import pyarrow as pa
@@ -333,7 +335,7 @@ class _ArrowFile:
 # ---------------------------------------------------------------------------------- records
 
 
-class CorpusRecords(collections.abc.Sequence):
+class CorpusRecords(ProcessLocal, collections.abc.Sequence):
     """The records of one split of a corpus, ``{'text': str}``, in file order.
 
     segments: (file, first row, stop row) ranges that make up the split. Rows are decoded a
@@ -348,14 +350,10 @@ class CorpusRecords(collections.abc.Sequence):
     def __init__(self, files: Sequence[Any], segments: Sequence[tuple[int, int, int]], name: str):
         self._files, self._segments, self._name = list(files), list(segments), name
         self._offsets = np.cumsum([0] + [stop - start for _, start, stop in self._segments])
-        self.__setstate__(self.__dict__)
+        self.__dict__.update(self._fresh())
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_chunks")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock, self._chunks = threading.Lock(), collections.OrderedDict()
+    def _fresh(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock(), "_chunks": collections.OrderedDict()}
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

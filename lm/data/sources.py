@@ -113,13 +113,14 @@ class Records(collections.abc.Sequence):
         return [self._decode(r) for r in raw]
 
     def _decode(self, record: Any) -> dict[str, str]:
-        return {out: _as_str(_lookup(record, path)) for out, path in self._fields.items()}
+        return {out: _as_str(lookup(record, path)) for out, path in self._fields.items()}
 
     def __repr__(self) -> str:
         return f"Records({len(self)} records, fields={self._fields})"
 
 
-def _lookup(record: Any, path: str) -> Any:
+def lookup(record: Any, path: str) -> Any:
+    """The value at field path 'a/b' of a record; KeyError naming the fields there."""
     for key in path.split("/"):
         if not isinstance(record, collections.abc.Mapping) or key not in record:
             keys = sorted(record) if isinstance(record, collections.abc.Mapping) else type(record)
