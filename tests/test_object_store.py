@@ -10,6 +10,7 @@ AWS_ENDPOINT_URL. orbax-checkpoint 0.12 cannot write arrays to s3:// (see
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from lm import storage
 
@@ -373,3 +375,37 @@ def test_sweep_with_a_bucket_root(gcs, corpus, monkeypatch):
     assert proc.returncode == 0 and proc.stdout.count("skip ") == 4 and "0 to run" in proc.stdout, (
         proc.stdout
     )
+
+
+def test_corpora_and_their_cache_are_read_from_a_bucket(gcs, monkeypatch, tmp_path):
+    """jsonl: and parquet: globs on gs:// give the records of the same files on a disk, and a
+    cache prepared into the bucket gives the batches of tokenizing them on the fly."""
+    from lm.data import cache, pipeline, sources
+
+    from tests.test_data_corpora import documents
+    from tests.test_data_corpora import write_corpus as write_formats
+
+    for key, value in gcs.items():
+        monkeypatch.setenv(key, value)
+    docs = documents(400, seed=3)
+    for fmt, pattern in (("jsonl.gz", "*.jsonl.gz"), ("parquet", "*.parquet")):
+        local = write_formats(tmp_path, docs, fmt, shards=3)
+        folder = pathlib.Path(local.split(":", 1)[1]).parent
+        for path in sorted(folder.glob(pattern)):
+            storage.as_path(f"gs://runs/corpus/{fmt}/{path.name}").write_bytes(path.read_bytes())
+        remote = f"{fmt.split('.')[0]}:gs://runs/corpus/{fmt}/{pattern}"
+        config = dict(seq_len=32, batch_size=4, vocab_size=290, data_dir=str(tmp_path / "data"))
+        on_disk, in_bucket = (pipeline.DataConfig(source=s, **config) for s in (local, remote))
+        for split in sources.SPLITS:
+            want = [r["text"] for r in sources.get_source(on_disk, split)]
+            assert [r["text"] for r in sources.get_source(in_bucket, split)] == want, split
+    tokenizer = pipeline.get_tokenizer(in_bucket, str(tmp_path / "work"))
+    cached = pipeline.DataConfig(source=remote, cache="gs://runs/cache/corpus", **config)
+    cache.prepare(cached, tokenizer, log=lambda _: None)
+    assert storage.as_path("gs://runs/cache/corpus/manifest.json").exists()
+
+    def batches(cfg):
+        it = iter(pipeline.make_dataset(cfg, "train", tokenizer, seed=1))
+        return [next(it)["inputs"] for _ in range(4)]
+
+    np.testing.assert_array_equal(batches(cached), batches(in_bucket))
