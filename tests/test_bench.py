@@ -3,6 +3,7 @@ are asserted here)."""
 
 import dataclasses
 
+import pytest
 from launch.sweep import load_experiment
 from lm import bench, config
 from lm.models import transformer as T
@@ -16,6 +17,7 @@ def test_main_job_shape_is_the_experiments():
     assert bench.MAIN_JOB_BATCH == (values["data"]["batch_size"], values["data"]["seq_len"])
 
 
+@pytest.mark.slow
 def test_remat_shrinks_the_train_steps_temporary_memory():
     """What `python -m lm.bench layers` measures, at a small shape: saving nothing inside a layer
     ('full') needs less scratch memory than saving everything ('none')."""

@@ -8,8 +8,10 @@ import pytest
 from lm import decode
 from lm.models import transformer as T
 
+from tests import slow_except
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+
+@pytest.fixture(scope="module", params=slow_except(["gpt2", "llama"], "gpt2"))
 def model_and_params(request):
     config = T.preset(
         request.param, **T.TINY, **({"num_kv_heads": 2} if request.param == "llama" else {})

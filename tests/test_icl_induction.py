@@ -190,6 +190,7 @@ def test_config_rejects_unknown_keys():
         induction.build_configs(config)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_plots_summary(tmp_path):
     import importlib.util
 

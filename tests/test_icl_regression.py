@@ -195,6 +195,7 @@ def test_masked_squared_error():
     assert float(regression.masked_squared_error(preds, ys, 2)) == pytest.approx(2.5)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     """The regression objective through lm.train's step: the squared error on fixed prompts
     falls, and the curriculum's weights keep only the first points of each prompt."""

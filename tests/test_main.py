@@ -211,6 +211,7 @@ def test_icl_curves_on_the_trained_model(trained, tmp_path):
     assert bad.returncode == 2 and "not multiple-choice" in bad.stderr
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_runs_harness_tasks(tmp_path):
     source = write_corpus(tmp_path / "corpus")
     workdir = tmp_path / "run"
@@ -350,6 +351,7 @@ def test_experiments_on_real_registry_data(tmp_path, experiment):
     assert (workdir / "samples.txt").read_text().strip()
 
 
+@pytest.mark.slow
 def test_two_processes_train_together(tmp_path):
     """Two local processes joined by jax.distributed over 127.0.0.1, two CPU devices each."""
     import portpicker
@@ -439,6 +441,7 @@ def test_interrupted_run_resumes_exactly_through_the_real_pipeline(trained, tmp_
     jax.tree.map(np.testing.assert_array_equal, params_at_20(workdir), params_at_20(unbroken))
 
 
+@pytest.mark.slow
 def test_workdir_from_before_scanned_layers_resumes(trained, tmp_path):
     """A workdir written before scanned layers existed (unrolled checkpoints, a config.json
     without the execution keys) resumes under today's defaults (scanned layers) and continues

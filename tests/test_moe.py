@@ -338,6 +338,7 @@ def test_expert_rules_reach_the_trainer_and_its_optimizer_state():
 # ------------------------------------------------------------------------------ the CLI
 
 
+@pytest.mark.slow
 def test_tiny_moe_experiment_trains_through_the_cli(tmp_path):
     source = write_corpus(tmp_path / "corpus", lines=600)
     workdir = tmp_path / "run"

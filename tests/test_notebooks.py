@@ -74,6 +74,7 @@ def tiny_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_training_notebook_plots_every_run_of_a_sweep_root(tiny_runs, tmp_path, monkeypatch):
     figures = tmp_path / "figures"
     book = execute(

@@ -174,11 +174,12 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
 @pytest.mark.parametrize(
     "saved_on, restored_on",
     [
-        ((8, 1, 1), (2, 2, 2)),
+        pytest.param((8, 1, 1), (2, 2, 2), marks=pytest.mark.slow),
         ((8, 1, 1), (2, 4, 1)),
         ((8, 1, 1), "one device"),
-        ((1, 8, 1), "one device"),  # FSDP over 8 devices -> a single device
-        ("one device", (1, 8, 1)),  # and the reverse
+        # FSDP over 8 devices -> a single device, and the reverse
+        pytest.param((1, 8, 1), "one device", marks=pytest.mark.slow),
+        pytest.param("one device", (1, 8, 1), marks=pytest.mark.slow),
     ],
 )
 def test_restore_onto_a_different_mesh(tmp_path, saved_on, restored_on):
