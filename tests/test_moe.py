@@ -201,6 +201,7 @@ def test_moe_decoder_is_causal_and_its_cache_matches_the_full_forward(config):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_moe_scanned_equals_unrolled_with_gradients():
     unrolled = dataclasses.replace(MOE, scan_layers=False)
     model, _, params = init(unrolled)
@@ -295,7 +296,11 @@ def _loss_and_grads(mesh, rules):
 
 @pytest.mark.parametrize(
     "mesh, rules, expert_axis",
-    [((2, 4, 1), "", "fsdp"), ((2, 2, 2), "", "fsdp"), ((4, 2, 1), "expert=data", "data")],
+    [
+        ((2, 4, 1), "", "fsdp"),
+        pytest.param((2, 2, 2), "", "fsdp", marks=pytest.mark.slow),
+        pytest.param((4, 2, 1), "expert=data", "data", marks=pytest.mark.slow),
+    ],
 )
 def test_experts_sharded_on_8_devices_give_the_one_device_loss_and_gradients(
     one_device_loss_and_grads, mesh, rules, expert_axis

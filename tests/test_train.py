@@ -231,6 +231,7 @@ def test_restore_onto_a_different_mesh(tmp_path, saved_on, restored_on):
     )
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path, caplog):
     _loop(tmp_path, steps=4, checkpoint_every=2)
     for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
@@ -244,7 +245,11 @@ def test_unreadable_latest_checkpoint_falls_back_and_training_continues(tmp_path
 
 
 @pytest.mark.parametrize(
-    "saved_scan, restored_scan", [(True, False), pytest.param(False, True, marks=pytest.mark.slow)]
+    "saved_scan, restored_scan",
+    [
+        pytest.param(True, False, marks=pytest.mark.slow),
+        pytest.param(False, True, marks=pytest.mark.slow),
+    ],
 )
 def test_checkpoint_converts_between_unrolled_and_scanned_layers(
     tmp_path, saved_scan, restored_scan
