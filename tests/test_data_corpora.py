@@ -217,7 +217,8 @@ def write_large_corpus(root, total_bytes, files=8):
     """`files` JSON Lines files of about total_bytes in all: a block of 2 KB documents of random
     words, repeated (what is measured is memory and disk, not what is learnt)."""
     rng = np.random.default_rng(0)
-    words = np.array(["the", "king", "speaks", "and", "all", "his", "court", "listens", "now"])
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = np.array(["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(3000)])
     docs = [
         " ".join(rng.choice(words, size=400)) for _ in range(min(8000, total_bytes // 2400 + 1))
     ]
