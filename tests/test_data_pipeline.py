@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -546,3 +547,25 @@ def test_data_state_of_other_shards_is_a_clear_error_and_kept(setup, tmp_path):
         "shard_1-of-2.json",
     ]
     assert not (tmp_path / "unreadable_checkpoints").exists()  # not set aside as corrupt
+
+
+def test_epoch_shuffles_are_safe_across_read_threads():
+    """Grain reads records in several threads, which share the shuffles' permutation caches
+    (two threads evicting the same epoch raised KeyError once)."""
+    import concurrent.futures
+
+    import grain
+
+    n, epochs = 2, 3000
+    source = grain.MapDataset.source(list(range(n)))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often enough to meet inside an eviction
+    try:
+        for shuffle in (pipeline._EpochShuffle(source, 3), pipeline._ChunkShuffle(source, 2, 3)):
+            indices = range(epochs * n)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(shuffle.__getitem__, indices, chunksize=1))
+            for e in range(epochs):
+                assert sorted(got[e * n : (e + 1) * n]) == list(range(n))
+    finally:
+        sys.setswitchinterval(interval)

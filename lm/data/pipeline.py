@@ -576,7 +576,8 @@ class _EpochShuffle(grain.MapDataset):
         if perm is None:
             perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
             if len(self._perms) >= self._MAX_CACHED:
-                self._perms.pop(min(self._perms))
+                # Grain's read threads share this cache: another may evict the same epoch.
+                self._perms.pop(min(list(self._perms), default=None), None)
             self._perms[epoch] = perm
         return perm
 
