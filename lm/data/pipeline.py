@@ -19,9 +19,9 @@ task ``'lm'``
     ``[bos] + tokens + [eos]``; a sequence of n tokens yields pieces
     ``tokens[k*L : k*L + L + 1]`` (consecutive pieces share one token, so every
     token after the first is a target exactly once); piece ``p`` gives
-    ``inputs = p[:-1]``, ``targets = p[1:]``. Pieces are window-shuffled, then
-    packed first-fit into rows (grain's ``FirstFitPackIterDataset``).
-    Records with empty text are skipped.
+    ``inputs = p[:-1]``, ``targets = p[1:]``. The pieces of a window of documents
+    (~256k tokens, or four batches' worth) are shuffled, packed first-fit into rows
+    and the rows shuffled (`lm.data.packing`). Records with empty text are skipped.
 
 tasks ``'span_corruption'`` / ``'translation'``
     examples from :mod:`lm.data.seq2seq` (``encoder_inputs``,
@@ -53,7 +53,7 @@ import grain
 import numpy as np
 
 from lm import storage
-from lm.data import cache, sources
+from lm.data import cache, corpora, packing, sources
 from lm.data.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from lm.utils import config_from_dict
 
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("lm", "span_corruption", "translation")
 NUM_SENTINELS = 100  # T5's <extra_id_0..99>, added to tokenizers for span corruption.
-_SHUFFLE_WINDOW_TOKENS = 1 << 18  # LM pieces are shuffled in windows of ~256k tokens.
+_SHUFFLE_WINDOW_TOKENS = 1 << 18  # LM pieces are shuffled and packed in windows of ~256k tokens.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,38 +265,6 @@ class _EncodeDocument(grain.transforms.Map):
         if "tokens" in record:  # a tokenized cache's record
             return record["tokens"]
         return cache.encode_document(self._tok, record["text"])
-
-
-class _SplitPieces(grain.experimental.FlatMapTransform):
-    """int32 [n] -> pieces {'inputs': [m], 'targets': [m]}, m <= seq_len.
-
-    Piece k covers ``tokens[k*L : k*L + L + 1]``; ``inputs = piece[:-1]``,
-    ``targets = piece[1:]``, so each token after the first is a target once.
-    """
-
-    max_fan_out = 1 << 30  # Unused by FlatMapIterDataset; a document may be long.
-
-    def __init__(self, seq_len: int):
-        self._len = seq_len
-
-    def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
-        L = self._len
-        pieces = (tokens[s : s + L + 1] for s in range(0, len(tokens) - 1, L))
-        return [{"inputs": p[:-1], "targets": p[1:]} for p in pieces]
-
-
-class _LmRow(grain.transforms.Map):
-    """Packed row from FirstFitPack -> {'inputs', 'targets', 'segment_ids', 'positions', 'weights'}."""
-
-    def map(self, row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seg = row["inputs_segment_ids"].astype(np.int32)
-        return {
-            "inputs": row["inputs"].astype(np.int32),
-            "targets": row["targets"].astype(np.int32),
-            "segment_ids": seg,
-            "positions": row["inputs_positions"].astype(np.int32),
-            "weights": (seg > 0).astype(np.float32),
-        }
 
 
 class _PadRows(grain.transforms.Map):
@@ -589,28 +557,28 @@ class _EpochShuffle(grain.MapDataset):
         return self._parent[epoch * n + int(self._perm(epoch)[i])]
 
 
-_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+def _read_options(cfg: DataConfig) -> grain.ReadOptions:
+    """How records are read: in the pipeline's own thread when local (memory-mapped tokens
+    and decoded text come faster than read threads hand them over, and SentencePiece holds the
+    GIL), by 8 threads when they come from an object store, so that its latencies overlap."""
+    kind, arg = sources.parse_source(cfg.source)
+    remote = storage.is_remote(cfg.cache or (arg if kind in corpora.KINDS else ""))
+    return grain.ReadOptions(num_threads=8, prefetch_buffer_size=16) if remote else _LOCAL_READ
+
+
+_LOCAL_READ = grain.ReadOptions(num_threads=0)
 
 
 def _lm_rows(
     records: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, rows: int, seed: int
 ) -> grain.IterDataset:
-    """Records -> packed LM rows (unbatched), ``rows`` rows packed at a time."""
-    tokens = records.map(_EncodeDocument(tokenizer)).to_iter_dataset(_READ)
-    pieces = grain.experimental.FlatMapIterDataset(tokens, _SplitPieces(cfg.seq_len))
-    if cfg.shuffle:
-        window = max(4 * rows, _SHUFFLE_WINDOW_TOKENS // cfg.seq_len)
-        pieces = grain.experimental.WindowShuffleIterDataset(
-            pieces, window_size=window, seed=derive_seed(seed, 1)
-        )
-    packed = grain.experimental.FirstFitPackIterDataset(
-        pieces,
-        length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len},
-        num_packing_bins=rows,
-        seed=derive_seed(seed, 2),
-        shuffle_bins=cfg.shuffle,
+    """Records -> packed LM rows (unbatched, `lm.data.packing`), packed a window of at least
+    ``4 * rows`` rows' tokens at a time."""
+    tokens = records.map(_EncodeDocument(tokenizer)).to_iter_dataset(_read_options(cfg))
+    window = max(4 * rows * cfg.seq_len, _SHUFFLE_WINDOW_TOKENS)
+    return packing.PackedRows(
+        tokens, cfg.seq_len, window_tokens=window, seed=derive_seed(seed, 1), shuffle=cfg.shuffle
     )
-    return packed.map(_LmRow())
 
 
 def _seq2seq_examples(
@@ -619,7 +587,7 @@ def _seq2seq_examples(
     """Records -> unbatched seq2seq examples via :mod:`lm.data.seq2seq`."""
     from lm.data import seq2seq  # Lazy: owned by the seq2seq data module.
 
-    read = records.to_iter_dataset(_READ)
+    read = records.to_iter_dataset(_read_options(cfg))
     if cfg.task == "translation":
         return seq2seq.translation_examples(read, tokenizer, cfg)
     examples = seq2seq.span_corruption_examples(read, tokenizer, cfg, seed=derive_seed(seed, 3))
