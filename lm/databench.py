@@ -84,9 +84,12 @@ def data_benchmark(
             )
         cached = dataclasses.replace(data, cache=str(pathlib.Path(scratch) / "cache"))
         start = time.perf_counter()
-        manifest = cache.prepare(cached, tokenizer, log=lambda _: None)
+        manifests = cache.prepare_caches(cached, tokenizer, log=lambda _: None)
         prepared = sum(
-            c["tokens"] for e in manifest["splits"].values() for c in e["finished"].values()
+            c["tokens"]
+            for _, manifest in manifests
+            for e in manifest["splits"].values()
+            for c in e["finished"].values()
         )
         prepare_rate = prepared / (time.perf_counter() - start)
         rows.append(("cache, 0 workers", pipeline_tokens_per_sec(cached, tokenizer, batches)))

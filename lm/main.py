@@ -294,12 +294,13 @@ def prepare_command(workdir: pathlib.Path) -> None:
             "--config.data.cache=DIR (a local directory or gs://bucket/path)"
         )
     tokenizer = run_lib.shared_tokenizer(config.data, workdir)
-    manifest = cache.prepare(config.data, tokenizer, workers=_WORKERS.value)
-    for split, entry in manifest["splits"].items():
-        tokens = sum(c["tokens"] for c in entry["finished"].values())
-        print(
-            f"{split}: {entry['records']:,} records, {tokens:,} tokens in {entry['shards']} shards"
-        )
+    for source, manifest in cache.prepare_caches(config.data, tokenizer, workers=_WORKERS.value):
+        for split, entry in manifest["splits"].items():
+            tokens = sum(c["tokens"] for c in entry["finished"].values())
+            print(
+                f"{source} {split}: {entry['records']:,} records, {tokens:,} tokens in "
+                f"{entry['shards']} shards"
+            )
 
 
 def use_host_devices(topology: str | None) -> None:

@@ -1,6 +1,7 @@
 """Corpora read in place (`lm.data.corpora`): one corpus written in every format, in several
 shards, plain, gzip and zstd, gives the same records and the same batches from each."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -95,7 +96,7 @@ def test_every_format_holds_the_same_records(corpus):
         ]
 
 
-def test_every_format_gives_the_same_batches(corpus):
+def test_every_format_gives_the_same_batches(corpus, caplog):
     root, _, sources_by_format = corpus
     tokenizer = pipeline.get_tokenizer(config(sources_by_format["jsonl"], root), None)
 
@@ -115,6 +116,9 @@ def test_every_format_gives_the_same_batches(corpus):
         np.testing.assert_array_equal(batches(sources_by_format[fmt], "train"), want, err_msg=fmt)
         got = batches(sources_by_format[fmt], "validation", repeat=False)
         np.testing.assert_array_equal(got, held_out, err_msg=fmt)
+    # Shuffled training from .zst files says that it decompresses them again and again.
+    warned = [r.getMessage() for r in caplog.records if "read forward only" in r.getMessage()]
+    assert warned and all(sources_by_format["jsonl.zst"] in m for m in warned)
 
 
 def test_chunked_shards_and_shuffle_cover_each_record_once_per_epoch(corpus):
@@ -211,6 +215,22 @@ def test_a_dataset_dict_has_its_own_splits(tmp_path):
     assert texts(cfg, "train") == docs[:50] and texts(cfg, "test") == docs[50:]
     with pytest.raises(ValueError, match=r"has no split 'validation' \(it has \['train', 'test'\]"):
         texts(cfg, "validation")
+    # A cache of it holds the splits it has, and names the one it lacks.
+    from lm.data import cache
+
+    cached = dataclasses.replace(cfg, cache=str(tmp_path / "cache"))
+    tokenizer = pipeline.get_tokenizer(cached, str(tmp_path / "work"))
+    said = []
+    manifest = cache.prepare(cached, tokenizer, log=said.append)
+    assert sorted(manifest["splits"]) == ["test", "train"]
+    assert "prepare validation: " + cfg.source + " has no such split" in said
+    assert [len(r["tokens"]) for r in cache.open_split(cached, tokenizer, "test")] == [
+        len(d) for d in cache.document_tokens(tokenizer, docs[50:])
+    ]
+    with pytest.raises(
+        ValueError, match=r"has no split 'validation' \(it has \['train', 'test'\]\)"
+    ):
+        cache.open_split(cached, tokenizer, "validation")
 
 
 def write_large_corpus(root, total_bytes, files=8):

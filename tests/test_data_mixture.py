@@ -112,9 +112,32 @@ def test_held_out_splits_and_the_tokenizer_take_every_source(mixed):
             r"entry '5: 1 1' is not 'STEP: W1 \.\.\. W1'",
         ),
         (dict(mixture_schedule="5: 1"), r"mixture_schedule needs data.mixture"),
-        (dict(mixture="1 jsonl:a", cache="/c"), r"takes data.task='lm' and no data.cache"),
+        (dict(mixture="1 jsonl:a", task="translation"), r"takes data.task='lm'"),
     ],
 )
 def test_bad_mixtures_are_one_clear_error(values, match):
     with pytest.raises(ValueError, match=match):
         pipeline.DataConfig(**values)
+
+
+def test_a_mixtures_cache_gives_its_batches_one_cache_per_source(mixed, tmp_path):
+    from lm.data import cache
+
+    cfg, tokenizer = mixed
+    cached = dataclasses.replace(cfg, cache=str(tmp_path / "cache"))
+    made = cache.prepare_caches(cached, tokenizer, log=lambda _: None)
+    assert [source for source, _ in made] == [s for _, s in sources.parse_mixture(cfg.mixture)]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    for split, kw in (("train", {}), ("validation", {"repeat": False})):
+        want = pipeline.make_dataset(cfg, split, tokenizer, seed=3, **kw)
+        got = pipeline.make_dataset(cached, split, tokenizer, seed=3, **kw)
+        for a, b, _ in zip(want, got, range(6), strict=False):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+    # The sources the other way round find the caches already made.
+    (a_weight, a), (b_weight, b) = sources.parse_mixture(cfg.mixture)
+    swapped = dataclasses.replace(cached, mixture=f"{b_weight} {b}; {a_weight} {a}")
+    said = []
+    cache.prepare_caches(swapped, tokenizer, log=said.append)
+    counts = [line for line in said if "shards," in line]
+    assert len(counts) == 6 and all(line.endswith(", 0 to write") for line in counts)
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -127,6 +127,9 @@ def prepare(cfg, tokenizer, *, workers: int = 0, log: Callable[[str], None] = pr
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     lock = threading.Lock()
     for split in SPLITS:
+        if split not in sources.source_splits(cfg):
+            log(f"prepare {split}: {cfg.source} has no such split")
+            continue
         records = sources.get_source(cfg, split)
         shards = -(-len(records) // SHARD_RECORDS)
         entry = manifest["splits"].setdefault(
@@ -156,6 +159,18 @@ def prepare(cfg, tokenizer, *, workers: int = 0, log: Callable[[str], None] = pr
                 finished(k, write_shard(*args, k, records, tokenizer, dtype))
     storage.write_atomic(root / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+def prepare_caches(cfg, tokenizer, *, workers: int = 0, log: Callable[[str], None] = print):
+    """`prepare` for ``cfg.source``, or for each source of ``cfg.mixture`` into its own cache
+    (`lm.data.sources.mixture_configs`). Returns [(the source, its manifest)]."""
+    parts = [part for _, part in sources.mixture_configs(cfg)] or [cfg]
+    out = []
+    for part in parts:
+        if len(parts) > 1:
+            log(f"prepare {part.source} into {part.cache}")
+        out.append((part.source, prepare(part, tokenizer, workers=workers, log=log)))
+    return out
 
 
 class TokenRecords(corpora.ProcessLocal, collections.abc.Sequence):
@@ -229,6 +244,11 @@ def open_split(cfg, tokenizer, split: str) -> TokenRecords:
         raise ValueError(f"data.cache={cfg.cache} holds no tokenized cache yet; {prepare_hint}.")
     _check_key(manifest, cache_key(cfg, tokenizer), root)
     entry = manifest["splits"].get(split)
+    if entry is None and split not in sources.source_splits(cfg):
+        raise ValueError(
+            f"{cfg.source} has no split {split!r} (it has {list(sources.source_splits(cfg))}), "
+            f"so data.cache={cfg.cache} holds none; use a source that has it."
+        )
     if entry is None or len(entry["finished"]) < entry["shards"]:
         done = 0 if entry is None else len(entry["finished"])
         total = "?" if entry is None else entry["shards"]

@@ -358,6 +358,12 @@ class CorpusRecords(ProcessLocal, collections.abc.Sequence):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    @property
+    def forward_only(self) -> list[str]:
+        """The files that are read forward only (.zst): a read that goes back in one decompresses
+        it again from its start."""
+        return [f.path for f in self._files if getattr(f, "compression", "") == "zst"]
+
     def __getitem__(self, index):  # pytype: disable=signature-mismatch
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
@@ -411,6 +417,13 @@ def _split_segments(files: Sequence[Any], paths: Sequence[str], split: str):
             if held[p] == split
         ]
     return [(i, *_row_split(f.rows, split)) for i, f in enumerate(files)]
+
+
+def datasets_splits(arg: str) -> list[str] | None:
+    """The splits of a saved DatasetDict at ``arg`` (None: a single saved Dataset, whose rows
+    or files are held out as any corpus's)."""
+    listing = pathlib.Path(os.path.expanduser(arg)) / "dataset_dict.json"
+    return json.loads(listing.read_text())["splits"] if listing.is_file() else None
 
 
 def _datasets_files(directory: pathlib.Path, split: str) -> tuple[list[str], bool]:

@@ -96,7 +96,8 @@ class DataConfig:
       mixture: several sources mixed by weight, ``'0.7 jsonl:web/*.gz; 0.3 parquet:code/*'``
         (then ``source`` is not read). Training rows are drawn from each source in those
         shares (deterministically, part of the iterator state); held-out splits and the
-        tokenizer's text take every source (the tokenizer in those shares).
+        tokenizer's text take every source (the tokenizer in those shares). With ``cache``,
+        each source has its own cache under it (`lm.data.sources.mixture_configs`).
       mixture_schedule: weights from a step on, ``'1000: 0.5 0.5; 5000: 0.2 0.8'`` (one per
         mixture source; 0 leaves a source out from that step).
     """
@@ -136,10 +137,9 @@ class DataConfig:
             )
         if self.mixture:
             parts = sources.parse_mixture(self.mixture)
-            if self.task != "lm" or self.cache:
+            if self.task != "lm":
                 raise ValueError(
-                    "data.mixture mixes language-modelling text sources; it takes data.task='lm' "
-                    "and no data.cache."
+                    "data.mixture mixes language-modelling text sources; it takes data.task='lm'."
                 )
             mixture_schedule(self.mixture_schedule, len(parts))
         elif self.mixture_schedule:
@@ -418,9 +418,12 @@ def derive_seed(seed: int, *salt: int) -> int:
 def lm_source(cfg: DataConfig, split: str, tokenizer: Tokenizer):
     """The records of ``split`` that the LM reads: token records of ``cfg.cache`` when set
     (`lm.data.cache.open_split`), else the source's text records."""
+    parts = [part for _, part in sources.mixture_configs(cfg)]
+    if cfg.cache and parts:  # a mixture: its sources one after the other
+        return sources.Chain([cache.open_split(part, tokenizer, split) for part in parts])
     if cfg.cache:
         return cache.open_split(cfg, tokenizer, split)
-    return sources.get_source(cfg, split)  # a mixture: its sources one after the other
+    return sources.get_source(cfg, split)
 
 
 def _records(
@@ -437,6 +440,15 @@ def _records(
     chunked source), shuffled per epoch and repeated as asked."""
     source = lm_source(cfg, split, tokenizer)
     chunk_rows = getattr(source, "chunk_rows", 0)  # corpora read in place decode by chunks
+    if cfg.shuffle and repeat and (zst := getattr(source, "forward_only", [])):
+        log.warning(
+            "%s: %d zstd files (%s, ...) are read forward only, so each shuffled chunk read in "
+            "them decompresses from the file's start; run `python -m lm.main prepare` and "
+            "train from data.cache for corpora larger than a few GB.",
+            cfg.source,
+            len(zst),
+            zst[0],
+        )
     if chunk_rows:
         records = grain.MapDataset.source(_ShardChunks(source, chunk_rows, shard, num_shards))
     else:

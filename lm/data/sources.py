@@ -179,7 +179,7 @@ def parse_mixture(text: str) -> list[tuple[float, str]]:
     return parts
 
 
-class _Chain(collections.abc.Sequence):
+class Chain(collections.abc.Sequence):
     """Several record sequences read as one, one after the other."""
 
     def __init__(self, parts: Sequence[Sequence[Any]]):
@@ -202,12 +202,31 @@ class _Chain(collections.abc.Sequence):
 
 
 def mixture_configs(cfg: SourceConfig) -> list[tuple[float, Any]]:
-    """The mixture's sources as (weight, the config with that source alone); [] without one."""
+    """The mixture's sources as (weight, the config with that source alone); [] without one.
+    With a ``cache`` each source has its own, ``CACHE/source-<hash of its spec>``, so that
+    reordering or adding sources keeps the caches already made."""
     text = getattr(cfg, "mixture", "")
     if not text:
         return []
     alone = {"mixture": "", "mixture_schedule": ""}
-    return [(w, dataclasses.replace(cfg, source=s, **alone)) for w, s in parse_mixture(text)]
+    out = []
+    for weight, source in parse_mixture(text):
+        if root := getattr(cfg, "cache", ""):
+            alone["cache"] = f"{root.rstrip('/')}/source-{_fingerprint([source])[:12]}"
+        out.append((weight, dataclasses.replace(cfg, source=source, **alone)))
+    return out
+
+
+def source_splits(cfg: SourceConfig) -> tuple[str, ...]:
+    """The splits of the project's three (train, validation, test) that ``cfg.source`` has: a
+    saved DatasetDict has its own, every other source all three."""
+    kind, arg = parse_source(cfg.source)
+    if kind != "datasets":
+        return SPLITS
+    from lm.data import corpora
+
+    own = corpora.datasets_splits(arg)
+    return SPLITS if own is None else tuple(s for s in SPLITS if s in own)
 
 
 def data_dir(cfg: SourceConfig) -> pathlib.Path:
@@ -226,7 +245,7 @@ def get_source(cfg: SourceConfig, split: str) -> Sequence[dict[str, Any]]:
         split, or a file that is not UTF-8 text.
     """
     if parts := mixture_configs(cfg):  # every source's records, one after the other
-        return _Chain([get_source(part, split) for _, part in parts])
+        return Chain([get_source(part, split) for _, part in parts])
     kind, arg = parse_source(cfg.source)
     if kind in ("jsonl", "parquet", "datasets"):
         from lm.data import corpora  # read in place, not through TFDS
