@@ -6,15 +6,15 @@ Command (2-core CPU):
 
 Same data, tokenizer and budget as shakespeare_gpt; 4 query heads sharing 2 key/value heads.
 
-Measured on the 2-core CPU dev machine (2026-12-01, scanned layers), 4.00M parameters,
-480 steps of 16 x 256 tokens, about 8,000 tokens/s:
+Measured on the 2-core CPU dev machine (2026-12-07, rows packed by `lm.data.packing`), 4.00M
+parameters, 480 steps of 16 x 256 tokens, a median 4,100 tokens/s:
 
     step   train loss   validation loss   perplexity   bits/byte
-     160      4.56           4.632           102.7        2.345
-     320      4.05           4.247            69.9        2.151
-     480      4.07           4.149            63.3        2.101
+     160      4.48           4.596            99.1        2.327
+     320      4.19           4.287            72.8        2.171
+     480      3.91           4.159            64.0        2.106
 
-    wall time: 4 min 47 s; unigram baseline 6.063 nats/token (GPT-2 family: 4.536)
+    wall time: 8 min 36 s; unigram baseline 6.063 nats/token (GPT-2 family: 4.529)
 Arg: 'tiny' gives a seconds-long smoke run (used by the tests).
 """
 

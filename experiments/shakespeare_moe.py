@@ -7,8 +7,9 @@ Command (2-core CPU, about 7 minutes):
 
     python -m lm.main --config experiments/shakespeare_moe.py --workdir workdirs/shakespeare_moe
 
-Measured on the 2-core CPU dev machine (2026-11-30), 480 steps of 16 x 256 tokens as the dense
-run, beside experiments/shakespeare_gpt.py's numbers (dense, from its docstring):
+Measured on the 2-core CPU dev machine (2026-11-30, rows packed by grain's first-fit packer
+then), 480 steps of 16 x 256 tokens as the dense run, beside the dense run of that day (since
+rows are packed by `lm.data.packing`, the dense run gives 4.529; this one is not re-measured):
 
                         validation loss      perplexity        bits/byte
     step  train loss    MoE     dense       MoE    dense      MoE    dense

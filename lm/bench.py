@@ -655,13 +655,18 @@ def main(argv=None) -> None:
     data.add_argument("--config", default="experiments/shakespeare_gpt.py", help="FILE[:arg]")
     data.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE (repeatable)")
     data.add_argument("--workers", default="0,2", help="comma-separated data.worker_count values")
-    data.add_argument("--batches", type=int, default=50, help="batches timed per pipeline")
+    data.add_argument(
+        "--tokens",
+        type=int,
+        default=1 << 22,
+        help="tokens timed per pipeline (rows are packed ~256k tokens at a time: time many)",
+    )
     data.add_argument("--steps", type=int, default=3, help="train steps timed")
     args = parser.parse_args(argv)
     np.set_printoptions(precision=3)
     if args.command == "data":
         workers = [int(w) for w in args.workers.split(",") if w]
-        print(databench.data_benchmark(args.config, args.set, workers, args.batches, args.steps))
+        print(databench.data_benchmark(args.config, args.set, workers, args.tokens, args.steps))
         return
     if args.command == "decode":
         batches = [int(b) for b in args.batches.split(",") if b]

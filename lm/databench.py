@@ -1,7 +1,7 @@
 """Input-pipeline throughput beside the train step's consumption, for one experiment's data.
 
     python -m lm.bench data --config experiments/shakespeare_gpt.py [--set data.source=jsonl:...]
-        [--workers 0,2] [--batches 50] [--steps 3]
+        [--workers 0,2] [--tokens 4194304] [--steps 3]
 
 Training batches of this process (`lm.data.pipeline.make_dataset`) are drawn from the raw text
 at each ``data.worker_count`` in ``--workers``, then from a tokenized cache that the benchmark
@@ -37,15 +37,17 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def pipeline_tokens_per_sec(cfg, tokenizer, batches: int, warmup: int = 3) -> float:
-    """Loss-bearing tokens per second of this process's training batches, after `warmup`."""
+def pipeline_tokens_per_sec(cfg, tokenizer, tokens: int, warmup: int = 3) -> float:
+    """Loss-bearing tokens per second of this process's training batches, over the first
+    batches after `warmup` that hold at least `tokens` (many packing windows: a window's
+    rows are packed at once, then handed out for free)."""
     it = iter(pipeline.make_dataset(cfg, "train", tokenizer, seed=0))
     for _ in range(warmup):
         next(it)
-    start, tokens = time.perf_counter(), 0.0
-    for _ in range(batches):
-        tokens += float(next(it)["weights"].sum())
-    return tokens / (time.perf_counter() - start)
+    start, drawn = time.perf_counter(), 0.0
+    while drawn < tokens:
+        drawn += float(next(it)["weights"].sum())
+    return drawn / (time.perf_counter() - start)
 
 
 def step_tokens_per_sec(run_config, model_config, cfg, tokenizer, steps: int) -> float:
@@ -66,7 +68,7 @@ def step_tokens_per_sec(run_config, model_config, cfg, tokenizer, steps: int) ->
 
 
 def data_benchmark(
-    config: str, overrides: list[str], workers: list[int], batches: int, steps: int
+    config: str, overrides: list[str], workers: list[int], tokens: int, steps: int
 ) -> str:
     path, _, arg = config.partition(":")
     values = apply_overrides(config_lib.resolve(config_lib.config_of(path, arg or None)), overrides)
@@ -80,7 +82,7 @@ def data_benchmark(
         for count in workers:
             raw = dataclasses.replace(data, worker_count=count, cache="")
             rows.append(
-                (f"text, {count} workers", pipeline_tokens_per_sec(raw, tokenizer, batches))
+                (f"text, {count} workers", pipeline_tokens_per_sec(raw, tokenizer, tokens))
             )
         cached = dataclasses.replace(data, cache=str(pathlib.Path(scratch) / "cache"))
         start = time.perf_counter()
@@ -92,7 +94,7 @@ def data_benchmark(
             for c in e["finished"].values()
         )
         prepare_rate = prepared / (time.perf_counter() - start)
-        rows.append(("cache, 0 workers", pipeline_tokens_per_sec(cached, tokenizer, batches)))
+        rows.append(("cache, 0 workers", pipeline_tokens_per_sec(cached, tokenizer, tokens)))
     lines = [
         f"data: {data.source or data.mixture}, rows of {data.seq_len} tokens, batch {data.batch_size}",
         f"train step ({model_config.num_layers} layers, d {model_config.d_model}, one device): "
