@@ -339,12 +339,7 @@ def main(argv):
     if command == "train":
         if _CONFIG.value is None:
             raise app.UsageError("train needs --config experiments/NAME.py")
-        if "icl" in _CONFIG.value:  # Garg et al. regression, induction heads (lm.icl.runs)
-            from lm.icl import run_experiment
-
-            run_experiment(_CONFIG.value, workdir)
-        else:
-            run_lib.train(_CONFIG.value, workdir)
+        run_lib.run(_CONFIG.value, workdir)
     elif command == "prepare":
         prepare_command(workdir)
     elif command == "sample":

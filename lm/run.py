@@ -25,6 +25,7 @@ from lm.data.pipeline import DataConfig
 from lm.decode import samples
 from lm.evaluation import evaluate, get_tasks
 from lm.evaluation.model import harness_model
+from lm.icl import experiments
 from lm.models.transformer import ModelConfig, build_model
 from lm.train import TrainConfig, Trainer, make_eval_step, train_loop
 from lm.utils import gather_full
@@ -291,3 +292,17 @@ def train(config, workdir: pathlib.Path) -> None:
                 else ""
             )
         )
+
+
+def experiment_kind(config) -> str:
+    """'text' for a language-modelling experiment, else its ``icl.kind`` (an experiment file
+    with an ``icl`` section: `lm.icl.experiments.KINDS`)."""
+    return config["icl"].get("kind", "") if "icl" in config else "text"
+
+
+def run(config, workdir: pathlib.Path) -> None:
+    """Trains (or resumes) the experiment ``config`` in ``workdir``, whatever its kind."""
+    if experiment_kind(config) == "text":
+        train(config, workdir)
+    else:
+        experiments.run_experiment(config, workdir)

@@ -6,7 +6,7 @@ import collections
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "data", "evaluation", "icl", "convert")
+PACKAGES = ("models", "data", "evaluation", "icl", "convert", "train")
 
 # Bottom to top; a unit may import only units of lower layers. The README's table says the same.
 LAYERS = [
@@ -75,3 +75,37 @@ def test_launch_imports_no_training_code():
     allowed = {"lm.config", "lm.storage"}  # sweep helpers, configs, bucket paths
     for path in (ROOT / "launch").glob("*.py"):
         assert lm_imports(path) <= allowed, (path.name, lm_imports(path) - allowed)
+
+
+def module_imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+    """The lm modules a file imports: ``from lm.a import b`` is lm.a.b when that is a module,
+    else lm.a (a package's __init__ counts as the module lm.a)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module in modules:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found |= subs or {node.module}
+    return found
+
+
+def test_no_modules_import_each_other():
+    """No import cycle between modules, inside packages too (lazy imports count)."""
+    paths = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (ROOT / "lm").rglob("*.py")
+    }
+    graph = {m: module_imports(p, set(paths)) - {m} for m, p in paths.items()}
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not cycles, sorted(set(cycles))[:10]

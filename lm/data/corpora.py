@@ -22,7 +22,7 @@ is read forward, and restarted from its start when a read goes back (zstd stream
 points). Parquet and Arrow files are their own indexes.
 
 Records are numbered in file order (files sorted by path), rows in order. Splits: with three
-files or more, whole files are held out (`lm.data.sources.holdout_split` on the file names
+files or more, whole files are held out (`lm.data.records.holdout_split` on the file names
 without their format extensions, so one corpus in several formats splits alike); with one or
 two files every file keeps its first 90% of rows for train, the next 5% for validation and
 the last 5% for test. A ``datasets:`` dictionary has its own splits.
@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from lm import storage
+from lm.data import records
 
 KINDS = ("jsonl", "parquet", "datasets")
 CHUNK_ROWS = 256  # records a reader decodes together (one range read, one row-group slice)
@@ -102,10 +103,8 @@ def _open(path: str):
 
 def _lookup(record: Any, path: str, where: str) -> str:
     """The text at field path 'a/b' of a record, as str; ValueError naming `where`."""
-    from lm.data import sources
-
     try:
-        value = sources.lookup(record, path)
+        value = records.lookup(record, path)
     except KeyError as e:
         raise ValueError(f"{where}: {e.args[0]}") from None
     return value if isinstance(value, str) else str(value)
@@ -407,10 +406,8 @@ def _row_split(rows: int, split: str) -> tuple[int, int]:
 
 
 def _split_segments(files: Sequence[Any], paths: Sequence[str], split: str):
-    from lm.data import sources
-
     if len(paths) >= 3:
-        held = sources.holdout_split(paths, max(1, len(paths) // 20), key=document_name)
+        held = records.holdout_split(paths, max(1, len(paths) // 20), key=document_name)
         return [
             (i, 0, f.rows)
             for i, (f, p) in enumerate(zip(files, paths, strict=True))

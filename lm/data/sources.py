@@ -61,6 +61,7 @@ from typing import Any, Protocol
 import tensorflow_datasets as tfds
 
 from lm.data import assets
+from lm.data.records import holdout_split, lookup
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +118,6 @@ class Records(collections.abc.Sequence):
 
     def __repr__(self) -> str:
         return f"Records({len(self)} records, fields={self._fields})"
-
-
-def lookup(record: Any, path: str) -> Any:
-    """The value at field path 'a/b' of a record; KeyError naming the fields there."""
-    for key in path.split("/"):
-        if not isinstance(record, collections.abc.Mapping) or key not in record:
-            keys = sorted(record) if isinstance(record, collections.abc.Mapping) else type(record)
-            raise KeyError(
-                f"Record has no field {path!r} (at {key!r}; available: {keys}); "
-                "set data.text_key to the field holding the text."
-            )
-        record = record[key]
-    return record
 
 
 def _as_str(value: Any) -> str:
@@ -371,22 +359,6 @@ def _prepare(
             log.info("Preparing TFDS dataset %s in %s", builder.name, builder.data_dir)
             builder.download_and_prepare(file_format="array_record")
     return builder
-
-
-def holdout_split(names: Sequence[str], k: int, key: Callable[[str], str] = str) -> dict[str, str]:
-    """Assigns whole documents to splits: name -> 'train' | 'validation' | 'test'.
-
-    Names are ordered by the sha256 of ``key(name)`` (ties by name): a fixed
-    pseudo-random order that does not depend on listing order. The first ``k``
-    go to test, the next ``k`` to validation, the rest to train.
-    """
-    ranked = sorted(names, key=lambda n: (hashlib.sha256(key(n).encode()).hexdigest(), n))
-    out = dict.fromkeys(names, "train")
-    for name in ranked[:k]:
-        out[name] = "test"
-    for name in ranked[k : 2 * k]:
-        out[name] = "validation"
-    return out
 
 
 def check_text(data: bytes, where: str) -> str:

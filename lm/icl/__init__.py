@@ -3,11 +3,11 @@
 
 An ICL experiment file returns an ordinary config (model, optimizer, train, parallel) plus an
 `icl` section whose `kind` names the experiment; `python -m lm.main --config FILE --workdir
-DIR` trains it with lm.train's loop through `run_experiment` (see `lm.icl.runs`).
+DIR` trains it with lm.train's loop through `run_experiment` (`lm.icl.experiments`).
 """
 
 from __future__ import annotations
 
-from lm.icl.runs import run_experiment
+from lm.icl.experiments import run_experiment
 
 __all__ = ["run_experiment"]

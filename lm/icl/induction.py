@@ -721,4 +721,4 @@ def run(config, workdir) -> dict[str, Any]:
     """Trains (or resumes) the model of `config` and probes it as it trains; writes
     metrics.jsonl, checkpoints, the plots and summary.json to `workdir`; returns the summary
     (a rerun of a finished run only rewrites the plots and summary)."""
-    return runs.run_experiment(config, workdir)
+    return runs.train_run(build_run, config, workdir)

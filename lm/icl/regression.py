@@ -476,4 +476,4 @@ def run(config, workdir) -> dict[str, Any]:
     """Trains (resuming from the workdir's latest checkpoint), evaluates and plots; a finished
     run only re-evaluates. Returns errors.json's contents: {"step", "num_params", "errors":
     {predictor: [normalised error at k]}, ...}."""
-    return runs.run_experiment(config, workdir)
+    return runs.train_run(build_run, config, workdir)

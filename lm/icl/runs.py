@@ -176,18 +176,11 @@ def process_rows(batch_size: int):
     return slice(index * local, (index + 1) * local)
 
 
-def run_experiment(config, workdir) -> dict[str, Any]:
-    """Trains (or resumes) the ICL experiment that `config.icl.kind` names in `workdir`, then
-    writes and returns its results (see the kind's module)."""
-    kind = section_values(config)["icl"].get("kind")
-    if kind == "regression":
-        from lm.icl import regression as module
-    elif kind == "induction":
-        from lm.icl import induction as module
-    else:
-        raise ValueError(f"icl.kind={kind!r} is not one of ('regression', 'induction')")
+def train_run(build_run, config, workdir) -> dict[str, Any]:
+    """Trains (or resumes) the ICL run that ``build_run(config, workdir)`` assembles (an
+    `IclRun`) in ``workdir``, then writes and returns its results (see the kind's module)."""
     workdir = storage.as_path(workdir)
-    run = module.build_run(config, workdir)
+    run = build_run(config, workdir)
     checkpoint.write_config(workdir, run.configs.as_dict())
     results: dict[str, Any] = {}
 

@@ -1,0 +1,79 @@
+"""The run's hyperparameters (`TrainConfig`, read from experiment files) and the policies for a
+non-finite step. The optimizer's are `lm.train.optim.OptimizerConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lm import lora
+from lm.utils import config_from_dict
+
+NONFINITE_POLICIES = ("abort", "skip", "rollback")
+
+
+def check_nonfinite_policy(value: str) -> None:
+    if value not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"train.nonfinite={value!r}: use one of {', '.join(map(repr, NONFINITE_POLICIES))}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500  # 0 = only at the end
+    eval_batches: int = 0  # evaluate on the first n batches of the split; 0 = all of it
+    eval_at_start: bool = False  # also evaluate before the first step (fine-tuning baselines)
+    # Harness tasks (lm.evaluation, comma-separated, e.g. "heldout_order,lambada") run with
+    # every evaluation, on the first eval_tasks_limit documents of each (0 = all).
+    eval_tasks: str = ""
+    eval_tasks_limit: int = 200
+    eval_tasks_fewshot: int = -1  # -1 = each task's default k
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    # A step with a non-finite loss, gradient or update: 'abort' (stop, naming the step, exit
+    # non-zero), 'skip' (that step changes nothing) or 'rollback' (back to the last checkpoint,
+    # the step's batch dropped for good). See train_loop.
+    nonfinite: str = "abort"
+    sample_prompt: str = ""
+    sample_tokens: int = 100
+    sample_temperature: float = 0.8
+    peak_flops_per_device: float = 0.0  # 0 = guess from the device kind (for MFU)
+    progress: bool = True
+    # Fine-tuning. init_from: start from another run's parameters (a workdir; see
+    # lm.main.init_source) when this workdir has no checkpoint of its own yet.
+    init_from: str = ""
+    # LoRA (lm.lora): rank 0 = off (train every parameter); else only adapters on the
+    # kernels named in lora_targets (comma-separated module names) are trained.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
+
+    def __post_init__(self):
+        for key, low in [
+            ("steps", 1),
+            ("log_every", 1),
+            ("checkpoint_every", 1),
+            ("keep_checkpoints", 1),
+            ("eval_every", 0),
+            ("eval_batches", 0),
+            ("eval_tasks_limit", 0),
+            ("eval_tasks_fewshot", -1),
+            ("sample_tokens", 0),
+            ("sample_temperature", 0),
+        ]:
+            if getattr(self, key) < low:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= {low}")
+        self.lora  # noqa: B018 - validates the LoRA values now, with their config names
+        check_nonfinite_policy(self.nonfinite)
+
+    @property
+    def lora(self) -> lora.LoraConfig:
+        return lora.LoraConfig.from_strings(self.lora_rank, self.lora_alpha, self.lora_targets)
+
+    @classmethod
+    def from_dict(cls, values):
+        return config_from_dict(cls, dict(values), prefix="train")

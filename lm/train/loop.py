@@ -1,0 +1,295 @@
+"""The training loop: restore or init, then batches, steps, evaluation, checkpoints and SIGTERM;
+and `IndexedBatches`, a batch source for data that is a function of its position.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from lm import storage
+from lm.checkpoint import Checkpointer
+from lm.train.config import TrainConfig
+from lm.train.metrics import MetricWriter
+from lm.train.nonfinite import NonFiniteGuard
+from lm.train.step import TrainState
+from lm.train.throughput import flops_per_token, peak_flops_per_device
+from lm.train.trainer import Trainer
+
+
+class _Preemption:
+    """Whether the loop should save a checkpoint and stop because of a preemption notice.
+
+    One process: SIGTERM sets a flag. Several processes (`jax.distributed`): a checkpoint save
+    is collective, so a SIGTERM to any one of them must stop all of them at the same step.
+    JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM in
+    every process and agrees on a step through the coordinator in the background;
+    `multihost_utils.reached_preemption_sync_point(step)` turns True in every process at that
+    step. It is a host-side check of local state (no communication unless a notice came),
+    called once per step by every process, as the service requires. Installing a Python
+    SIGTERM handler there would replace the service's, so none is installed.
+    """
+
+    def __init__(self):
+        self.coordinated = jax.process_count() > 1
+        self._signalled = False
+        self._previous = None
+
+    def __enter__(self):
+        if self.coordinated:
+            if not jax.config.jax_enable_preemption_service:
+                raise ValueError(
+                    "a multi-process run needs JAX's preemption service to stop every process at "
+                    "the same step on SIGTERM: do not set jax_enable_preemption_service=False"
+                )
+        elif threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self._signalled = True
+
+    def reached(self, step: int) -> bool:
+        """True: save `step` and stop (the same step in every process)."""
+        if not self.coordinated:
+            return self._signalled
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            logging.warning(
+                "preemption notice (SIGTERM to a process of this run): every process saves step "
+                "%d and stops",
+                step,
+            )
+            return True
+        return False
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class IndexedBatches:
+    """A batch source for data that is a pure function of its position in the stream:
+    `batch_at(0)`, `batch_at(1)`, ... Its state (saved with every checkpoint, like a Grain
+    iterator's) is the next position, so a resumed run draws exactly the batches an unbroken
+    run would. For synthetic data (lm.icl's regression prompts, induction sequences).
+
+    batch_at: position -> this process's batch (numpy arrays with a leading batch axis).
+    """
+
+    def __init__(self, batch_at: Callable[[int], dict[str, np.ndarray]]):
+        self._batch_at = batch_at
+        self._next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._batch_at(self._next)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next": self._next}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._next = int(state["next"])
+
+
+class _Log:
+    """The loop's log lines: the last step's metrics, throughput and the share of time spent
+    waiting for batches over the window since the last line, MFU, the data's own metrics
+    (`data_metrics`, a mixture's), written to `MetricWriter` and the progress bar."""
+
+    def __init__(self, workdir, trainer: Trainer, train_config: TrainConfig, seq_len, start):
+        self.writer = MetricWriter(workdir)
+        self._use_pmap = trainer.use_pmap
+        self._flops = flops_per_token(trainer.model_config, trainer.num_params, seq_len or 1)
+        peak = peak_flops_per_device(train_config.peak_flops_per_device)
+        self._peak = peak * jax.device_count()
+        self.progress = None
+        if train_config.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.progress = tqdm(
+                total=train_config.steps,
+                initial=start,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        self.restart()
+
+    def restart(self, step: int | None = None) -> None:
+        """A new window (after a line, or from `step` after a rollback)."""
+        self.tokens, self.steps, self.wait, self.start = 0.0, 0, 0.0, time.perf_counter()
+        if step is not None and self.progress is not None:
+            self.progress.n = step
+            self.progress.refresh()
+
+    def line(self, pending, data_iterator) -> tuple[tuple[int, ...], list[dict], dict]:
+        """(steps, their host metrics, the line's values) of the window's pending steps."""
+        steps, host = zip(*jax.device_get(pending), strict=True)
+        if self._use_pmap:
+            host = [jax.tree.map(lambda x: x[0], m) for m in host]
+        self.tokens += sum(t for t in (float(m["tokens"]) for m in host) if math.isfinite(t))
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        skip = ("loss", "tokens", "finite", "nonfinite_skipped")
+        logged = {"loss": float(host[-1]["loss"])}  # then the step's other metrics
+        logged |= {k: float(v) for k, v in host[-1].items() if k not in skip}
+        logged |= {
+            "tokens_per_sec": self.tokens / elapsed,
+            "steps_per_sec": self.steps / elapsed,
+            "data_wait_fraction": self.wait / elapsed,  # a starving run shows here
+        }
+        if hasattr(data_iterator, "data_metrics"):  # the LM pipeline's: a mixture's
+            logged |= data_iterator.data_metrics()
+        if self._peak > 0:
+            logged["mfu"] = logged["tokens_per_sec"] * self._flops / self._peak
+        return steps, list(host), logged
+
+    def show(self, step: int, logged: dict) -> None:
+        """The line on the progress bar (or the log), and a new window."""
+        if self.progress is not None:
+            self.progress.set_postfix(
+                loss=f"{logged['loss']:.3f}",
+                tok_s=f"{logged['tokens_per_sec']:,.0f}",
+                mfu=f"{logged.get('mfu', 0):.1%}",
+                refresh=False,
+            )
+        else:
+            logging.info("step %d %s", step, logged)
+        self.restart()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _evaluate(trainer: Trainer, evaluators, state) -> dict[str, float]:
+    """Every evaluator's metrics of `state`, as ``<name>/<metric>``."""
+    host = trainer.host_state(state)
+    return {f"{name}/{k}": float(v) for name, fn in evaluators.items() for k, v in fn(host).items()}
+
+
+def _restore_or_init(checkpointer, trainer: Trainer, train_config: TrainConfig, data_iterator):
+    """(the state to train from, its step): the latest checkpoint's, else a fresh init."""
+    if checkpointer.latest_step() is None:
+        return trainer.init_fn(train_config.seed), 0
+    try:
+        start, state = checkpointer.restore(trainer.abstract_state, data_iterator)
+    except Exception:
+        checkpointer.close()
+        raise
+    logging.info("resumed from step %d", start)
+    return state, start
+
+
+def _save(checkpointer, guard: NonFiniteGuard, trainer, state, step, data_iterator, force=False):
+    if step not in checkpointer.all_steps():
+        if checkpointer.save(step, trainer.host_state(state), data_iterator, force=force):
+            guard.saved()
+
+
+def _evaluate_at_start(log: _Log, evaluate, state) -> None:
+    initial = evaluate(state)
+    log.writer.write(0, initial)
+    logging.info("before training: %s", initial)
+    if jax.process_index() == 0:
+        print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in initial.items()), flush=True)
+
+
+def train_loop(
+    trainer: Trainer,
+    train_config: TrainConfig,
+    workdir: storage.PathLike,
+    data_iterator,
+    *,
+    evaluators: dict[str, Callable[[TrainState], dict[str, float]]] | None = None,
+    seq_len: int = 0,
+    on_end: Callable[[TrainState], None] | None = None,
+) -> TrainState:
+    """Trains to `train_config.steps`, resuming from the workdir's latest checkpoint.
+
+    data_iterator: a checkpointable Grain iterator of process-local numpy batches.
+    evaluators: name -> callable(state) -> metrics, run every `eval_every` steps and at the end;
+      their metrics are logged as `<name>/<metric>`.
+    on_end: called with the final state (e.g. to print samples).
+
+    Non-finite steps (`train.nonfinite`: abort, skip, rollback): see `NonFiniteGuard`.
+    """
+    workdir = storage.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = trainer.with_nonfinite(train_config.nonfinite)
+    guard = NonFiniteGuard(train_config.nonfinite, workdir)
+    keep, async_save = train_config.keep_checkpoints, train_config.async_checkpoints
+    checkpointer = Checkpointer(workdir, keep=keep, async_save=async_save)
+    state, start = _restore_or_init(checkpointer, trainer, train_config, data_iterator)
+    guard.start(start, data_iterator)
+    logging.info("%s", trainer.parameter_summary())
+    state = trainer.to_device_state(state)
+    log = _Log(workdir, trainer, train_config, seq_len, start)
+    evaluate = functools.partial(_evaluate, trainer, evaluators or {})
+    if start == 0 and train_config.eval_at_start and evaluators:
+        _evaluate_at_start(log, evaluate, state)
+    total, step, pending, stop = train_config.steps, start, [], False
+    rollback = functools.partial(
+        guard.handle,
+        checkpointer=checkpointer,
+        trainer=trainer,
+        data_iterator=data_iterator,
+        seed=train_config.seed,
+    )
+    try:
+        with _Preemption() as preemption:
+            while step < total and not (stop := preemption.reached(step)):
+                waited = time.perf_counter()
+                batch, position = guard.next_batch(data_iterator)
+                log.wait += time.perf_counter() - waited
+                state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+                step, log.steps = step + 1, log.steps + 1
+                pending.append((step, metrics))
+                guard.record(step, position, metrics)
+                is_eval = train_config.eval_every and step % train_config.eval_every == 0
+                is_log = step % train_config.log_every == 0 or is_eval or step == total
+                is_save = step % train_config.checkpoint_every == 0 or step == total
+                if (is_log or is_save) and (bad := guard.first_bad()) is not None:
+                    state, step = rollback(bad)  # abort raises
+                    pending = []
+                    log.restart(step)
+                    continue
+                if is_log:
+                    steps, host, logged = log.line(pending, data_iterator)
+                    pending = []
+                    logged |= guard.log_fields(steps, host)
+                    logged |= evaluate(state) if is_eval or step == total else {}
+                    log.writer.write(step, logged)
+                    guard.check_skip_limit(step, checkpointer)
+                    log.show(step, logged)
+                if log.progress is not None:
+                    log.progress.update(1)
+                if is_save:
+                    _save(checkpointer, guard, trainer, state, step, data_iterator)
+            if stop and step < total:
+                if (bad := guard.first_bad()) is not None:  # rollback: back at a saved step
+                    state, step = rollback(bad)
+                _save(checkpointer, guard, trainer, state, step, data_iterator, force=True)
+        checkpointer.wait()
+    finally:  # also on errors: saves in flight (all of finite states) land
+        checkpointer.close()
+        log.close()
+    host = trainer.host_state(state)
+    if on_end is not None and step == total:
+        on_end(host)
+    return host

@@ -1,0 +1,82 @@
+"""Where the loop writes metrics: TensorBoard event files (local or on an object store) and
+`metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+
+from lm import storage
+
+
+class _StoreRecordWriter:
+    """tensorboardX's record writer for gs:// and s3:// logdirs, through epath (and so through
+    the same credentials and endpoints as every other file of the workdir): an object store
+    cannot append, so each flush uploads the event file whole (as tensorboardX's own S3 writer
+    does; event files of a run are small)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.closed = storage.as_path(path), bytearray(), False
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def flush(self) -> None:
+        self.path.write_bytes(bytes(self.buffer))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class _StoreRecordWriterFactory:
+    def open(self, path: str) -> _StoreRecordWriter:
+        return _StoreRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no directories to create
+
+
+def _register_store_writers() -> None:
+    from tensorboardX import record_writer
+
+    for scheme in storage.REMOTE_SCHEMES:
+        record_writer.register_writer_factory(scheme.split(":")[0], _StoreRecordWriterFactory())
+
+
+class MetricWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
+
+    def __init__(self, workdir: storage.PathLike):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        _register_store_writers()
+        self.jsonl = storage.LineLog(storage.as_path(workdir) / "metrics.jsonl")
+        if self.jsonl.dropped is not None:
+            logging.warning(
+                "%s ended in a partly written line (the run was killed while writing it): "
+                "dropped %r",
+                self.jsonl.path,
+                self.jsonl.dropped[:80],
+            )
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}))
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
