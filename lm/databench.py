@@ -81,9 +81,7 @@ def data_benchmark(
         rows = []
         for count in workers:
             raw = dataclasses.replace(data, worker_count=count, cache="")
-            rows.append(
-                (f"text, {count} workers", pipeline_tokens_per_sec(raw, tokenizer, tokens))
-            )
+            rows.append((f"text, {count} workers", pipeline_tokens_per_sec(raw, tokenizer, tokens)))
         cached = dataclasses.replace(data, cache=str(pathlib.Path(scratch) / "cache"))
         start = time.perf_counter()
         manifests = cache.prepare_caches(cached, tokenizer, log=lambda _: None)
