@@ -588,7 +588,8 @@ def train_benchmark(shapes: list[str], steps: int, rounds: int, precisions: list
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lm.bench``: one subcommand per benchmark."""
     parser = argparse.ArgumentParser(
         prog="python -m lm.bench",
         description=__doc__,
@@ -662,7 +663,11 @@ def main(argv=None) -> None:
         help="tokens timed per pipeline (rows are packed ~256k tokens at a time: time many)",
     )
     data.add_argument("--steps", type=int, default=3, help="train steps timed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     np.set_printoptions(precision=3)
     if args.command == "data":
         workers = [int(w) for w in args.workers.split(",") if w]

@@ -41,6 +41,21 @@ def field_defaults(cls) -> dict[str, Any]:
     return out
 
 
+def with_vocabulary(model_values, data_vocab: int | None) -> dict[str, Any]:
+    """The model section with its vocabulary: ``model.vocab_size=0`` takes the data's (the
+    tokenizer's; 1 when there is none, as for regression, or it is not known yet), a pinned
+    one stays. ValueError when a pinned one is smaller than the data's."""
+    values = dict(model_values)
+    if not values.get("vocab_size"):
+        values["vocab_size"] = data_vocab or 1
+    elif data_vocab and values["vocab_size"] < data_vocab:
+        raise ValueError(
+            f"model.vocab_size={values['vocab_size']} is smaller than the data's vocabulary "
+            f"({data_vocab}, the tokenizer's); set model.vocab_size=0 to take the data's"
+        )
+    return values
+
+
 def filled_sections(
     sections: dict[str, tuple[type, dict[str, Any], dict[str, Any] | None]],
 ) -> ml_collections.ConfigDict:
@@ -133,15 +148,7 @@ class RunConfig:
     def model_config(self, tokenizer_vocab: int) -> ModelConfig:
         """The ModelConfig, its vocabulary the tokenizer's unless the config pins a larger one.
         ValueError if the pinned one is smaller than the tokenizer's."""
-        values = dict(self.model)
-        if not values.get("vocab_size"):
-            values["vocab_size"] = tokenizer_vocab
-        elif values["vocab_size"] < tokenizer_vocab:
-            raise ValueError(
-                f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
-                f"{tokenizer_vocab} pieces; set model.vocab_size=0 to follow the tokenizer"
-            )
-        return ModelConfig.from_dict(values)
+        return ModelConfig.from_dict(with_vocabulary(self.model, tokenizer_vocab))
 
     def create_trainer(self, model_cfg: ModelConfig, *, devices=None, init_params=None):
         """The run's `lm.train.Trainer` for `model_cfg` (`model_config`'s): its optimizer,

@@ -27,7 +27,7 @@ from lm.evaluation import evaluate, get_tasks
 from lm.evaluation.model import harness_model
 from lm.icl import experiments
 from lm.models.transformer import ModelConfig, build_model
-from lm.train import TrainConfig, Trainer, make_eval_step, train_loop
+from lm.train import TrainConfig, Trainer, make_eval_step, mean_eval_metrics, train_loop
 from lm.utils import gather_full
 
 
@@ -145,23 +145,11 @@ def split_loss(saved: checkpoint.SavedModel, split: str) -> dict[str, float]:
     seed = TrainConfig.from_dict(saved.sections.get("train", {})).seed
     model = build_model(saved.config)
     step = jax.jit(make_eval_step(model))
-    totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     batches = pipeline.make_dataset(
         data_cfg, split, saved.tokenizer, seed=seed, process_index=0, process_count=1, repeat=False
     )
     params = jax.device_put(saved.params)  # once, not with every step
-    for batch in batches:
-        out = step(params, batch)
-        for k in totals:
-            totals[k] += float(out[k])
-    tokens = max(totals["tokens"], 1.0)
-    loss = totals["loss_sum"] / tokens
-    metrics = {
-        "loss": loss,
-        "accuracy": totals["correct"] / tokens,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "tokens": totals["tokens"],
-    }
+    metrics = mean_eval_metrics(step(params, batch) for batch in batches)
     bytes_per_token = pipeline.bytes_per_token(data_cfg, split, saved.tokenizer)
     return _bits_per_byte(metrics, data_cfg, bytes_per_token)
 

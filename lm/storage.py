@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 import tempfile
+from collections.abc import Callable
 
 from etils import epath
 
@@ -45,21 +47,29 @@ def is_remote(path: PathLike) -> bool:
     return str(path).startswith(REMOTE_SCHEMES)
 
 
-def write_atomic(path: PathLike, data: bytes | str) -> None:
+def write_atomic(path: PathLike, data: bytes | str | Callable[[str], None]) -> None:
     """Writes the whole file so that a reader (or a rerun after a kill) sees the old content
     or the new one, never a part. Locally: a temporary file beside it, flushed to disk, then
-    renamed over it. On an object store an object appears only when its upload completes."""
+    renamed over it. On an object store an object appears only when its upload completes.
+    ``data`` may be a function that writes the file at the local path it is given (for
+    writers that take a path, such as safetensors')."""
     path = as_path(path)
     data = data.encode("utf-8") if isinstance(data, str) else data
     if is_remote(path):
+        if callable(data):
+            with tempfile.TemporaryDirectory() as scratch:
+                data(os.path.join(scratch, path.name))
+                data = pathlib.Path(scratch, path.name).read_bytes()
         path.write_bytes(data)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+            f.write(b"" if callable(data) else data)
+        if callable(data):
+            data(tmp)
+        with open(tmp, "rb+") as f:  # durable before it takes the name
             os.fsync(f.fileno())
         os.replace(tmp, os.fspath(path))
     except BaseException:

@@ -109,3 +109,30 @@ def test_no_modules_import_each_other():
                     seen.add(nxt)
                     stack.append((nxt, [*path, nxt]))
     assert not cycles, sorted(set(cycles))[:10]
+
+
+def test_no_function_is_longer_than_100_lines():
+    long = []
+    for path in sorted((ROOT / "lm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
+
+
+def test_the_public_api_is_the_modules_objects_and_import_lm_loads_no_jax():
+    import importlib
+    import subprocess
+    import sys
+
+    import lm
+
+    for name in lm.__all__:
+        module = importlib.import_module(lm._EXPORTS[name])
+        assert getattr(lm, name) is getattr(module, name), name
+    assert set(lm.__all__) <= set(dir(lm))
+    probe = "import sys, lm; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -409,3 +409,25 @@ def test_corpora_and_their_cache_are_read_from_a_bucket(gcs, monkeypatch, tmp_pa
         return [next(it)["inputs"] for _ in range(4)]
 
     np.testing.assert_array_equal(batches(cached), batches(in_bucket))
+
+
+def test_write_atomic_takes_a_writer_of_paths_locally_and_to_a_bucket(gcs, monkeypatch, tmp_path):
+    for key, value in gcs.items():
+        monkeypatch.setenv(key, value)
+
+    def writer(path):  # as safetensors' save_file does: it opens the path itself
+        with open(path, "wb") as f:
+            f.write(b"weights")
+
+    for target in (tmp_path / "model.safetensors", "gs://runs/export/model.safetensors"):
+        storage.write_atomic(target, writer)
+        assert storage.as_path(target).read_bytes() == b"weights"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left
+
+    def failing(path):
+        writer(path)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_atomic(tmp_path / "model.safetensors", failing)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -33,13 +33,13 @@ import math
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from lm import storage
 from lm.convert.gguf import CheckpointFormatError, Pretrained
 from lm.models.transformer import ModelConfig, to_layout, unstack_layers
 from lm.utils import LazyArray
@@ -1178,21 +1178,9 @@ def load_hf(directory: str | os.PathLike, *, lazy: bool = False) -> Pretrained:
 # ----------------------------------------------------------------------------- export
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: pathlib.Path, value: dict[str, Any], sort_keys: bool = True) -> None:
     text = json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
-    _atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+    storage.write_atomic(path, text)
 
 
 def _tokenizer_files(tokenizer) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -1269,7 +1257,7 @@ def export_hf(
         for shard in set(_read_json(index).get("weight_map", {}).values()):
             (directory / shard).unlink(missing_ok=True)
         index.unlink()
-    _atomic_write(
+    storage.write_atomic(
         directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
     _write_json(directory / CONFIG_FILE, out_config)

@@ -146,6 +146,50 @@ def random_labels(index: int, shots: Sequence[Doc], seed: int) -> list[int]:
     return [int(rng.integers(shot.num_options)) for shot in shots]
 
 
+def _score_multiple_choice(lm, task: Task, docs, chunk, prefix) -> dict[int, list]:
+    """Each document's options' log-likelihoods after its prompt."""
+    requests, owners = [], []
+    for i in chunk:
+        head = prefix(i)
+        for j in range(docs[i].num_options):
+            context, continuation = docs[i].option(j)
+            requests.append((head + context, task.target_delimiter + continuation))
+            owners.append(i)
+    scored = lm.loglikelihood(requests)
+    return {i: [s for s, o in zip(scored, owners, strict=True) if o == i] for i in chunk}
+
+
+def _score_cloze(lm, task: Task, docs, chunk, prefix) -> dict[int, tuple]:
+    """Each document's continuation's (log-likelihood, is greedy)."""
+    requests = [
+        (prefix(i) + docs[i].contexts[0], task.target_delimiter + docs[i].continuations[0])
+        for i in chunk
+    ]
+    return dict(zip(chunk, lm.loglikelihood(requests), strict=True))
+
+
+def _score_generation(lm, task: Task, docs, chunk, prefix) -> dict[int, str]:
+    """Each document's generated answer, up to the task's stop sequences."""
+    requests = [(prefix(i) + docs[i].contexts[0], list(task.stop), task.max_tokens) for i in chunk]
+    return {i: text.strip() for i, text in zip(chunk, lm.generate_until(requests), strict=True)}
+
+
+def _score_perplexity(lm, task: Task, docs, chunk, prefix) -> dict[int, float]:
+    """Each whole document's log-likelihood."""
+    texts = [docs[i].text for i in chunk]
+    return dict(zip(chunk, lm.loglikelihood_rolling(texts), strict=True))
+
+
+# How each task kind (`lm.evaluation.tasks.KINDS`) is scored: (lm, task, docs, the chunk of
+# document indices, i -> its prompt prefix) -> {i: the model's output for document i}.
+SCORERS = {
+    "multiple_choice": _score_multiple_choice,
+    "cloze": _score_cloze,
+    "generation": _score_generation,
+    "perplexity": _score_perplexity,
+}
+
+
 def evaluate_task(
     lm,
     task: Task,
@@ -200,34 +244,7 @@ def evaluate_task(
     if task.kind == "perplexity":
         chunks = _chunks_by_size(chosen, [len(docs[i].text) for i in chosen], CHARS_PER_CHUNK)
     for chunk in chunks:
-        if task.kind == "multiple_choice":
-            requests, owners = [], []
-            for i in chunk:
-                head = prefix(i)
-                for j in range(docs[i].num_options):
-                    context, continuation = docs[i].option(j)
-                    requests.append((head + context, task.target_delimiter + continuation))
-                    owners.append(i)
-            scored = lm.loglikelihood(requests)
-            for i in chunk:
-                outputs[i] = [s for s, o in zip(scored, owners, strict=True) if o == i]
-        elif task.kind == "cloze":
-            requests = [
-                (prefix(i) + docs[i].contexts[0], task.target_delimiter + docs[i].continuations[0])
-                for i in chunk
-            ]
-            for i, result in zip(chunk, lm.loglikelihood(requests), strict=True):
-                outputs[i] = result
-        elif task.kind == "generation":
-            requests = [
-                (prefix(i) + docs[i].contexts[0], list(task.stop), task.max_tokens) for i in chunk
-            ]
-            for i, text in zip(chunk, lm.generate_until(requests), strict=True):
-                outputs[i] = text.strip()
-        else:
-            texts = [docs[i].text for i in chunk]
-            for i, logprob in zip(chunk, lm.loglikelihood_rolling(texts), strict=True):
-                outputs[i] = logprob
+        outputs.update(SCORERS[task.kind](lm, task, docs, chunk, prefix))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

@@ -25,6 +25,7 @@ Layers are numbered from 0 as in the model (`layer1` is the second layer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from lm import storage
-from lm.config import field_defaults
+from lm.config import field_defaults, with_vocabulary
 from lm.icl import runs, scores
 from lm.models.transformer import ModelConfig, build_model, config_from_dict
 from lm.train import LANGUAGE_MODELLING, IndexedBatches
@@ -298,14 +299,7 @@ def build_configs(config, data_vocab: int | None = None) -> runs.IclConfigs:
     model_values = {**field_defaults(ModelConfig), **MODEL_DEFAULTS, **values["model"]}
     if not model_values["max_len"]:
         model_values["max_len"] = icl.length
-    if not model_values["vocab_size"]:
-        model_values["vocab_size"] = data_vocab or 1
-    elif data_vocab and model_values["vocab_size"] < data_vocab:
-        raise ValueError(
-            f"model.vocab_size={model_values['vocab_size']} is smaller than the "
-            f"data's vocabulary ({data_vocab}); use 0 to take the data's"
-        )
-    model = ModelConfig.from_dict(model_values)
+    model = ModelConfig.from_dict(with_vocabulary(model_values, data_vocab))
     if model.architecture != "decoder":
         raise ValueError(
             "induction experiments train a decoder-only model: model.architecture='decoder'"
@@ -611,6 +605,30 @@ def describe_probe(step: int, result: dict[str, Any]) -> str:
     )
 
 
+def train_batch(icl: InductionConfig, seed: int, rows, text, position: int) -> dict:
+    """This process's `rows` of training batch `position`: repeated random spans, or windows of
+    `text` when it is given; a pure function of (seed, position)."""
+    rng = np.random.default_rng([seed, position])
+    if text is not None:
+        tokens = text.windows(rng, icl.batch_size, icl.length)
+    else:
+        tokens = repeated_spans(
+            rng,
+            icl.batch_size,
+            icl.length,
+            icl.span,
+            min_span=icl.train_min_span,
+            max_gap=icl.max_gap,
+            vocab=icl.vocab,
+        )["tokens"]
+    tokens = tokens[rows]
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": np.ones(tokens[:, 1:].shape, np.float32),
+    }
+
+
 def build_run(config, workdir: pathlib.Path) -> runs.IclRun:
     """The induction run of `config` in `workdir` (see `lm.icl.runs`): the attention-only model
     trained on next-token prediction over repeated random spans (or text windows), the probes
@@ -645,27 +663,6 @@ def build_run(config, workdir: pathlib.Path) -> runs.IclRun:
         )
         text_probe = make_text_probe(model_config, windows, icl)
     rows = runs.process_rows(icl.batch_size)
-
-    def batch_at(position: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, position])  # a pure function of (seed, position)
-        if text is not None:
-            tokens = text.windows(rng, icl.batch_size, icl.length)
-        else:
-            tokens = repeated_spans(
-                rng,
-                icl.batch_size,
-                icl.length,
-                icl.span,
-                min_span=icl.train_min_span,
-                max_gap=icl.max_gap,
-                vocab=icl.vocab,
-            )["tokens"]
-        tokens = tokens[rows]
-        return {
-            "inputs": tokens[:, :-1],
-            "targets": tokens[:, 1:],
-            "weights": np.ones(tokens[:, 1:].shape, np.float32),
-        }
 
     def run_probe(state) -> dict[str, float]:
         params = trainer.model_params(state)
@@ -710,7 +707,7 @@ def build_run(config, workdir: pathlib.Path) -> runs.IclRun:
     return runs.IclRun(
         configs=configs,
         trainer=trainer,
-        batches=IndexedBatches(batch_at),
+        batches=IndexedBatches(functools.partial(train_batch, icl, seed, rows, text)),
         evaluators={"probe": run_probe},
         on_end=on_end,
         seq_len=icl.length - 1,

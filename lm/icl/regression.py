@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from lm import storage
+from lm.config import with_vocabulary
 from lm.icl import baselines, functions, runs
 from lm.models import layers
 from lm.models.attention import causal_mask
@@ -165,10 +166,7 @@ def build_configs(config) -> runs.IclConfigs:
     """ConfigDict (or dict) -> the frozen configs of every section, checking keys and types."""
     values = runs.section_values(config)
     icl = RegressionConfig.from_dict(values["icl"])
-    model_values = values["model"]
-    if not model_values.get("vocab_size"):
-        model_values["vocab_size"] = 1
-    model = ModelConfig.from_dict(model_values)
+    model = ModelConfig.from_dict(with_vocabulary(values["model"], None))
     if model.architecture != "decoder":
         raise ValueError("model.architecture must be 'decoder' for in-context regression")
     if model.position == "learned" and model.max_len < 2 * icl.n_points:

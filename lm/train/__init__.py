@@ -34,6 +34,7 @@ from lm.train.step import (
     _accumulated_grads,
     make_eval_step,
     make_train_step,
+    mean_eval_metrics,
 )
 from lm.train.throughput import (
     PEAK_FLOPS,
@@ -76,6 +77,7 @@ __all__ = [
     "_accumulated_grads",
     "make_eval_step",
     "make_train_step",
+    "mean_eval_metrics",
     "PEAK_FLOPS",
     "flops_per_token",
     "matmul_peak",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import flax
@@ -174,3 +176,20 @@ def make_eval_step(model, objective: Objective = LANGUAGE_MODELLING):
         return {**out, **sums}
 
     return eval_step
+
+
+def mean_eval_metrics(outputs: Iterable[dict]) -> dict[str, float]:
+    """{loss, accuracy, perplexity, tokens} over eval-step outputs (`make_eval_step`'s sums),
+    so exact for any batching."""
+    totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    for out in outputs:
+        for k in totals:
+            totals[k] += float(out[k])
+    tokens = max(totals["tokens"], 1.0)
+    loss = totals["loss_sum"] / tokens
+    return {
+        "loss": loss,
+        "accuracy": totals["correct"] / tokens,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "tokens": totals["tokens"],
+    }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +25,13 @@ from lm.models.transformer import (
 from lm.train.config import check_nonfinite_policy
 from lm.train.objective import LANGUAGE_MODELLING, Objective
 from lm.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
-from lm.train.step import LoraTrainState, TrainState, make_eval_step, make_train_step
+from lm.train.step import (
+    LoraTrainState,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    mean_eval_metrics,
+)
 from lm.utils import count_params, tree_differences
 
 
@@ -104,19 +109,9 @@ class Trainer:
         params = self.model_params(state)
         if self.use_pmap:
             params = jax.device_put(params, self.param_shardings)
-        totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
-        for local in batches:
-            out = self.eval_step(params, parallel.global_batch(local, self.mesh))
-            for k in totals:
-                totals[k] += float(out[k])
-        tokens = max(totals["tokens"], 1.0)
-        loss = totals["loss_sum"] / tokens
-        return {
-            "loss": loss,
-            "accuracy": totals["correct"] / tokens,
-            "perplexity": math.exp(min(loss, 50.0)),
-            "tokens": totals["tokens"],
-        }
+        return mean_eval_metrics(
+            self.eval_step(params, parallel.global_batch(local, self.mesh)) for local in batches
+        )
 
 
 def check_params_fit(params, abstract_params, what: str = "init params") -> None:
