@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 from launch.sweep import load_experiment
-from lm import bench, config
+from lm import config
+from lm.bench import common, peer
 from lm.models import transformer as T
 
 
@@ -13,8 +14,8 @@ def test_main_job_shape_is_the_experiments():
     module, _ = load_experiment("experiments/shakespeare_gpt.py")
     values = config.resolve(module.get_config())
     model = {**values["model"], "vocab_size": values["data"]["vocab_size"]}
-    assert T.ModelConfig.from_dict(model) == bench.MAIN_JOB_SHAPE
-    assert bench.MAIN_JOB_BATCH == (values["data"]["batch_size"], values["data"]["seq_len"])
+    assert T.ModelConfig.from_dict(model) == common.MAIN_JOB_SHAPE
+    assert common.MAIN_JOB_BATCH == (values["data"]["batch_size"], values["data"]["seq_len"])
 
 
 @pytest.mark.slow
@@ -32,7 +33,7 @@ def test_remat_shrinks_the_train_steps_temporary_memory():
         max_len=128,
     )
     memory = {
-        remat: bench.compile_step(dataclasses.replace(small, remat=remat), 4, 128)[1]
+        remat: common.compile_step(dataclasses.replace(small, remat=remat), 4, 128)[1]
         .memory_analysis()
         .temp_size_in_bytes
         for remat in ("none", "dots_saveable", "full")
@@ -43,7 +44,7 @@ def test_remat_shrinks_the_train_steps_temporary_memory():
 def test_peer_shapes_are_the_issues():
     """S is nanoGPT's Shakespeare-character model, V the small model with GPT-2's padded
     vocabulary, llama a grouped-query Llama."""
-    s, batch, length = bench.PEER_SHAPES["S"]
+    s, batch, length = peer.PEER_SHAPES["S"]
     assert (s.num_layers, s.d_model, s.num_heads, s.vocab_size, batch, length) == (
         6,
         384,
@@ -53,9 +54,9 @@ def test_peer_shapes_are_the_issues():
         256,
     )
     assert s.dropout == s.attention_dropout == 0.2
-    v, batch, length = bench.PEER_SHAPES["V"]
+    v, batch, length = peer.PEER_SHAPES["V"]
     assert (v.num_layers, v.d_model, v.vocab_size, batch, length) == (4, 256, 50_304, 8, 128)
-    llama = bench.PEER_SHAPES["llama"][0]
+    llama = peer.PEER_SHAPES["llama"][0]
     assert llama.kv_heads < llama.num_heads and llama.mlp_gated and llama.position == "rotary"
 
 
@@ -65,7 +66,7 @@ def test_our_side_of_the_train_benchmark_learns():
     import math
 
     config = T.preset("llama", **T.TINY, num_kv_heads=2)
-    side = bench._OurSide(config, bench.random_batch(config.vocab_size, 4, 32))
+    side = peer._OurSide(config, common.random_batch(config.vocab_size, 4, 32))
     for _ in range(60):  # inside the 100-step warmup: a small learning rate
         side.step()
     assert abs(side.losses[0] - math.log(config.vocab_size)) < 0.3
@@ -78,9 +79,9 @@ def test_peer_shapes_have_a_transformers_layout():
     LlamaForCausalLM with grouped-query heads."""
     from lm.convert.hf import config_to_hf
 
-    s = config_to_hf(bench.PEER_SHAPES["S"][0])
+    s = config_to_hf(peer.PEER_SHAPES["S"][0])
     assert s["architectures"] == ["GPT2LMHeadModel"]
     assert s["attn_pdrop"] == s["resid_pdrop"] == s["embd_pdrop"] == 0.2
-    llama = config_to_hf(bench.PEER_SHAPES["llama"][0])
+    llama = config_to_hf(peer.PEER_SHAPES["llama"][0])
     assert llama["architectures"] == ["LlamaForCausalLM"]
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (6, 2)

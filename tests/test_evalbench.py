@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-from lm import evalbench
+from lm.bench import evaluation as evalbench
 from lm.evaluation.tasks import Doc, Task
 
 

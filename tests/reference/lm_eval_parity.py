@@ -14,7 +14,7 @@ What it does:
   2. writes each task's documents (as `lm.evaluation.tasks` builds them: same prompts,
      choices and gold) to JSONL, with an lm-eval task YAML that reads them back
      (partial scoring for Winogrande, through lm-eval's multiple-context mode);
-     steps 1 and 2 are `lm.evalbench.write_peer_inputs`, which the end-to-end benchmark
+     steps 1 and 2 are `lm.bench.evaluation.write_peer_inputs`, which the end-to-end benchmark
      (`python -m lm.bench eval`, each side in its own process) uses too;
   3. runs `lm_eval.simple_evaluate` with the `hf` model (float32, CPU) and then our
      `evaluate`, both zero-shot on the same documents, timing each;
@@ -40,7 +40,7 @@ def main():
     args = parser.parse_args()
 
     from lm import convert
-    from lm.evalbench import run_lm_eval, write_peer_inputs
+    from lm.bench.evaluation import run_lm_eval, write_peer_inputs
     from lm.evaluation import LanguageModel, evaluate, get_tasks
     from lm.models.transformer import build_model
 

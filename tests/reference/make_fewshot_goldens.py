@@ -156,8 +156,8 @@ def record_contexts(directory: pathlib.Path) -> dict:
 def accuracy(model_name: str, directory: pathlib.Path, out: pathlib.Path, batch_size: int):
     """acc / acc_norm of lm-eval + transformers and of our harness; writes OUT/fewshot_parity.*"""
     from lm import convert
+    from lm.bench.evaluation import run_lm_eval
     from lm.convert.hf import export_hf
-    from lm.evalbench import run_lm_eval
     from lm.evaluation import LanguageModel, evaluate, get_tasks
     from lm.models.transformer import build_model
 

@@ -26,7 +26,7 @@ peer wall / our wall (cold and warm), accuracy differences in points, and our ti
 first scored document cold / warm.
 
 This module imports no jax or lm-eval at the top: the peer's subprocess
-(`python -m lm.evalbench peer ...`) pays only for lm-eval's own imports.
+(`python -m lm.bench.evaluation peer ...`) pays only for lm-eval's own imports.
 """
 
 from __future__ import annotations
@@ -245,11 +245,11 @@ def our_command(
 def peer_command(
     hf_dir: pathlib.Path, task_dir: pathlib.Path, names: dict, batch_size: int, add_bos: bool, out
 ) -> list[str]:
-    """The peer's subprocess: `python -m lm.evalbench peer ...` (see `peer_main`)."""
+    """The peer's subprocess: `python -m lm.bench.evaluation peer ...` (see `peer_main`)."""
     return [
         sys.executable,
         "-m",
-        "lm.evalbench",
+        "lm.bench.evaluation",
         "peer",
         "--hf_dir",
         str(hf_dir),
@@ -270,7 +270,7 @@ def peer_main(argv: list[str]) -> None:
     """The peer side, in its own process: lm-eval's simple_evaluate with the `hf` model (float32,
     CPU, zero-shot) on the written tasks. Writes --out: {"first_scored_unix", "metrics":
     {our task name: {"acc", "acc_norm"}}, "lm_eval": lm-eval's results}."""
-    parser = argparse.ArgumentParser(prog="python -m lm.evalbench peer")
+    parser = argparse.ArgumentParser(prog="python -m lm.bench.evaluation peer")
     parser.add_argument("--hf_dir", required=True)
     parser.add_argument("--task_dir", required=True)
     parser.add_argument("--tasks", required=True, help="ours=lm_eval_name,...")
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_main(argv[1:])
         return
     parser = argparse.ArgumentParser(
-        prog="python -m lm.evalbench",
+        prog="python -m lm.bench.evaluation",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
