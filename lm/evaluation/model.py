@@ -289,8 +289,8 @@ class LanguageModel:
             per_call = max(1, self.batch_size * self.row_length // length)
             if self.first_scored is None:
                 # The run's first call scores one row: its results, and the progress bar's
-                # first rate, come back after a sixteenth of a batch's compute (0.25 s, not
-                # 3.8 s, for SmolLM2 on 2 CPU cores), for one more compiled shape.
+                # first rate, come back after a sixteenth of a batch's compute, for one more
+                # compiled shape.
                 per_call = 1
             chunk = [members for n, members in rows[start : start + per_call] if n == length]
             start += len(chunk)

@@ -164,11 +164,11 @@ def kernel_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     inputs [..., *in] times a kernel [*in, *out] -> [..., *out], with the kernel gradient
     computed as x^T g instead of JAX's (g^T x)^T.
 
-    Why: on CPU, XLA fused the elementwise backward of the MLP (SwiGLU, GELU) with a
-    transpose of g [tokens, mlp] for JAX's operand order, a strided loop that took 35% of a
-    small Llama's train step; with x first it transposes the narrower input instead.
-    Used where it measured faster: gated MLPs and the attention projections (a plain GELU
-    MLP keeps lax.dot_general, see `MLP`). Only the dense-layer pattern (the lhs's trailing
+    Why: on CPU, XLA fuses the elementwise backward of the MLP (SwiGLU, GELU) with a
+    transpose of g [tokens, mlp] for JAX's operand order, a strided loop that costs a large
+    share of a small model's train step; with x first it transposes the narrower input
+    instead. Used where it is faster (`python -m lm.bench train`): gated MLPs and the
+    attention projections (a plain GELU MLP keeps lax.dot_general, see `MLP`). Only the dense-layer pattern (the lhs's trailing
     axes against the kernel's leading ones, no batch axes) is accepted.
     """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
@@ -337,8 +337,8 @@ class MLP(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=param_init(normal(std), axes),
             bias_init=param_init(jax.nn.initializers.zeros, axes[1:]),
-            # kernel_dot_general: 21% off a small Llama's (SwiGLU) train step, but 14% slower
-            # on a GELU MLP (the main job's shape; 5% on shape S of python -m lm.bench train).
+            # kernel_dot_general speeds up a gated (SwiGLU) MLP's step and slows a GELU one's
+            # (python -m lm.bench train; the README has the numbers).
             dot_general=kernel_dot_general if self.gated else jax.lax.dot_general,
             name=name,
         )

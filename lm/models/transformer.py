@@ -35,8 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = {
     "none": None,
     # Matmul outputs kept, and dropout's keep masks (one byte per element; none without
-    # dropout): redrawing them in the backward pass hashed the random bits twice, 10% of the
-    # nanoGPT-sized step of python -m lm.bench train (shape S, dropout 0.2: 1.40 -> 1.23 s).
+    # dropout): redrawing them in the backward pass would hash the random bits twice.
     "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_saveable,
         jax.checkpoint_policies.save_only_these_names("dropout_keep"),
@@ -101,8 +100,8 @@ class ModelConfig:
     scan_layers: bool = True  # identical layers (or repeating periods) under nn.scan
     # What a layer keeps for the backward pass: none (everything; remat off) | dots_saveable
     # (matmul outputs; elementwise work is recomputed) | full (only its input). Under scan,
-    # 'dots_saveable' was the fastest on the 2-core CPU (python -m lm.bench step: 4% faster than
-    # the unrolled stack, 'none' 14% slower) and also needs less memory than 'none'.
+    # 'dots_saveable' is the fastest on a CPU (python -m lm.bench step) and needs less memory
+    # than 'none'.
     remat: str = "dots_saveable"
     # Positions of each row whose logits the training loss computes at a time (0 = the whole
     # row): a chunk's float32 [batch, chunk, vocab] logits are made, reduced to the loss and

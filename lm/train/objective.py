@@ -70,10 +70,10 @@ def cross_entropy(logits, targets):
     logits [..., vocab], targets [...] int -> (cross-entropy [...], correct [...] float32: 1
     where the target's logit is the row's largest, ties counted as correct).
     Why not `argmax(logits) == targets`: on CPU that variadic value-and-index reduction over
-    the vocabulary took a sixth of a train step at a 50k vocabulary (python -m lm.bench
-    train, shape V); the target's logit against the row maximum says the same thing for the
-    price of a max. (A hand-written backward for the softmax was slower: XLA fused its exp
-    into a slower reduction.)
+    the vocabulary costs a large share of a train step at a 50k vocabulary (python -m
+    lm.bench train, shape V); the target's logit against the row maximum says the same thing
+    for the price of a max. (A hand-written backward for the softmax is slower: XLA fuses its
+    exp into a slower reduction.)
     """
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     label = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
