@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from lm.data.tokenizers import PretrainedTokenizer, byte_level_bpe, sentencepiece_bpe
 from lm.models.transformer import ModelConfig, to_layout
-
-SUPPORTED = ("llama", "gemma3")
 
 
 class CheckpointFormatError(ValueError):
@@ -76,6 +75,48 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
+@dataclasses.dataclass(frozen=True)
+class GgufFamily:
+    """What one GGUF architecture adds to the fields every one has (`read_config`).
+
+    config: (get: metadata key under the architecture -> value, d_model, heads) -> the
+      `ModelConfig` fields of this family.
+    interleaved_rope: llama.cpp stored the q/k rows interleaved for its RoPE
+      (`_unpermute_rope_rows` undoes it).
+    """
+
+    config: Callable[[Callable, int, int], dict[str, Any]]
+    interleaved_rope: bool
+
+
+def _llama_fields(get, d_model: int, heads: int) -> dict[str, Any]:
+    head_dim = int(get("rope.dimension_count", d_model // heads))
+    return dict(head_dim=head_dim, mlp_activation="silu")
+
+
+def _gemma3_fields(get, d_model: int, heads: int) -> dict[str, Any]:
+    # Two facts are not in the file: local layers use RoPE base 10,000, and every sixth layer
+    # is global (transformers' Gemma3 config defaults; see DATA.md).
+    return dict(
+        head_dim=int(get("attention.key_length")),
+        mlp_activation="gelu_tanh",
+        qk_norm=True,
+        sublayer_output_norm=True,
+        scale_embeddings=True,
+        sliding_window=int(get("attention.sliding_window")),
+        global_every=6,
+        rope_local_base=10_000.0,
+    )
+
+
+# GGUF `general.architecture` -> its family; a new family is one entry.
+FAMILIES = {
+    "llama": GgufFamily(config=_llama_fields, interleaved_rope=True),
+    "gemma3": GgufFamily(config=_gemma3_fields, interleaved_rope=False),
+}
+SUPPORTED = tuple(FAMILIES)
+
+
 def read_config(reader) -> ModelConfig:
     """The `ModelConfig` the GGUF metadata describes."""
     arch = _field(reader, "general.architecture")
@@ -105,22 +146,7 @@ def read_config(reader) -> ModelConfig:
         use_bias=False,
         tied_embeddings="output.weight" not in {t.name for t in reader.tensors},
     )
-    if arch == "llama":
-        head_dim = int(get("rope.dimension_count", d_model // heads))
-        return ModelConfig(**common, head_dim=head_dim, mlp_activation="silu")
-    # Gemma 3. Two facts are not in the file: local layers use RoPE base 10,000, and every
-    # sixth layer is global (transformers' Gemma3 config defaults; see DATA.md).
-    return ModelConfig(
-        **common,
-        head_dim=int(get("attention.key_length")),
-        mlp_activation="gelu_tanh",
-        qk_norm=True,
-        sublayer_output_norm=True,
-        scale_embeddings=True,
-        sliding_window=int(get("attention.sliding_window")),
-        global_every=6,
-        rope_local_base=10_000.0,
-    )
+    return ModelConfig(**common, **FAMILIES[arch].config(get, d_model, heads))
 
 
 def read_tokenizer(reader) -> PretrainedTokenizer:
@@ -209,7 +235,7 @@ def read_params(reader, config: ModelConfig) -> dict[str, Any]:
         p = f"blk.{i}."
         q = get(p + "attn_q.weight", (c.num_heads * hd, c.d_model))
         k = get(p + "attn_k.weight", (c.kv_heads * hd, c.d_model))
-        if arch == "llama":
+        if FAMILIES[arch].interleaved_rope:
             q, k = _unpermute_rope_rows(q, c.num_heads), _unpermute_rope_rows(k, c.kv_heads)
         attention = {
             "query": {"kernel": q.T.reshape(c.d_model, c.num_heads, hd)},
