@@ -113,7 +113,7 @@ class _Log:
 
     def __init__(self, workdir, trainer: Trainer, train_config: TrainConfig, seq_len, start):
         self.writer = MetricWriter(workdir)
-        self._use_pmap = trainer.use_pmap
+        self._host_metrics = trainer.host_metrics
         self._flops = flops_per_token(trainer.model_config, trainer.num_params, seq_len or 1)
         peak = peak_flops_per_device(train_config.peak_flops_per_device)
         self._peak = peak * jax.device_count()
@@ -140,8 +140,7 @@ class _Log:
     def line(self, pending, data_iterator) -> tuple[tuple[int, ...], list[dict], dict]:
         """(steps, their host metrics, the line's values) of the window's pending steps."""
         steps, host = zip(*jax.device_get(pending), strict=True)
-        if self._use_pmap:
-            host = [jax.tree.map(lambda x: x[0], m) for m in host]
+        host = [self._host_metrics(m) for m in host]
         self.tokens += sum(t for t in (float(m["tokens"]) for m in host) if math.isfinite(t))
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         skip = ("loss", "tokens", "finite", "nonfinite_skipped")

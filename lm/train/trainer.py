@@ -70,6 +70,8 @@ class Trainer:
             return self
         return dataclasses.replace(self, train_step=self.build_step(skip), skip_nonfinite=skip)
 
+    # Where jit and pmap differ, these say how (the loop and evaluators call only these).
+
     def put_batch(self, local_batch):
         """Process-local numpy batch -> device arrays laid out for the step."""
         if self.use_pmap:
@@ -77,11 +79,16 @@ class Trainer:
         return parallel.global_batch(local_batch, self.mesh)
 
     def to_device_state(self, state):
+        """A host state as the step takes it (replicated on every device under pmap)."""
         return parallel.replicate(state) if self.use_pmap else state
 
     def host_state(self, state):
         """The state as the checkpoint and evaluators see it (not replicated)."""
         return parallel.unreplicate(state) if self.use_pmap else state
+
+    def host_metrics(self, metrics):
+        """A step's fetched metrics, one value each (pmap gives one per device, all equal)."""
+        return jax.tree.map(lambda x: x[0], metrics) if self.use_pmap else metrics
 
     def parameter_summary(self) -> str:
         """'N parameters, all trainable', or with LoRA the trainable (adapter) share of the total."""
