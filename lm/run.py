@@ -27,7 +27,14 @@ from lm.evaluation import evaluate, get_tasks
 from lm.evaluation.model import harness_model
 from lm.icl import experiments
 from lm.models.transformer import ModelConfig, build_model
-from lm.train import TrainConfig, Trainer, make_eval_step, mean_eval_metrics, train_loop
+from lm.train import (
+    TrainConfig,
+    Trainer,
+    make_eval_step,
+    mean_eval_metrics,
+    read_metrics,
+    train_loop,
+)
 from lm.utils import gather_full
 
 
@@ -263,11 +270,7 @@ def train(config, workdir: pathlib.Path) -> None:
         seq_len=data_cfg.seq_len,
         on_end=on_end,
     )
-    final = (
-        [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        if (workdir / "metrics.jsonl").exists()
-        else []
-    )
+    final = read_metrics(workdir)
     evals = [m for m in final if "eval/loss" in m]
     if evals and jax.process_index() == 0:
         last = evals[-1]

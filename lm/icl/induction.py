@@ -40,7 +40,7 @@ from lm import storage
 from lm.config import field_defaults, with_vocabulary
 from lm.icl import runs, scores
 from lm.models.transformer import ModelConfig, build_model, config_from_dict
-from lm.train import LANGUAGE_MODELLING, IndexedBatches
+from lm.train import LANGUAGE_MODELLING, IndexedBatches, read_metrics
 
 DATA_KINDS = ("repeated_random", "text")
 TOKENIZERS = ("char", "sentencepiece")
@@ -429,7 +429,7 @@ def load_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
             "(python -m lm.main --config experiments/induction_heads.py:two_layer "
             f"--workdir {workdir})"
         )
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(workdir)
     # A resumed run probes again the steps it retrains after its last checkpoint: the last
     # row of a step is the one the finished run's state came from.
     probes = {row["step"]: row for row in rows if "probe/in_context_score" in row}

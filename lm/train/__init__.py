@@ -6,7 +6,7 @@ a data iterator and evaluators (`state -> metrics` callables).
 
 from lm.train.config import NONFINITE_POLICIES, TrainConfig, check_nonfinite_policy
 from lm.train.loop import IndexedBatches, train_loop
-from lm.train.metrics import MetricWriter
+from lm.train.metrics import MetricWriter, read_metrics
 from lm.train.nonfinite import (
     ROLLBACK_LIMIT,
     SKIP_LIMIT,
@@ -54,6 +54,7 @@ __all__ = [
     "IndexedBatches",
     "train_loop",
     "MetricWriter",
+    "read_metrics",
     "ROLLBACK_LIMIT",
     "SKIP_LIMIT",
     "SKIPPED_BATCHES",

@@ -48,6 +48,22 @@ def _register_store_writers() -> None:
         record_writer.register_writer_factory(scheme.split(":")[0], _StoreRecordWriterFactory())
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: storage.PathLike) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl in the order written ([] when there is none). A torn
+    last line (a run killed while writing it) is left out, as `MetricWriter` drops it."""
+    path = storage.as_path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [
+        json.loads(line)
+        for line in path.read_text().splitlines(keepends=True)
+        if line.endswith("\n") and line.strip()
+    ]
+
+
 class MetricWriter:
     """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
 
@@ -58,7 +74,7 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         _register_store_writers()
-        self.jsonl = storage.LineLog(storage.as_path(workdir) / "metrics.jsonl")
+        self.jsonl = storage.LineLog(storage.as_path(workdir) / METRICS_FILE)
         if self.jsonl.dropped is not None:
             logging.warning(
                 "%s ended in a partly written line (the run was killed while writing it): "
