@@ -445,14 +445,6 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def write_config(workdir: storage.PathLike, config: dict[str, Any]) -> None:
-    """Writes config.json if absent (atomic); an existing one is never overwritten."""
-    path = storage.as_path(workdir) / "config.json"
-    if path.exists() or jax.process_index() != 0:
-        return
-    storage.write_atomic(path, json.dumps(config, indent=2, sort_keys=True, default=str))
-
-
 def read_config(workdir: storage.PathLike) -> dict[str, Any] | None:
     """The workdir's config.json (None if there is none); ValueError naming it if unreadable."""
     path = storage.as_path(workdir) / "config.json"
@@ -546,15 +538,28 @@ def _reading_manager(workdir: storage.PathLike) -> ocp.CheckpointManager | None:
     )
 
 
-def has_checkpoint(workdir: storage.PathLike) -> bool:
-    """Whether `<workdir>/checkpoints` lists a step (readable or not)."""
+def latest_saved_step(workdir: storage.PathLike) -> int | None:
+    """The newest step `<workdir>/checkpoints` lists (readable or not); None if there is none."""
     manager = _reading_manager(workdir)
     if manager is None:
-        return False
+        return None
     try:
-        return bool(manager.all_steps())
+        return manager.latest_step()
     finally:
         manager.close()
+
+
+def has_checkpoint(workdir: storage.PathLike) -> bool:
+    """Whether `<workdir>/checkpoints` lists a step (readable or not)."""
+    return latest_saved_step(workdir) is not None
+
+
+def saved_run(workdir: storage.PathLike) -> tuple[dict[str, Any] | None, int | None]:
+    """(config.json, newest step) of the run whose checkpoints the workdir holds; (None, None)
+    when it holds none: a config.json without checkpoints (a first run that failed before its
+    first save) is not a run to resume, and the next start writes its own."""
+    step = latest_saved_step(workdir)
+    return (read_config(workdir), step) if step is not None else (None, None)
 
 
 def is_lm_workdir(path: storage.PathLike) -> bool:

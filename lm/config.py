@@ -180,7 +180,24 @@ def build(values: dict[str, Any]) -> RunConfig:
     )
     if train.lora.enabled:
         check_lora_targets(model, train.lora)
+    check_lengths(model, data)
     return RunConfig(model_values, data, optimizer, train, par)
+
+
+def check_lengths(model: ModelConfig, data: DataConfig) -> None:
+    """ValueError unless the data's sequences fit the model's learned position table: a
+    position past it reads no embedding, and the run would train into a non-finite loss."""
+    if model.position != "learned":
+        return
+    lengths = [("data.seq_len", data.seq_len)]
+    if model.architecture == "encoder_decoder":
+        lengths.append(("data.encoder_len", data.encoder_len))
+    for name, length in lengths:
+        if length > model.max_len:
+            raise ValueError(
+                f"{name}={length} is longer than the model's {model.max_len} learned positions "
+                f"(model.max_len={model.max_len}): lower {name} or raise model.max_len"
+            )
 
 
 def check_lora_targets(model: ModelConfig, lora_config: lora.LoraConfig) -> None:

@@ -197,6 +197,34 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
     return tuple(shape)
 
 
+def batch_ways(config: ParallelConfig) -> int:
+    """How many ways a global batch is split: over every device under pmap, else over the
+    mesh's batch axes (data x fsdp) of all the devices there are."""
+    if config.use_pmap:
+        return jax.device_count()
+    data, fsdp, _ = mesh_shape(config.mesh, jax.device_count())
+    return data * fsdp
+
+
+def check_batch_split(name: str, batch_size: int, config: ParallelConfig) -> None:
+    """ValueError naming `name` (the config key of the global batch size) unless the batch
+    splits evenly over the batch axes and the processes: before any work, rather than a
+    sharding error from JAX at the first step."""
+    ways = batch_ways(config)
+    if batch_size % ways or batch_size % jax.process_count():
+        ways = int(np.lcm(ways, jax.process_count()))
+        layout = (
+            "every device (pmap)"
+            if config.use_pmap
+            else f"data x fsdp of parallel.mesh {tuple(config.mesh)}"
+        )
+        raise ValueError(
+            f"{name}={batch_size} does not split over the {ways} ways of the batch ({layout}, "
+            f"{jax.device_count()} devices, {jax.process_count()} processes): use a multiple of "
+            f"{ways} (e.g. {name}={max(ways, batch_size // ways * ways)}) or another parallel.mesh"
+        )
+
+
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all), in jax's device order
     for the hardware (e.g. rings on TPU)."""

@@ -18,9 +18,10 @@ from typing import Any
 
 import jax
 
-from lm import checkpoint, finetune, parallel, storage
+from lm import checkpoint, finetune, history, parallel, storage
 from lm import config as config_lib
-from lm.data import pipeline
+from lm import lease as lease_lib
+from lm.data import pipeline, sources
 from lm.data.pipeline import DataConfig
 from lm.decode import samples
 from lm.evaluation import evaluate, get_tasks
@@ -57,6 +58,7 @@ class Run:
     values: the resolved config as plain dicts, model.vocab_size resolved (what config.json
       holds). config: its sections as frozen dataclasses. model_config: the model's, vocabulary
       resolved. tokenizer: the run's. trainer: mesh, shardings and compiled steps.
+      start: this start's `lm.history` entry (written when training begins).
     """
 
     values: dict[str, Any]
@@ -64,6 +66,7 @@ class Run:
     model_config: ModelConfig
     tokenizer: Any
     trainer: Trainer
+    start: dict[str, Any]
 
 
 def build_run(values: dict[str, Any], workdir: pathlib.Path) -> Run:
@@ -71,14 +74,15 @@ def build_run(values: dict[str, Any], workdir: pathlib.Path) -> Run:
 
     A workdir without checkpoints of its own honours train.init_from: it adopts the source's
     tokenizer and the trainer starts from the source's parameters. CheckpointMismatchError if
-    the workdir holds a run of another model, LoRA layout or data source.
+    the workdir holds a run of another model or LoRA layout; RunChangedError
+    (`lm.history`) if resuming would change the run's data, batch, optimizer or schedule.
     """
     config = config_lib.build(values)
     parallel.initialize_distributed(config.parallel)
-    saved = checkpoint.read_config(workdir)
+    saved, step = checkpoint.saved_run(workdir)
     source = None
     if config.train.init_from:
-        if checkpoint.has_checkpoint(workdir):
+        if step is not None:
             logging.warning(
                 "init_from %s ignored: %s has checkpoints of its own, resuming them",
                 config.train.init_from,
@@ -93,19 +97,24 @@ def build_run(values: dict[str, Any], workdir: pathlib.Path) -> Run:
     tokenizer = shared_tokenizer(config.data, workdir)
     model_cfg = config.model_config(tokenizer.vocab_size)
     values = {**values, "model": {**config.model, "vocab_size": model_cfg.vocab_size}}
-    checkpoint.check_compatible(saved, json.loads(json.dumps(values)), sections=("model",))
+    values = json.loads(json.dumps(values, default=str))  # as config.json holds them
+    checkpoint.check_compatible(saved, values, sections=("model",))
     finetune.check_lora_unchanged(saved, values)
-    if saved is not None and saved.get("data", {}).get("source") != values["data"]["source"]:
-        raise checkpoint.CheckpointMismatchError(
-            f"this workdir was trained on data.source={saved['data'].get('source')!r}, not "
-            f"{values['data']['source']!r}; use a new --workdir (or init_from, for fine-tuning)"
-        )
+    entry = history.start_entry(workdir, values, fingerprints(config.data, tokenizer), step, saved)
     if source is not None:
         finetune.check_init_source(source, dataclasses.asdict(model_cfg))
     trainer = config.create_trainer(
         model_cfg, init_params=source.params if source is not None else None
     )
-    return Run(values, config, model_cfg, tokenizer, trainer)
+    return Run(values, config, model_cfg, tokenizer, trainer, entry)
+
+
+def fingerprints(data_cfg: DataConfig, tokenizer) -> dict[str, str]:
+    """What identifies a run's data beyond its config: its files' and its tokenizer's hashes."""
+    return {
+        history.DATA_FILES: sources.data_fingerprint(data_cfg),
+        history.TOKENIZER: tokenizer.fingerprint(),
+    }
 
 
 def _bits_per_byte(metrics: dict, data_cfg: DataConfig, bytes_per_token: float) -> dict:
@@ -199,17 +208,40 @@ def default_prompts(data_cfg: DataConfig, sample_prompt: str = "") -> list[str]:
 
 
 def train(config, workdir: pathlib.Path) -> None:
-    """Trains (or resumes) the experiment `config` (a ConfigDict) in `workdir`; prints the
-    model, the unigram baseline, the final validation loss and samples, which it also writes
-    to WORKDIR/samples.txt."""
-    run = build_run(config_lib.resolve(config), workdir)
+    """Trains (or resumes) the experiment `config` (a ConfigDict) in `workdir`, holding its
+    lease (`lm.lease`); prints the model, the unigram baseline, the final validation loss and
+    samples, which it also writes to WORKDIR/samples.txt. Every check of the config, the mesh
+    and the workdir comes before any work."""
+    values = config_lib.resolve(config)
+    checked = config_lib.build(values)
+    parallel.initialize_distributed(checked.parallel)
+    parallel.check_batch_split("data.batch_size", checked.data.batch_size, checked.parallel)
+    with lease_lib.hold_workdir(workdir, checked.train.lease_timeout_s) as lease:
+        _train(build_run(values, workdir), workdir, lease)
+
+
+def _unigram_baseline(run: Run, workdir) -> float:
+    """The unigram entropy of the validation split in nats per token, computed once per data
+    and tokenizer (kept in WORKDIR/baseline.json with their fingerprints)."""
+    path = workdir / "baseline.json"
+    identity = {k: run.start[k] for k in (history.DATA_FILES, history.TOKENIZER)}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if all(saved.get(k) == v for k, v in identity.items()):
+            return saved["unigram_loss"]
+    baseline = pipeline.unigram_entropy(run.config.data, run.tokenizer)
+    storage.write_atomic(path, json.dumps({"unigram_loss": baseline, **identity}))
+    return baseline
+
+
+def _train(run: Run, workdir, lease) -> None:
     trainer, tokenizer, data_cfg, train_cfg = (
         run.trainer,
         run.tokenizer,
         run.config.data,
         run.config.train,
     )
-    checkpoint.write_config(workdir, run.values)
+    history.write_start(workdir, run.values, run.start)
     if jax.process_index() == 0:
         print(
             f"model: {trainer.parameter_summary()} ({run.model_config.architecture}); "
@@ -234,13 +266,7 @@ def train(config, workdir: pathlib.Path) -> None:
     if train_cfg.eval_tasks:
         evaluators["tasks"] = task_evaluator(trainer, tokenizer, data_cfg, train_cfg)
     if data_cfg.task == "lm" and jax.process_index() == 0:
-        # Computed once per workdir (same data and tokenizer).
-        baseline_file = workdir / "baseline.json"
-        if baseline_file.exists():
-            baseline = json.loads(baseline_file.read_text())["unigram_loss"]
-        else:
-            baseline = pipeline.unigram_entropy(data_cfg, tokenizer)
-            storage.write_atomic(baseline_file, json.dumps({"unigram_loss": baseline}))
+        baseline = _unigram_baseline(run, workdir)
         print(f"unigram baseline on validation: {baseline:.3f} nats/token")
 
     def on_end(state):
@@ -269,6 +295,7 @@ def train(config, workdir: pathlib.Path) -> None:
         evaluators=evaluators,
         seq_len=data_cfg.seq_len,
         on_end=on_end,
+        lease=lease,
     )
     final = read_metrics(workdir)
     evals = [m for m in final if "eval/loss" in m]

@@ -78,6 +78,37 @@ def write_atomic(path: PathLike, data: bytes | str | Callable[[str], None]) -> N
         raise
 
 
+def create_exclusive(path: PathLike, data: bytes | str) -> bool:
+    """Creates the file whole if no file has that name, atomically against any other writer:
+    True if this call created it, False if it existed. Locally a finished temporary file is
+    hard-linked to the name (a link fails if the name exists); on a bucket the upload carries
+    the object store's create-if-absent precondition (GCS: ifGenerationMatch=0)."""
+    path = as_path(path)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if is_remote(path):
+        import fsspec
+
+        filesystem, _ = fsspec.core.url_to_fs(str(path))
+        try:
+            filesystem.pipe_file(str(path), data, mode="create")
+        except FileExistsError:  # gcsfs: 412 Precondition Failed
+            return False
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, os.fspath(path))
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
 class LineLog:
     """An append-only text file of lines (metrics.jsonl). Locally it is appended to and flushed
     line by line; on an object store, which cannot append, the whole file is rewritten at each

@@ -288,6 +288,14 @@ def source_fingerprint(cfg: SourceConfig) -> str:
     return _fingerprint([cfg.source, cfg.text_key, files])
 
 
+def data_fingerprint(cfg: SourceConfig) -> str:
+    """What identifies a run's training data: `source_fingerprint` of its source, or of each
+    source of its mixture."""
+    mixture = mixture_configs(cfg)
+    configs = [c for _, c in mixture] if mixture else [cfg]
+    return _fingerprint([source_fingerprint(c) for c in configs])
+
+
 def _nonempty(records: Sequence[Any], source: str, split: str) -> Sequence[Any]:
     if len(records) == 0:
         _empty_split(source, split)

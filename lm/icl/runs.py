@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from lm import checkpoint, parallel, storage
+from lm import checkpoint, history, lease, parallel, storage
 from lm.config import filled_sections
 from lm.models.transformer import ModelConfig
 from lm.parallel import ParallelConfig
@@ -132,6 +132,7 @@ def make_trainer(configs: IclConfigs, model, objective: Objective) -> Trainer:
     """The run's Trainer: mesh, shardings, compiled step for `model` and `objective`.
     Refuses an icl.batch_size that the mesh's batch axes cannot split evenly."""
     parallel.initialize_distributed(configs.parallel)
+    parallel.check_batch_split("icl.batch_size", configs.icl.batch_size, configs.parallel)
     trainer = create_trainer(
         configs.model,
         model,
@@ -141,20 +142,12 @@ def make_trainer(configs: IclConfigs, model, objective: Objective) -> Trainer:
         seed=configs.train.seed,
         objective=objective,
     )
-    shape = trainer.mesh.shape
-    ways = jax.device_count() if trainer.use_pmap else shape["data"] * shape["fsdp"]
-    if configs.icl.batch_size % ways:
-        raise ValueError(
-            f"icl.batch_size={configs.icl.batch_size} does not split over the {ways} ways of "
-            f"the mesh's batch axes (data x fsdp of {dict(shape)}); use a multiple of {ways} or "
-            "another parallel.mesh"
-        )
     return trainer
 
 
 def check_workdir(workdir, resolved: dict[str, Any], icl_keys: tuple[str, ...]) -> None:
     """Refuses a workdir that holds a run of another model or another task (`icl_keys`)."""
-    saved = checkpoint.read_config(workdir)
+    saved, _ = checkpoint.saved_run(workdir)
     checkpoint.check_compatible(saved, resolved, sections=("model",))
     if saved is None:
         return
@@ -178,22 +171,31 @@ def process_rows(batch_size: int):
 
 def train_run(build_run, config, workdir) -> dict[str, Any]:
     """Trains (or resumes) the ICL run that ``build_run(config, workdir)`` assembles (an
-    `IclRun`) in ``workdir``, then writes and returns its results (see the kind's module)."""
+    `IclRun`) in ``workdir``, holding its lease (`lm.lease`), then writes and returns its
+    results (see the kind's module). A resume that changes the run is refused (`lm.history`;
+    the prompts are synthetic: there are no data files to fingerprint)."""
     workdir = storage.as_path(workdir)
-    run = build_run(config, workdir)
-    checkpoint.write_config(workdir, run.configs.as_dict())
-    results: dict[str, Any] = {}
+    _, train, par = build_common(section_values(config))
+    parallel.initialize_distributed(par)
+    with lease.hold_workdir(workdir, train.lease_timeout_s) as held:
+        saved, step = checkpoint.saved_run(workdir)
+        run = build_run(config, workdir)
+        values = run.configs.as_dict()
+        entry = history.start_entry(workdir, values, {}, step, saved)
+        history.write_start(workdir, values, entry)
+        results: dict[str, Any] = {}
 
-    def on_end(state):
-        results.update(run.on_end(state))
+        def on_end(state):
+            results.update(run.on_end(state))
 
-    train_loop(
-        run.trainer,
-        run.configs.train,
-        workdir,
-        run.batches,
-        evaluators=run.evaluators,
-        seq_len=run.seq_len,
-        on_end=on_end,
-    )
+        train_loop(
+            run.trainer,
+            run.configs.train,
+            workdir,
+            run.batches,
+            evaluators=run.evaluators,
+            seq_len=run.seq_len,
+            on_end=on_end,
+            lease=held,
+        )
     return results

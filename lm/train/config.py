@@ -51,6 +51,13 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = ",".join(lora.DEFAULT_TARGETS)
+    # Resuming may change only what leaves the run's mathematics alone (lm.history); other
+    # keys named here (comma-separated, e.g. "data.batch_size,optimizer.learning_rate") are
+    # accepted and recorded in WORKDIR/history.json.
+    allow_changes: str = ""
+    # The workdir lease (lm.lease): a trainer whose heartbeat is older than this may be taken
+    # over by another (one on this host whose process is gone, at once).
+    lease_timeout_s: float = 300.0
 
     def __post_init__(self):
         for key, low in [
@@ -67,6 +74,8 @@ class TrainConfig:
         ]:
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= {low}")
+        if self.lease_timeout_s <= 0:
+            raise ValueError(f"train.lease_timeout_s={self.lease_timeout_s} must be > 0 (seconds)")
         self.lora  # noqa: B018 - validates the LoRA values now, with their config names
         check_nonfinite_policy(self.nonfinite)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,40 +28,61 @@ from lm.train.trainer import Trainer
 
 
 class _Preemption:
-    """Whether the loop should save a checkpoint and stop because of a preemption notice.
+    """Whether the loop should save a checkpoint and stop: a preemption notice (SIGTERM) or
+    Ctrl-C (SIGINT, handled alike; a second Ctrl-C ends the process at once, saving nothing
+    more: checkpoints already written are whole, a save in flight is left unfinished and is
+    cleaned up by the next run).
 
-    One process: SIGTERM sets a flag. Several processes (`jax.distributed`): a checkpoint save
-    is collective, so a SIGTERM to any one of them must stop all of them at the same step.
-    JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM in
-    every process and agrees on a step through the coordinator in the background;
+    One process: either signal sets a flag. Several processes (`jax.distributed`): a
+    checkpoint save is collective, so a SIGTERM to any one of them must stop all of them at the
+    same step. JAX's preemption service (started by `jax.distributed.initialize`) catches
+    SIGTERM in every process and agrees on a step through the coordinator in the background;
     `multihost_utils.reached_preemption_sync_point(step)` turns True in every process at that
     step. It is a host-side check of local state (no communication unless a notice came),
     called once per step by every process, as the service requires. Installing a Python
-    SIGTERM handler there would replace the service's, so none is installed.
+    SIGTERM handler there would replace the service's, so none is installed; Ctrl-C is turned
+    into a SIGTERM to this process for the service to handle.
+
+    lease: the workdir's (`lm.lease.Lease`), checked at every step: a lease another trainer
+    took over stops the run without saving.
     """
 
-    def __init__(self):
+    def __init__(self, lease=None):
         self.coordinated = jax.process_count() > 1
         self._signalled = False
-        self._previous = None
+        self._previous = {}
+        self._lease = lease
 
     def __enter__(self):
-        if self.coordinated:
-            if not jax.config.jax_enable_preemption_service:
-                raise ValueError(
-                    "a multi-process run needs JAX's preemption service to stop every process at "
-                    "the same step on SIGTERM: do not set jax_enable_preemption_service=False"
-                )
-        elif threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if self.coordinated and not jax.config.jax_enable_preemption_service:
+            raise ValueError(
+                "a multi-process run needs JAX's preemption service to stop every process at "
+                "the same step on SIGTERM: do not set jax_enable_preemption_service=False"
+            )
+        if threading.current_thread() is threading.main_thread():
+            signals = (signal.SIGINT,) if self.coordinated else (signal.SIGINT, signal.SIGTERM)
+            self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and stopping")
         self._signalled = True
+        # A second Ctrl-C ends the process at once, by the default action, even while it is
+        # inside a compiled call (a Python handler would run only after it returns).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(
+            f"{name}: saving a checkpoint after this step, then stopping "
+            "(Ctrl-C again to exit at once, saving nothing more)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.coordinated:  # the preemption service agrees on the step with the others
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         """True: save `step` and stop (the same step in every process)."""
+        if self._lease is not None:
+            self._lease.check()
         if not self.coordinated:
             return self._signalled
         from jax.experimental import multihost_utils
@@ -74,8 +97,8 @@ class _Preemption:
         return False
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class IndexedBatches:
@@ -112,7 +135,7 @@ class _Log:
     (`data_metrics`, a mixture's), written to `MetricWriter` and the progress bar."""
 
     def __init__(self, workdir, trainer: Trainer, train_config: TrainConfig, seq_len, start):
-        self.writer = MetricWriter(workdir)
+        self.writer = MetricWriter(workdir, start)
         self._host_metrics = trainer.host_metrics
         self._flops = flops_per_token(trainer.model_config, trainer.num_params, seq_len or 1)
         peak = peak_flops_per_device(train_config.peak_flops_per_device)
@@ -218,6 +241,7 @@ def train_loop(
     evaluators: dict[str, Callable[[TrainState], dict[str, float]]] | None = None,
     seq_len: int = 0,
     on_end: Callable[[TrainState], None] | None = None,
+    lease=None,
 ) -> TrainState:
     """Trains to `train_config.steps`, resuming from the workdir's latest checkpoint.
 
@@ -225,6 +249,7 @@ def train_loop(
     evaluators: name -> callable(state) -> metrics, run every `eval_every` steps and at the end;
       their metrics are logged as `<name>/<metric>`.
     on_end: called with the final state (e.g. to print samples).
+    lease: the workdir's `lm.lease.Lease`, checked at every step (None: not checked).
 
     Non-finite steps (`train.nonfinite`: abort, skip, rollback): see `NonFiniteGuard`.
     """
@@ -251,7 +276,7 @@ def train_loop(
         seed=train_config.seed,
     )
     try:
-        with _Preemption() as preemption:
+        with _Preemption(lease) as preemption:
             while step < total and not (stop := preemption.reached(step)):
                 waited = time.perf_counter()
                 batch, position = guard.next_batch(data_iterator)
@@ -285,6 +310,8 @@ def train_loop(
                     state, step = rollback(bad)
                 _save(checkpointer, guard, trainer, state, step, data_iterator, force=True)
         checkpointer.wait()
+        if stop and step < total and jax.process_index() == 0:
+            print(f"stopped at step {step}, saved: rerun the command to resume", flush=True)
     finally:  # also on errors: saves in flight (all of finite states) land
         checkpointer.close()
         log.close()

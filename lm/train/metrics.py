@@ -64,16 +64,38 @@ def read_metrics(workdir: storage.PathLike) -> list[dict]:
     ]
 
 
-class MetricWriter:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
+def _drop_rows_after(workdir, start: int) -> None:
+    """Keeps the rows of metrics.jsonl up to step `start`, where the run resumes (none for a
+    fresh start): the steps after it were logged by a run stopped before it saved them, and
+    are trained and logged again."""
+    path = storage.as_path(workdir) / METRICS_FILE
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [
+        line
+        for line in lines
+        if line.endswith("\n") and line.strip() and start > 0 and json.loads(line)["step"] <= start
+    ]
+    if len(kept) < len(lines):
+        logging.info("%s: %d rows after step %d dropped", path, len(lines) - len(kept), start)
+        storage.write_atomic(path, "".join(kept))
 
-    def __init__(self, workdir: storage.PathLike):
+
+class MetricWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only.
+    start: the step a training run starts from; rows after it are dropped
+    (`_drop_rows_after`). None keeps every row."""
+
+    def __init__(self, workdir: storage.PathLike, start: int | None = None):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
         _register_store_writers()
+        if start is not None:
+            _drop_rows_after(workdir, start)
         self.jsonl = storage.LineLog(storage.as_path(workdir) / METRICS_FILE)
         if self.jsonl.dropped is not None:
             logging.warning(
