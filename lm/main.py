@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from lm import checkpoint, convert, storage
 from lm import compile as compile_lib
 from lm import config as config_lib
+from lm import lease as lease_lib
 from lm import run as run_lib
 from lm.data import assets, cache
 from lm.decode import samples
@@ -293,14 +294,18 @@ def prepare_command(workdir: pathlib.Path) -> None:
             "prepare writes a tokenized cache to data.cache, which is empty; add "
             "--config.data.cache=DIR (a local directory or gs://bucket/path)"
         )
-    tokenizer = run_lib.shared_tokenizer(config.data, workdir)
-    for source, manifest in cache.prepare_caches(config.data, tokenizer, workers=_WORKERS.value):
-        for split, entry in manifest["splits"].items():
-            tokens = sum(c["tokens"] for c in entry["finished"].values())
-            print(
-                f"{source} {split}: {entry['records']:,} records, {tokens:,} tokens in "
-                f"{entry['shards']} shards"
-            )
+    with lease_lib.hold_workdir(
+        workdir, config.train.lease_timeout_s
+    ):  # it may write the tokenizer
+        tokenizer = run_lib.shared_tokenizer(config.data, workdir)
+        caches = cache.prepare_caches(config.data, tokenizer, workers=_WORKERS.value)
+        for source, manifest in caches:
+            for split, entry in manifest["splits"].items():
+                tokens = sum(c["tokens"] for c in entry["finished"].values())
+                print(
+                    f"{source} {split}: {entry['records']:,} records, {tokens:,} tokens in "
+                    f"{entry['shards']} shards"
+                )
 
 
 def use_host_devices(topology: str | None) -> None:
@@ -406,6 +411,9 @@ def run():
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TFDS are chatty at INFO
     try:
         app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # outside the training loop, which saves on Ctrl-C and returns
+        print("error: interrupted (Ctrl-C); checkpoints already saved are kept", file=sys.stderr)
+        sys.exit(130)
     except EXPECTED_ERRORS as e:
         if os.environ.get("LM_DEBUG"):
             raise
