@@ -647,7 +647,7 @@ def read_model(workdir: storage.PathLike) -> SavedModel:
         )
     data = DataConfig.from_dict(sections.get("data", {}))
     # The tokenizer first: a fine-tune's config may leave model.vocab_size to it.
-    tokenizer = pipeline.get_tokenizer(data, str(workdir))
+    tokenizer = pipeline.saved_tokenizer(data, workdir)
     model = dict(sections.get("model", {}))
     model["vocab_size"] = model.get("vocab_size") or tokenizer.vocab_size
     config = ModelConfig.from_dict(model)

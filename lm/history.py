@@ -57,7 +57,8 @@ FREE_KEYS: dict[str, Any] = {
     },
     "model": set(EXECUTION_FIELDS),
     # Where data is prepared and read from, not what it is (the files' fingerprint is compared).
-    "data": {"data_dir", "worker_count", "cache", "tokenizer_max_chars"},
+    # mixture_schedule: new weights from a step on are how a mixture is meant to change.
+    "data": {"data_dir", "worker_count", "cache", "tokenizer_max_chars", "mixture_schedule"},
     "parallel": None,
 }
 # Pseudo-keys for what the config does not hold.

@@ -44,6 +44,12 @@ from lm.models.transformer import for_inference
 from lm.utils import default_compilation_cache, enable_compilation_cache
 
 COMMANDS = ("train", "prepare", "sample", "eval", "icl", "convert", "compile")
+READ_COMMANDS = ("sample", "eval", "icl", "convert")
+
+
+class UsageError(ValueError):
+    """A command line used wrongly: one line and exit status 2 (`run`), not absl's usage."""
+
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file (experiments/NAME.py[:arg])."
@@ -113,7 +119,7 @@ _OUT = flags.DEFINE_string(
     "out",
     None,
     "convert: new directory for the Hugging Face layout; eval: directory for "
-    "results.json and results.md (default: WORKDIR/eval, or eval/MODEL for --model).",
+    "results.json and results.md (default: eval/NAME, NAME the workdir's or --model's; icl: icl/NAME).",
 )
 _TOPOLOGY = flags.DEFINE_string(
     "topology",
@@ -166,12 +172,12 @@ def load_for_inference(
 
 
 def default_out(workdir: pathlib.Path | None, kind: str):
-    """--out, else WORKDIR/KIND for a workdir, KIND/MODEL for --model."""
+    """--out, else KIND/NAME in the current directory, NAME the workdir's or the model's:
+    a command that reads a workdir writes nothing into it."""
     if _OUT.value:
         return storage.as_path(_OUT.value)
-    if _MODEL.value:
-        return storage.as_path(kind) / pathlib.Path(_MODEL.value).name
-    return workdir / kind
+    name = pathlib.Path(_MODEL.value).name if _MODEL.value else workdir.name
+    return storage.as_path(kind) / name
 
 
 def sample_command(workdir: pathlib.Path | None) -> None:
@@ -207,7 +213,7 @@ def sample_command(workdir: pathlib.Path | None) -> None:
 def eval_command(workdir: pathlib.Path | None) -> None:
     if not _TASKS.value:  # the loss of a split (the training data's own evaluation)
         if workdir is None:
-            raise app.UsageError("eval --model needs --tasks (e.g. --tasks arc_easy,piqa)")
+            raise UsageError("eval --model needs --tasks (e.g. --tasks arc_easy,piqa)")
         saved = convert.load_model(workdir=workdir)
         metrics = run_lib.split_loss(saved, _SPLIT.value)
         print(json.dumps({"split": _SPLIT.value, "step": saved.step, **metrics}, indent=2))
@@ -231,7 +237,7 @@ def eval_command(workdir: pathlib.Path | None) -> None:
 def icl_command(workdir: pathlib.Path | None) -> None:
     """Few-shot curves: accuracy against k demonstrations, seeds, random-label control."""
     if not _TASKS.value:
-        raise app.UsageError("icl needs --tasks (e.g. --tasks sst2,arc_easy)")
+        raise UsageError("icl needs --tasks (e.g. --tasks sst2,arc_easy)")
     saved, model, params = load_for_inference(workdir, "has no tokenizer to encode prompts with")
     out = default_out(workdir, "icl")
     tasks = get_tasks(_TASKS.value, saved.data_config)
@@ -267,7 +273,7 @@ def convert_command(workdir: pathlib.Path | None) -> None:
     """Writes an imported model or a workdir's latest parameters in the Hugging Face layout
     (config.json + model.safetensors, + tokenizer.json for imported models)."""
     if _OUT.value is None:
-        raise app.UsageError("convert needs --out DIR (a new or empty directory)")
+        raise UsageError("convert needs --out DIR (a new or empty directory)")
     written, names = convert.export_model(load(workdir), _OUT.value)
     print(f"wrote {written}: " + ", ".join(names))
 
@@ -276,7 +282,7 @@ def compile_command() -> None:
     """Compiles the experiment's train and eval steps for --topology and prints what each
     device holds; a run that does not fit ends with one line and exit status 2."""
     if _CONFIG.value is None or not _TOPOLOGY.value:
-        raise app.UsageError("compile needs --config experiments/NAME.py and --topology T")
+        raise UsageError("compile needs --config experiments/NAME.py and --topology T")
     target = compile_lib.topology(_TOPOLOGY.value, _DEVICE_MEMORY_GIB.value, _PEAK_TFLOPS.value)
     report = compile_lib.compile_run(config_lib.resolve(_CONFIG.value), target)
     print(json.dumps(report.to_dict(), indent=2) if _JSON.value else report.table())
@@ -287,7 +293,7 @@ def prepare_command(workdir: pathlib.Path) -> None:
     """Tokenizes the experiment's data source once into data.cache (`lm.data.cache`), with the
     run's tokenizer (trained into the workdir first if it has none), for training to read."""
     if _CONFIG.value is None:
-        raise app.UsageError("prepare needs --config experiments/NAME.py")
+        raise UsageError("prepare needs --config experiments/NAME.py")
     config = config_lib.build(config_lib.resolve(_CONFIG.value))
     if not config.data.cache:
         raise ValueError(
@@ -308,6 +314,16 @@ def prepare_command(workdir: pathlib.Path) -> None:
                 )
 
 
+def check_readable_workdir(workdir) -> None:
+    """A read command's --workdir exists and is a directory (one line otherwise)."""
+    if storage.is_remote(workdir):
+        return  # a bucket's missing prefix shows as "no config.json" when it is read
+    if not workdir.exists():
+        raise UsageError(f"--workdir {workdir} does not exist: train there first, or fix the path")
+    if not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir} is a file, not a run's directory: fix the path")
+
+
 def use_host_devices(topology: str | None) -> None:
     """compile --topology cpu:N: N host devices, set before JAX starts its CPU backend."""
     if topology and topology.startswith("cpu:") and topology[4:].isdigit():
@@ -318,8 +334,9 @@ def use_host_devices(topology: str | None) -> None:
 def main(argv):
     command = argv[1] if len(argv) > 1 else "train"
     if command not in COMMANDS or len(argv) > 2:
-        raise app.UsageError(
-            f"usage: python -m lm.main [{'|'.join(COMMANDS)}] --workdir DIR [--config FILE]"
+        raise UsageError(
+            f"unknown command {' '.join(argv[1:])!r}: use one of {', '.join(COMMANDS)} "
+            "(python -m lm.main COMMAND --workdir DIR [--config FILE]; --help lists the flags)"
         )
     if command == "compile":
         use_host_devices(_TOPOLOGY.value)
@@ -331,10 +348,12 @@ def main(argv):
     if _WORKDIR.value is None and not (
         command in ("sample", "eval", "icl", "convert") and _MODEL.value
     ):
-        raise app.UsageError(
+        raise UsageError(
             "--workdir is required (sample, eval, icl and convert also take --model NAME instead)"
         )
     workdir = storage.as_path(_WORKDIR.value) if _WORKDIR.value else None
+    if workdir is not None and command in READ_COMMANDS:
+        check_readable_workdir(workdir)
     if workdir is not None:
         checkpoint.check_checkpoint_store(workdir)
         storage.check_reachable(workdir)  # a bucket that is missing or out of reach: one line, now
@@ -343,7 +362,7 @@ def main(argv):
     enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
     if command == "train":
         if _CONFIG.value is None:
-            raise app.UsageError("train needs --config experiments/NAME.py")
+            raise UsageError("train needs --config experiments/NAME.py")
         run_lib.run(_CONFIG.value, workdir)
     elif command == "prepare":
         prepare_command(workdir)
@@ -357,9 +376,28 @@ def main(argv):
         eval_command(workdir)
 
 
+def check_config_file(argv: list[str]) -> None:
+    """A --config file that does not exist: one line (config_flags loads it lazily, and its
+    error would surface as a traceback at the first read)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            raise UsageError(
+                f"--config {value}: no such experiment file {path!r}; pass a file such as "
+                "experiments/shakespeare_gpt.py (paths are relative to the current directory)"
+            )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad flag value (a value out of range, an unknown experiment
     arg) raised as a ValueError that `run` prints as one line."""
+    check_config_file(argv)
     try:
         return flags.FLAGS(argv)
     except (

@@ -3,9 +3,11 @@ and the workdir untouched (a fresh one is never created; an existing one keeps e
 
 import hashlib
 import importlib.util
+import json
 import pathlib
 import re
 import shutil
+import time
 
 import pytest
 
@@ -37,6 +39,23 @@ def unreadable_checkpoints(workdir):
 
 def corrupt_config(workdir):
     (workdir / "config.json").write_text('{"model": ')
+
+
+def no_tokenizer(workdir):
+    (workdir / "tokenizer.model").unlink()
+
+
+def a_file(workdir):
+    shutil.rmtree(workdir)
+    workdir.write_text("not a workdir\n")
+
+
+def held_elsewhere(workdir):
+    """A lease of a trainer on another host, its heartbeat fresh."""
+    now = time.time()
+    holder = dict(host="node-7", pid=4242, started=now, heartbeat=now, token="t" * 32)
+    (workdir / "lease").mkdir()
+    (workdir / "lease" / "000001.json").write_text(json.dumps(holder))
 
 
 # (id, command-line args, workdir: 'fresh' | 'offline' (fresh, empty asset cache, no network) |
@@ -167,6 +186,28 @@ CASES = [
         r"/config\.json is not valid JSON .*new --workdir",
     ),
     (
+        "unknown_command",
+        ["frobnicate"],
+        "trained",
+        r"unknown command 'frobnicate': use one of train, prepare, sample",
+    ),
+    ("missing_config", ["--config=experiments/nope.py"], "fresh", r"no such experiment file"),
+    (
+        "seq_len_past_positions",
+        [TINY, "--config.data.seq_len=128"],
+        "fresh",
+        r"data\.seq_len=128 is longer than the model's 64 learned positions",
+    ),
+    ("sample_no_tokenizer", ["sample"], no_tokenizer, r"tokenizer\.model is missing"),
+    ("sample_workdir_is_a_file", ["sample"], a_file, r"is a file, not a run's directory"),
+    ("train_workdir_is_a_file", [TINY], a_file, r"cannot write to --workdir .*NotADirectoryError"),
+    (
+        "train_workdir_in_use",
+        [TINY],
+        held_elsewhere,
+        r"is in use by another trainer: node-7 pid 4242 .*use another --workdir",
+    ),
+    (
         "train_bad_config_json",
         [TINY],
         corrupt_config,
@@ -183,7 +224,7 @@ def state(directory: pathlib.Path):
             hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None,
         )
         for p in directory.rglob("*")
-    }
+    } | ({"": directory.read_bytes()} if directory.is_file() else {})
 
 
 @pytest.mark.parametrize("args, where, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -202,7 +243,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         shutil.copytree(root / "run", workdir)
         where(workdir)
     before = state(workdir) if workdir.exists() else None
-    trains = args[0] not in ("sample", "eval")
+    trains = args[0].startswith("--")
     proc = run_cli(
         *args,
         workdir=workdir,

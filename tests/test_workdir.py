@@ -220,3 +220,43 @@ def test_a_first_run_that_failed_leaves_nothing_a_rerun_reads_as_its_own(tmp_pat
     assert json.loads((workdir / "config.json").read_text())["data"]["batch_size"] == 4
     assert [h["step"] for h in json.loads((workdir / "history.json").read_text())] == [0]
     assert [m["step"] for m in metrics(workdir)] == [5, 10]
+
+
+def test_commands_that_read_a_workdir_change_no_byte_of_it(unbroken, tmp_path):
+    from tests.test_bad_input import state
+
+    root, _ = unbroken
+    workdir = root / "run"
+    before = state(workdir)
+    for args in [
+        ["sample", "--prompt=The king", "--max_new_tokens=4"],
+        ["eval", "--split=test"],
+        ["eval", "--tasks=heldout_order", "--limit=8", f"--out={tmp_path / 'eval'}"],
+        ["icl", "--tasks=heldout_order", "--shots=0,1", "--seeds=1", "--limit=4"]
+        + [f"--out={tmp_path / 'icl'}"],
+        ["convert", f"--out={tmp_path / 'hf'}"],
+    ]:
+        run_cli(*args, workdir=workdir, source=None, data_dir=root)
+        assert state(workdir) == before, args
+
+
+def test_a_batch_the_mesh_does_not_split_and_an_unwritable_workdir_fail_up_front(tmp_path):
+    source = write_corpus(tmp_path / "corpus")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "LM_CACHE_DIR": str(tmp_path),
+    }
+    for workdir, extra, expected in [
+        (
+            tmp_path / "run",
+            ["--config.data.batch_size=6"],
+            r"data\.batch_size=6 does not split over the 4 ways of the batch .*use a multiple of 4",
+        ),
+        ("/proc/lm-workdir", [], r"cannot write to --workdir /proc/lm-workdir"),
+    ]:
+        cmd = trainer_cmd(workdir, source, tmp_path, *extra)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert re.search(expected, proc.stderr.strip().splitlines()[-1]), proc.stderr[-500:]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -213,6 +213,22 @@ def training_texts(
             return
 
 
+def saved_tokenizer(cfg: DataConfig, workdir) -> Tokenizer:
+    """The tokenizer a trained run used, for reading it (sample, eval, convert): as
+    `get_tokenizer` finds it, never trained or written. ValueError naming the file if it is
+    gone (a new tokenizer would not match the model's embeddings)."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    root = storage.as_path(workdir)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (root / name).exists():
+            return load_tokenizer(root / name)
+    raise ValueError(
+        f"{root / 'tokenizer.model'} is missing: the model needs the tokenizer it was trained "
+        "with; copy it back from a copy of the run (a new one would not match the model)"
+    )
+
+
 def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
     """The run's tokenizer.
 
@@ -976,6 +992,7 @@ __all__ = [
     "DataConfig",
     "TASKS",
     "get_tokenizer",
+    "saved_tokenizer",
     "make_dataset",
     "count_batches",
     "bytes_per_token",
