@@ -19,6 +19,7 @@ that failed before its first save) writes it anew.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from typing import Any
@@ -34,7 +35,7 @@ CONFIG_FILE = "config.json"
 # Per section, the keys a resumed run may change freely. `None`: the whole section.
 FREE_KEYS: dict[str, Any] = {
     "train": {
-        "steps",  # the schedule's length is optimizer.decay_steps (resolved), compared below
+        "steps",  # with optimizer.decay_steps=0 it is the schedule's length too: warned
         "log_every",
         "eval_every",
         "eval_batches",
@@ -70,17 +71,29 @@ class RunChangedError(ValueError):
 
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
-    """{section: {key: value}} -> {'section.key': value}, with optimizer.decay_steps resolved
-    (0 means train.steps: lengthening a run then changes its schedule)."""
-    flat = {
+    """{section: {key: value}} -> {'section.key': value}."""
+    return {
         f"{section}.{key}": value
         for section, keys in values.items()
         if isinstance(keys, dict)
         for key, value in keys.items()
     }
-    if "optimizer.decay_steps" in flat and not flat["optimizer.decay_steps"]:
-        flat["optimizer.decay_steps"] = flat.get("train.steps")
-    return flat
+
+
+def _warn_if_schedule_follows_steps(changes: dict[str, list], values: dict[str, Any]) -> None:
+    """train.steps may change; with optimizer.decay_steps=0 the schedule decays over it, so a
+    longer run also decays more slowly from here on: said, since it changes the mathematics."""
+    if "train.steps" in changes and not values.get("optimizer", {}).get("decay_steps", 1):
+        old = changes["train.steps"][0]
+        logging.warning(
+            "train.steps %s -> %s also stretches the learning-rate schedule "
+            "(optimizer.decay_steps=0 decays over train.steps); pass "
+            "--config.optimizer.decay_steps=%s to keep the schedule of the first %s steps",
+            old,
+            changes["train.steps"][1],
+            old,
+            old,
+        )
 
 
 def is_free(key: str) -> bool:
@@ -105,13 +118,7 @@ def _describe(key: str, old, new, values: dict[str, Any]) -> str:
         return f"data.files (the files of the training data changed since step {old})"
     if key == TOKENIZER:
         return "tokenizer (the tokenizer file is not the one the run was trained with)"
-    text = f"{key} {old!r} -> {new!r}"
-    if key == "optimizer.decay_steps" and not values.get("optimizer", {}).get("decay_steps"):
-        text += (
-            f" (optimizer.decay_steps=0 decays over train.steps; pass "
-            f"--config.optimizer.decay_steps={old} to keep the schedule)"
-        )
-    return text
+    return f"{key} {old!r} -> {new!r}"
 
 
 def read_history(workdir: storage.PathLike) -> list[dict[str, Any]]:
@@ -153,6 +160,7 @@ def check_resume(
             f"change with --config.train.allow_changes={accept}"
         )
     free = {k: v for k, v in changes.items() if is_free(k)}
+    _warn_if_schedule_follows_steps(free, values)
     accepted = {k: v for k, v in changes.items() if not is_free(k)}
     return free, accepted
 
