@@ -115,6 +115,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._made_workdir = False
 
     @property
     def path(self):
@@ -132,6 +133,7 @@ class Lease:
     def acquire(self) -> None:
         """Takes the lease, or raises WorkdirBusyError naming the holder. A stale lease is taken
         over with a warning that names it and why."""
+        self._made_workdir = not self.directory.parent.exists()
         for _ in range(3):  # a number created between our list and our create: look again
             numbers = _numbers(self.directory)
             newest = numbers[-1] if numbers else 0
@@ -216,6 +218,9 @@ class Lease:
             if not storage.is_remote(self.directory) and self.directory.is_dir():
                 if not any(self.directory.iterdir()):
                     self.directory.rmdir()
+                workdir = self.directory.parent
+                if self._made_workdir and not any(workdir.iterdir()):
+                    workdir.rmdir()  # a run refused before any work leaves no folder behind
             self.number = None
 
     def start_renewing(self) -> None:

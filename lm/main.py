@@ -13,7 +13,10 @@
     python -m lm.main compile --config experiments/llama3_8b.py --topology v5p:4x4x4  # will it fit?
     python -m lm.main prepare --config EXP --workdir W --config.data.cache=DIR --workers 8  # tokenize once
 
-Rerunning the training command on a workdir resumes from its latest checkpoint.
+Rerunning the training command on a workdir resumes from its latest checkpoint. The commands
+that read a workdir (sample, eval, icl, convert) write nothing into it: eval --tasks and icl
+write to --out, by default eval/NAME and icl/NAME in the current directory (NAME the workdir's
+or the model's).
 
 Fine-tuning: `--config.train.init_from=/tmp/gpt` starts a new workdir from that run's
 parameters (and tokenizer), `--config.train.init_from=smollm2` (or gemma3, gguf:PATH,
@@ -106,7 +109,8 @@ _PRECISION = flags.DEFINE_enum(
 _MODEL = flags.DEFINE_string(
     "model",
     None,
-    "sample, eval, convert: an imported model instead of a workdir: smollm2, gemma3, gguf:PATH, hf:DIR.",
+    "sample, eval, icl, convert: an imported model instead of a workdir: smollm2, gemma3, "
+    "gguf:PATH, hf:DIR.",
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
@@ -118,8 +122,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 _OUT = flags.DEFINE_string(
     "out",
     None,
-    "convert: new directory for the Hugging Face layout; eval: directory for "
-    "results.json and results.md (default: eval/NAME, NAME the workdir's or --model's; icl: icl/NAME).",
+    "convert: new or empty directory for the Hugging Face layout; eval --tasks: directory for "
+    "results.json and results.md, icl: for curves.json and fewshot.png (default: eval/NAME, "
+    "icl/NAME in the current directory, NAME the workdir's or --model's; never in the workdir).",
 )
 _TOPOLOGY = flags.DEFINE_string(
     "topology",
@@ -172,11 +177,14 @@ def load_for_inference(
 
 
 def default_out(workdir: pathlib.Path | None, kind: str):
-    """--out, else KIND/NAME in the current directory, NAME the workdir's or the model's:
-    a command that reads a workdir writes nothing into it."""
+    """Returns --out, else KIND/NAME in the current directory, NAME the workdir's or the
+    model's: a command that reads a workdir writes nothing into it (`check_out`)."""
     if _OUT.value:
         return storage.as_path(_OUT.value)
-    name = pathlib.Path(_MODEL.value).name if _MODEL.value else workdir.name
+    if _MODEL.value:
+        name = pathlib.Path(_MODEL.value).name
+    else:  # resolved, so that --workdir . or run/ still names the run
+        name = workdir.name if storage.is_remote(workdir) else pathlib.Path(workdir).resolve().name
     return storage.as_path(kind) / name
 
 
@@ -314,14 +322,108 @@ def prepare_command(workdir: pathlib.Path) -> None:
                 )
 
 
-def check_readable_workdir(workdir) -> None:
-    """A read command's --workdir exists and is a directory (one line otherwise)."""
+# ------------------------------------------------------------------- the command line's checks
+# Each raises UsageError (one line, exit status 2) before any work, so that a misuse neither
+# prints absl's usage nor surfaces late as a raw errno or a traceback.
+
+
+def check_command(argv: list[str]) -> str:
+    """Returns the subcommand (train when none is given); an unknown one names the valid ones.
+    absl leaves in argv what is not a flag, so words after the command are refused too."""
+    command = argv[1] if len(argv) > 1 else "train"
+    if command not in COMMANDS:
+        raise UsageError(
+            f"unknown command {command!r}: use one of {', '.join(COMMANDS)} "
+            "(python -m lm.main COMMAND --workdir DIR [--config FILE]; --help lists the flags)"
+        )
+    if len(argv) > 2:
+        raise UsageError(
+            f"unexpected argument(s) {' '.join(argv[2:])!r} after {command!r}: flags are "
+            "--name=value (quote a --prompt with spaces); --help lists them"
+        )
+    return command
+
+
+def check_source(command: str) -> None:
+    """A read command reads exactly one of --workdir and --model; train and prepare need
+    --workdir and take no --model (it would be ignored without a word)."""
+    if command in READ_COMMANDS:
+        if _WORKDIR.value and _MODEL.value:
+            raise UsageError(f"{command} reads --workdir DIR or --model NAME, not both: drop one")
+        if not (_WORKDIR.value or _MODEL.value):
+            raise UsageError(
+                f"{command} needs --workdir DIR (a trained run) or --model NAME (smollm2, "
+                "gemma3, gguf:PATH, hf:DIR)"
+            )
+        return
+    if _MODEL.value:
+        raise UsageError(
+            f"{command} takes no --model: to start from an imported model, pass "
+            f"--config.train.init_from={_MODEL.value}"
+        )
+    if _WORKDIR.value is None:
+        raise UsageError(
+            "--workdir is required (sample, eval, icl and convert also take --model NAME instead)"
+        )
+
+
+def check_workdir(workdir, command: str) -> None:
+    """--workdir is a directory, and a read command's exists (else the lease reports a file as a
+    raw errno, and a reader a missing directory as "no config.json"). A bucket's prefix exists
+    once written: a missing one shows when it is read."""
     if storage.is_remote(workdir):
-        return  # a bucket's missing prefix shows as "no config.json" when it is read
-    if not workdir.exists():
-        raise UsageError(f"--workdir {workdir} does not exist: train there first, or fix the path")
-    if not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir} is a file, not a run's directory: fix the path")
+        return
+    if workdir.exists() and not workdir.is_dir():
+        fix = (
+            "pass the --workdir of a trained run"
+            if command in READ_COMMANDS
+            else "pass a directory to train in (a new one, or a run's to resume)"
+        )
+        raise UsageError(f"--workdir {workdir} is a file, not a run's directory: {fix}")
+    if command in READ_COMMANDS and not workdir.exists():
+        raise UsageError(f"no such workdir {workdir}: train there first, or fix the --workdir path")
+
+
+def output_dir(command: str, workdir):
+    """Returns the directory the command writes: --out for convert, --out or its default for
+    eval --tasks and icl; None for the others (and for convert without --out, which
+    `convert_command` refuses)."""
+    if command == "convert":
+        return storage.as_path(_OUT.value) if _OUT.value else None
+    if command == "icl" or (command == "eval" and _TASKS.value):
+        return default_out(workdir, command)
+    return None
+
+
+def is_inside(path, directory) -> bool:
+    """Whether `path` is `directory` or below it: local paths resolved (symlinks, ..), URLs
+    compared as text."""
+    if storage.is_remote(path) or storage.is_remote(directory):
+        path, directory = str(path).rstrip("/"), str(directory).rstrip("/")
+        return path == directory or path.startswith(directory + "/")
+    return pathlib.Path(path).resolve().is_relative_to(pathlib.Path(directory).resolve())
+
+
+def check_out(out, workdir, command: str) -> None:
+    """The directory a command writes (`output_dir`), before the model is loaded: not in the
+    workdir it reads (a read command writes nothing there), not a file, and for convert new or
+    empty (it never overwrites). None: nothing to check."""
+    if out is None:
+        return
+    flag = "--out" if _OUT.value else "the default --out"
+    if workdir is not None and is_inside(out, workdir):
+        raise UsageError(
+            f"{flag} {out} is inside --workdir {workdir}, and a command that reads a workdir "
+            "writes nothing into it: pass --out DIR outside it"
+        )
+    if storage.is_remote(out):
+        return  # `convert.export_model` refuses a bucket folder that is not empty
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a directory: pass --out DIR")
+    if command == "convert" and out.is_dir() and any(out.iterdir()):
+        raise UsageError(
+            f"--out {out} is not empty, and convert never overwrites: pass a new or empty directory"
+        )
 
 
 def use_host_devices(topology: str | None) -> None:
@@ -332,12 +434,7 @@ def use_host_devices(topology: str | None) -> None:
 
 
 def main(argv):
-    command = argv[1] if len(argv) > 1 else "train"
-    if command not in COMMANDS or len(argv) > 2:
-        raise UsageError(
-            f"unknown command {' '.join(argv[1:])!r}: use one of {', '.join(COMMANDS)} "
-            "(python -m lm.main COMMAND --workdir DIR [--config FILE]; --help lists the flags)"
-        )
+    command = check_command(argv)
     if command == "compile":
         use_host_devices(_TOPOLOGY.value)
         # No persistent cache unless asked: the compile time is part of the report, and the
@@ -345,20 +442,15 @@ def main(argv):
         enable_compilation_cache(_COMPILATION_CACHE.value or "off")
         compile_command()
         return
-    if _WORKDIR.value is None and not (
-        command in ("sample", "eval", "icl", "convert") and _MODEL.value
-    ):
-        raise UsageError(
-            "--workdir is required (sample, eval, icl and convert also take --model NAME instead)"
-        )
+    check_source(command)
     workdir = storage.as_path(_WORKDIR.value) if _WORKDIR.value else None
-    if workdir is not None and command in READ_COMMANDS:
-        check_readable_workdir(workdir)
     if workdir is not None:
+        check_workdir(workdir, command)
         checkpoint.check_checkpoint_store(workdir)
         storage.check_reachable(workdir)  # a bucket that is missing or out of reach: one line, now
     if _OUT.value:
         storage.check_reachable(_OUT.value)
+    check_out(output_dir(command, workdir), workdir, command)
     enable_compilation_cache(_COMPILATION_CACHE.value or default_compilation_cache())
     if command == "train":
         if _CONFIG.value is None:
@@ -421,6 +513,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             "Fix the --config.SECTION.FIELD name (the fields are in config.json of any "
             "workdir, or the experiment file)"
         ) from e
+    except flags.UnrecognizedFlagError as e:  # absl suggests a near name when there is one
+        hint = "" if "Did you mean" in str(e) else " (python -m lm.main --help lists the flags)"
+        raise UsageError(f"{e}{hint}") from e
     except flags.Error as e:
         message, marker = str(e), "Error whilst parsing config file"
         cause = e.__context__  # config_flags wraps an experiment file's error in a traceback

@@ -11,8 +11,8 @@ PACKAGES = ("models", "data", "evaluation", "icl", "convert", "train", "bench")
 # Bottom to top; a unit may import only units of lower layers. The README's table says the same.
 LAYERS = [
     {"lm.utils", "lm.storage"},
-    {"lm.models", "lm.data"},
-    {"lm.parallel", "lm.lora", "lm.decode", "lm.inspect"},
+    {"lm.models", "lm.data", "lm.lease"},
+    {"lm.parallel", "lm.lora", "lm.decode", "lm.inspect", "lm.history"},
     {"lm.checkpoint"},
     {"lm.train", "lm.convert"},
     {"lm.config", "lm.evaluation"},

@@ -48,8 +48,15 @@ class Pretrained:
 def _reader(path: pathlib.Path):
     import gguf
 
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a directory, not a GGUF file; pass gguf:FILE with a .gguf checkpoint, "
+            "or hf:DIR for a Hugging Face directory."
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist.")
+        raise FileNotFoundError(
+            f"GGUF file {path} does not exist; pass gguf:FILE with the path of a .gguf checkpoint."
+        )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

@@ -1161,8 +1161,16 @@ def load_hf(directory: str | os.PathLike, *, lazy: bool = False) -> Pretrained:
         config (the message names the missing / unexpected / misshapen tensor).
     """
     directory = pathlib.Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileNotFoundError(
+            f"{directory} is a file, not a Hugging Face model directory; pass hf:DIR with a "
+            f"directory of {CONFIG_FILE} and {WEIGHTS_FILE}, or gguf:FILE for a .gguf file."
+        )
     if not directory.is_dir():
-        raise FileNotFoundError(f"Hugging Face model directory {directory} does not exist.")
+        raise FileNotFoundError(
+            f"Hugging Face model directory {directory} does not exist; pass hf:DIR with a "
+            f"directory of {CONFIG_FILE} and {WEIGHTS_FILE}."
+        )
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(

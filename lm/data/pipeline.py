@@ -51,6 +51,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from lm import storage
 from lm.data import cache, corpora, packing, sources
@@ -213,20 +214,39 @@ def training_texts(
             return
 
 
-def saved_tokenizer(cfg: DataConfig, workdir) -> Tokenizer:
-    """The tokenizer a trained run used, for reading it (sample, eval, convert): as
-    `get_tokenizer` finds it, never trained or written. ValueError naming the file if it is
-    gone (a new tokenizer would not match the model's embeddings)."""
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+def saved_tokenizer_file(workdir: storage.PathLike) -> epath.Path | None:
+    """The tokenizer file a run saved in its workdir: ``tokenizer.json`` (an imported model's,
+    adopted by a fine-tune) before ``tokenizer.model``; None if it holds neither."""
     root = storage.as_path(workdir)
     for name in ("tokenizer.json", "tokenizer.model"):
         if (root / name).exists():
-            return load_tokenizer(root / name)
-    raise ValueError(
-        f"{root / 'tokenizer.model'} is missing: the model needs the tokenizer it was trained "
-        "with; copy it back from a copy of the run (a new one would not match the model)"
-    )
+            return root / name
+    return None
+
+
+def saved_tokenizer(cfg: DataConfig, workdir: storage.PathLike) -> Tokenizer:
+    """The tokenizer a trained run used, for commands that only read its workdir (sample,
+    eval, icl, convert): found as `get_tokenizer` finds it (``cfg.tokenizer``, else the file the
+    run saved), never trained and never written. Returns it loaded.
+
+    Raises:
+      ValueError: the file is gone, naming it and the fix (a tokenizer trained anew would not
+        match the model's embeddings, and the samples would be garbage).
+    """
+    if cfg.tokenizer:
+        if not storage.as_path(cfg.tokenizer).is_file():
+            raise ValueError(
+                f"the run's data.tokenizer {cfg.tokenizer} is missing: the model needs the "
+                "tokenizer it was trained with; copy it back to that path"
+            )
+        return load_tokenizer(cfg.tokenizer)
+    path = saved_tokenizer_file(workdir)
+    if path is None:
+        raise ValueError(
+            f"{storage.as_path(workdir) / 'tokenizer.model'} is missing: the model needs the "
+            "tokenizer it was trained with; copy it back from a copy of the run"
+        )
+    return load_tokenizer(path)
 
 
 def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
@@ -246,15 +266,14 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None) -> Tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
         root = storage.as_path(workdir if workdir else tempfile.mkdtemp(prefix="lm-"))
-        path = root / "tokenizer.model"
-        if (root / "tokenizer.json").exists():  # an imported model's, adopted by a fine-tune
-            tok = load_tokenizer(root / "tokenizer.json")
-        elif path.exists():
-            tok = load_tokenizer(path)
+        if (saved := saved_tokenizer_file(root)) is not None:  # a resume, or an adopted import's
+            tok = load_tokenizer(saved)
         else:
             texts = list(training_texts(cfg))
             sentinels = NUM_SENTINELS if cfg.task == "span_corruption" else 0
-            tok = train_tokenizer(texts, path, cfg.vocab_size, num_sentinels=sentinels)
+            tok = train_tokenizer(
+                texts, root / "tokenizer.model", cfg.vocab_size, num_sentinels=sentinels
+            )
     if isinstance(tok, Tokenizer) and tok.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"Tokenizer {tok.path} has {tok.vocab_size} pieces but "
@@ -993,6 +1012,7 @@ __all__ = [
     "TASKS",
     "get_tokenizer",
     "saved_tokenizer",
+    "saved_tokenizer_file",
     "make_dataset",
     "count_batches",
     "bytes_per_token",
