@@ -1,7 +1,6 @@
 """Bad input through the CLI: one line on stderr naming the problem and the fix, exit status 2,
 and the workdir untouched (a fresh one is never created; an existing one keeps every file)."""
 
-import hashlib
 import importlib.util
 import json
 import pathlib
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from tests.test_main import ROOT, TINY, run_cli, write_corpus
+from tests.test_main import ROOT, TINY, run_cli, state, write_corpus
 
 LONG_PROMPT = "the king doth love the queen " * 30  # ~200 tokens; the tiny model's context is 64
 
@@ -32,9 +31,9 @@ def no_checkpoints(workdir):
 
 
 def unreadable_checkpoints(workdir):
-    for state in (workdir / "checkpoints").glob("*/state"):
-        shutil.rmtree(state)
-        state.mkdir()
+    for folder in (workdir / "checkpoints").glob("*/state"):
+        shutil.rmtree(folder)
+        folder.mkdir()
 
 
 def corrupt_config(workdir):
@@ -43,6 +42,13 @@ def corrupt_config(workdir):
 
 def no_tokenizer(workdir):
     (workdir / "tokenizer.model").unlink()
+
+
+def tokenizer_setting_gone(workdir):
+    """config.json names a data.tokenizer that has since been moved away."""
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"]["tokenizer"] = str(workdir / "moved.model")
+    (workdir / "config.json").write_text(json.dumps(config))
 
 
 def a_file(workdir):
@@ -58,8 +64,12 @@ def held_elsewhere(workdir):
     (workdir / "lease" / "000001.json").write_text(json.dumps(holder))
 
 
-# (id, command-line args, workdir: 'fresh' | 'offline' (fresh, empty asset cache, no network) |
-#  'trained' | a function that damages a copy of the trained workdir, regex for the error line)
+A_FILE = str(ROOT / "pyproject.toml")  # an existing file, given where a directory belongs
+NOT_EMPTY = str(ROOT / "experiments")  # an existing directory with files in it
+
+# (id, command-line args ({workdir} stands for the workdir's path), workdir: 'fresh' |
+#  'offline' (fresh, empty asset cache, no network) | 'trained' | 'none' (no --workdir) | a
+#  function that damages a copy of the trained workdir, regex for the error line)
 CASES = [
     (
         "num_heads",
@@ -198,9 +208,142 @@ CASES = [
         "fresh",
         r"data\.seq_len=128 is longer than the model's 64 learned positions",
     ),
-    ("sample_no_tokenizer", ["sample"], no_tokenizer, r"tokenizer\.model is missing"),
-    ("sample_workdir_is_a_file", ["sample"], a_file, r"is a file, not a run's directory"),
-    ("train_workdir_is_a_file", [TINY], a_file, r"cannot write to --workdir .*NotADirectoryError"),
+    (
+        "sample_no_tokenizer",
+        ["sample"],
+        no_tokenizer,
+        r"/tokenizer\.model is missing: the model needs the tokenizer it was trained with; copy",
+    ),
+    (
+        "sample_tokenizer_setting_gone",
+        ["sample"],
+        tokenizer_setting_gone,
+        r"data\.tokenizer .*/moved\.model is missing: .*copy it back to that path",
+    ),
+    (
+        "sample_workdir_is_a_file",
+        ["sample"],
+        a_file,
+        r"is a file, not a run's directory: pass the --workdir of a trained run",
+    ),
+    (
+        "train_workdir_is_a_file",
+        [TINY],
+        a_file,
+        r"--workdir .* is a file, not a run's directory: pass a directory to train in",
+    ),
+    ("sample_no_such_workdir", ["sample"], "fresh", r"no such workdir .*: train there first"),
+    (
+        "convert_no_such_workdir",
+        ["convert", "--out=/nonexistent/hf"],
+        "fresh",
+        r"no such workdir .*: train there first",
+    ),
+    (
+        "unexpected_argument",
+        ["sample", "king"],
+        "trained",
+        r"unexpected argument\(s\) 'king' after 'sample': flags are --name=value",
+    ),
+    (
+        "unknown_flag",
+        ["sample", "--frobnicate=1"],
+        "trained",
+        r"Unknown command line flag 'frobnicate' \(python -m lm\.main --help lists the flags\)",
+    ),
+    (
+        "sample_without_workdir",
+        ["sample"],
+        "none",
+        r"sample needs --workdir DIR \(a trained run\) or --model NAME",
+    ),
+    ("train_without_config", ["train"], "fresh", r"train needs --config experiments/NAME\.py"),
+    (
+        "train_with_model",
+        [TINY, "--model=smollm2"],
+        "fresh",
+        r"train takes no --model: .*init_from",
+    ),
+    (
+        "workdir_and_model",
+        ["sample", "--model=smollm2"],
+        "trained",
+        r"sample reads --workdir DIR or --model NAME, not both",
+    ),
+    (
+        "compile_without_topology",
+        ["compile", TINY],
+        "none",
+        r"compile needs --config experiments/NAME\.py and --topology",
+    ),
+    ("icl_without_tasks", ["icl"], "trained", r"icl needs --tasks"),
+    (
+        "eval_model_without_tasks",
+        ["eval", "--model=smollm2"],
+        "none",
+        r"eval --model needs --tasks",
+    ),
+    ("convert_without_out", ["convert"], "trained", r"convert needs --out DIR"),
+    (
+        "missing_gguf",
+        ["sample", "--model=gguf:/nonexistent/model.gguf"],
+        "none",
+        r"GGUF file /nonexistent/model\.gguf does not exist; pass gguf:FILE",
+    ),
+    (
+        "gguf_is_a_directory",
+        ["sample", f"--model=gguf:{NOT_EMPTY}"],
+        "none",
+        r"is a directory, not a GGUF file; pass gguf:FILE",
+    ),
+    (
+        "missing_hf_dir",
+        ["eval", "--model=hf:/nonexistent/model", "--tasks=heldout"],
+        "none",
+        r"Hugging Face model directory /nonexistent/model does not exist; pass hf:DIR",
+    ),
+    (
+        "hf_dir_is_a_file",
+        ["convert", f"--model=hf:{A_FILE}", "--out=/nonexistent/hf"],
+        "none",
+        r"pyproject\.toml is a file, not a Hugging Face model directory; pass hf:DIR",
+    ),
+    (
+        "eval_out_is_a_file",
+        ["eval", "--tasks=heldout", f"--out={A_FILE}"],
+        "trained",
+        r"--out .*pyproject\.toml is a file, not a directory: pass --out DIR",
+    ),
+    (
+        "icl_out_in_the_workdir",
+        ["icl", "--tasks=heldout_order", "--out={workdir}/icl"],
+        "trained",
+        r"--out .*/icl is inside --workdir .*writes nothing into it: pass --out DIR outside it",
+    ),
+    (
+        "convert_out_is_a_file",
+        ["convert", f"--out={A_FILE}"],
+        "trained",
+        r"--out .*pyproject\.toml is a file, not a directory",
+    ),
+    (
+        "convert_out_not_empty",
+        ["convert", f"--out={NOT_EMPTY}"],
+        "trained",
+        r"--out .*/experiments is not empty, and convert never overwrites: pass a new or empty",
+    ),
+    (
+        "missing_init_from",
+        [TINY, "--config.train.init_from=/nonexistent/run"],
+        "fresh",
+        r"train\.init_from='/nonexistent/run': no such workdir; pass the --workdir of a run",
+    ),
+    (
+        "missing_tokenizer_file",
+        [TINY, "--config.data.tokenizer=/nonexistent/tok.model"],
+        "fresh",
+        r"Tokenizer model /nonexistent/tok\.model does not exist; set data\.tokenizer",
+    ),
     (
         "train_workdir_in_use",
         [TINY],
@@ -214,17 +357,6 @@ CASES = [
         r"/config\.json is not valid JSON .*new --workdir",
     ),
 ]
-
-
-def state(directory: pathlib.Path):
-    """Every path under `directory` with its mtime, and each file's content digest."""
-    return {
-        p.relative_to(directory): (
-            p.stat().st_mtime_ns,
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None,
-        )
-        for p in directory.rglob("*")
-    } | ({"": directory.read_bytes()} if directory.is_file() else {})
 
 
 @pytest.mark.parametrize("args, where, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -242,11 +374,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     elif callable(where):
         shutil.copytree(root / "run", workdir)
         where(workdir)
+    args = [a.replace("{workdir}", str(workdir)) for a in args]
     before = state(workdir) if workdir.exists() else None
     trains = args[0].startswith("--")
     proc = run_cli(
         *args,
-        workdir=workdir,
+        workdir=None if where == "none" else workdir,
         source=source if trains and where != "offline" else None,
         data_dir=root / "data",
         cache_dir=cache,

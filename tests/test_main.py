@@ -1,5 +1,6 @@
 """The command line end to end: train, resume, sample, eval, SIGTERM, and bad input."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -36,13 +37,27 @@ SMALL_VOCAB = "--config.data.vocab_size=320"  # the synthetic corpus has few dis
 
 
 def run_cli(
-    *args, workdir, source, data_dir, check=True, timeout=300, vocab=SMALL_VOCAB, cache_dir=None
+    *args,
+    workdir,
+    source,
+    data_dir,
+    check=True,
+    timeout=300,
+    vocab=SMALL_VOCAB,
+    cache_dir=None,
+    cwd=ROOT,
 ):
+    """`python -m lm.main ARGS --workdir=WORKDIR` (no --workdir for None) run in `cwd`, with
+    the corpus flags when `source` is given; returns the finished process."""
     env = {**os.environ, "XLA_FLAGS": "", "LM_CACHE_DIR": str(cache_dir or data_dir)}
-    cmd = [sys.executable, "-m", "lm.main", *args, f"--workdir={workdir}"]
+    if pathlib.Path(cwd) != ROOT:  # `python -m` finds lm in the current directory
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "lm.main", *args]
+    if workdir is not None:
+        cmd.append(f"--workdir={workdir}")
     if source is not None:
         cmd += [f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", vocab]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -56,6 +71,18 @@ def snapshot(directory: pathlib.Path):
     return {
         p.relative_to(directory): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()
     }
+
+
+def state(directory: pathlib.Path):
+    """Every path under `directory` with its mtime and each file's content digest (a
+    `directory` that is a file: its bytes), to compare before and after a command."""
+    return {
+        p.relative_to(directory): (
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None,
+        )
+        for p in directory.rglob("*")
+    } | ({"": directory.read_bytes()} if directory.is_file() else {})
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +121,7 @@ def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
     shutil.copytree(workdir, copy)
     run_cli(TINY, "--config.train.steps=30", workdir=copy, source=source, data_dir=root / "data")
     assert [m["step"] for m in metrics(copy)] == [5, 10, 15, 20, 25, 30]
+    before = state(copy)  # the commands below only read the workdir
     out = run_cli(
         "sample",
         "--prompt=The king",
@@ -134,6 +162,10 @@ def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
     ev = run_cli("eval", "--split=test", workdir=copy, source=None, data_dir=root / "data")
     result = json.loads(ev.stdout[ev.stdout.index("{") :])
     assert result["step"] == 30 and result["split"] == "test" and result["loss"] > 0
+    hf = tmp_path / "hf"
+    run_cli("convert", f"--out={hf}", workdir=copy, source=None, data_dir=root / "data")
+    assert (hf / "model.safetensors").is_file()
+    assert state(copy) == before  # sample, eval and convert wrote nothing into the workdir
 
 
 def byte_entropy_bits(texts) -> float:
@@ -148,16 +180,17 @@ def test_eval_harness_tasks_on_the_trained_model(trained, tmp_path):
     from lm.evaluation.tasks import corpus_texts
 
     root, source, workdir, _ = trained
-    out = tmp_path / "eval"
+    before = state(workdir)
     proc = run_cli(
         "eval",
         "--tasks=heldout,heldout_order",
         "--limit=100",
-        f"--out={out}",
         workdir=workdir,
         source=None,
         data_dir=root / "data",
+        cwd=tmp_path,
     )
+    out = tmp_path / "eval" / workdir.name  # the default --out: beside, not in, the workdir
     results = json.loads((out / "results.json").read_text())
     assert results["step"] == 20 and "| heldout_order | 0 | 100 | acc |" in proc.stdout
     order = results["tasks"]["heldout_order"]
@@ -175,12 +208,25 @@ def test_eval_harness_tasks_on_the_trained_model(trained, tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "unknown task(s) ['arc_eassy']" in bad.stderr
+    # Run from inside the workdir, the default --out would be in it: refused, naming --out.
+    inside = run_cli(
+        "eval",
+        "--tasks=heldout",
+        workdir=workdir,
+        source=None,
+        data_dir=root / "data",
+        check=False,
+        cwd=workdir,
+    )
+    assert inside.returncode == 2 and "is inside --workdir" in inside.stderr, inside.stderr
+    assert state(workdir) == before
 
 
 def test_icl_curves_on_the_trained_model(trained, tmp_path):
     """`icl`: k x seeds x label kinds over the same documents, a table, JSON and a plot."""
     root, _, workdir, _ = trained
     out = tmp_path / "icl"
+    before = state(workdir)
     proc = run_cli(
         "icl",
         "--tasks=heldout_order",
@@ -209,6 +255,7 @@ def test_icl_curves_on_the_trained_model(trained, tmp_path):
         "icl", "--tasks=heldout", workdir=workdir, source=None, data_dir=root / "data", check=False
     )
     assert bad.returncode == 2 and "not multiple-choice" in bad.stderr
+    assert state(workdir) == before  # icl wrote its curves to --out only
 
 
 @pytest.mark.slow
