@@ -153,6 +153,7 @@ def test_ctrl_c_saves_and_a_rerun_equals_an_unbroken_run(unbroken, tmp_path):
     assert len(steps) == len(set(steps))
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_math_changes_and_records_the_rest(unbroken, tmp_path):
     root, source = unbroken
     corpus = tmp_path / "corpus"
@@ -198,6 +199,7 @@ def test_a_resume_refuses_math_changes_and_records_the_rest(unbroken, tmp_path):
     assert json.loads((workdir / "config.json").read_text())["train"]["log_every"] == 2
 
 
+@pytest.mark.slow
 def test_a_first_run_that_failed_leaves_nothing_a_rerun_reads_as_its_own(tmp_path):
     """A run that stopped before its first checkpoint: a corrected rerun writes its own
     config.json, history and metrics."""
@@ -218,8 +220,9 @@ def test_a_first_run_that_failed_leaves_nothing_a_rerun_reads_as_its_own(tmp_pat
     assert [m["step"] for m in metrics(workdir)] == [5, 10]
 
 
+@pytest.mark.slow
 def test_commands_that_read_a_workdir_change_no_byte_of_it(unbroken, tmp_path):
-    from tests.test_bad_input import state
+    from tests.test_main import state
 
     root, _ = unbroken
     workdir = root / "run"
