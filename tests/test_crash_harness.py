@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from lm.history import read_history
 
 from tests.test_main import ROOT, metrics, write_corpus
 from tests.test_multihost import assert_same_params, env_with, saved_steps
@@ -53,18 +54,44 @@ def temporary_steps(workdir) -> list[str]:
     )
 
 
-def logged(workdir) -> int:
+def lines(workdir) -> list[str]:
+    """metrics.jsonl's complete lines (a line still being written is left out)."""
     path = workdir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    text = path.read_text() if path.exists() else ""
+    return text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
 
 
-def kill_when(proc, moment, workdir, rng, timeout=180.0) -> dict:
-    """SIGKILLs `proc` at `moment`; returns what the workdir held then. 'startup': 0.5 to 4 s
-    after launch (the tiny run takes about 5 s to its first step); 'training': 1 to 12 steps
-    into training plus up to 10 ms; 'saving': the moment the run's first, second or third
-    save is being written (a save takes about as long as 9 steps, so the first is usually cut
-    short by a 'training' kill too)."""
-    start, first_logged = time.time(), logged(workdir)
+def new_rows(workdir, before: list[str]) -> int:
+    """How many rows this run has logged: a run drops the rows after the step it resumes from
+    and logs those steps again, and every row holds its own timings, so the lines past the
+    prefix it shares with `before` (metrics.jsonl at its launch) are this run's."""
+    now = lines(workdir)
+    shared = next(
+        (i for i, (a, b) in enumerate(zip(before, now, strict=False)) if a != b),
+        min(map(len, (before, now))),
+    )
+    return len(now) - shared
+
+
+def newest_complete(workdir) -> int:
+    """The newest checkpoint a run started now resumes from (0: none, a fresh start)."""
+    return max(saved_steps(workdir), default=0) if (workdir / "checkpoints").exists() else 0
+
+
+def started_from(workdir, history_before: list[dict]) -> int | None:
+    """The step the run resumed from, by the history.json entry it wrote at its start; None if
+    it was killed before writing one."""
+    history = read_history(workdir)
+    return history[-1]["step"] if history != history_before else None
+
+
+def kill_when(proc, moment, workdir, rng, before: list[str], timeout=180.0) -> dict:
+    """SIGKILLs `proc` at `moment`; returns what the workdir held then. before: metrics.jsonl's
+    lines at the launch. 'startup': 0.5 to 4 s after launch (the tiny run takes about 5 s to its
+    first step); 'training': 1 to 12 of this run's steps plus up to 10 ms; 'saving': the moment
+    the run's first, second or third save is being written (a save takes about as long as 9
+    steps, so the first is usually cut short by a 'training' kill too)."""
+    start = time.time()
     delay = rng.uniform(0.5, 4.0) if moment == "startup" else rng.uniform(0.0, 0.01)
     steps, saves = int(rng.integers(1, 13)), int(rng.integers(1, 4))
     ready = None  # when the condition for a 'training' kill was met
@@ -75,26 +102,23 @@ def kill_when(proc, moment, workdir, rng, timeout=180.0) -> dict:
         now = time.time()
         if moment == "startup" and now - start >= delay:
             break
-        if moment == "training" and ready is None and logged(workdir) >= first_logged + steps:
+        if moment == "training" and ready is None and new_rows(workdir, before) >= steps:
             ready = now
         if moment == "training" and ready is not None and now - ready >= delay:
             break
-        if (
-            moment == "saving" and logged(workdir) > first_logged
-        ):  # older ones are cleaned up by now
+        if moment == "saving" and new_rows(workdir, before):  # older ones are cleaned up by now
             writing.update(temporary_steps(workdir))
             if len(writing) >= saves:
                 break
         time.sleep(0.002)
     proc.kill()
     proc.wait()
-    committed = saved_steps(workdir) if (workdir / "checkpoints").exists() else []
     return {
         "moment": moment,
         "seconds": round(time.time() - start, 2),
         "writing": temporary_steps(workdir),
-        "committed": committed,
-        "logged_lines": logged(workdir),
+        "committed": saved_steps(workdir) if (workdir / "checkpoints").exists() else [],
+        "logged": new_rows(workdir, before),
     }
 
 
@@ -118,9 +142,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
 
     rng = np.random.default_rng(SEED)
     moments = ["startup", "saving", "training", "saving", "training", "saving"]
-    kills = []
+    kills, logged_rows = [], []
     for moment in moments:
-        before = logged(killed)
+        before, history, newest = lines(killed), read_history(killed), newest_complete(killed)
         proc = subprocess.Popen(
             command(killed, source, data_dir),
             cwd=ROOT,
@@ -128,7 +152,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        kills.append({**kill_when(proc, moment, killed, rng), "first_line": before})
+        kill = kill_when(proc, moment, killed, rng, before)
+        kills.append({**kill, "newest": newest, "started_from": started_from(killed, history)})
+        logged_rows += [json.loads(line) for line in lines(killed)]
+    history, newest = read_history(killed), newest_complete(killed)
     proc = subprocess.run(
         command(killed, source, data_dir),
         cwd=ROOT,
@@ -143,20 +170,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
         print(json.dumps(kill))
 
     assert sum(bool(k["writing"]) for k in kills) >= 3, "fewer kills than planned landed mid-save"
-    lines = metrics(killed)
-    runs = [lines[k["first_line"] : k["logged_lines"]] for k in kills]
-    runs.append(lines[kills[-1]["logged_lines"] :])
-    for number, (run, committed) in enumerate(
-        zip(runs[1:], [k["committed"] for k in kills], strict=True)
-    ):
-        if run:  # it logged: it resumed from the newest complete step, never a half-written one
-            assert run[0]["step"] == (max(committed) if committed else 0) + 1, (
-                number,
-                run[0],
-                committed,
-            )
-    for line in lines:  # every step, however often it was trained, on the same data and state
-        assert line["loss"] == reference[line["step"]], line
-    assert lines[-1]["step"] == STEPS
+    # Each run resumed from the newest step complete at its launch, never a half-written one.
+    # A run that logged a step had written its history entry first.
+    runs = [*kills, {"newest": newest, "started_from": started_from(killed, history)}]
+    for number, run in enumerate(runs):
+        assert run["started_from"] in (run["newest"], None), (number, run)
+        assert run.get("logged", 1) == 0 or run["started_from"] is not None, (number, run)
+    # Every step, however often it was trained, on the same data and state; the finished
+    # metrics.jsonl lists each step once.
+    final = metrics(killed)
+    assert [row["step"] for row in final] == list(range(1, STEPS + 1))
+    for row in logged_rows + final:
+        assert row["loss"] == reference[row["step"]], row
     assert temporary_steps(killed) == []
     assert_same_params(killed, unbroken)

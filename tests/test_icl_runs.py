@@ -44,18 +44,21 @@ def env(tmp_path):
     return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "LM_CACHE_DIR": str(tmp_path)}
 
 
-def last_step(workdir) -> int:
-    """The last step in a running run's metrics.jsonl (-1 if none; a line still being written
-    is not counted)."""
+def complete_rows(workdir) -> list[dict]:
+    """The rows of a running or killed run's metrics.jsonl, less a line still being written."""
     path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    steps = []
-    for line in lines:
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
-            steps.append(json.loads(line)["step"])
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    return max(steps, default=-1)
+    return rows
+
+
+def last_step(workdir) -> int:
+    """The last step in a running run's metrics.jsonl (-1 if none)."""
+    return max((row["step"] for row in complete_rows(workdir)), default=-1)
 
 
 def signal_when(proc, workdir, step, sig, timeout=240.0):
@@ -94,6 +97,11 @@ def test_icl_run_resumes_exactly_after_sigterm_and_sigkill(tmp_path, kind):
     # SIGKILL: nothing is saved at the kill; the rerun restarts from the last checkpoint.
     proc = subprocess.Popen(command(config, broken), cwd=ROOT, env=env(tmp_path))
     assert signal_when(proc, broken, stopped + 70, signal.SIGKILL) == -signal.SIGKILL
+    saved = checkpoint.Checkpointer(broken, async_save=False)
+    resumed_from = saved.latest_step()
+    saved.close()
+    killed_rows = [r for r in complete_rows(broken) if "loss" in r]
+    assert max(r["step"] for r in killed_rows) > resumed_from  # steps the rerun trains again
     finished = subprocess.run(
         command(config, broken), cwd=ROOT, env=env(tmp_path), capture_output=True, text=True
     )
@@ -107,10 +115,11 @@ def test_icl_run_resumes_exactly_after_sigterm_and_sigkill(tmp_path, kind):
         jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs), strict=True
     ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    # The rerun dropped the killed run's rows after its checkpoint and logged them again.
     reference = {r["step"]: r for r in metrics(unbroken) if "loss" in r}
     rows = [r for r in metrics(broken) if "loss" in r]
-    assert len(rows) > STEPS  # steps after the last checkpoint before the kill were retrained
-    for row in rows:
+    assert [r["step"] for r in rows] == sorted(reference)
+    for row in rows + killed_rows:
         assert row["loss"] == reference[row["step"]]["loss"], row["step"]
     results = "summary.json" if kind == "induction" else "errors.json"
     ours, theirs = (json.loads((w / results).read_text()) for w in (broken, unbroken))
