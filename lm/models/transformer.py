@@ -19,14 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.models import layers
+from lm.models import layers, moe
 from lm.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
 from lm.utils import LazyArray, config_from_dict
 
 # ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
 # a model may be imported or exported) with other values.
-EXECUTION_FIELDS = ("attention_impl", "scan_layers", "remat", "precision", "logits_chunk")
+EXECUTION_FIELDS = (
+    "attention_impl",
+    "scan_layers",
+    "remat",
+    "precision",
+    "logits_chunk",
+    "moe_grouped_matmul",
+)
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,12 +66,18 @@ class ModelConfig:
     mlp_dim: int = 1024  # 0 = attention-only layers (no MLP sublayer; Olsson et al. 2022)
     mlp_activation: str = "gelu"  # relu | gelu | gelu_tanh | silu
     mlp_gated: bool = False  # SwiGLU (silu) / GeGLU (gelu)
-    # Mixture of experts (layers.MoeMLP): num_experts > 0 replaces every MLP by that many
-    # experts of width mlp_dim, each token using its top experts_per_token of them (dense,
-    # dropless dispatch); router_aux_loss scales the Switch load-balancing loss (0 = none).
+    # Mixture of experts (lm.models.moe.MoeMLP): num_experts > 0 replaces every MLP by that
+    # many experts of width mlp_dim, each token using its top experts_per_token of them.
     num_experts: int = 0  # 0 = dense MLP
     experts_per_token: int = 2
-    router_aux_loss: float = 0.01
+    moe_dispatch: str = "dropless"  # dense (every expert on every token) | dropless | capacity
+    moe_capacity_factor: float = 1.25  # capacity: assignments an expert takes, x the mean
+    moe_grouped_matmul: str = "auto"  # auto | ragged_dot | blocks (how dropless multiplies)
+    router_aux_loss: float = 0.01  # Switch load-balancing loss coefficient (0 = none)
+    router_z_loss: float = 0.0  # ST-MoE router z-loss coefficient (0 = none; ST-MoE: 1e-3)
+    router_normalize_gates: bool = True  # top-k gates renormalised to 1 (Mixtral; not OLMoE)
+    shared_expert_dim: int = 0  # > 0: a dense MLP this wide on every token (DeepSeekMoE)
+    shared_expert_gate: bool = False  # the shared MLP scaled by a sigmoid gate (Qwen-MoE)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_placement: str = "pre"  # pre (GPT-2, Llama, T5) | post (Vaswani et al.)
@@ -144,8 +157,14 @@ class ModelConfig:
             )
         if self.num_experts and not self.mlp_dim:
             raise ValueError("model.num_experts > 0 needs model.mlp_dim > 0 (each expert's width)")
-        if self.router_aux_loss < 0:
-            raise ValueError(f"model.router_aux_loss={self.router_aux_loss} must be >= 0 (0 = off)")
+        for key in ("router_aux_loss", "router_z_loss", "shared_expert_dim"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be >= 0 (0 = off)")
+        if self.moe_capacity_factor <= 0:
+            raise ValueError(
+                f"model.moe_capacity_factor={self.moe_capacity_factor} must be > 0 (1.0 = each "
+                "expert takes its even share of the assignments; 1.25 is GShard's)"
+            )
         for key, allowed in [
             ("architecture", ("decoder", "encoder_decoder")),
             ("norm", ("layernorm", "rmsnorm")),
@@ -155,6 +174,8 @@ class ModelConfig:
             ("dtype", tuple(DTYPES)),
             ("param_dtype", tuple(DTYPES)),
             ("attention_impl", ATTENTION_IMPLEMENTATIONS),
+            ("moe_dispatch", moe.DISPATCHES),
+            ("moe_grouped_matmul", moe.GROUPED_MATMULS),
             ("remat", tuple(REMAT_POLICIES)),
             ("precision", PRECISIONS),
         ]:
@@ -461,17 +482,28 @@ class Block(nn.Module):
             name="mlp",
         )
         if c.num_experts:
-            mlp = layers.MoeMLP(
+            mlp = moe.MoeMLP(
                 num_experts=c.num_experts,
                 experts_per_token=c.experts_per_token,
                 aux_loss=c.router_aux_loss,
+                z_loss=c.router_z_loss,
+                normalize_gates=c.router_normalize_gates,
+                dispatch=c.moe_dispatch,
+                capacity_factor=c.moe_capacity_factor,
+                grouped_matmul=c.moe_grouped_matmul,
+                shared_hidden=c.shared_expert_dim,
+                shared_gate=c.shared_expert_gate,
                 **mlp_options,
             )
+            # Padding (segment id 0) counts in no router statistic and takes no capacity.
+            valid = None if segment_ids is None else segment_ids > 0
+            run_mlp = lambda h: mlp(h, deterministic=deterministic, valid=valid, decode=decode)
         else:
             mlp = layers.MLP(**mlp_options)
+            run_mlp = lambda h: mlp(h, deterministic=deterministic)
         x = self._residual(
             x,
-            lambda h: mlp(h, deterministic=deterministic),
+            run_mlp,
             "pre_mlp_norm" if c.norm_placement == "pre" else "post_mlp_norm",
             deterministic,
             "mlp_output_norm",
@@ -571,7 +603,13 @@ class Stack(nn.Module):
             # the depth.
             scanned = nn.scan(
                 _Period,
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "losses": 0},
+                variable_axes={
+                    "params": 0,
+                    "cache": 0,
+                    "intermediates": 0,
+                    "losses": 0,
+                    moe.STATS: 0,
+                },
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * len(inputs),
                 length=repeats,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm.models.moe import STATS
 from lm.models.transformer import (
     ModelConfig,
     dummy_inputs,
@@ -32,14 +33,16 @@ def forward(model: nn.Module, params, batch, *, deterministic=True, rng=None):
 def forward_with_aux(
     model: nn.Module, params, batch, *, deterministic=True, rng=None, method: str | None = None
 ):
-    """(logits [batch, length, vocab], {name: auxiliary loss}) for a data batch; with
-    method="features" (decoder-only models) the final hidden states [batch, length, embed]
+    """(logits [batch, length, vocab], {name: auxiliary loss or statistic}) for a data batch;
+    with method="features" (decoder-only models) the final hidden states [batch, length, embed]
     instead of the logits.
 
     A model adds a term to the objective by sowing a scalar, already multiplied by its
     coefficient, into the `AUX_LOSSES` collection (`self.sow("losses", name, value)`, e.g. a
     Mixture-of-Experts router's load-balancing loss). Every value sown under a name (one per
     layer, or a [layers] stack under scanned layers) is summed into that name's loss.
+    A scalar sown into the `STATS` collection (e.g. the share of assignments capacity
+    dispatch drops) is reported, not optimised: `stats/NAME`, the mean over its layers.
     """
     kwargs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
     rngs = {"dropout": rng} if rng is not None else {}
@@ -48,20 +51,34 @@ def forward_with_aux(
         batch["inputs"],
         deterministic=deterministic,
         rngs=rngs,
-        mutable=[AUX_LOSSES],
+        mutable=[AUX_LOSSES, STATS],
         method=method,
         **kwargs,
     )
-    return logits, sum_aux_losses(sown.get(AUX_LOSSES, {}))
+    stats = {f"stats/{k}": v for k, v in mean_stats(sown.get(STATS, {})).items()}
+    return logits, {**sum_aux_losses(sown.get(AUX_LOSSES, {})), **stats}
+
+
+def _by_name(sown) -> dict[str, list[jax.Array]]:
+    """A sown collection -> {name: every value sown under that name}."""
+    values: dict[str, list[jax.Array]] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        values.setdefault(name, []).append(value.astype(jnp.float32))
+    return values
+
+
+def mean_stats(sown) -> dict[str, jax.Array]:
+    """The `STATS` collection -> {name: mean of every value sown under that name}."""
+    return {
+        name: sum(jnp.sum(v) for v in values) / sum(v.size for v in values)
+        for name, values in _by_name(sown).items()
+    }
 
 
 def sum_aux_losses(sown) -> dict[str, jax.Array]:
     """The `AUX_LOSSES` collection -> {name: sum of every value sown under that name}."""
-    totals: dict[str, jax.Array] = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        totals[name] = totals.get(name, 0.0) + jnp.sum(value.astype(jnp.float32))
-    return totals
+    return {name: sum(jnp.sum(v) for v in values) for name, values in _by_name(sown).items()}
 
 
 def cross_entropy(logits, targets):
@@ -134,7 +151,7 @@ def language_model_sums(model, params, batch, *, deterministic=True, rng=None):
         loss, correct, weight = loss_sums(logits, targets, weights)
     sums = {"loss": loss, "accuracy": correct, "weight": weight}
     for name, value in aux.items():  # a mean over the batch: weighted like the loss
-        sums[f"aux/{name}"] = value * weight
+        sums[name if name.startswith("stats/") else f"aux/{name}"] = value * weight
     return sums
 
 

@@ -72,6 +72,6 @@ def flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float
     """Training FLOPs per token: 6N for the weights a token uses plus attention (Kaplan et al.,
     PaLM appendix). N counts active parameters (`ModelConfig.active_params`): a mixture of
     experts' token pays for its experts_per_token experts, not all of them. Model FLOPs, so
-    the dense dispatch of `layers.MoeMLP`, which runs every expert, computes more than this."""
+    the dense dispatch of `lm.models.moe.MoeMLP`, which runs every expert, computes more than this."""
     attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
     return 6 * config.active_params(num_params) + attention

@@ -1,0 +1,395 @@
+"""Mixture-of-experts feed-forward blocks: a router, three ways of dispatching tokens to their
+experts, and the grouped matmuls that run each expert on its own tokens only.
+
+Dispatch (`MoeMLP.dispatch`, the config's `model.moe_dispatch`):
+- dense: every expert runs on every token; gates are zero outside each token's top k. The
+  reference: simple, exact, and num_experts / experts_per_token times the active FLOPs.
+- dropless: the token-expert assignments are sorted by expert and each expert multiplies only
+  its own rows (`grouped_matmul`), whatever their number: the active FLOPs, no token dropped.
+- capacity (GShard): each expert takes at most `capacity_factor x assignments / num_experts`
+  assignments, top-1 choices before top-2 and earlier tokens first; the rest contribute
+  nothing (the token passes through the residual stream). Static shapes, one dense matmul per
+  expert; the share of assignments dropped is reported as the stat `moe_dropped_fraction`.
+  Decoding (one new position per row) always runs dropless: a capacity made for one token
+  would drop most of a batch.
+
+The grouped matmul of dropless dispatch is `jax.lax.ragged_dot` where the backend has a
+grouped kernel for it (TPU: a Mosaic kernel whose compiled FLOPs are the active ones), and a
+block form on CPU, whose XLA lowers ragged_dot to a dense matmul per expert (num_experts times
+the FLOPs, seen in the compiled HLO): each expert's rows are padded to whole blocks of
+`block_rows`, and each block is multiplied by its expert's weights (`_Blocks`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models.layers import (
+    ACTIVATIONS,
+    DEFAULT_INIT_STD,
+    MLP,
+    Dropout,
+    normal,
+    param_init,
+)
+
+DISPATCHES = ("dense", "dropless", "capacity")
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
+STATS = "stats"  # the Flax collection of sown statistics (means over layers, logged)
+BLOCK_ROWS = 64  # the most rows of a block of the CPU form (`block_rows`)
+
+
+class ExpertWeights(nn.Module):
+    """The parameters of one projection of every expert: kernel [expert, in, out] (logical
+    axes `expert` + `axes`) and, with `use_bias`, bias [expert, out]. Returns (kernel, bias or
+    None), cast to `dtype`. A module of its own so that the kernels sit at `.../wi/kernel` like
+    the dense MLP's (LoRA targets and checkpoint paths find them by the same names)."""
+
+    shape: tuple[int, int, int]  # (num_experts, in, out)
+    axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = DEFAULT_INIT_STD
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param(
+            "kernel",
+            param_init(normal(self.init_std), ("expert",) + tuple(self.axes)),
+            tuple(self.shape),
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                param_init(jax.nn.initializers.zeros, ("expert", self.axes[1])),
+                (self.shape[0], self.shape[2]),
+                self.param_dtype,
+            ).astype(self.dtype)
+        return kernel.astype(self.dtype), bias
+
+
+def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router logits [tokens, expert] (float32) -> (probs [tokens, expert], gates [tokens, k],
+    experts [tokens, k] int32): the softmax, and each token's top-k experts with their gates.
+    Gates are the top-k probabilities, renormalised to sum to 1 when `normalize` and k > 1
+    (GShard top-2, Mixtral); otherwise the raw probabilities (Switch; OLMoE, Qwen-MoE), so
+    that the language-model loss still reaches the router."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, k)
+    if normalize and k > 1:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return probs, gates, experts
+
+
+class _Blocks(NamedTuple):
+    """Where each sorted assignment sits in a buffer of `tiles` blocks of `rows` rows, each block
+    holding one expert's rows. dest [assignments]: its row in the flattened buffer (>= the
+    buffer's size: dropped); tile_expert [tiles]: each block's expert (None: block e is
+    expert e)."""
+
+    dest: jax.Array
+    tile_expert: jax.Array | None
+    tiles: int
+    rows: int
+
+
+def _group_offsets(sorted_experts: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Each sorted assignment's rank among its expert's assignments [assignments]."""
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    index = jnp.arange(sorted_experts.shape[0], dtype=jnp.int32)
+    return index - starts[jnp.minimum(sorted_experts, group_sizes.shape[0] - 1)]
+
+
+def block_rows(assignments: int, num_experts: int) -> int:
+    """Rows of a block of the CPU form: a power of two from 8 to `BLOCK_ROWS`, at most an
+    eighth of the mean rows per expert, so that padding (under a block per expert) adds at most
+    an eighth to the expert FLOPs once there are 64 assignments per expert."""
+    share = max(1, assignments // (8 * num_experts))
+    return max(8, min(BLOCK_ROWS, 1 << (share.bit_length() - 1)))
+
+
+def dropless_blocks(sorted_experts, group_sizes, rows: int) -> _Blocks:
+    """Each expert's assignments padded to whole blocks of `rows`; the static number of blocks,
+    ceil(assignments / rows) + experts, holds any split of the assignments."""
+    num_experts, assignments = group_sizes.shape[0], sorted_experts.shape[0]
+    tiles_of = (group_sizes + rows - 1) // rows  # [expert]
+    ends = jnp.cumsum(tiles_of)
+    tile_start = ends - tiles_of
+    dest = tile_start[sorted_experts] * rows + _group_offsets(sorted_experts, group_sizes)
+    tiles = -(-assignments // rows) + num_experts
+    tile_expert = jnp.searchsorted(ends, jnp.arange(tiles), side="right")
+    return _Blocks(dest, jnp.minimum(tile_expert, num_experts - 1), tiles, rows)
+
+
+def capacity_blocks(sorted_experts, group_sizes, capacity: int) -> _Blocks:
+    """Block e holds expert e's first `capacity` assignments; later ones, and the padding
+    tokens' (sorted last under the expert id `num_experts`), are dropped."""
+    num_experts = group_sizes.shape[0]
+    rank = _group_offsets(sorted_experts, group_sizes)
+    kept = (rank < capacity) & (sorted_experts < num_experts)
+    dest = jnp.where(kept, sorted_experts * capacity + rank, num_experts * capacity)
+    return _Blocks(dest, None, num_experts, capacity)
+
+
+def to_blocks(x: jax.Array, blocks: _Blocks) -> jax.Array:
+    """Sorted assignments' rows [assignments, features] -> [tiles, rows, features]; rows no
+    assignment fills are zero."""
+    buffer = jnp.zeros((blocks.tiles * blocks.rows, x.shape[-1]), x.dtype)
+    buffer = buffer.at[blocks.dest].set(x, mode="drop", unique_indices=True)
+    return buffer.reshape(blocks.tiles, blocks.rows, x.shape[-1])
+
+
+def from_blocks(buffer: jax.Array, blocks: _Blocks) -> jax.Array:
+    """[tiles, rows, features] -> the sorted assignments' rows [assignments, features] (zero for
+    a dropped assignment)."""
+    flat = buffer.reshape(-1, buffer.shape[-1])
+    return flat.at[blocks.dest].get(mode="fill", fill_value=0, unique_indices=True)
+
+
+def block_matmul(buffer: jax.Array, kernel: jax.Array, blocks: _Blocks) -> jax.Array:
+    """[tiles, rows, in] x kernel [expert, in, out] -> [tiles, rows, out], each block by its
+    expert's kernel."""
+    weights = kernel if blocks.tile_expert is None else kernel[blocks.tile_expert]
+    return jnp.einsum("tri,tio->tro", buffer, weights)
+
+
+def block_bias(buffer: jax.Array, bias: jax.Array, blocks: _Blocks) -> jax.Array:
+    per_tile = bias if blocks.tile_expert is None else bias[blocks.tile_expert]
+    return buffer + per_tile[:, None, :]
+
+
+def resolve_grouped_matmul(name: str) -> str:
+    """'auto' -> 'blocks' on CPU (its ragged_dot is dense), else 'ragged_dot'."""
+    if name not in GROUPED_MATMULS:
+        raise ValueError(f"unknown grouped matmul {name!r}: use one of {GROUPED_MATMULS}")
+    if name == "auto":
+        return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+    return name
+
+
+def capacity_of(assignments: int, num_experts: int, factor: float) -> int:
+    """Assignments an expert takes under capacity dispatch: ceil(factor x assignments /
+    experts), at least 1 and at most every assignment."""
+    return max(1, min(assignments, math.ceil(factor * assignments / num_experts)))
+
+
+class MoeMLP(nn.Module):
+    """Mixture-of-experts feed-forward block: a router sends each token to its top-k experts
+    (each an `MLP`-shaped block of width `hidden`) and mixes their outputs by the router's
+    gates (`route`); `dispatch` says how tokens reach experts (module docstring). The router
+    runs in float32 (Switch's selective precision).
+
+    Shared experts (DeepSeekMoE, Qwen-MoE): with `shared_hidden` > 0 a dense MLP of that width
+    (`shared`) runs on every token beside the routed experts, scaled by a sigmoid gate of the
+    token (`shared_gate`) when `shared_gate`.
+
+    Auxiliary losses, sown into the `losses` collection over the tokens `valid` marks
+    (padding does not count):
+    - `load_balancing` (Switch Transformer eq. 4, top-k counted per assignment): with f_e the
+      fraction of assignments that go to expert e and P_e its mean router probability,
+      `aux_loss * num_experts * sum_e f_e P_e` (= aux_loss when balanced);
+    - `router_z` (ST-MoE eq. 5): `z_loss * mean(logsumexp(router logits)^2)`.
+    Each is sown only when its coefficient is non-zero.
+
+    x [batch, length, embed], valid [batch, length] bool or None (every token)
+    -> [batch, length, embed].
+    """
+
+    num_experts: int
+    experts_per_token: int
+    hidden: int
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dropout: float = 0.0
+    aux_loss: float = 0.0
+    z_loss: float = 0.0
+    normalize_gates: bool = True
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    grouped_matmul: str = "auto"
+    shared_hidden: int = 0
+    shared_gate: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = DEFAULT_INIT_STD
+    out_init_std: float = DEFAULT_INIT_STD
+
+    def _weights(self, shape, axes, std, name):
+        return ExpertWeights(
+            shape,
+            axes,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            init_std=std,
+            name=name,
+        )()
+
+    def _expert_weights(self, features):
+        up, in_axes = (self.num_experts, features, self.hidden), ("embed", "mlp")
+        weights = {
+            "wi": self._weights(up, in_axes, self.init_std, "wi_gate" if self.gated else "wi")
+        }
+        if self.gated:
+            weights["wu"] = self._weights(up, in_axes, self.init_std, "wi_up")
+        down = (self.num_experts, self.hidden, features)
+        weights["wo"] = self._weights(down, ("mlp", "embed"), self.out_init_std, "wo")
+        return weights
+
+    def _experts(self, h, weights, matmul, add_bias, deterministic):
+        """The expert MLP on rows `h` laid out for `matmul(h, kernel)` / `add_bias(h, bias)`."""
+        act = ACTIVATIONS[self.activation]
+
+        def project(h, name):
+            kernel, bias = weights[name]
+            out = matmul(h, kernel)
+            return out if bias is None else add_bias(out, bias)
+
+        hidden = act(project(h, "wi"))
+        if self.gated:
+            hidden = hidden * project(h, "wu")
+        hidden = Dropout(self.dropout)(hidden, deterministic=deterministic)
+        return project(hidden, "wo")
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True, valid=None, decode: bool = False):
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"unknown MoE dispatch {self.dispatch!r}: use one of {DISPATCHES}")
+        batch, length, features = x.shape
+        tokens = x.reshape(batch * length, features)
+        mask = jnp.ones(tokens.shape[0], bool) if valid is None else valid.reshape(-1)
+        logits = nn.Dense(
+            self.num_experts,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=param_init(normal(self.init_std), ("embed", "expert")),
+            name="router",
+        )(tokens)  # [tokens, expert] float32
+        probs, gates, experts = route(logits, self.experts_per_token, self.normalize_gates)
+        self._sow_losses(logits, probs, experts, mask)
+        weights = self._expert_weights(features)
+        if self.dispatch == "dense":
+            y = self._dense(tokens, gates, experts, weights, deterministic)
+        else:
+            y = self._sorted(tokens, gates, experts, mask, weights, deterministic, decode)
+        if self.shared_hidden:
+            y = y + self._shared(tokens, deterministic)
+        return y.reshape(batch, length, features)
+
+    def _dense(self, tokens, gates, experts, weights, deterministic):
+        """Every expert on every token [tokens, embed]; gates zero outside the top k. Gated
+        before the down projection, so that every expert's [tokens, expert, embed] output is
+        never materialised."""
+        act = ACTIVATIONS[self.activation]
+        full = jnp.einsum("tk,tke->te", gates, jax.nn.one_hot(experts, self.num_experts))
+
+        def up(name):
+            kernel, bias = weights[name]
+            h = jnp.einsum("ti,eio->teo", tokens, kernel)
+            return h if bias is None else h + bias
+
+        hidden = act(up("wi"))
+        if self.gated:
+            hidden = hidden * up("wu")
+        hidden = Dropout(self.dropout)(hidden, deterministic=deterministic)
+        wo, bo = weights["wo"]
+        full = full.astype(self.dtype)
+        y = jnp.einsum("tef,efd->td", hidden * full[..., None], wo)
+        return y if bo is None else y + full @ bo
+
+    def _sorted(self, tokens, gates, experts, mask, weights, deterministic, decode):
+        """Dropless or capacity dispatch of the assignments sorted by expert [tokens, embed]."""
+        num, k = self.num_experts, self.experts_per_token
+        count = tokens.shape[0]
+        capacity = self.dispatch == "capacity" and not decode
+        # Choice-major order: a stable sort then puts every top-1 choice of an expert before
+        # its top-2 ones, the priority capacity dispatch keeps (GShard).
+        flat = experts.T.reshape(-1)
+        if capacity:  # padding tokens sort last and take no expert's capacity
+            flat = jnp.where(jnp.tile(mask, k), flat, num)
+        order = jnp.argsort(flat, stable=True)
+        sorted_experts = flat[order]
+        group_sizes = jnp.bincount(sorted_experts, length=num + 1)[:num].astype(jnp.int32)
+        rows = tokens[order % count]  # [assignments, embed]
+        method = resolve_grouped_matmul(self.grouped_matmul)
+        if capacity or method == "blocks":
+            if capacity:
+                blocks = capacity_blocks(
+                    sorted_experts, group_sizes, capacity_of(count * k, num, self.capacity_factor)
+                )
+                dropped = jnp.sum(
+                    (blocks.dest >= blocks.tiles * blocks.rows) & jnp.tile(mask, k)[order]
+                )
+                self.sow(STATS, "moe_dropped_fraction", dropped / jnp.maximum(jnp.sum(mask) * k, 1))
+            else:
+                rows_per_block = block_rows(count * k, num)
+                blocks = dropless_blocks(sorted_experts, group_sizes, rows_per_block)
+            out = self._experts(
+                to_blocks(rows, blocks),
+                weights,
+                lambda h, kernel: block_matmul(h, kernel, blocks),
+                lambda h, bias: block_bias(h, bias, blocks),
+                deterministic,
+            )
+            out = from_blocks(out, blocks)
+        else:
+            out = self._experts(
+                rows,
+                weights,
+                lambda h, kernel: jax.lax.ragged_dot(h, kernel, group_sizes),
+                lambda h, bias: h + bias[sorted_experts],
+                deterministic,
+            )
+        out = out * gates.T.reshape(-1)[order][:, None].astype(out.dtype)
+        unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        return jnp.sum(out[unsort].reshape(k, count, -1), axis=0)
+
+    def _shared(self, tokens, deterministic):
+        """The shared experts' dense MLP on every token [tokens, embed], gated if configured."""
+        shared = MLP(
+            hidden=self.shared_hidden,
+            activation=self.activation,
+            gated=self.gated,
+            use_bias=self.use_bias,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            init_std=self.init_std,
+            out_init_std=self.out_init_std,
+            name="shared",
+        )(tokens[None], deterministic=deterministic)[0]
+        if not self.shared_gate:
+            return shared
+        gate = nn.Dense(
+            1,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=param_init(normal(self.init_std), ("embed", None)),
+            name="shared_gate",
+        )(tokens)
+        return shared * jax.nn.sigmoid(gate).astype(shared.dtype)
+
+    def _sow_losses(self, logits, probs, experts, mask):
+        """The load-balancing and z losses over the tokens `mask` marks."""
+        weight = mask.astype(jnp.float32)
+        total = jnp.maximum(jnp.sum(weight), 1.0)
+        if self.aux_loss:
+            assigned = jnp.sum(jax.nn.one_hot(experts, self.num_experts), axis=1)  # [tokens, e]
+            fraction = weight @ assigned / (total * self.experts_per_token)  # sums to 1
+            mean_prob = weight @ probs / total
+            balance = self.num_experts * jnp.sum(fraction * mean_prob)
+            self.sow("losses", "load_balancing", self.aux_loss * balance)
+        if self.z_loss:
+            z = jax.nn.logsumexp(logits, axis=-1)
+            self.sow("losses", "router_z", self.z_loss * jnp.sum(weight * z**2) / total)
