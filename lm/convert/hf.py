@@ -1,6 +1,6 @@
 """Import and export of Hugging Face layouts (``config.json`` + ``model.safetensors``).
 
-Three families map onto `ModelConfig` options of the modules that train here, one entry of
+Four families map onto `ModelConfig` options of the modules that train here, one entry of
 the `FAMILIES` table each (which models it holds, its config.json both ways, its tensors):
 
 - ``gpt2``: learned positions, LayerNorm with biases, GELU (tanh) MLP, biases everywhere.
@@ -8,6 +8,11 @@ the `FAMILIES` table each (which models it holds, its config.json both ways, its
   ``c_attn`` holds query, key and value side by side.
 - ``llama``: rotary positions in the half-split layout (ours: no permutation), RMSNorm,
   SwiGLU, grouped-query attention, optional biases (``attention_bias`` / ``mlp_bias``).
+- ``mixtral``: Llama's layers without biases, an optional sliding window on every layer, and
+  a mixture of SwiGLU experts for the MLP: a float32 softmax router over all experts, top-k,
+  gates renormalised to sum to 1 (`ModelConfig.num_experts` / ``experts_per_token``). HF
+  stores each expert's ``w1`` (gate), ``w3`` (up) and ``w2`` (down) as its own ``[out, in]``
+  linear; ours stack them as ``[expert, in, out]`` kernels.
 - ``t5`` (T5 and T5 v1.1): pre-norm RMSNorm, no biases, unscaled query-key logits,
   relative-position buckets (one table per stack, stored in its first layer), ReLU or
   gated-GELU MLP, shared embeddings; a tied head multiplies the decoder output by
@@ -41,7 +46,7 @@ import numpy as np
 
 from lm import storage
 from lm.convert.gguf import CheckpointFormatError, Pretrained
-from lm.models.transformer import ModelConfig, to_layout, unstack_layers
+from lm.models.transformer import EXECUTION_FIELDS, ModelConfig, to_layout, unstack_layers
 from lm.utils import LazyArray
 
 CONFIG_FILE = "config.json"
@@ -71,11 +76,10 @@ _RUNTIME_FIELDS = (
     "init_std",
     "dropout",
     "attention_dropout",
-    "attention_impl",
-    "scan_layers",
-    "remat",
-    "precision",
+    *EXECUTION_FIELDS,  # attention_impl, scan_layers, remat, precision, logits_chunk, ...
 )
+# Mixture-of-experts options, meaningless for a dense MLP (num_experts=0).
+_EXPERT_FIELDS = ("experts_per_token", "router_aux_loss")
 _DEFAULTS = ModelConfig()
 
 
@@ -112,7 +116,7 @@ def _first_id(value: Any) -> int:
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face ``config.json`` (model_type gpt2, llama or t5).
+    """The `ModelConfig` of a Hugging Face ``config.json`` (model_type gpt2, llama, mixtral or t5).
 
     Raises:
       ValueError: an unsupported model_type, an option our modules cannot express
@@ -156,7 +160,7 @@ def _gpt2_config(hf: dict) -> ModelConfig:
     )
 
 
-def _llama_rope_base(hf: dict) -> float:
+def _rope_base(hf: dict, family: str, default: float) -> float:
     """rope_theta from transformers 5's ``rope_parameters`` or 4's ``rope_theta``."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
@@ -164,27 +168,53 @@ def _llama_rope_base(hf: dict) -> float:
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
             raise _unsupported(
-                "llama", "rope_parameters.rope_type", kind, "only unscaled RoPE is implemented"
+                family, "rope_parameters.rope_type", kind, "only unscaled RoPE is implemented"
             )
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise _unsupported(
-                "llama", "rope_parameters.partial_rotary_factor", params["partial_rotary_factor"]
+                family, "rope_parameters.partial_rotary_factor", params["partial_rotary_factor"]
             )
-        theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        theta = params.get("rope_theta", hf.get("rope_theta", default))
     else:
-        theta = hf.get("rope_theta", 10_000.0)
+        theta = hf.get("rope_theta", default)
     if (
         scaling is not None
         and scaling.get("rope_type", scaling.get("type", "default")) != "default"
     ):
-        raise _unsupported("llama", "rope_scaling", scaling, "only unscaled RoPE is implemented")
+        raise _unsupported(family, "rope_scaling", scaling, "only unscaled RoPE is implemented")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported("llama", "partial_rotary_factor", hf["partial_rotary_factor"])
+        raise _unsupported(family, "partial_rotary_factor", hf["partial_rotary_factor"])
     return float(theta)
 
 
+def _rotary_decoder(hf: dict, family: str, rope_base: float, max_len: int) -> dict[str, Any]:
+    """The `ModelConfig` fields that Llama and Mixtral configs spell alike (their own defaults
+    for rope_theta and max_position_embeddings where a key is absent)."""
+    get = lambda key, default=None: _get(hf, key, default, family=family)  # noqa: E731
+    d_model, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    return dict(
+        architecture="decoder",
+        vocab_size=int(get("vocab_size")),
+        d_model=d_model,
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or d_model // heads),
+        mlp_dim=int(get("intermediate_size")),
+        mlp_activation=_activation(get("hidden_act", "silu"), family, "hidden_act"),
+        mlp_gated=True,
+        norm="rmsnorm",
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        position="rotary",
+        rope_base=_rope_base(hf, family, rope_base),
+        max_len=int(get("max_position_embeddings", max_len)),
+        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_dropout=float(hf.get("attention_dropout") or 0.0),
+        init_std=float(hf.get("initializer_range") or _DEFAULTS.init_std),
+    )
+
+
 def _llama_config(hf: dict) -> ModelConfig:
-    get = lambda key, default=None: _get(hf, key, default, family="llama")  # noqa: E731
     attention_bias, mlp_bias = (
         bool(hf.get("attention_bias", False)),
         bool(hf.get("mlp_bias", False)),
@@ -196,27 +226,48 @@ def _llama_config(hf: dict) -> ModelConfig:
             (attention_bias, mlp_bias),
             "our modules have one use_bias switch for attention and MLP",
         )
-    d_model, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    fields = _rotary_decoder(hf, "llama", rope_base=10_000.0, max_len=2048)
+    return ModelConfig(**fields, use_bias=attention_bias)
+
+
+def _mixtral_config(hf: dict) -> ModelConfig:
+    # Absent keys take MixtralConfig's defaults.
+    get = lambda key, default=None: _get(hf, key, default, family="mixtral")  # noqa: E731
+    experts, k = int(get("num_local_experts", 8)), int(get("num_experts_per_tok", 2))
+    if k > experts:
+        raise _unsupported(
+            "mixtral", "num_experts_per_tok", k, f"more than num_local_experts={experts}"
+        )
+    if k < 2:
+        raise _unsupported(
+            "mixtral",
+            "num_experts_per_tok",
+            k,
+            "Mixtral renormalises even a single expert's gate to 1; our router keeps a lone "
+            "expert's probability, as Switch does (use 2 or more)",
+        )
+    window = hf.get("sliding_window")
+    # Mistral's window (query i sees keys j with i - j < window, on every layer) is ours.
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise _unsupported(
+            "mixtral", "sliding_window", window, "use null (no window) or a positive length"
+        )
+    # router_jitter_noise multiplies the router's inputs by U(1 - j, 1 + j) noise in training
+    # only (`self.training`): the checkpoint computes the same logits whatever its value, so
+    # it is accepted and not represented (training here adds no jitter; an export keeps the
+    # source config.json's value). router_aux_loss_coef is carried as our load-balancing
+    # coefficient; transformers adds its loss only with output_router_logits=True and counts
+    # k assignments per token over all layers at once (k when balanced), ours per layer (1
+    # when balanced), so the two training objectives weight it differently.
     return ModelConfig(
-        architecture="decoder",
-        vocab_size=int(get("vocab_size")),
-        d_model=d_model,
-        num_layers=int(get("num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or d_model // heads),
-        mlp_dim=int(get("intermediate_size")),
-        mlp_activation=_activation(get("hidden_act", "silu"), "llama", "hidden_act"),
-        mlp_gated=True,
-        norm="rmsnorm",
-        norm_eps=float(get("rms_norm_eps", 1e-6)),
-        position="rotary",
-        rope_base=_llama_rope_base(hf),
-        max_len=int(get("max_position_embeddings", 2048)),
-        use_bias=attention_bias,
-        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_dropout=float(hf.get("attention_dropout") or 0.0),
-        init_std=float(hf.get("initializer_range") or _DEFAULTS.init_std),
+        **_rotary_decoder(hf, "mixtral", rope_base=1_000_000.0, max_len=4096 * 32),
+        use_bias=False,
+        sliding_window=int(window or 0),
+        num_experts=experts,
+        experts_per_token=k,
+        router_aux_loss=float(get("router_aux_loss_coef", 0.001)),
     )
 
 
@@ -290,15 +341,15 @@ def family_of(config: ModelConfig) -> str:
             return name
     raise ValueError(
         f"a decoder-only model with position={config.position!r} has no Hugging Face "
-        "layout here: gpt2 needs 'learned' positions, llama 'rotary'."
+        "layout here: gpt2 needs 'learned' positions, llama and mixtral 'rotary'."
     )
 
 
 def _canonical(c: ModelConfig) -> dict[str, Any]:
     """`c`'s fields, with equivalent spellings made equal and unused options dropped."""
     values = dataclasses.asdict(c)
-    for name in _RUNTIME_FIELDS:
-        values.pop(name)
+    for name in _RUNTIME_FIELDS + (() if c.num_experts else _EXPERT_FIELDS):
+        values.pop(name, None)
     values.update(
         num_kv_heads=c.kv_heads,
         head_dim=c.dim_per_head,
@@ -409,20 +460,18 @@ def _gpt2_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
     return arch, defaults
 
 
-def _llama_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
-    """The llama config.json keys that describe `c`'s architecture, and defaults for the
-    other keys where `base` lacks them."""
+def _rotary_to_hf(c: ModelConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys that Llama and Mixtral spell alike."""
+    head_dim = c.dim_per_head
+    if base.get("head_dim", 0) is None and head_dim * c.num_heads == c.d_model:
+        head_dim = None  # a base that left it null (hidden_size / heads) keeps it null
     arch = {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": c.use_bias,
         "attention_dropout": c.attention_dropout,
-        "head_dim": c.dim_per_head,
+        "head_dim": head_dim,
         "hidden_act": _hf_activation(c.mlp_activation, base.get("hidden_act")),
         "hidden_size": c.d_model,
         "intermediate_size": c.mlp_dim,
         "max_position_embeddings": c.max_len,
-        "mlp_bias": c.use_bias,
-        "model_type": "llama",
         "num_attention_heads": c.num_heads,
         "num_hidden_layers": c.num_layers,
         "num_key_value_heads": c.kv_heads,
@@ -439,11 +488,48 @@ def _llama_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
         arch["rope_theta"] = c.rope_base
     if "rope_scaling" in base:
         arch["rope_scaling"] = None
+    return arch
+
+
+def _llama_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
+    """The llama config.json keys that describe `c`'s architecture, and defaults for the
+    other keys where `base` lacks them."""
+    arch = {
+        **_rotary_to_hf(c, base),
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": c.use_bias,
+        "mlp_bias": c.use_bias,
+        "model_type": "llama",
+    }
     defaults = {
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
         "pretraining_tp": 1,
+        "use_cache": True,
+    }
+    return arch, defaults
+
+
+def _mixtral_to_hf(c: ModelConfig, base: dict[str, Any]) -> tuple[dict, dict]:
+    """The mixtral config.json keys that describe `c`'s architecture, and defaults for the
+    other keys where `base` lacks them (router_jitter_noise and output_router_logits are
+    training settings: the base's values are kept)."""
+    arch = {
+        **_rotary_to_hf(c, base),
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_experts_per_tok": c.experts_per_token,
+        "num_local_experts": c.num_experts,
+        "router_aux_loss_coef": c.router_aux_loss,
+        "sliding_window": c.sliding_window or None,
+    }
+    defaults = {
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "output_router_logits": False,
+        "pad_token_id": None,
+        "router_jitter_noise": 0.0,
         "use_cache": True,
     }
     return arch, defaults
@@ -511,14 +597,25 @@ class _Tensor:
       'linear' (HF [out, in] = transposed kernel) or 'conv1d' (HF [in, out] = kernel).
       Several params in `ours` sit side by side along HF's output axis (GPT-2's c_attn).
     in_axes: how many leading axes of our kernel are its input (2 for the attention output).
+    expert: >= 0: the HF tensor is only this expert's block (row `expert` of the leading
+      axis) of our one stacked [expert, ...] param, which the tensors of all experts fill.
     """
 
     name: str
     ours: tuple[Path, ...]
     kind: str
     in_axes: int = 1
+    expert: int = -1
+
+    def __post_init__(self):
+        assert self.expert < 0 or len(self.ours) == 1, self
+
+    def block_shapes(self, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The shapes of the parts of our params that this HF tensor holds."""
+        return [tuple(s[1:]) if self.expert >= 0 else tuple(s) for s in shapes]
 
     def hf_shape(self, shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        shapes = self.block_shapes(shapes)
         if self.kind == "same":
             return tuple(shapes[0])
         if self.kind == "vector":
@@ -529,6 +626,8 @@ class _Tensor:
         return shape[::-1] if self.kind == "linear" else shape
 
     def to_hf(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        if self.expert >= 0:
+            arrays = [a[self.expert] for a in arrays]
         if self.kind == "same":
             return arrays[0]
         if self.kind == "vector":
@@ -538,8 +637,10 @@ class _Tensor:
         return out.T if self.kind == "linear" else out
 
     def from_hf(self, array: LazyArray, shapes: Sequence[tuple[int, ...]]) -> list[LazyArray]:
-        """Our params (float32, of `shapes`) over the HF tensor, unread: a block of one reads
-        only the box of HF elements that holds it."""
+        """Our params (float32, of `shapes`; for an expert's tensor, that expert's block of
+        them) over the HF tensor, unread: a block of one reads only the box of HF elements
+        that holds it."""
+        shapes = self.block_shapes(shapes)
         sizes = [math.prod(s[self.in_axes :]) for s in shapes]
         if self.kind == "vector":
             sizes = [math.prod(s) for s in shapes]
@@ -665,8 +766,11 @@ def _gpt2_tensors(c: ModelConfig) -> _Layout:
     )
 
 
-def _llama_tensors(c: ModelConfig) -> _Layout:
-    """Every tensor of the llama layout of `c`, with the param(s) of ours it holds."""
+def _rotary_tensors(
+    c: ModelConfig, family: str, mlp: Callable[[str, Path], list[_Tensor]]
+) -> _Layout:
+    """Every tensor of the llama-like layout of `c` (Llama, Mixtral), with `mlp(hf, ours)`
+    giving each layer's MLP tensors."""
     t = [_Tensor("model.embed_tokens.weight", (("token_embedding", "embedding"),), "same")]
     for i in range(c.num_layers):
         hf, ours = f"model.layers.{i}.", ("decoder", f"layer_{i}")
@@ -688,11 +792,40 @@ def _llama_tensors(c: ModelConfig) -> _Layout:
                 "same",
             )
         ]
-        for name, mine in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
-            t += _linear(hf + "mlp." + name, ours + ("mlp", mine), c.use_bias)
+        t += mlp(hf, ours + ("mlp",))
     t += [_Tensor("model.norm.weight", (("decoder", "final_norm", "scale"),), "same")]
     aliases = {"lm_head.weight": "model.embed_tokens.weight"} if c.tied_embeddings else {}
-    return _Layout("llama", t + _head(c), aliases, re.compile(r"\.rotary_emb\.inv_freq$"), "model.")
+    return _Layout(family, t + _head(c), aliases, re.compile(r"\.rotary_emb\.inv_freq$"), "model.")
+
+
+def _llama_tensors(c: ModelConfig) -> _Layout:
+    """Every tensor of the llama layout of `c`, with the param(s) of ours it holds."""
+
+    def mlp(hf: str, ours: Path) -> list[_Tensor]:
+        out = []
+        for name, mine in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
+            out += _linear(hf + "mlp." + name, ours + (mine,), c.use_bias)
+        return out
+
+    return _rotary_tensors(c, "llama", mlp)
+
+
+def _mixtral_tensors(c: ModelConfig) -> _Layout:
+    """Every tensor of the mixtral layout of `c`, with the param(s) of ours it holds: the
+    router's [experts, hidden] gate is our [embed, expert] kernel transposed; expert E's w1
+    (gate) / w3 (up) [ffn, hidden] and w2 (down) [hidden, ffn] are row E of our stacked
+    wi_gate / wi_up [expert, embed, mlp] and wo [expert, mlp, embed] kernels, transposed."""
+
+    def mlp(hf: str, ours: Path) -> list[_Tensor]:
+        moe = hf + "block_sparse_moe."
+        out = [_Tensor(moe + "gate.weight", (ours + ("router", "kernel"),), "linear")]
+        for e in range(c.num_experts):
+            for name, mine in (("w1", "wi_gate"), ("w3", "wi_up"), ("w2", "wo")):
+                path = (ours + (mine, "kernel"),)
+                out.append(_Tensor(f"{moe}experts.{e}.{name}.weight", path, "linear", expert=e))
+        return out
+
+    return _rotary_tensors(c, "mixtral", mlp)
 
 
 def _t5_tensors(c: ModelConfig) -> _Layout:
@@ -781,10 +914,20 @@ FAMILIES: dict[str, Family] = {
         tensors=_gpt2_tensors,
     ),
     "llama": Family(
-        holds=lambda c: c.architecture == "decoder" and c.position == "rotary",
+        holds=lambda c: (
+            c.architecture == "decoder" and c.position == "rotary" and not c.num_experts
+        ),
         config_from_hf=_llama_config,
         config_to_hf=_llama_to_hf,
         tensors=_llama_tensors,
+    ),
+    "mixtral": Family(
+        holds=lambda c: (
+            c.architecture == "decoder" and c.position == "rotary" and c.num_experts > 0
+        ),
+        config_from_hf=_mixtral_config,
+        config_to_hf=_mixtral_to_hf,
+        tensors=_mixtral_tensors,
     ),
     "t5": Family(
         holds=lambda c: c.architecture == "encoder_decoder",
@@ -954,7 +1097,7 @@ def params_from_hf(
             "config.json does not use; the config does not describe these weights "
             "(e.g. more layers, biases or an untied head)."
         )
-    flat = {}
+    flat, experts = {}, {}
     for t in layout.tensors:
         array = tensors[t.name]
         if array.dtype.kind not in "fV":  # float16/32/64; bfloat16 (ml_dtypes) is kind 'V'
@@ -968,7 +1111,13 @@ def params_from_hf(
                 f"{source}: tensor {t.name!r} has shape {tuple(array.shape)} but config.json "
                 f"implies {want}; the config does not match the weights."
             )
-        flat.update(zip(t.ours, t.from_hf(array, ours), strict=True))
+        parts = t.from_hf(array, ours)
+        if t.expert >= 0:  # one expert's block: the experts' blocks are stacked below
+            experts.setdefault(t.ours[0], {})[t.expert] = parts[0]
+        else:
+            flat.update(zip(t.ours, parts, strict=True))
+    for path, blocks in experts.items():
+        flat[path] = LazyArray.stack([blocks[e] for e in sorted(blocks)])
     # The table covers exactly the leaves of jax.eval_shape(model.init) (`_layout_for`).
     assert {p: a.shape for p, a in flat.items()} == shapes
     params = to_layout(_unflatten(flat), config)  # stacking LazyArrays reads nothing
@@ -1221,7 +1370,7 @@ def export_hf(
 
     model: a `Pretrained` (its tokenizer is written too when it is an imported one) or a
       ``(ModelConfig, params)`` pair. The layout follows from the config: encoder-decoder
-      -> t5, learned positions -> gpt2, rotary -> llama.
+      -> t5, learned positions -> gpt2, rotary -> llama (mixtral with num_experts > 0).
     hf_config: a config.json dict whose non-architecture keys (token ids, ...) to keep;
       default: the source config.json of a `Pretrained` imported from a HF directory.
     overwrite: replace the files in an existing non-empty directory (otherwise an error).

@@ -6,13 +6,13 @@ reads the files written here:
 
     python -m venv --system-site-packages /work/refvenv
     /work/refvenv/bin/pip install torch==2.13.0 transformers accelerate
-    /work/refvenv/bin/python tests/reference/make_hf_goldens.py
+    /work/refvenv/bin/python tests/reference/make_hf_goldens.py [NAME ...]
 
-A few seconds on a CPU. For each model it writes `tests/goldens/hf/<name>/` with
-`config.json` + `model.safetensors` (`save_pretrained(dir, safe_serialization=True)`)
-and `reference.npz`:
+With names (e.g. `mixtral`) it writes only those models. A few seconds on a CPU. For each
+model it writes `tests/goldens/hf/<name>/` with `config.json` + `model.safetensors`
+(`save_pretrained(dir, safe_serialization=True)`) and `reference.npz`:
 
-  decoder-only (gpt2, llama, llama_tied):
+  decoder-only (gpt2, llama, llama_tied, mixtral):
     input_ids            [2, 16] int32     random ids (numpy seed 0), no padding, no mask
     logits               [2, 16, vocab] f32
   encoder-decoder (t5, t5_v1_1):
@@ -22,11 +22,14 @@ and `reference.npz`:
     logits               [2, 8, vocab] f32
   transformers_version, torch_version   strings
 
-Weights are drawn from a fixed torch seed (GPT-2/Llama: initializer_range 0.15; T5: its own
-init with initializer_factor 1, and the untied v1.1 head with std d_model**-0.5; logits are
-O(1)), then perturbed so that no parameter is trivially zero or one: every norm weight gets
-+0.1*randn, every norm/linear bias is 0.1*randn, and T5's relative_attention_bias is
-randn (std 1). A wrong name, transpose or scale in an import therefore cannot pass.
+Weights are drawn from a fixed torch seed, the model's index in MODELS (GPT-2/Llama/Mixtral:
+initializer_range 0.15, Mixtral's router and experts too; T5: its own init with
+initializer_factor 1, and the untied v1.1 head with std d_model**-0.5; logits are O(1)), then
+perturbed so that no parameter is trivially zero or one: every norm weight gets +0.1*randn,
+every norm/linear bias is 0.1*randn, and T5's relative_attention_bias is randn (std 1). A
+wrong name, transpose or scale in an import therefore cannot pass. Mixtral's routing must use
+every expert of every layer, with no near-tie between a token's k-th and (k+1)-th router
+probabilities (`check_routing`).
 All models run in float32 with eager attention and dropout off.
 """
 
@@ -47,6 +50,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -141,12 +146,43 @@ def t5(v1_1: bool = False):
     return model
 
 
+def mixtral():
+    # Four experts of width 24 (not the hidden size: a transposed expert cannot fit), top-2;
+    # a sliding window shorter than the 16-token inputs, so that the window is exercised.
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            initializer_range=INIT,
+            tie_word_embeddings=False,
+            sliding_window=6,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.02,
+            router_jitter_noise=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+
+
+# A model's seed is its index here: append new models so that the others' files stay the same.
 MODELS = {
     "gpt2": gpt2,
     "llama": lambda: llama(tied=False),
     "llama_tied": lambda: llama(tied=True),
     "t5": lambda: t5(v1_1=False),
     "t5_v1_1": lambda: t5(v1_1=True),
+    "mixtral": mixtral,
 }
 
 
@@ -181,6 +217,30 @@ def check_nontrivial(model: nn.Module, name: str) -> None:
         a = p.detach().numpy()
         if np.all(a == 0) or np.all(a == 1) or a.std() == 0:
             raise AssertionError(f"{name}: parameter {pname} is trivial")
+
+
+def check_routing(model: nn.Module, ids: torch.Tensor, name: str) -> float:
+    """A mixture of experts' routing must be robust: every expert of every layer is chosen by
+    some token (so each expert's weights reach the logits), and no token's k-th and (k+1)-th
+    router probabilities are so close that float error could swap them. Returns the smallest
+    such gap."""
+    k, experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        use_cache=False,
+        output_router_logits=True,
+    )
+    gaps = []
+    for layer, logits in enumerate(out.router_logits):
+        top = torch.topk(torch.softmax(logits.float(), dim=-1), k + 1, dim=-1)
+        used = torch.unique(top.indices[:, :k]).numel()
+        if used != experts:
+            raise AssertionError(f"{name}: layer {layer} routes to {used} of {experts} experts")
+        gaps.append(float((top.values[:, k - 1] - top.values[:, k]).min()))
+    if min(gaps) < 1e-4:
+        raise AssertionError(f"{name}: a near-tie in the router (gap {min(gaps):.1e})")
+    return min(gaps)
 
 
 @torch.no_grad()
@@ -218,6 +278,9 @@ def make(name: str, seed: int) -> None:
             use_cache=False,
         )
         arrays.update(input_ids=ids)
+        if getattr(cfg, "num_local_experts", 0):
+            gap = check_routing(model, torch.from_numpy(ids).long(), name)
+            print(f"[{name}] smallest top-k router probability gap {gap:.1e}", flush=True)
     logits = out.logits.float().numpy()
     arrays.update(
         logits=logits,
@@ -261,6 +324,8 @@ def make(name: str, seed: int) -> None:
 def main(argv: list[str]) -> None:
     torch.set_grad_enabled(False)
     names = argv[1:] or list(MODELS)
+    if unknown := sorted(set(names) - set(MODELS)):
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     for seed, name in enumerate(MODELS):
         if name in names:
             make(name, seed)
