@@ -28,12 +28,14 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lm.models.layers import (
     ACTIVATIONS,
     DEFAULT_INIT_STD,
     MLP,
     Dropout,
+    activation_spec,
     normal,
     param_init,
 )
@@ -118,13 +120,16 @@ def block_rows(assignments: int, num_experts: int) -> int:
 
 def dropless_blocks(sorted_experts, group_sizes, rows: int) -> _Blocks:
     """Each expert's assignments padded to whole blocks of `rows`; the static number of blocks,
-    ceil(assignments / rows) + experts, holds any split of the assignments."""
+    ceil(assignments / rows) + experts, holds any split of the assignments. Assignments of
+    expert id `num_experts` (sorted last) are dropped."""
     num_experts, assignments = group_sizes.shape[0], sorted_experts.shape[0]
     tiles_of = (group_sizes + rows - 1) // rows  # [expert]
     ends = jnp.cumsum(tiles_of)
     tile_start = ends - tiles_of
-    dest = tile_start[sorted_experts] * rows + _group_offsets(sorted_experts, group_sizes)
+    expert = jnp.minimum(sorted_experts, num_experts - 1)
+    dest = tile_start[expert] * rows + _group_offsets(sorted_experts, group_sizes)
     tiles = -(-assignments // rows) + num_experts
+    dest = jnp.where(sorted_experts < num_experts, dest, tiles * rows)  # expert id num: none
     tile_expert = jnp.searchsorted(ends, jnp.arange(tiles), side="right")
     return _Blocks(dest, jnp.minimum(tile_expert, num_experts - 1), tiles, rows)
 
@@ -179,6 +184,133 @@ def capacity_of(assignments: int, num_experts: int, factor: float) -> int:
     """Assignments an expert takes under capacity dispatch: ceil(factor x assignments /
     experts), at least 1 and at most every assignment."""
     return max(1, min(assignments, math.ceil(factor * assignments / num_experts)))
+
+
+def capacity_kept(experts: jax.Array, num_experts: int, capacity: int) -> jax.Array:
+    """Which assignments capacity dispatch keeps: experts [assignments] in priority order
+    (`num_experts`: none) -> bool [assignments], True for each expert's first `capacity`."""
+    order = jnp.argsort(experts, stable=True)
+    sorted_experts = experts[order]
+    group_sizes = jnp.bincount(sorted_experts, length=num_experts + 1)[:num_experts]
+    rank = _group_offsets(sorted_experts, group_sizes)
+    kept_sorted = (rank < capacity) & (sorted_experts < num_experts)
+    return jnp.zeros_like(kept_sorted).at[order].set(kept_sorted, unique_indices=True)
+
+
+class ExpertFn(NamedTuple):
+    """The expert MLP apart from its parameters: activation, gating, dropout (rows -> rows) and
+    `reduce`, applied to the down projection before its bias (a psum where the MLP dimension is
+    split over devices)."""
+
+    activation: str
+    gated: bool
+    dropout: object  # rows -> rows
+    reduce: object = None  # rows -> rows
+
+    def __call__(self, h, weights, matmul, add_bias):
+        """The expert MLP on rows `h` laid out for `matmul(h, kernel)` / `add_bias(h, bias)`."""
+
+        def project(h, name, reduce=None):
+            kernel, bias = weights[name]
+            out = matmul(h, kernel)
+            out = out if reduce is None else reduce(out)
+            return out if bias is None else add_bias(out, bias)
+
+        hidden = ACTIVATIONS[self.activation](project(h, "wi"))
+        if self.gated:
+            hidden = hidden * project(h, "wu")
+        return project(self.dropout(hidden), "wo", self.reduce)
+
+
+def grouped_experts(rows, experts, weights, expert_fn: ExpertFn, method: str, capacity=None):
+    """Each row through its expert's MLP: rows [m, embed], experts [m] (id `num_experts`: no
+    expert) -> [m, embed] in the rows' order, zero for a row with no expert. With `capacity`,
+    each expert takes its first `capacity` rows (one block per expert) and drops the rest."""
+    num = weights["wi"][0].shape[0]
+    order = jnp.argsort(experts, stable=True)
+    sorted_experts = experts[order]
+    group_sizes = jnp.bincount(sorted_experts, length=num + 1)[:num].astype(jnp.int32)
+    sorted_rows = rows[order]
+    if capacity is not None or method == "blocks":
+        if capacity is not None:
+            blocks = capacity_blocks(sorted_experts, group_sizes, capacity)
+        else:
+            rows_per_block = block_rows(rows.shape[0], num)
+            blocks = dropless_blocks(sorted_experts, group_sizes, rows_per_block)
+        out = expert_fn(
+            to_blocks(sorted_rows, blocks),
+            weights,
+            lambda h, kernel: block_matmul(h, kernel, blocks),
+            lambda h, bias: block_bias(h, bias, blocks),
+        )
+        out = from_blocks(out, blocks)
+    else:  # rows of no expert sort last, past every group: ragged_dot leaves them alone
+        out = expert_fn(
+            sorted_rows,
+            weights,
+            lambda h, kernel: jax.lax.ragged_dot(h, kernel, group_sizes),
+            lambda h, bias: h + bias[jnp.minimum(sorted_experts, num - 1)],
+        )
+        out = jnp.where((sorted_experts < num)[:, None], out, 0)
+    return _unsorted(out, order)
+
+
+def _unsorted(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
+    """values[order] -> values (order a permutation of the first axis)."""
+    return jnp.zeros_like(sorted_values).at[order].set(sorted_values, unique_indices=True)
+
+
+def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices, slots):
+    """Expert parallelism inside `shard_map`: this device's rows [m, embed] go to the devices
+    holding their experts (`axes`: the mesh axes the experts are split over, this device holding
+    experts [index * local, (index + 1) * local) of the `devices` x local). experts [m]:
+    global ids, `num_experts` = none. slots: rows a device may send to each other device (m for
+    dropless: every row may go to one device). Returns [m, embed] in the rows' order.
+
+    The exchange is two all-to-alls of [devices, slots, embed] buffers (XLA:CPU has no
+    ragged all-to-all), so a device sends devices x slots rows whatever the routing."""
+    local = weights["wi"][0].shape[0]
+    device = jnp.where(experts < local * devices, experts // local, devices)
+    order = jnp.argsort(device, stable=True)
+    sorted_device = device[order]
+    counts = jnp.bincount(sorted_device, length=devices + 1)[:devices]
+    rank = _group_offsets(sorted_device, counts)
+    kept = (sorted_device < devices) & (rank < slots)
+    slot = jnp.where(kept, sorted_device * slots + rank, devices * slots)
+    sent_rows = jnp.zeros((devices * slots, rows.shape[-1]), rows.dtype)
+    sent_rows = sent_rows.at[slot].set(rows[order], mode="drop", unique_indices=True)
+    sent_experts = jnp.full((devices * slots,), local, experts.dtype)
+    sent_experts = sent_experts.at[slot].set(
+        experts[order] % local, mode="drop", unique_indices=True
+    )
+
+    def swap(a):  # block j of this device's buffer <-> this device's block of device j's
+        return jax.lax.all_to_all(a.reshape(devices, slots, *a.shape[1:]), axes, 0, 0).reshape(
+            a.shape
+        )
+
+    out = grouped_experts(swap(sent_rows), swap(sent_experts), weights, expert_fn, method)
+    back = swap(out).at[slot].get(mode="fill", fill_value=0, unique_indices=True)
+    return _unsorted(back, order)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, an axis, or a tuple of them) as a tuple of axes."""
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def expert_parallel_axes(num_experts: int, tokens: int) -> tuple[str, ...]:
+    """The mesh axes the rules in force split experts over, when they split the tokens over
+    them too: each device then sends its tokens to its experts' devices
+    (`exchange_to_experts`). () otherwise: no rules in force (one device, a bare model,
+    decoding), or experts over axes the batch is not split over (XLA partitions the sorted
+    dispatch itself then)."""
+    expert = activation_spec(("expert",), (num_experts,))
+    if expert is None:
+        return ()
+    axes = _axes(expert[0])
+    batch = _axes(activation_spec(("activation_batch",), (tokens,))[0])
+    return axes if axes and set(axes) <= set(batch) else ()
 
 
 class MoeMLP(nn.Module):
@@ -245,21 +377,6 @@ class MoeMLP(nn.Module):
         weights["wo"] = self._weights(down, ("mlp", "embed"), self.out_init_std, "wo")
         return weights
 
-    def _experts(self, h, weights, matmul, add_bias, deterministic):
-        """The expert MLP on rows `h` laid out for `matmul(h, kernel)` / `add_bias(h, bias)`."""
-        act = ACTIVATIONS[self.activation]
-
-        def project(h, name):
-            kernel, bias = weights[name]
-            out = matmul(h, kernel)
-            return out if bias is None else add_bias(out, bias)
-
-        hidden = act(project(h, "wi"))
-        if self.gated:
-            hidden = hidden * project(h, "wu")
-        hidden = Dropout(self.dropout)(hidden, deterministic=deterministic)
-        return project(hidden, "wo")
-
     @nn.compact
     def __call__(self, x, deterministic: bool = True, valid=None, decode: bool = False):
         if self.dispatch not in DISPATCHES:
@@ -308,51 +425,97 @@ class MoeMLP(nn.Module):
         return y if bo is None else y + full @ bo
 
     def _sorted(self, tokens, gates, experts, mask, weights, deterministic, decode):
-        """Dropless or capacity dispatch of the assignments sorted by expert [tokens, embed]."""
+        """Dropless or capacity dispatch [tokens, embed]: each token-expert assignment through
+        its expert (`grouped_experts`), across devices when the experts are split over mesh
+        axes the batch is split over too (`expert_parallel_axes`)."""
         num, k = self.num_experts, self.experts_per_token
         count = tokens.shape[0]
-        capacity = self.dispatch == "capacity" and not decode
-        # Choice-major order: a stable sort then puts every top-1 choice of an expert before
-        # its top-2 ones, the priority capacity dispatch keeps (GShard).
+        capacity = None
+        if self.dispatch == "capacity" and not decode:
+            capacity = capacity_of(count * k, num, self.capacity_factor)
+        # Choice-major order: every top-1 choice of an expert comes before its top-2 ones, the
+        # priority capacity dispatch keeps (GShard); padding takes no expert's capacity.
         flat = experts.T.reshape(-1)
-        if capacity:  # padding tokens sort last and take no expert's capacity
-            flat = jnp.where(jnp.tile(mask, k), flat, num)
-        order = jnp.argsort(flat, stable=True)
-        sorted_experts = flat[order]
-        group_sizes = jnp.bincount(sorted_experts, length=num + 1)[:num].astype(jnp.int32)
-        rows = tokens[order % count]  # [assignments, embed]
+        valid = jnp.tile(mask, k)
+        if capacity is not None:
+            flat = jnp.where(valid, flat, num)
+        dropout = Dropout(self.dropout)
+        expert_fn = ExpertFn(
+            self.activation, self.gated, lambda h: dropout(h, deterministic=deterministic)
+        )
         method = resolve_grouped_matmul(self.grouped_matmul)
-        if capacity or method == "blocks":
-            if capacity:
-                blocks = capacity_blocks(
-                    sorted_experts, group_sizes, capacity_of(count * k, num, self.capacity_factor)
-                )
-                dropped = jnp.sum(
-                    (blocks.dest >= blocks.tiles * blocks.rows) & jnp.tile(mask, k)[order]
-                )
-                self.sow(STATS, "moe_dropped_fraction", dropped / jnp.maximum(jnp.sum(mask) * k, 1))
-            else:
-                rows_per_block = block_rows(count * k, num)
-                blocks = dropless_blocks(sorted_experts, group_sizes, rows_per_block)
-            out = self._experts(
-                to_blocks(rows, blocks),
-                weights,
-                lambda h, kernel: block_matmul(h, kernel, blocks),
-                lambda h, bias: block_bias(h, bias, blocks),
-                deterministic,
+        axes = expert_parallel_axes(num, tokens.shape[0])
+        if axes:
+            out, kept = self._expert_parallel(
+                tokens, flat, weights, expert_fn, method, axes, capacity
             )
-            out = from_blocks(out, blocks)
         else:
-            out = self._experts(
-                rows,
-                weights,
-                lambda h, kernel: jax.lax.ragged_dot(h, kernel, group_sizes),
-                lambda h, bias: h + bias[sorted_experts],
-                deterministic,
+            rows = jnp.tile(tokens, (k, 1))  # [assignments, embed], choice-major
+            out = grouped_experts(rows, flat, weights, expert_fn, method, capacity)
+            kept = flat < num if capacity is None else capacity_kept(flat, num, capacity)
+        if capacity is not None:
+            dropped = jnp.sum(valid & ~kept) / jnp.maximum(jnp.sum(valid), 1)
+            self.sow(STATS, "moe_dropped_fraction", dropped)
+        out = out * gates.T.reshape(-1)[:, None].astype(out.dtype)
+        return jnp.sum(out.reshape(k, count, -1), axis=0)
+
+    def _expert_parallel(self, tokens, flat, weights, expert_fn, method, axes, capacity):
+        """`_sorted`'s assignments through `exchange_to_experts` in a `shard_map` over the mesh
+        in force: (outputs [assignments, embed], kept [assignments]) in choice-major order.
+        Capacity is per device (GShard's groups): each expert takes capacity_factor x this
+        device's assignments / experts of them."""
+        if self.dropout:
+            raise ValueError(
+                f"model.dropout={self.dropout} inside experts split over devices is not "
+                "supported: set model.dropout=0, or keep each expert on every device "
+                "(--config.parallel.rules=expert=none)"
             )
-        out = out * gates.T.reshape(-1)[order][:, None].astype(out.dtype)
-        unsort = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        return jnp.sum(out[unsort].reshape(k, count, -1), axis=0)
+        num, k, features = self.num_experts, self.experts_per_token, tokens.shape[-1]
+        batch = activation_spec(("activation_batch", None), tokens.shape)
+        names = {
+            "wi": ("expert", None, "mlp"),
+            "wu": ("expert", None, "mlp"),
+            "wo": ("expert", "mlp", None),
+        }
+        specs = {
+            name: (
+                activation_spec(names[name], kernel.shape),
+                None
+                if bias is None
+                else activation_spec((names[name][0], names[name][2]), bias.shape),
+            )
+            for name, (kernel, bias) in weights.items()
+        }
+        mlp_axes = _axes(specs["wi"][0][2])
+        mesh = jax.sharding.get_abstract_mesh()
+        devices = math.prod(mesh.shape[axis] for axis in axes)
+        expert_fn = expert_fn._replace(
+            dropout=lambda h: h,
+            reduce=(lambda y: jax.lax.psum(y, mlp_axes)) if mlp_axes else None,
+        )
+
+        def local(tokens, experts, weights):
+            count = tokens.shape[0]
+            experts = experts.reshape(-1)
+            slots = count * k  # dropless: every row may go to one device
+            if capacity is not None:
+                local_capacity = capacity_of(count * k, num, self.capacity_factor)
+                experts = jnp.where(capacity_kept(experts, num, local_capacity), experts, num)
+                slots = min(slots, weights["wi"][0].shape[0] * local_capacity)
+            rows = jnp.tile(tokens, (k, 1))
+            out = exchange_to_experts(
+                rows, experts, weights, expert_fn, method, axes, devices, slots
+            )
+            return out.reshape(k, count, features), (experts < num).reshape(k, count)
+
+        by_choice = P(None, batch[0])
+        out, kept = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(batch, by_choice, specs),
+            out_specs=(P(None, batch[0], None), by_choice),
+        )(tokens, flat.reshape(k, -1), weights)
+        return out.reshape(k * tokens.shape[0], features), kept.reshape(-1)
 
     def _shared(self, tokens, deterministic):
         """The shared experts' dense MLP on every token [tokens, embed], gated if configured."""
