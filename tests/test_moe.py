@@ -602,6 +602,25 @@ def test_tiny_moe_experiment_trains_through_the_cli(tmp_path):
     assert all(abs(line["aux/load_balancing"] - 0.02) < 0.002 for line in lines)
 
 
+@pytest.mark.slow
+def test_capacity_dispatch_logs_the_dropped_share_through_the_cli(tmp_path):
+    source = write_corpus(tmp_path / "corpus", lines=600)
+    workdir = tmp_path / "run"
+    run_cli(
+        "--config=experiments/shakespeare_moe.py:tiny",
+        "--config.model.moe_dispatch=capacity",
+        "--config.model.moe_capacity_factor=1.0",
+        workdir=workdir,
+        source=source,
+        data_dir=tmp_path / "data",
+    )
+    lines = [line for line in metrics(workdir) if "loss" in line]
+    assert lines[-1]["step"] == 20 and lines[-1]["loss"] < lines[0]["loss"]
+    # At factor 1 an expert drops what exceeds its even share: some, never most.
+    dropped = [line["stats/moe_dropped_fraction"] for line in lines]
+    assert all(0 < share < 0.5 for share in dropped), dropped
+
+
 # ------------------------------------------------------------------------------ LoRA
 
 
