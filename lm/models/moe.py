@@ -447,7 +447,7 @@ class MoeMLP(nn.Module):
         axes = expert_parallel_axes(num, tokens.shape[0])
         if axes:
             out, kept = self._expert_parallel(
-                tokens, flat, weights, expert_fn, method, axes, capacity
+                tokens, flat, weights, expert_fn, method, axes, capacity, not deterministic
             )
         else:
             rows = jnp.tile(tokens, (k, 1))  # [assignments, embed], choice-major
@@ -459,12 +459,12 @@ class MoeMLP(nn.Module):
         out = out * gates.T.reshape(-1)[:, None].astype(out.dtype)
         return jnp.sum(out.reshape(k, count, -1), axis=0)
 
-    def _expert_parallel(self, tokens, flat, weights, expert_fn, method, axes, capacity):
+    def _expert_parallel(self, tokens, flat, weights, expert_fn, method, axes, capacity, train):
         """`_sorted`'s assignments through `exchange_to_experts` in a `shard_map` over the mesh
         in force: (outputs [assignments, embed], kept [assignments]) in choice-major order.
         Capacity is per device (GShard's groups): each expert takes capacity_factor x this
         device's assignments / experts of them."""
-        if self.dropout:
+        if self.dropout and train:
             raise ValueError(
                 f"model.dropout={self.dropout} inside experts split over devices is not "
                 "supported: set model.dropout=0, or keep each expert on every device "
