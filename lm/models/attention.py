@@ -35,7 +35,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.extend import backend as jax_backend
 
 from lm.models.layers import (
     DEFAULT_INIT_STD,
@@ -49,6 +48,7 @@ from lm.models.layers import (
     kernel_dot_general,
     normal,
     param_init,
+    traced_backend,
 )
 
 NEG_INF = -1e30
@@ -93,20 +93,6 @@ def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
     )
 
 
-def _backend() -> str:
-    """The platform the model is traced for: that of the abstract mesh in force (a step
-    compiled ahead of time for a TPU slice from a CPU host), else jax.default_backend();
-    a GPU without CUDA (ROCm: no cuDNN) is 'rocm'."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
-    if device is not None and device.platform != "cpu":
-        return device.platform
-    backend = jax.default_backend()
-    if backend == "gpu" and "cuda" not in jax_backend.get_backend().platform_version.lower():
-        return "rocm"
-    return backend
-
-
 def resolve_implementation(
     implementation: str,
     dtype,
@@ -134,7 +120,7 @@ def resolve_implementation(
         raise ValueError(
             f"model.attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}"
         )
-    backend = _backend() if backend is None else backend
+    backend = traced_backend() if backend is None else backend
     dtype = jnp.dtype(dtype)
     if implementation == "cudnn":
         if dtype not in _CUDNN_DTYPES:
@@ -336,7 +322,7 @@ def splash_attention(q, k, v, segment_ids, *, scale=None):
             f"{q.shape[1]}; use model.attention_impl='auto' or 'xla'"
         )
     q = q * jnp.asarray(q.shape[-1] ** -0.5 if scale is None else scale, q.dtype)
-    run = functools.partial(_splash_per_device, interpret=_backend() != "tpu")
+    run = functools.partial(_splash_per_device, interpret=traced_backend() != "tpu")
     q_spec = activation_spec(HEADS_LAYOUT, q.shape)
     kv_spec = activation_spec(KV_HEADS_LAYOUT, k.shape)
     if q_spec is None:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.extend import backend as jax_backend
 
 from lm.utils import logical_to_mesh_spec
 
@@ -66,6 +67,20 @@ def activation_spec(names: Sequence[str | None], shape: Sequence[int]):
     if not rules or mesh.empty:
         return None
     return logical_to_mesh_spec(tuple(names), tuple(shape), mesh.shape, rules)
+
+
+def traced_backend() -> str:
+    """The platform the model is traced for: that of the abstract mesh in force (a step
+    compiled ahead of time for a TPU slice from a CPU host), else jax.default_backend();
+    a GPU without CUDA (ROCm: no cuDNN) is 'rocm'."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    if device is not None and device.platform != "cpu":
+        return device.platform
+    backend = jax.default_backend()
+    if backend == "gpu" and "cuda" not in jax_backend.get_backend().platform_version.lower():
+        return "rocm"
+    return backend
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -38,10 +38,12 @@ from lm.models.layers import (
     activation_spec,
     normal,
     param_init,
+    traced_backend,
 )
 
 DISPATCHES = ("dense", "dropless", "capacity")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
+EXCHANGES = ("auto", "ragged", "padded")
 STATS = "stats"  # the Flax collection of sown statistics (means over layers, logged)
 BLOCK_ROWS = 64  # the most rows of a block of the CPU form (`block_rows`)
 
@@ -172,11 +174,22 @@ def block_bias(buffer: jax.Array, bias: jax.Array, blocks: _Blocks) -> jax.Array
 
 
 def resolve_grouped_matmul(name: str) -> str:
-    """'auto' -> 'blocks' on CPU (its ragged_dot is dense), else 'ragged_dot'."""
+    """'auto' -> 'blocks' where the model is traced for a CPU (its ragged_dot is dense), else
+    'ragged_dot'."""
     if name not in GROUPED_MATMULS:
         raise ValueError(f"unknown grouped matmul {name!r}: use one of {GROUPED_MATMULS}")
     if name == "auto":
-        return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+        return "blocks" if traced_backend() == "cpu" else "ragged_dot"
+    return name
+
+
+def resolve_exchange(name: str) -> str:
+    """'auto' -> 'padded' where the model is traced for a CPU (XLA:CPU has no ragged
+    all-to-all), else 'ragged'."""
+    if name not in EXCHANGES:
+        raise ValueError(f"unknown expert exchange {name!r}: use one of {EXCHANGES}")
+    if name == "auto":
+        return "padded" if traced_backend() == "cpu" else "ragged"
     return name
 
 
@@ -260,29 +273,50 @@ def _unsorted(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
     return jnp.zeros_like(sorted_values).at[order].set(sorted_values, unique_indices=True)
 
 
-def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices, slots):
-    """Expert parallelism inside `shard_map`: this device's rows [m, embed] go to the devices
-    holding their experts (`axes`: the mesh axes the experts are split over, this device holding
-    experts [index * local, (index + 1) * local) of the `devices` x local). experts [m]:
-    global ids, `num_experts` = none. slots: rows a device may send to each other device (m for
-    dropless: every row may go to one device). Returns [m, embed] in the rows' order.
+class _Destinations(NamedTuple):
+    """A device's rows sorted by the device holding their expert. order [m]: the sort;
+    device [m]: each sorted row's device (`devices`: none, sorted last); counts [devices]:
+    rows for each device; local_experts [m]: each sorted row's expert on its device."""
 
-    The exchange is two all-to-alls of [devices, slots, embed] buffers (XLA:CPU has no
-    ragged all-to-all), so a device sends devices x slots rows whatever the routing."""
-    local = weights["wi"][0].shape[0]
+    order: jax.Array
+    device: jax.Array
+    counts: jax.Array
+    local_experts: jax.Array
+
+
+def _destinations(experts, local: int, devices: int) -> _Destinations:
     device = jnp.where(experts < local * devices, experts // local, devices)
     order = jnp.argsort(device, stable=True)
     sorted_device = device[order]
-    counts = jnp.bincount(sorted_device, length=devices + 1)[:devices]
+    counts = jnp.bincount(sorted_device, length=devices + 1)[:devices].astype(jnp.int32)
+    local_experts = jnp.where(sorted_device < devices, experts[order] % local, local)
+    return _Destinations(order, sorted_device, counts, local_experts)
+
+
+def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices, slots, exchange):
+    """Expert parallelism inside `shard_map`: this device's rows [m, embed] go to the devices
+    holding their experts (`axes`: the mesh axes the experts are split over, this device holding
+    experts [index * local, (index + 1) * local) of the `devices` x local), run there, and come
+    back. experts [m]: global ids, `num_experts` = none. slots: rows a device may send to each
+    other device (m for dropless: every row may go to one device). Returns [m, embed] in the
+    rows' order.
+
+    exchange 'ragged': `jax.lax.ragged_all_to_all` sends each device only its rows, into a
+    buffer of devices x slots rows. 'padded' (XLA:CPU has no ragged all-to-all): two
+    all-to-alls of [devices, slots, embed] buffers, devices x slots rows whatever the routing."""
+    local = weights["wi"][0].shape[0]
+    sent = _destinations(experts, local, devices)
+    if exchange == "ragged":
+        back = _ragged_round_trip(rows[sent.order], sent, weights, expert_fn, method, axes, slots)
+        return _unsorted(back, sent.order)
+    order, sorted_device, counts = sent.order, sent.device, sent.counts
     rank = _group_offsets(sorted_device, counts)
     kept = (sorted_device < devices) & (rank < slots)
     slot = jnp.where(kept, sorted_device * slots + rank, devices * slots)
     sent_rows = jnp.zeros((devices * slots, rows.shape[-1]), rows.dtype)
     sent_rows = sent_rows.at[slot].set(rows[order], mode="drop", unique_indices=True)
     sent_experts = jnp.full((devices * slots,), local, experts.dtype)
-    sent_experts = sent_experts.at[slot].set(
-        experts[order] % local, mode="drop", unique_indices=True
-    )
+    sent_experts = sent_experts.at[slot].set(sent.local_experts, mode="drop", unique_indices=True)
 
     def swap(a):  # block j of this device's buffer <-> this device's block of device j's
         return jax.lax.all_to_all(a.reshape(devices, slots, *a.shape[1:]), axes, 0, 0).reshape(
@@ -292,6 +326,35 @@ def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices
     out = grouped_experts(swap(sent_rows), swap(sent_experts), weights, expert_fn, method)
     back = swap(out).at[slot].get(mode="fill", fill_value=0, unique_indices=True)
     return _unsorted(back, order)
+
+
+def _ragged_round_trip(sorted_rows, sent: _Destinations, weights, expert_fn, method, axes, slots):
+    """Rows sorted by device [m, embed] to their devices with ragged all-to-alls, through the
+    experts there, and back: [m, embed] in the same order (zero for a row with no device)."""
+    devices = sent.counts.shape[0]
+    offsets = jnp.cumsum(sent.counts) - sent.counts  # where each device's rows start here
+    counts = jax.lax.all_gather(sent.counts, axes)  # [source, destination]
+    here = jax.lax.axis_index(axes)
+    landing = (jnp.cumsum(counts, axis=0) - counts)[here]  # where my rows start on each device
+    received = counts[:, here]  # rows each device sends me
+    buffer = devices * slots
+
+    def to_experts(values, fill):
+        output = jnp.full((buffer, *values.shape[1:]), fill, values.dtype)
+        return jax.lax.ragged_all_to_all(
+            values, output, offsets, sent.counts, landing, received, axis_name=axes
+        )
+
+    rows = to_experts(sorted_rows, 0)
+    out = grouped_experts(
+        rows, to_experts(sent.local_experts, weights["wi"][0].shape[0]), weights, expert_fn, method
+    )
+    starts = jnp.cumsum(received) - received  # each source's rows in `rows`
+    their_offsets = jax.lax.all_gather(offsets, axes)[:, here]  # where they sit on the source
+    output = jnp.zeros_like(sorted_rows)
+    return jax.lax.ragged_all_to_all(
+        out, output, starts, received, their_offsets, sent.counts, axis_name=axes
+    )
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -348,6 +411,7 @@ class MoeMLP(nn.Module):
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
     grouped_matmul: str = "auto"
+    exchange: str = "auto"
     shared_hidden: int = 0
     shared_gate: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -487,6 +551,7 @@ class MoeMLP(nn.Module):
             for name, (kernel, bias) in weights.items()
         }
         mlp_axes = _axes(specs["wi"][0][2])
+        exchange = resolve_exchange(self.exchange)
         mesh = jax.sharding.get_abstract_mesh()
         devices = math.prod(mesh.shape[axis] for axis in axes)
         expert_fn = expert_fn._replace(
@@ -504,7 +569,7 @@ class MoeMLP(nn.Module):
                 slots = min(slots, weights["wi"][0].shape[0] * local_capacity)
             rows = jnp.tile(tokens, (k, 1))
             out = exchange_to_experts(
-                rows, experts, weights, expert_fn, method, axes, devices, slots
+                rows, experts, weights, expert_fn, method, axes, devices, slots, exchange
             )
             return out.reshape(k, count, features), (experts < num).reshape(k, count)
 

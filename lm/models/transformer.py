@@ -33,6 +33,7 @@ EXECUTION_FIELDS = (
     "precision",
     "logits_chunk",
     "moe_grouped_matmul",
+    "moe_exchange",
 )
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -73,6 +74,7 @@ class ModelConfig:
     moe_dispatch: str = "dropless"  # dense (every expert on every token) | dropless | capacity
     moe_capacity_factor: float = 1.25  # capacity: assignments an expert takes, x the mean
     moe_grouped_matmul: str = "auto"  # auto | ragged_dot | blocks (how dropless multiplies)
+    moe_exchange: str = "auto"  # auto | ragged | padded (all-to-all of expert parallelism)
     router_aux_loss: float = 0.01  # Switch load-balancing loss coefficient (0 = none)
     router_z_loss: float = 0.0  # ST-MoE router z-loss coefficient (0 = none; ST-MoE: 1e-3)
     router_normalize_gates: bool = True  # top-k gates renormalised to 1 (Mixtral; not OLMoE)
@@ -176,6 +178,7 @@ class ModelConfig:
             ("attention_impl", ATTENTION_IMPLEMENTATIONS),
             ("moe_dispatch", moe.DISPATCHES),
             ("moe_grouped_matmul", moe.GROUPED_MATMULS),
+            ("moe_exchange", moe.EXCHANGES),
             ("remat", tuple(REMAT_POLICIES)),
             ("precision", PRECISIONS),
         ]:
@@ -539,6 +542,7 @@ class Block(nn.Module):
                 dispatch=c.moe_dispatch,
                 capacity_factor=c.moe_capacity_factor,
                 grouped_matmul=c.moe_grouped_matmul,
+                exchange=c.moe_exchange,
                 shared_hidden=c.shared_expert_dim,
                 shared_gate=c.shared_expert_gate,
                 **mlp_options,
