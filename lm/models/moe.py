@@ -18,6 +18,11 @@ grouped kernel for it (TPU: a Mosaic kernel whose compiled FLOPs are the active 
 block form on CPU, whose XLA lowers ragged_dot to a dense matmul per expert (num_experts times
 the FLOPs, seen in the compiled HLO): each expert's rows are padded to whole blocks of
 `block_rows`, and each block is multiplied by its expert's weights (`_Blocks`).
+
+Expert parallelism: with experts split over mesh axes the batch is split over too, each device
+sends its assignments to the devices holding their experts and gets the outputs back, inside
+`shard_map` (`exchange_to_experts`): ragged all-to-alls where the platform has them, fixed
+worst-case buffers through all_to_all on CPU.
 """
 
 from __future__ import annotations
