@@ -45,6 +45,7 @@ from lm.models.layers import (
     param_init,
     traced_backend,
 )
+from lm.models.layers import dropout as dropout_fn
 
 DISPATCHES = ("dense", "dropless", "capacity")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
@@ -298,13 +299,15 @@ def _destinations(experts, local: int, devices: int) -> _Destinations:
     return _Destinations(order, sorted_device, counts, local_experts)
 
 
-def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices, slots, exchange):
+def exchange_to_experts(
+    rows, experts, weights, expert_fn, method, axes, devices, slots, exchange, capacity=None
+):
     """Expert parallelism inside `shard_map`: this device's rows [m, embed] go to the devices
     holding their experts (`axes`: the mesh axes the experts are split over, this device holding
     experts [index * local, (index + 1) * local) of the `devices` x local), run there, and come
     back. experts [m]: global ids, `num_experts` = none. slots: rows a device may send to each
     other device (m for dropless: every row may go to one device). Returns [m, embed] in the
-    rows' order.
+    rows' order. capacity: rows each expert takes from each device (None: dropless).
 
     exchange 'ragged': `jax.lax.ragged_all_to_all` sends each device only its rows, into a
     buffer of devices x slots rows. 'padded' (XLA:CPU has no ragged all-to-all): two
@@ -312,7 +315,9 @@ def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices
     local = weights["wi"][0].shape[0]
     sent = _destinations(experts, local, devices)
     if exchange == "ragged":
-        back = _ragged_round_trip(rows[sent.order], sent, weights, expert_fn, method, axes, slots)
+        back = _ragged_round_trip(
+            rows[sent.order], sent, weights, expert_fn, method, axes, slots, capacity
+        )
         return _unsorted(back, sent.order)
     order, sorted_device, counts = sent.order, sent.device, sent.counts
     rank = _group_offsets(sorted_device, counts)
@@ -328,12 +333,15 @@ def exchange_to_experts(rows, experts, weights, expert_fn, method, axes, devices
             a.shape
         )
 
-    out = grouped_experts(swap(sent_rows), swap(sent_experts), weights, expert_fn, method)
+    received = devices * capacity if capacity is not None else None
+    out = grouped_experts(swap(sent_rows), swap(sent_experts), weights, expert_fn, method, received)
     back = swap(out).at[slot].get(mode="fill", fill_value=0, unique_indices=True)
     return _unsorted(back, order)
 
 
-def _ragged_round_trip(sorted_rows, sent: _Destinations, weights, expert_fn, method, axes, slots):
+def _ragged_round_trip(
+    sorted_rows, sent: _Destinations, weights, expert_fn, method, axes, slots, capacity
+):
     """Rows sorted by device [m, embed] to their devices with ragged all-to-alls, through the
     experts there, and back: [m, embed] in the same order (zero for a row with no device)."""
     devices = sent.counts.shape[0]
@@ -351,9 +359,9 @@ def _ragged_round_trip(sorted_rows, sent: _Destinations, weights, expert_fn, met
         )
 
     rows = to_experts(sorted_rows, 0)
-    out = grouped_experts(
-        rows, to_experts(sent.local_experts, weights["wi"][0].shape[0]), weights, expert_fn, method
-    )
+    ids = to_experts(sent.local_experts, weights["wi"][0].shape[0])
+    received_capacity = devices * capacity if capacity is not None else None
+    out = grouped_experts(rows, ids, weights, expert_fn, method, received_capacity)
     starts = jnp.cumsum(received) - received  # each source's rows in `rows`
     their_offsets = jax.lax.all_gather(offsets, axes)[:, here]  # where they sit on the source
     output = jnp.zeros_like(sorted_rows)
@@ -367,18 +375,46 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
-def expert_parallel_axes(num_experts: int, tokens: int) -> tuple[str, ...]:
-    """The mesh axes the rules in force split experts over, when they split the tokens over
-    them too: each device then sends its tokens to its experts' devices
-    (`exchange_to_experts`). () otherwise: no rules in force (one device, a bare model,
-    decoding), or experts over axes the batch is not split over (XLA partitions the sorted
-    dispatch itself then)."""
-    expert = activation_spec(("expert",), (num_experts,))
-    if expert is None:
-        return ()
-    axes = _axes(expert[0])
-    batch = _axes(activation_spec(("activation_batch",), (tokens,))[0])
-    return axes if axes and set(axes) <= set(batch) else ()
+class _DeviceLayout(NamedTuple):
+    """How a step's mesh splits the dispatch. batch: the axes the tokens are split over;
+    exchange: the expert axes among them (tokens travel to their experts' devices); reduce:
+    expert axes the tokens are not split over (each device runs its experts on the tokens it
+    already holds, and the outputs are summed over these axes); mlp: the axes the experts'
+    MLP dimension is split over (the down projection is summed over them)."""
+
+    batch: tuple[str, ...]
+    exchange: tuple[str, ...]
+    reduce: tuple[str, ...]
+    mlp: tuple[str, ...]
+    specs: dict
+
+
+_WEIGHT_NAMES = {"wi": ("expert", None, "mlp"), "wu": ("expert", None, "mlp")}
+_WEIGHT_NAMES["wo"] = ("expert", "mlp", None)
+
+
+def device_layout(weights, tokens: int) -> _DeviceLayout | None:
+    """The dispatch's layout under the rules and mesh in force (`layers.activation_rules`),
+    None outside them (one device, a bare model, decoding). Each weight's spec is its
+    parameter's: experts over the `expert` rule's axes, the MLP dimension over `mlp`'s, the
+    embedding dimension whole (gathered, as FSDP gathers a dense MLP's kernels)."""
+    batch_spec = activation_spec(("activation_batch",), (tokens,))
+    if batch_spec is None:
+        return None
+    specs = {}
+    for name, (kernel, bias) in weights.items():
+        names = _WEIGHT_NAMES[name]
+        bias_spec = None if bias is None else activation_spec(names[::2], bias.shape)
+        specs[name] = (activation_spec(names, kernel.shape), bias_spec)
+    batch, experts = _axes(batch_spec[0]), _axes(specs["wi"][0][0])
+    exchange = tuple(a for a in experts if a in batch)
+    reduce = tuple(a for a in experts if a not in batch)
+    if exchange and reduce:
+        raise ValueError(
+            f"parallel.rules puts the experts over {experts}: {exchange} split the batch and "
+            f"{reduce} do not; use axes of one kind, e.g. --config.parallel.rules=expert=fsdp"
+        )
+    return _DeviceLayout(batch, exchange, reduce, _axes(specs["wi"][0][2]), specs)
 
 
 class MoeMLP(nn.Module):
@@ -495,97 +531,96 @@ class MoeMLP(nn.Module):
 
     def _sorted(self, tokens, gates, experts, mask, weights, deterministic, decode):
         """Dropless or capacity dispatch [tokens, embed]: each token-expert assignment through
-        its expert (`grouped_experts`), across devices when the experts are split over mesh
-        axes the batch is split over too (`expert_parallel_axes`)."""
+        its expert (`grouped_experts`), on each device for the tokens it holds when a mesh is
+        in force (`_per_device`)."""
         num, k = self.num_experts, self.experts_per_token
         count = tokens.shape[0]
-        capacity = None
-        if self.dispatch == "capacity" and not decode:
-            capacity = capacity_of(count * k, num, self.capacity_factor)
+        capacity = self.dispatch == "capacity" and not decode
         # Choice-major order: every top-1 choice of an expert comes before its top-2 ones, the
         # priority capacity dispatch keeps (GShard); padding takes no expert's capacity.
         flat = experts.T.reshape(-1)
         valid = jnp.tile(mask, k)
-        if capacity is not None:
+        if capacity:
             flat = jnp.where(valid, flat, num)
-        dropout = Dropout(self.dropout)
-        expert_fn = ExpertFn(
-            self.activation, self.gated, lambda h: dropout(h, deterministic=deterministic)
-        )
-        method = resolve_grouped_matmul(self.grouped_matmul)
-        axes = expert_parallel_axes(num, tokens.shape[0])
-        if axes:
-            out, kept = self._expert_parallel(
-                tokens, flat, weights, expert_fn, method, axes, capacity, not deterministic
-            )
+        rng = self.make_rng("dropout") if self.dropout and not deterministic else None
+        layout = device_layout(weights, count)
+        if layout is None:
+            out, kept = self._assignments(tokens, flat, weights, capacity, rng, None)
         else:
-            rows = jnp.tile(tokens, (k, 1))  # [assignments, embed], choice-major
-            out = grouped_experts(rows, flat, weights, expert_fn, method, capacity)
-            kept = flat < num if capacity is None else capacity_kept(flat, num, capacity)
-        if capacity is not None:
+            out, kept = self._per_device(tokens, flat, weights, capacity, rng, layout)
+        if capacity:
             dropped = jnp.sum(valid & ~kept) / jnp.maximum(jnp.sum(valid), 1)
             self.sow(STATS, "moe_dropped_fraction", dropped)
         out = out * gates.T.reshape(-1)[:, None].astype(out.dtype)
         return jnp.sum(out.reshape(k, count, -1), axis=0)
 
-    def _expert_parallel(self, tokens, flat, weights, expert_fn, method, axes, capacity, train):
-        """`_sorted`'s assignments through `exchange_to_experts` in a `shard_map` over the mesh
-        in force: (outputs [assignments, embed], kept [assignments]) in choice-major order.
-        Capacity is per device (GShard's groups): each expert takes capacity_factor x this
-        device's assignments / experts of them."""
-        if self.dropout and train:
-            raise ValueError(
-                f"model.dropout={self.dropout} inside experts split over devices is not "
-                "supported: set model.dropout=0, or keep each expert on every device "
-                "(--config.parallel.rules=expert=none)"
-            )
-        num, k, features = self.num_experts, self.experts_per_token, tokens.shape[-1]
-        batch = activation_spec(("activation_batch", None), tokens.shape)
-        names = {
-            "wi": ("expert", None, "mlp"),
-            "wu": ("expert", None, "mlp"),
-            "wo": ("expert", "mlp", None),
-        }
-        specs = {
-            name: (
-                activation_spec(names[name], kernel.shape),
-                None
-                if bias is None
-                else activation_spec((names[name][0], names[name][2]), bias.shape),
-            )
-            for name, (kernel, bias) in weights.items()
-        }
-        mlp_axes = _axes(specs["wi"][0][2])
-        exchange = resolve_exchange(self.exchange)
-        mesh = jax.sharding.get_abstract_mesh()
-        devices = math.prod(mesh.shape[axis] for axis in axes)
-        expert_fn = expert_fn._replace(
-            dropout=lambda h: h,
-            reduce=(lambda y: jax.lax.psum(y, mlp_axes)) if mlp_axes else None,
-        )
-
-        def local(tokens, experts, weights):
-            count = tokens.shape[0]
-            experts = experts.reshape(-1)
-            slots = count * k  # dropless: every row may go to one device
-            if capacity is not None:
-                local_capacity = capacity_of(count * k, num, self.capacity_factor)
-                experts = jnp.where(capacity_kept(experts, num, local_capacity), experts, num)
-                slots = min(slots, weights["wi"][0].shape[0] * local_capacity)
-            rows = jnp.tile(tokens, (k, 1))
+    def _assignments(self, tokens, flat, weights, capacity: bool, rng, layout):
+        """One device's assignments through their experts: tokens [n, embed], flat [k * n]
+        expert ids (choice-major; `num_experts`: none) -> (outputs [k * n, embed], kept
+        [k * n]). Capacity counts this device's assignments (GShard's groups)."""
+        num, k = self.num_experts, self.experts_per_token
+        dropout = (lambda h: h) if rng is None else (lambda h: dropout_fn(h, self.dropout, rng))
+        reduce = None
+        if layout is not None and layout.mlp:
+            reduce = lambda y: jax.lax.psum(y, layout.mlp)  # noqa: E731
+        expert_fn = ExpertFn(self.activation, self.gated, dropout, reduce)
+        method = resolve_grouped_matmul(self.grouped_matmul)
+        per_expert = None
+        if capacity:
+            per_expert = capacity_of(flat.shape[0], num, self.capacity_factor)
+            flat = jnp.where(capacity_kept(flat, num, per_expert), flat, num)
+        rows = jnp.tile(tokens, (k, 1))
+        local = weights["wi"][0].shape[0]
+        if layout is not None and layout.exchange:
+            devices = num // local
+            slots = flat.shape[0] if per_expert is None else min(flat.shape[0], local * per_expert)
+            exchange = resolve_exchange(self.exchange)
             out = exchange_to_experts(
-                rows, experts, weights, expert_fn, method, axes, devices, slots, exchange
+                rows,
+                flat,
+                weights,
+                expert_fn,
+                method,
+                layout.exchange,
+                devices,
+                slots,
+                exchange,
+                per_expert,
             )
-            return out.reshape(k, count, features), (experts < num).reshape(k, count)
+        elif layout is not None and layout.reduce:  # this device's experts, summed over them
+            first = jax.lax.axis_index(layout.reduce) * local
+            mine = (flat >= first) & (flat < first + local)
+            ids = jnp.where(mine, flat - first, local)
+            # Marked as varying over those axes, so that the backward pass sums the tokens'
+            # gradients over the devices' experts (left to the gathers, it did not: measured).
+            rows = jax.lax.pcast(rows, layout.reduce, to="varying")
+            out = grouped_experts(rows, ids, weights, expert_fn, method, per_expert)
+            out = jax.lax.psum(out, layout.reduce)
+        else:
+            out = grouped_experts(rows, flat, weights, expert_fn, method, per_expert)
+        return out, flat < num
 
-        by_choice = P(None, batch[0])
+    def _per_device(self, tokens, flat, weights, capacity, rng, layout: _DeviceLayout):
+        """`_assignments` in a `shard_map` over the mesh in force: each device dispatches the
+        tokens it holds (a sort over the whole batch would gather it onto every device), its
+        experts' weights gathered along the embedding as FSDP gathers them."""
+        k, features = self.experts_per_token, tokens.shape[-1]
+        mesh = jax.sharding.get_abstract_mesh()
+        by_choice = P(None, layout.batch or None)
+
+        def local(tokens, flat, weights, rng):
+            if rng is not None:  # each device draws its own dropout bits
+                rng = jax.random.fold_in(rng, jax.lax.axis_index(tuple(mesh.axis_names)))
+            out, kept = self._assignments(tokens, flat.reshape(-1), weights, capacity, rng, layout)
+            return out.reshape(k, -1, features), kept.reshape(k, -1)
+
         out, kept = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(batch, by_choice, specs),
-            out_specs=(P(None, batch[0], None), by_choice),
-        )(tokens, flat.reshape(k, -1), weights)
-        return out.reshape(k * tokens.shape[0], features), kept.reshape(-1)
+            in_specs=(P(layout.batch or None, None), by_choice, layout.specs, P()),
+            out_specs=(P(None, layout.batch or None, None), by_choice),
+        )(tokens, flat.reshape(k, -1), weights, rng)
+        return out.reshape(-1, features), kept.reshape(-1)
 
     def _shared(self, tokens, deterministic):
         """The shared experts' dense MLP on every token [tokens, embed], gated if configured."""
