@@ -85,3 +85,47 @@ def test_peer_shapes_have_a_transformers_layout():
     llama = config_to_hf(peer.PEER_SHAPES["llama"][0])
     assert llama["architectures"] == ["LlamaForCausalLM"]
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (6, 2)
+
+
+def test_moe_benchmark_compares_the_dispatches_flops():
+    """What `python -m lm.bench moe` measures, at a small shape (unrolled layers: one compile
+    a variant): dropless dispatch costs about the compiled FLOPs of the dense model of equal
+    active parameters, capacity 1.25 a little more, dense dispatch all 8 experts'."""
+    from lm.bench import moe
+    from lm.bench.__main__ import build_parser
+
+    args = build_parser().parse_args(["moe", "--steps", "1", "--rounds", "1"])
+    assert (args.command, args.batch, args.seq, args.experts, args.top_k) == (
+        "moe",
+        16,
+        256,
+        8,
+        2,
+    )
+    base = T.preset(
+        "gpt2",
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=256,
+        vocab_size=256,
+        max_len=64,
+        dropout=0.0,
+        scan_layers=False,
+    )
+    runs = moe.moe_runs(1, 1, base, 4, 64)
+    assert list(runs) == [moe.DENSE, "dropless (blocks)", "capacity 1.25", "dense dispatch"]
+    dense = runs[moe.DENSE]
+    for name, run in runs.items():
+        assert len(run["times"]) == 1 and run["times"][0] > 0
+        assert run["active"] == pytest.approx(dense["active"], rel=0.02)  # router + biases
+        assert (run["dropped"] is not None) == (name == "capacity 1.25")
+    assert 0 <= runs["capacity 1.25"]["dropped"] < 1
+    ratio = {name: run["flops"] / dense["flops"] for name, run in runs.items()}
+    # Measured: dropless 1.10x (blocks padded), capacity 1.15x, dense dispatch 2.42x.
+    assert 1 < ratio["dropless (blocks)"] < 1.2
+    assert ratio["dropless (blocks)"] < ratio["capacity 1.25"] < 1.3
+    assert ratio["dense dispatch"] > 2
+    table = moe.moe_table(runs, 4, 64, 1, 1).splitlines()
+    assert len(table) == 2 + len(runs)
+    assert all(line.startswith(name) for line, name in zip(table[2:], runs, strict=True))

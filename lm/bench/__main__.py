@@ -11,6 +11,7 @@ from lm.bench import evaluation as evalbench
 from lm.bench.decoding import decode_benchmark
 from lm.bench.layers import layers_benchmark
 from lm.bench.mfu import SHAPES, mfu_benchmark
+from lm.bench.moe import moe_benchmark
 from lm.bench.peer import PEER_SHAPES, train_benchmark
 from lm.bench.step import step_benchmark
 from lm.models.attention import IMPLEMENTATIONS
@@ -40,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     step = sub.add_parser("step", help="train-step tokens/s on the main job shape, before and now")
     step.add_argument("--steps", type=int, default=10)
     step.add_argument("--rounds", type=int, default=3)
+    moe = sub.add_parser(
+        "moe",
+        help="MoE train step (dropless, capacity, dense dispatch) against the dense model",
+    )
+    moe.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    moe.add_argument("--rounds", type=int, default=3)
+    moe.add_argument("--batch", type=int, default=16)
+    moe.add_argument("--seq", type=int, default=256)
+    moe.add_argument("--experts", type=int, default=8)
+    moe.add_argument("--top_k", type=int, default=2, help="experts per token")
+    moe.add_argument("--capacity_factor", type=float, default=1.25)
     train = sub.add_parser(
         "train", help="train-step tokens/s against a PyTorch (transformers) peer"
     )
@@ -125,6 +137,19 @@ def main(argv=None) -> None:
         print(evalbench.run_from_arguments(args), flush=True)
     elif args.command == "step":
         print(step_benchmark(args.steps, args.rounds), flush=True)
+    elif args.command == "moe":
+        print(
+            moe_benchmark(
+                args.steps,
+                args.rounds,
+                args.batch,
+                args.seq,
+                args.experts,
+                args.top_k,
+                args.capacity_factor,
+            ),
+            flush=True,
+        )
     else:
         decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
         print(
