@@ -288,11 +288,13 @@ def test_auto_attention_compiles_the_splash_kernel_for_tpu(mesh, splash):
 @pytest.mark.parametrize(
     "spec, params",
     [
-        # The published sizes: Llama 3 8B, 70B and 3.2 1B; GPT-2 1.5B with 50,304 tokens.
+        # The published sizes: Llama 3 8B, 70B and 3.2 1B; GPT-2 1.5B with 50,304 tokens;
+        # Mixtral 8x7B (all 8 experts of each layer counted).
         ("llama3_8b.py", 8_030_261_248),
         ("llama3_70b.py", 70_553_706_496),
         ("llama3_1b.py", 1_235_814_400),
         ("gpt2.py:1.5b", 1_557_686_400),
+        ("mixtral_8x7b.py", 46_702_792_704),
     ],
 )
 def test_real_size_experiments_have_the_published_shapes(spec, params):
