@@ -1,11 +1,13 @@
 """Benchmarks that run a peer side by side, in the same process, and print ratios: one module a
-benchmark (`decoding`, `peer` for `train`, `step`, `layers`, `mfu`, `data`, `evaluation`),
+benchmark (`decoding`, `peer` for `train`, `step`, `layers`, `mfu`, `moe`, `data`,
+`evaluation`),
 `common` for the shapes they share, `__main__` for the command line.
 
     python -m lm.bench decode --model smollm2 [--new_tokens 64] [--batches 1,8] [--precision fp32,bf16]
     python -m lm.bench layers [--depths 4,30] [--batch 4 --seq 512]
     python -m lm.bench step [--steps 10 --rounds 3]
     python -m lm.bench mfu --shape gpt2_124m --batch 16 --seq 1024 --precision bf16
+    python -m lm.bench moe [--experts 8 --top_k 2 --capacity_factor 1.25]
     python -m lm.bench train [--shapes S,V,llama] [--precision fp32,bf16]
     python -m lm.bench eval [--model smollm2 --tasks arc_easy,piqa --limit 300 --num_fewshot 0]
     python -m lm.bench data --config experiments/shakespeare_gpt.py [--set data.source=...]
@@ -22,6 +24,8 @@ the model as it was (unrolled layers, the reference attention core) and as it is
 (scanned layers, fused attention), and in bf16, interleaved in one process; medians.
 `mfu`: one shape's train-step tokens/s and MFU (6N + 12 L d T FLOPs per token against the
 device's peak, `lm.train.peak_flops_per_device`), then greedy decoding with those weights.
+`moe`: the main job's step with a mixture of experts under each `model.moe_dispatch` beside
+the dense model of equal active parameters: step time and compiled FLOPs, as ratios.
 
 `decode`: greedy generation with our jit-compiled, KV-cached decoder against
 `transformers`' `generate` on the same GGUF weights (dequantised to float32 by both)
