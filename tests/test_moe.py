@@ -289,6 +289,24 @@ def test_shared_experts_add_a_gated_dense_mlp_to_the_routed_ones():
     )
 
 
+def test_dropout_inside_sorted_dispatch_is_inverted_dropout_of_the_experts_hidden_units():
+    """Dropout on the experts' hidden units, scaled by 1 / (1 - rate): each training draw
+    differs, and their mean is the deterministic output (the down projection is linear)."""
+    mlp = moe.MoeMLP(num_experts=4, experts_per_token=2, hidden=16, dropout=0.5, init_std=0.3)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    params = nn.meta.unbox(mlp.init(jax.random.key(0), x)["params"])
+    want = mlp.apply({"params": params}, x)
+
+    @jax.jit
+    def draw(key):
+        return mlp.apply({"params": params}, x, deterministic=False, rngs={"dropout": key})
+
+    draws = jnp.stack([draw(key) for key in jax.random.split(jax.random.key(2), 400)])
+    assert not jnp.allclose(draws[0], draws[1])
+    spread = jnp.std(draws, axis=0) / np.sqrt(len(draws))
+    assert bool(jnp.all(jnp.abs(draws.mean(0) - want) < 5 * spread + 1e-6))
+
+
 def _step_flops(config, batch=8, length=64):
     """Compiled FLOPs of the objective's value and gradient on a [batch, length] batch."""
     model = T.build_model(config)
