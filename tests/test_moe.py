@@ -529,7 +529,8 @@ def test_experts_sharded_on_8_devices_give_the_one_device_loss_and_gradients(
     assert jax.device_count() == 8
     config = parallel.ParallelConfig(mesh=mesh, rules=rules)
     mesh = parallel.make_mesh(config.mesh)
-    params, loss, grads, _ = _loss_and_grads(mesh, config.logical_rules)
+    params, loss, grads, hlo = _loss_and_grads(mesh, config.logical_rules)
+    assert "all-to-all" in hlo  # experts over a batch axis: tokens travel to them
     _, want_loss, want_grads, _ = one_device_loss_and_grads
 
     mlp = params["decoder"]["layers"]["block_0"]["mlp"]
@@ -560,7 +561,7 @@ def _expert_parallel_config(dispatch):
 @pytest.mark.parametrize(
     "mesh, dispatch",
     [
-        ((2, 4, 1), "dropless"),
+        pytest.param((2, 4, 1), "dropless", marks=pytest.mark.slow),
         pytest.param((4, 2, 1), "dropless", marks=pytest.mark.slow),
         pytest.param((8, 1, 1), "dropless", marks=pytest.mark.slow),
         pytest.param((2, 4, 1), "capacity", marks=pytest.mark.slow),
@@ -588,7 +589,7 @@ def test_expert_parallelism_over_fsdp_equals_one_device(mesh, dispatch):
 @pytest.mark.parametrize(
     "mesh, rules, collective",
     [
-        ((2, 2, 2), "expert=tensor", "all-reduce"),  # each device runs its experts, summed
+        pytest.param((2, 2, 2), "expert=tensor", "all-reduce", marks=pytest.mark.slow),
         pytest.param((2, 4, 1), "expert=none", None, marks=pytest.mark.slow),  # all on each
     ],
 )
@@ -640,7 +641,8 @@ def _emulated_ragged_all_to_all(
     return output.at[dest.reshape(-1)].set(got.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", pytest.param("capacity", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 def test_the_ragged_exchange_equals_one_device(monkeypatch, dispatch):
     """The exchange TPUs and GPUs run (ragged all-to-alls, here emulated by their documented
     semantics) sends each row to its expert's device and back: the one-device result."""
@@ -659,6 +661,7 @@ def test_the_ragged_exchange_equals_one_device(monkeypatch, dispatch):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install -e '.[tpu]'; CI installs it)",
