@@ -592,7 +592,8 @@ class MoeMLP(nn.Module):
             mine = (flat >= first) & (flat < first + local)
             ids = jnp.where(mine, flat - first, local)
             # Marked as varying over those axes, so that the backward pass sums the tokens'
-            # gradients over the devices' experts (left to the gathers, it did not: measured).
+            # gradients over the devices' experts: gathers with device-dependent indices
+            # from an array replicated over them do not.
             rows = jax.lax.pcast(rows, layout.reduce, to="varying")
             out = grouped_experts(rows, ids, weights, expert_fn, method, per_expert)
             out = jax.lax.psum(out, layout.reduce)
