@@ -380,7 +380,8 @@ class _DeviceLayout(NamedTuple):
     exchange: the expert axes among them (tokens travel to their experts' devices); reduce:
     expert axes the tokens are not split over (each device runs its experts on the tokens it
     already holds, and the outputs are summed over these axes); mlp: the axes the experts'
-    MLP dimension is split over (the down projection is summed over them)."""
+    MLP dimension is split over (the down projection is summed over them); specs: each
+    weight's (kernel, bias) PartitionSpecs inside the shard_map."""
 
     batch: tuple[str, ...]
     exchange: tuple[str, ...]
