@@ -55,6 +55,9 @@ FREE_KEYS: dict[str, Any] = {
         "init_from",  # read only when the workdir has no checkpoints
         "allow_changes",
         "lease_timeout_s",
+        "loggers",  # where metrics are shown, not what they are
+        "wandb_project",
+        "wandb_entity",
     },
     "model": set(EXECUTION_FIELDS),
     # Where data is prepared and read from, not what it is (the files' fingerprint is compared).

@@ -1,13 +1,16 @@
 """Small helpers that every layer of `lm` may use (this module imports only jax, numpy and the
 standard library): building a config dataclass from a dict, naming a pytree path, counting
-parameters, comparing two trees' shapes, gathering sharded arrays across processes, and host
-arrays that are read only where they are indexed (`LazyArray`)."""
+parameters, comparing two trees' shapes, gathering sharded arrays across processes, host
+arrays that are read only where they are indexed (`LazyArray`), and the code's version
+(`code_version`, git run as a subprocess)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import os
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -244,3 +247,34 @@ def first_argmax(x: jax.Array) -> jax.Array:
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     hits = (x == peak) | jnp.isnan(x)
     return jnp.where(hits, index, x.shape[-1]).min(axis=-1)
+
+
+def _git(*args: str) -> str:
+    """The stdout of `git ARGS` run in the lm package's directory. CalledProcessError where
+    git fails (not a work tree, the package untracked), FileNotFoundError with no git binary."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def code_version() -> dict:
+    """The version of the code that runs, for a run's record (config and trackers).
+
+    Returns {"commit", "dirty", "version"}: in a git checkout of lm, the HEAD commit and whether
+    tracked files differ from it (untracked ones, such as workdirs, are not counted); elsewhere
+    (an installed wheel, no git binary) commit and dirty are None. version is the installed
+    package's (None when lm runs from a tree that was never installed).
+    """
+    try:
+        version = importlib.metadata.version("lm")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        # lm's own files must be tracked: a wheel installed inside some other repository (a
+        # virtualenv in a project's checkout) is not that repository's commit.
+        _git("ls-files", "--error-unmatch", "--", "__init__.py")
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty, "version": version}

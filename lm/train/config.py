@@ -9,6 +9,8 @@ from lm import lora
 from lm.utils import config_from_dict
 
 NONFINITE_POLICIES = ("abort", "skip", "rollback")
+# Experiment trackers `train.loggers` may name (lm.train.metrics); metrics.jsonl is always written.
+LOGGERS = ("tensorboard", "wandb")
 
 
 def check_nonfinite_policy(value: str) -> None:
@@ -16,6 +18,19 @@ def check_nonfinite_policy(value: str) -> None:
         raise ValueError(
             f"train.nonfinite={value!r}: use one of {', '.join(map(repr, NONFINITE_POLICIES))}"
         )
+
+
+def parse_loggers(value: str) -> tuple[str, ...]:
+    """The tracker names in a comma-separated `train.loggers` value, in order, each once
+    (() for ""). ValueError names an unknown one and the known ones."""
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise ValueError(
+            f"train.loggers={value!r}: unknown logger {unknown[0]!r}; "
+            f"known: {', '.join(map(repr, LOGGERS))} (comma-separated, '' for metrics.jsonl only)"
+        )
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +73,12 @@ class TrainConfig:
     # The workdir lease (lm.lease): a trainer whose heartbeat is older than this may be taken
     # over by another (one on this host whose process is gone, at once).
     lease_timeout_s: float = 300.0
+    # Experiment trackers that get every logged row besides metrics.jsonl (always written):
+    # comma-separated names from LOGGERS, "" for none. wandb needs the [wandb] extra; its run
+    # goes to wandb_project, under wandb_entity ("" = W&B's default entity).
+    loggers: str = "tensorboard"
+    wandb_project: str = "lm"
+    wandb_entity: str = ""
 
     def __post_init__(self):
         for key, low in [
@@ -78,6 +99,12 @@ class TrainConfig:
             raise ValueError(f"train.lease_timeout_s={self.lease_timeout_s} must be > 0 (seconds)")
         self.lora  # noqa: B018 - validates the LoRA values now, with their config names
         check_nonfinite_policy(self.nonfinite)
+        self.logger_names  # noqa: B018 - validates train.loggers now
+
+    @property
+    def logger_names(self) -> tuple[str, ...]:
+        """The trackers named in `loggers` (see `parse_loggers`)."""
+        return parse_loggers(self.loggers)
 
     @property
     def lora(self) -> lora.LoraConfig:
