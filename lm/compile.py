@@ -33,6 +33,7 @@ from lm import parallel
 from lm.data.pipeline import empty_batch
 from lm.models.transformer import ModelConfig
 from lm.train import flops_per_token, peak_flops_for_kind
+from lm.train.profile import StepMemory
 from lm.utils import longest_prefix_entry
 
 GIB = 2**30
@@ -132,33 +133,6 @@ def _tpu_devices(spec: str) -> list:
             f"(e.g. v5p:4x4x4, v5e:4x4, v6e:8x8, v4:2x2x2): {str(e).splitlines()[0]}"
         ) from None
     return description.devices
-
-
-@dataclasses.dataclass(frozen=True)
-class StepMemory:
-    """Bytes per device of one compiled step (`compiled.memory_analysis()`)."""
-
-    arguments: int  # parameters, optimizer state, batch
-    outputs: int
-    aliased: int  # outputs written into donated arguments (the new state)
-    temporaries: int
-    code: int
-
-    @property
-    def total(self) -> int:
-        """What the step holds at its peak: arguments, outputs not aliased, temporaries."""
-        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
-
-    @classmethod
-    def of(cls, compiled) -> StepMemory:
-        m = compiled.memory_analysis()
-        return cls(
-            arguments=m.argument_size_in_bytes,
-            outputs=m.output_size_in_bytes,
-            aliased=m.alias_size_in_bytes,
-            temporaries=m.temp_size_in_bytes,
-            code=m.generated_code_size_in_bytes,
-        )
 
 
 @dataclasses.dataclass(frozen=True)

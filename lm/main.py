@@ -44,6 +44,7 @@ from lm.decode import samples
 from lm.evaluation import evaluate, get_tasks, harness_model, write_results
 from lm.icl import fewshot
 from lm.models.transformer import for_inference
+from lm.train.monitor import process_started
 from lm.utils import default_compilation_cache, enable_compilation_cache
 
 COMMANDS = ("train", "prepare", "sample", "eval", "icl", "convert", "compile")
@@ -455,7 +456,7 @@ def main(argv):
     if command == "train":
         if _CONFIG.value is None:
             raise UsageError("train needs --config experiments/NAME.py")
-        run_lib.run(_CONFIG.value, workdir)
+        run_lib.run(_CONFIG.value, workdir, started_at=process_started())
     elif command == "prepare":
         prepare_command(workdir)
     elif command == "sample":

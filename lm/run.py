@@ -207,17 +207,18 @@ def default_prompts(data_cfg: DataConfig, sample_prompt: str = "") -> list[str]:
     return ["\n"]
 
 
-def train(config, workdir: pathlib.Path) -> None:
+def train(config, workdir: pathlib.Path, started_at: float | None = None) -> None:
     """Trains (or resumes) the experiment `config` (a ConfigDict) in `workdir`, holding its
     lease (`lm.lease`); prints the model, the unigram baseline, the final validation loss and
     samples, which it also writes to WORKDIR/samples.txt. Every check of the config, the mesh
-    and the workdir comes before any work."""
+    and the workdir comes before any work. started_at: when the process started, where the
+    goodput ledger's startup begins (None: when training begins)."""
     values = config_lib.resolve(config)
     checked = config_lib.build(values)
     parallel.initialize_distributed(checked.parallel)
     parallel.check_batch_split("data.batch_size", checked.data.batch_size, checked.parallel)
     with lease_lib.hold_workdir(workdir, checked.train.lease_timeout_s) as lease:
-        _train(build_run(values, workdir), workdir, lease)
+        _train(build_run(values, workdir), workdir, lease, started_at)
 
 
 def _unigram_baseline(run: Run, workdir) -> float:
@@ -234,7 +235,7 @@ def _unigram_baseline(run: Run, workdir) -> float:
     return baseline
 
 
-def _train(run: Run, workdir, lease) -> None:
+def _train(run: Run, workdir, lease, started_at: float | None) -> None:
     trainer, tokenizer, data_cfg, train_cfg = (
         run.trainer,
         run.tokenizer,
@@ -296,6 +297,8 @@ def _train(run: Run, workdir, lease) -> None:
         seq_len=data_cfg.seq_len,
         on_end=on_end,
         lease=lease,
+        record=run.values,
+        started_at=started_at,
     )
     final = read_metrics(workdir)
     evals = [m for m in final if "eval/loss" in m]
@@ -318,9 +321,10 @@ def experiment_kind(config) -> str:
     return config["icl"].get("kind", "") if "icl" in config else "text"
 
 
-def run(config, workdir: pathlib.Path) -> None:
-    """Trains (or resumes) the experiment ``config`` in ``workdir``, whatever its kind."""
+def run(config, workdir: pathlib.Path, started_at: float | None = None) -> None:
+    """Trains (or resumes) the experiment ``config`` in ``workdir``, whatever its kind
+    (started_at: see `train`)."""
     if experiment_kind(config) == "text":
-        train(config, workdir)
+        train(config, workdir, started_at)
     else:
-        experiments.run_experiment(config, workdir)
+        experiments.run_experiment(config, workdir, started_at)

@@ -169,11 +169,12 @@ def process_rows(batch_size: int):
     return slice(index * local, (index + 1) * local)
 
 
-def train_run(build_run, config, workdir) -> dict[str, Any]:
+def train_run(build_run, config, workdir, started_at: float | None = None) -> dict[str, Any]:
     """Trains (or resumes) the ICL run that ``build_run(config, workdir)`` assembles (an
     `IclRun`) in ``workdir``, holding its lease (`lm.lease`), then writes and returns its
     results (see the kind's module). A resume that changes the run is refused (`lm.history`;
-    the prompts are synthetic: there are no data files to fingerprint)."""
+    the prompts are synthetic: there are no data files to fingerprint). started_at: when the
+    process started, for the goodput ledger (None: when training begins)."""
     workdir = storage.as_path(workdir)
     _, train, par = build_common(section_values(config))
     parallel.initialize_distributed(par)
@@ -197,5 +198,7 @@ def train_run(build_run, config, workdir) -> dict[str, Any]:
             seq_len=run.seq_len,
             on_end=on_end,
             lease=held,
+            record=values,
+            started_at=started_at,
         )
     return results

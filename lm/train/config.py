@@ -73,6 +73,17 @@ class TrainConfig:
     # The workdir lease (lm.lease): a trainer whose heartbeat is older than this may be taken
     # over by another (one on this host whose process is gone, at once).
     lease_timeout_s: float = 300.0
+    # Profiling (lm.train.profile): a jax.profiler trace of profile_steps steps from step
+    # profile_start (1-based; 0 = none scheduled) into WORKDIR/profile; another window of
+    # profile_steps whenever WORKDIR/PROFILE is touched or the process gets SIGUSR1.
+    profile_start: int = 0
+    profile_steps: int = 5
+    # Write the train step's optimized HLO, memory and cost analyses to WORKDIR/compiled.
+    dump_compiled: bool = False
+    # The hang watchdog (lm.train.watchdog): no step completed for this long (after the first;
+    # evaluation and checkpoints excepted) writes every thread's stack to the log and exits
+    # with status 75 (WATCHDOG_EXIT) for the launcher to restart the run. 0 = off.
+    step_timeout_s: float = 0.0
     # Experiment trackers that get every logged row besides metrics.jsonl (always written):
     # comma-separated names from LOGGERS, "" for none. wandb needs the [wandb] extra; its run
     # goes to wandb_project, under wandb_entity ("" = W&B's default entity).
@@ -95,6 +106,16 @@ class TrainConfig:
         ]:
             if getattr(self, key) < low:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= {low}")
+        if self.step_timeout_s < 0:
+            raise ValueError(
+                f"train.step_timeout_s={self.step_timeout_s} must be >= 0 (seconds; 0 = no watchdog)"
+            )
+        if self.profile_start < 0 or self.profile_steps < 1:
+            raise ValueError(
+                f"train.profile_start={self.profile_start}, train.profile_steps="
+                f"{self.profile_steps}: the first profiled step must be >= 0 (0 = none) and the "
+                "window at least 1 step"
+            )
         if self.lease_timeout_s <= 0:
             raise ValueError(f"train.lease_timeout_s={self.lease_timeout_s} must be > 0 (seconds)")
         self.lora  # noqa: B018 - validates the LoRA values now, with their config names

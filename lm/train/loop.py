@@ -21,7 +21,9 @@ from lm import storage
 from lm.checkpoint import Checkpointer
 from lm.train.config import TrainConfig
 from lm.train.metrics import MetricWriter
+from lm.train.monitor import Monitor, process_step_times
 from lm.train.nonfinite import NonFiniteGuard
+from lm.train.profile import ProfileWindows, dump_compiled
 from lm.train.step import TrainState
 from lm.train.throughput import flops_per_token, peak_flops_per_device
 from lm.train.trainer import Trainer
@@ -134,8 +136,17 @@ class _Log:
     waiting for batches over the window since the last line, MFU, the data's own metrics
     (`data_metrics`, a mixture's), written to `MetricWriter` and the progress bar."""
 
-    def __init__(self, workdir, trainer: Trainer, train_config: TrainConfig, seq_len, start):
-        self.writer = MetricWriter(workdir, start)
+    def __init__(
+        self, workdir, trainer: Trainer, train_config: TrainConfig, seq_len, start, record
+    ):
+        self.writer = MetricWriter(
+            workdir,
+            start,
+            loggers=train_config.logger_names,
+            record=record,
+            wandb_project=train_config.wandb_project,
+            wandb_entity=train_config.wandb_entity,
+        )
         self._host_metrics = trainer.host_metrics
         self._flops = flops_per_token(trainer.model_config, trainer.num_params, seq_len or 1)
         peak = peak_flops_per_device(train_config.peak_flops_per_device)
@@ -174,6 +185,9 @@ class _Log:
             "steps_per_sec": self.steps / elapsed,
             "data_wait_fraction": self.wait / elapsed,  # a starving run shows here
         }
+        if jax.process_count() > 1:  # a straggler shows in its own wait for data
+            per_step = max(self.steps, 1)
+            logged |= process_step_times(steps[-1], elapsed / per_step, self.wait / per_step)
         if hasattr(data_iterator, "data_metrics"):  # the LM pipeline's: a mixture's
             logged |= data_iterator.data_metrics()
         if self._peak > 0:
@@ -232,65 +246,85 @@ def _evaluate_at_start(log: _Log, evaluate, state) -> None:
         print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in initial.items()), flush=True)
 
 
-def train_loop(
-    trainer: Trainer,
-    train_config: TrainConfig,
-    workdir: storage.PathLike,
-    data_iterator,
-    *,
-    evaluators: dict[str, Callable[[TrainState], dict[str, float]]] | None = None,
-    seq_len: int = 0,
-    on_end: Callable[[TrainState], None] | None = None,
-    lease=None,
-) -> TrainState:
-    """Trains to `train_config.steps`, resuming from the workdir's latest checkpoint.
+def _timed(monitor: Monitor, bucket: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), its time counted to `bucket`; then back to "steps"."""
+    monitor.enter(bucket)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        monitor.enter("steps")
 
-    data_iterator: a checkpointable Grain iterator of process-local numpy batches.
-    evaluators: name -> callable(state) -> metrics, run every `eval_every` steps and at the end;
-      their metrics are logged as `<name>/<metric>`.
-    on_end: called with the final state (e.g. to print samples).
-    lease: the workdir's `lm.lease.Lease`, checked at every step (None: not checked).
 
-    Non-finite steps (`train.nonfinite`: abort, skip, rollback): see `NonFiniteGuard`.
-    """
-    workdir = storage.as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def _first_step_extras(train_config: TrainConfig, trainer: Trainer, state, batch, workdir):
+    """What runs before a start's first step: the compiled program's dump if asked for."""
+    if train_config.dump_compiled and jax.process_index() == 0:
+        dump_compiled(trainer.train_step, state, batch, workdir)
+
+
+def _train(
+    trainer, train_config, workdir, data_iterator, monitor, *, evaluators, seq_len, lease, record
+):
+    """The loop of `train_loop`: -> (the final host state, its step, whether it was stopped)."""
     trainer = trainer.with_nonfinite(train_config.nonfinite)
     guard = NonFiniteGuard(train_config.nonfinite, workdir)
     keep, async_save = train_config.keep_checkpoints, train_config.async_checkpoints
     checkpointer = Checkpointer(workdir, keep=keep, async_save=async_save)
+    if checkpointer.latest_step() is not None:
+        monitor.enter("restore")
     state, start = _restore_or_init(checkpointer, trainer, train_config, data_iterator)
+    monitor.enter("startup")
+    monitor.ledger.begin(start)
     guard.start(start, data_iterator)
     logging.info("%s", trainer.parameter_summary())
     state = trainer.to_device_state(state)
-    log = _Log(workdir, trainer, train_config, seq_len, start)
-    evaluate = functools.partial(_evaluate, trainer, evaluators or {})
+    log = _Log(workdir, trainer, train_config, seq_len, start, record)
+    evaluate = functools.partial(
+        _timed, monitor, "evaluation", _evaluate, trainer, evaluators or {}
+    )
+    save = functools.partial(
+        _timed, monitor, "checkpoint_save", _save, checkpointer, guard, trainer
+    )
     if start == 0 and train_config.eval_at_start and evaluators:
         _evaluate_at_start(log, evaluate, state)
-    total, step, pending, stop = train_config.steps, start, [], False
+    total, step, pending, stop, in_flight = train_config.steps, start, [], False, None
     rollback = functools.partial(
+        _timed,
+        monitor,
+        "restore",
         guard.handle,
         checkpointer=checkpointer,
         trainer=trainer,
         data_iterator=data_iterator,
         seed=train_config.seed,
     )
+    profile = ProfileWindows(workdir, train_config.profile_start, train_config.profile_steps)
     try:
-        with _Preemption(lease) as preemption:
+        with _Preemption(lease) as preemption, profile:
             while step < total and not (stop := preemption.reached(step)):
+                profile.before_step(step + 1)
+                monitor.enter("data_wait", step + 1)
                 waited = time.perf_counter()
                 batch, position = guard.next_batch(data_iterator)
                 log.wait += time.perf_counter() - waited
-                state, metrics = trainer.train_step(state, trainer.put_batch(batch))
-                step, log.steps = step + 1, log.steps + 1
+                batch = trainer.put_batch(batch)
+                monitor.enter("compile" if step == start else "steps", step + 1)
+                if step == start:
+                    _first_step_extras(train_config, trainer, state, batch, workdir)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    state, metrics = trainer.train_step(state, batch)
+                monitor.enter("steps", step + 1)
+                if in_flight is not None:
+                    monitor.completed(*in_flight)
+                step, log.steps, in_flight = step + 1, log.steps + 1, (step + 1, metrics)
                 pending.append((step, metrics))
                 guard.record(step, position, metrics)
+                profile.after_step(step, metrics)
                 is_eval = train_config.eval_every and step % train_config.eval_every == 0
                 is_log = step % train_config.log_every == 0 or is_eval or step == total
                 is_save = step % train_config.checkpoint_every == 0 or step == total
                 if (is_log or is_save) and (bad := guard.first_bad()) is not None:
                     state, step = rollback(bad)  # abort raises
-                    pending = []
+                    pending, in_flight = [], None
                     log.restart(step)
                     continue
                 if is_log:
@@ -301,21 +335,77 @@ def train_loop(
                     log.writer.write(step, logged)
                     guard.check_skip_limit(step, checkpointer)
                     log.show(step, logged)
+                    profile.look_for_trigger()
                 if log.progress is not None:
                     log.progress.update(1)
                 if is_save:
-                    _save(checkpointer, guard, trainer, state, step, data_iterator)
+                    save(state, step, data_iterator)
+            if in_flight is not None:
+                monitor.completed(*in_flight)
             if stop and step < total:
                 if (bad := guard.first_bad()) is not None:  # rollback: back at a saved step
                     state, step = rollback(bad)
-                _save(checkpointer, guard, trainer, state, step, data_iterator, force=True)
+                save(state, step, data_iterator, force=True)
+        monitor.enter("checkpoint_save")
         checkpointer.wait()
         if stop and step < total and jax.process_index() == 0:
             print(f"stopped at step {step}, saved: rerun the command to resume", flush=True)
     finally:  # also on errors: saves in flight (all of finite states) land
+        monitor.enter("checkpoint_save")
         checkpointer.close()
+        monitor.enter("other")
         log.close()
-    host = trainer.host_state(state)
-    if on_end is not None and step == total:
-        on_end(host)
-    return host
+    return trainer.host_state(state), step, stop and step < total
+
+
+def train_loop(
+    trainer: Trainer,
+    train_config: TrainConfig,
+    workdir: storage.PathLike,
+    data_iterator,
+    *,
+    evaluators: dict[str, Callable[[TrainState], dict[str, float]]] | None = None,
+    seq_len: int = 0,
+    on_end: Callable[[TrainState], None] | None = None,
+    lease=None,
+    record: dict | None = None,
+    started_at: float | None = None,
+) -> TrainState:
+    """Trains to `train_config.steps`, resuming from the workdir's latest checkpoint.
+
+    data_iterator: a checkpointable Grain iterator of process-local numpy batches.
+    evaluators: name -> callable(state) -> metrics, run every `eval_every` steps and at the end;
+      their metrics are logged as `<name>/<metric>`.
+    on_end: called with the final state (e.g. to print samples).
+    lease: the workdir's `lm.lease.Lease`, checked at every step (None: not checked).
+    record: what the trackers record about the run (its resolved config).
+    started_at: when the run's process started, for the goodput ledger (None: now).
+
+    Non-finite steps (`train.nonfinite`: abort, skip, rollback): see `NonFiniteGuard`. Where
+    the time goes: `lm.train.goodput`; hangs: `lm.train.watchdog`; traces: `lm.train.profile`.
+    """
+    workdir = storage.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    monitor = Monitor(workdir, train_config.step_timeout_s, started_at)
+    outcome = "failed"
+    try:
+        with monitor:
+            state, step, stopped = _train(
+                trainer,
+                train_config,
+                workdir,
+                data_iterator,
+                monitor,
+                evaluators=evaluators,
+                seq_len=seq_len,
+                lease=lease,
+                record=record,
+            )
+            monitor.enter("evaluation")
+            if on_end is not None and step == train_config.steps:
+                on_end(state)
+            monitor.enter("other")
+        outcome = "stopped" if stopped else "finished"
+    finally:
+        monitor.close(outcome)
+    return state
