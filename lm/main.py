@@ -1,4 +1,4 @@
-"""Command line: train | prepare | sample | eval | icl | convert | compile.
+"""Command line: train | prepare | sample | eval | icl | convert | compile | summary.
 
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir /tmp/gpt --config.train.steps=100
@@ -12,9 +12,10 @@
     python -m lm.main --config experiments/shakespeare_gpt.py --workdir gs://bucket/gpt  # a bucket workdir
     python -m lm.main compile --config experiments/llama3_8b.py --topology v5p:4x4x4  # will it fit?
     python -m lm.main prepare --config EXP --workdir W --config.data.cache=DIR --workers 8  # tokenize once
+    python -m lm.main summary --workdir /tmp/gpt  # steps, starts, last metrics, where the time went
 
 Rerunning the training command on a workdir resumes from its latest checkpoint. The commands
-that read a workdir (sample, eval, icl, convert) write nothing into it: eval --tasks and icl
+that read a workdir (sample, eval, icl, convert, summary) write nothing into it: eval --tasks and icl
 write to --out, by default eval/NAME and icl/NAME in the current directory (NAME the workdir's
 or the model's).
 
@@ -47,8 +48,8 @@ from lm.models.transformer import for_inference
 from lm.train.monitor import process_started
 from lm.utils import default_compilation_cache, enable_compilation_cache
 
-COMMANDS = ("train", "prepare", "sample", "eval", "icl", "convert", "compile")
-READ_COMMANDS = ("sample", "eval", "icl", "convert")
+COMMANDS = ("train", "prepare", "sample", "eval", "icl", "convert", "compile", "summary")
+READ_COMMANDS = ("sample", "eval", "icl", "convert", "summary")
 
 
 class UsageError(ValueError):
@@ -348,6 +349,10 @@ def check_command(argv: list[str]) -> str:
 def check_source(command: str) -> None:
     """A read command reads exactly one of --workdir and --model; train and prepare need
     --workdir and take no --model (it would be ignored without a word)."""
+    if command == "summary":
+        if _MODEL.value or not _WORKDIR.value:
+            raise UsageError("summary reads a run's --workdir DIR (and takes no --model)")
+        return
     if command in READ_COMMANDS:
         if _WORKDIR.value and _MODEL.value:
             raise UsageError(f"{command} reads --workdir DIR or --model NAME, not both: drop one")
@@ -465,6 +470,8 @@ def main(argv):
         convert_command(workdir)
     elif command == "icl":
         icl_command(workdir)
+    elif command == "summary":
+        print(run_lib.run_summary(workdir))
     else:
         eval_command(workdir)
 

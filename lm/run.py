@@ -36,6 +36,7 @@ from lm.train import (
     read_metrics,
     train_loop,
 )
+from lm.train.goodput import format_ledger, read_ledger
 from lm.utils import gather_full
 
 
@@ -313,6 +314,29 @@ def _train(run: Run, workdir, lease, started_at: float | None) -> None:
                 else ""
             )
         )
+
+
+def run_summary(workdir: pathlib.Path) -> str:
+    """What a workdir's run has done, as text: steps saved of steps asked for, its starts
+    (history.json), the last logged metrics, and where the wall time went (the goodput ledger,
+    `lm.train.goodput`). Reads only; a workdir with none of these files is an error."""
+    saved = checkpoint.read_config(workdir) if (workdir / history.CONFIG_FILE).exists() else None
+    starts, rows, runs = history.read_history(workdir), read_metrics(workdir), read_ledger(workdir)
+    if saved is None and not (starts or rows or runs):
+        raise ValueError(f"{workdir} holds no run (no config.json): pass the workdir of a run")
+    step = checkpoint.latest_saved_step(workdir)
+    asked = (saved or {}).get("train", {}).get("steps", "?")
+    lines = [f"{workdir}: {step or 0} of {asked} steps saved (the latest checkpoint)"]
+    if starts:
+        last = starts[-1]
+        lines.append(f"{len(starts)} start(s); the last at step {last['step']}, {last['time']}")
+    if rows:
+        shown = {k: v for k, v in rows[-1].items() if k == "loss" or k.startswith("eval/")}
+        values = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        lines.append(f"last logged step {rows[-1]['step']}: {values}")
+    if runs:
+        lines.append(format_ledger(runs))
+    return "\n".join(lines)
 
 
 def experiment_kind(config) -> str:

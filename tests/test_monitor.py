@@ -196,3 +196,75 @@ def test_the_ledger_is_written_while_the_run_goes_on(tmp_path):
     written = read_ledger(tmp_path)[-1]  # a run killed now keeps what is written
     assert written["outcome"] == "running" and written["wall"] >= 0.2
     ledger.close("finished")
+
+
+@pytest.mark.slow
+def test_goodput_buckets_sum_to_the_wall_time_of_a_run_killed_once_and_resumed(tmp_path):
+    from tests.test_crash_harness import command
+    from tests.test_main import write_corpus
+    from tests.test_multihost import env_with
+
+    source = write_corpus(tmp_path / "corpus", files=6, lines=200)
+    workdir, env = tmp_path / "run", env_with(1, tmp_path / "cache")
+    # Long enough that what the ledger cannot see (the interpreter's exit after its last write,
+    # up to a flush period before the kill) is well under 2% of the wall time.
+    steps = ["--config.train.steps=10000", "--config.train.log_every=100"]
+    cmd = [
+        *command(workdir, source, tmp_path / "data"),
+        *steps,
+        "--config.train.checkpoint_every=2500",
+    ]
+    launched = time.time()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    while not (workdir / "checkpoints" / "5000").exists():  # killed past its second checkpoint
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    killed = time.time() - launched
+    launched = time.time()
+    finished = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = time.time() - launched
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    runs = read_ledger(workdir)
+    assert [r["outcome"] for r in runs] == ["running", "finished"]  # the kill left it running
+    total = totals(runs)
+    assert sum(total[b] for b in BUCKETS) == pytest.approx(total["wall"], rel=1e-9)
+    walls = [r["wall"] for r in runs]
+    assert total["wall"] == pytest.approx(killed + resumed, rel=0.02), (walls, killed, resumed)
+    assert (
+        runs[1]["first_step"] >= 5000 and total["retrained"] > 0
+    )  # the steps after the checkpoint
+    assert total["restore"] > 0 and total["compile"] > 0 and total["steps"] > 0
+    assert "productive share (training steps):" in finished.stdout
+    summary = subprocess.run(
+        [sys.executable, "-m", "lm.main", "summary", f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert "10000 of 10000 steps saved" in summary.stdout and "2 start(s)" in summary.stdout
+    assert "goodput over 2 start(s)" in summary.stdout
+
+
+def test_summary_of_a_directory_without_a_run_is_one_line_and_status_2(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.main", "summary", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        env=env_with_devices(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path} holds no run (no config.json): pass the workdir of a run"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # wrote nothing

@@ -2,7 +2,8 @@
 
 Each process-0 start of the training loop adds a run to WORKDIR/goodput.json and keeps it up
 to date from a background thread (every `flush_every_s`), so a run killed outright loses at most
-that much. Its wall time, from the process's start to its last write, is split into `BUCKETS`:
+that much. Its wall time, from the process's start to its last write, is split into `BUCKETS`
+(the interpreter's own exit after that, about half a second on a CPU host, is not in it):
 
 - startup: the process's start to the loop's first step: imports, data, tokenizer, model
   init (a restore is counted apart);
@@ -98,7 +99,7 @@ class Ledger:
         self._bucket, self._since = "startup", started_at
         self._stop = threading.Event()
         if flush_every_s is None:  # an object store takes about one write a second per object
-            flush_every_s = 10.0 if storage.is_remote(self._path) else 0.5
+            flush_every_s = 10.0 if storage.is_remote(self._path) else 0.2
         self._thread = None
         if enabled:
             self._thread = threading.Thread(
@@ -109,7 +110,7 @@ class Ledger:
     def enter(self, bucket: str, step: int | None = None) -> None:
         """From now on time goes to `bucket`; for a training bucket, `step` is the step being
         taken (1-based), and one some earlier moment took already goes to "retrained"."""
-        if bucket in TRAINING and step is not None and step <= self._taken:
+        if bucket in TRAINING and step and step <= self._taken:
             bucket = "retrained"
         with self._lock:
             self._credit(time.time())

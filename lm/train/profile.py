@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import signal
 import threading
 
@@ -83,7 +82,7 @@ def dump_compiled(train_step, state, batch, workdir: storage.PathLike) -> storag
     }
     storage.write_atomic(directory / "train_step.hlo.txt", compiled.as_text())
     storage.write_atomic(directory / "train_step.json", json.dumps(report, indent=2))
-    logging.info("train step's compiled program and its analyses written to %s", directory)
+    print(f"the train step's compiled program and its analyses: {directory}", flush=True)
     return directory
 
 
@@ -135,8 +134,8 @@ class ProfileWindows:
             if step == self._next_start:
                 self._next_start = 0
             directory = self._workdir / PROFILE_DIR
-            logging.info(
-                "profiling steps %d to %d into %s", step, step + self._steps - 1, directory
+            print(
+                f"profiling steps {step} to {step + self._steps - 1} into {directory}", flush=True
             )
             jax.profiler.start_trace(str(directory))
             self._stop_after = step + self._steps - 1
@@ -146,4 +145,4 @@ class ProfileWindows:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self._stop_after = None
-            logging.info("profile written to %s", self._workdir / PROFILE_DIR)
+            print(f"profile written to {self._workdir / PROFILE_DIR}", flush=True)
