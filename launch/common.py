@@ -1,4 +1,5 @@
-"""What every launcher shares: the `-- <lm.main args>` split, shell quoting, the lm.main command.
+"""What every launcher shares: the `-- <lm.main args>` split, shell quoting, the lm.main command,
+`--restarts` after a watchdog exit.
 
 A launcher's own options come before `--`; everything after it is passed to
 `python -m lm.main` unchanged, then the launcher appends the multi-host flags it owns
@@ -21,6 +22,10 @@ NUM_PROCESSES = "--config.parallel.num_processes"
 PROCESS_ID = "--config.parallel.process_id"
 EXPLICIT = (COORDINATOR, NUM_PROCESSES, PROCESS_ID)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# lm.main's status when its hang watchdog fires; it must equal lm.train.watchdog.WATCHDOG_EXIT
+# (tests/test_launch.py checks). Copied, not imported: launch/ imports no training code.
+WATCHDOG_EXIT = 75
+DEFAULT_RESTARTS = 3
 
 
 class Parser(argparse.ArgumentParser):
@@ -165,6 +170,42 @@ def warn(prog: str, message: str) -> None:
     print(f"{prog}: warning: {message}", file=sys.stderr)
 
 
+def add_restarts(parser: argparse.ArgumentParser) -> None:
+    """`--restarts N`: how often a launcher runs lm.main again after a watchdog exit."""
+    parser.add_argument(
+        "--restarts",
+        type=non_negative_int,
+        default=DEFAULT_RESTARTS,
+        metavar="N",
+        help=f"when lm.main exits {WATCHDOG_EXIT} (its hang watchdog fired) run it again, "
+        f"resuming from the last checkpoint, up to N times (default {DEFAULT_RESTARTS}; 0: never)",
+    )
+
+
+def restart_message(restart: int | str, restarts: int) -> str:
+    """The line printed before each restart (`restart` may be a shell variable)."""
+    return f"lm.main exited {WATCHDOG_EXIT} (watchdog: a hang); restart {restart} of {restarts}"
+
+
+def restart_loop(command: str, restarts: int, one_line: bool = False) -> str:
+    """POSIX shell that runs `command`, and again up to `restarts` times while it exits
+    WATCHDOG_EXIT; any other status ends the shell with that status (a real error must not
+    loop). The variables are prefixed so as not to meet zsh's read-only `status`."""
+    if restarts == 0:
+        return command
+    body = [
+        "lm_status=$?",
+        f'if [ "$lm_status" -ne {WATCHDOG_EXIT} ] || [ "$lm_restart" -ge {restarts} ]; then '
+        'exit "$lm_status"; fi',
+        "lm_restart=$((lm_restart + 1))",
+        f'echo "{restart_message("$lm_restart", restarts)}" >&2',
+    ]
+    if one_line:
+        return f"lm_restart=0 && until {command}; do {'; '.join(body)}; done"
+    lines = "".join(f"  {line}\n" for line in body)
+    return f"lm_restart=0\nuntil {command}; do\n{lines}done"
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -173,6 +214,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 

@@ -16,6 +16,11 @@ shown here. If one process fails, the others are stopped (SIGTERM, then SIGKILL 
 seconds) and the launcher exits non-zero naming the failed process and its log. Ctrl-C or
 SIGTERM is passed on to the processes as SIGTERM (lm.main saves a checkpoint and stops); a
 second one kills them.
+
+When the process that fails first exited 75 (lm.main's hang watchdog fired), the others are
+stopped the same way and all of them start again, up to --restarts times (default 3), resuming
+from the last checkpoint; the logs are appended to, so the hung run's stacks stay in them. Any
+other failure, or a stop by a signal, is not restarted.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def parser() -> common.Parser:
         default=30.0,
         help="seconds between SIGTERM and SIGKILL when stopping processes (default 30)",
     )
+    common.add_restarts(p)
     # Testing only: replaces `python -m lm.main` with another command (shell-split).
     p.add_argument("--program", default=None, help=argparse.SUPPRESS)
     return p
@@ -162,7 +168,8 @@ class Supervisor:
         self.files = []
         self.signals = 0
 
-    def start(self) -> None:
+    def start(self, header: str = "") -> None:
+        """Starts every process; with a header (a restart) the logs are appended to after it."""
         many = len(self.processes) > 1
         for proc in self.processes:
             if self.signals:  # stopped while starting: start no more
@@ -171,8 +178,11 @@ class Supervisor:
             kwargs = dict(env=env, start_new_session=True)  # own group: signals go through us
             if proc.log:
                 os.makedirs(os.path.dirname(proc.log) or ".", exist_ok=True)
-                log_file = open(proc.log, "wb")  # noqa: SIM115 - closed in close()
+                log_file = open(proc.log, "ab" if header else "wb")  # noqa: SIM115 - see close()
                 self.files.append(log_file)
+                if header:
+                    log_file.write(f"\n--- {header} ---\n".encode())
+                    log_file.flush()
                 if proc.index == 0 and many:
                     kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 else:
@@ -228,31 +238,62 @@ class Supervisor:
             time.sleep(0.1)
 
     def close(self) -> None:
+        """Closes the logs of stopped processes; start() may then run them again."""
         for thread in self.threads:
             thread.join(timeout=5)
         for f in self.files:
             f.close()
+        self.popens, self.threads, self.files = [], [], []
 
 
-def run(processes: list[Process], grace: float) -> int:
+def run(processes: list[Process], grace: float, restarts: int = 0) -> int:
     supervisor = Supervisor(processes, grace)
+    # One set of handlers for every attempt: a signal between two attempts stops the restarts.
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, supervisor.on_signal) for s in handled}
     try:
         supervisor.start()
         code, failed = supervisor.wait()
+        for restart in range(1, restarts + 1):
+            # wait() names a failed process only when no signal stopped the run.
+            if failed is None or code != common.WATCHDOG_EXIT or supervisor.signals:
+                break
+            message = common.restart_message(restart, restarts)
+            announce_restart(message, failed, len(processes))
+            supervisor.close()
+            supervisor.start(header=message)
+            if not supervisor.popens:
+                break  # a signal came before any process started: report the hang
+            code, failed = supervisor.wait()
     finally:
         if supervisor.popens and any(p.poll() is None for p in supervisor.popens):
             supervisor.stop_all()  # an exception here: leave nothing running
         supervisor.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return report(code, failed, processes)
+
+
+def announce_restart(message: str, failed: Process, count: int) -> None:
+    """One line; with several processes it says which one fired first and where its stacks are."""
+    where = (
+        f" (process {failed.index} of {count} exited first; its log: {failed.log})"
+        if count > 1
+        else ""
+    )
+    print(f"{PROG}: {message}{where}", file=sys.stderr, flush=True)
+
+
+def report(code: int, failed: Process | None, processes: list[Process]) -> int:
+    """Says how the run ended; -> the launcher's exit status."""
     if failed is not None:
         how = (
             f"exited with status {code}"
             if code > 0
             else f"was killed by {signal.Signals(-code).name}"
         )
+        if code == common.WATCHDOG_EXIT:
+            how += " (its hang watchdog fired)"
         where = f"its log: {failed.log}" if failed.log else "its output is above"
         others = "; stopped the other processes" if len(processes) > 1 else ""
         tail = _tail(failed.log) if failed.log and failed.index != 0 else ""
@@ -285,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(processes) > 1:
                 print(f"# process {proc.index} of {len(processes)}, log {proc.log}")
             print(proc.shell_line())
+        if options.restarts:
+            print(
+                f"# on exit status {common.WATCHDOG_EXIT} (watchdog: a hang) all processes start "
+                f"again, up to {options.restarts} times"
+            )
         return 0
     if len(processes) > 1:
         print(
@@ -293,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return run(processes, options.grace)
+    return run(processes, options.grace, options.restarts)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ r"""Run lm.main on a SLURM GPU cluster: write an sbatch script, and submit it wi
 The script starts one process per GPU (`--ntasks-per-node=G --gpus-per-task=1`), or with
 --per_node one process per node that drives all its GPUs (`--ntasks-per-node=1
 --gpus-per-node=G`), each through `srun ... python -m lm.main <args>` plus the multi-host flags
-(see the comments in the script). It goes to --script, by default WORKDIR/sbatch.sh, and SLURM
-writes the job's output beside it (slurm-JOBID.out). Without --submit or --dry_run the script is
-written and the sbatch command printed; --dry_run prints both and writes nothing; --submit runs
-sbatch. The workdir must be on a filesystem every node sees.
+(see the comments in the script). When the step exits 75 (lm.main's hang watchdog fired) the
+script runs the whole srun step again, up to --restarts times, resuming from the last checkpoint.
+The script goes to --script, by default WORKDIR/sbatch.sh, and SLURM writes the job's output
+beside it (slurm-JOBID.out). Without --submit or --dry_run the script is written and the sbatch
+command printed; --dry_run prints both and writes nothing; --submit runs sbatch. The workdir must
+be on a filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ DEVICES_COMMENT_PER_GPU = """\
 DEVICES_COMMENT_PER_NODE = """\
 # Which GPUs each process drives: all of its node's. Left alone, JAX would restrict a SLURM task to
 # GPU number SLURM_LOCALID (0 here) -- one GPU per node; JAX_LOCAL_DEVICE_IDS overrides that."""
+
+RESTART_COMMENT = """\
+# lm.main exits {status} when its hang watchdog fires (in every task), and srun returns the highest
+# status its tasks exited with: on {status} the whole step runs again, all tasks together, up to {n}
+# times, resuming from the last checkpoint. Any other failure ends the job with its status."""
 
 
 def parser() -> common.Parser:
@@ -95,6 +102,7 @@ def parser() -> common.Parser:
         help="the repository on the cluster, where the job runs (default: the current directory)",
     )
     p.add_argument("--python", default="python", help="Python on the nodes (default python)")
+    common.add_restarts(p)
     p.add_argument(
         "--port",
         type=common.port_number,
@@ -183,10 +191,13 @@ def script_text(options, lm_args: list[str], command_line: str, output: str) -> 
         lines += [DEVICES_COMMENT_PER_NODE, f"export JAX_LOCAL_DEVICE_IDS={ids}", ""]
     else:
         lines += [DEVICES_COMMENT_PER_GPU]
-    lines += [
-        "# --kill-on-bad-exit: if one process fails, stop the others rather than leave them waiting.",
-        f"srun --kill-on-bad-exit=1 bash -c {common.quote(task_command(options, lm_args))}",
-    ]
+    srun = f"srun --kill-on-bad-exit=1 bash -c {common.quote(task_command(options, lm_args))}"
+    lines.append(
+        "# --kill-on-bad-exit: if one process fails, stop the others rather than leave them waiting."
+    )
+    if options.restarts:
+        lines.append(RESTART_COMMENT.format(status=common.WATCHDOG_EXIT, n=options.restarts))
+    lines.append(common.restart_loop(srun, options.restarts))
     return "\n".join(lines) + "\n"
 
 

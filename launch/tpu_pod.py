@@ -8,7 +8,9 @@ r"""Run lm.main on every worker of a Cloud TPU VM (a pod slice or a single host)
 Runs, through `gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command ...`, the
 command `cd REPO && python3 -m lm.main <args> --config.parallel.distributed=True` on all workers
 at once; JAX finds the pod's coordinator, process count and process id from the TPU metadata.
-gcloud streams every worker's output here and returns when all have finished.
+gcloud streams every worker's output here and returns when all have finished. When lm.main exits
+75 (its hang watchdog fired, on every worker at once) each worker runs it again, up to --restarts
+times, and the run resumes from its last checkpoint; the loop is part of the --command.
 
 --setup first copies this repository to the workers: the files `git ls-files --cached --others
 --exclude-standard` lists (tracked files and new ones that are not ignored, as they are in the
@@ -105,6 +107,7 @@ def parser() -> common.Parser:
         help="the repository on the workers (default ~/lm; ~/ is expanded there)",
     )
     p.add_argument("--python", default="python3", help="Python on the workers (default python3)")
+    common.add_restarts(p)
     p.add_argument(
         "--setup",
         action="store_true",
@@ -129,9 +132,11 @@ def gcloud(verb: str, options, args: list[str], command: str | None = None) -> l
 
 
 def remote_command(options, lm_args: list[str]) -> str:
-    """The shell line each worker runs."""
+    """The shell line each worker runs. The restart loop runs there, not around gcloud here: it
+    sees lm.main's own status, where gcloud --worker=all returns one status for all workers."""
     argv = common.lm_command(lm_args, [common.DISTRIBUTED], python=options.python)
-    return f"cd {common.quote_path(options.repo_dir)} && {common.join(argv)}"
+    run = common.restart_loop(common.join(argv), options.restarts, one_line=True)
+    return f"cd {common.quote_path(options.repo_dir)} && {run}"
 
 
 def setup_command(options) -> str:

@@ -62,6 +62,35 @@ def executable(path: pathlib.Path, text: str) -> pathlib.Path:
     return path
 
 
+def flaky_python(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A stand-in for `python` whose exit status at its n-th run (per process id) is the n-th of
+    $FAKE_CODES (the last one repeats); it counts its runs in $FAKE_OUT/runs<process id>."""
+    return executable(
+        tmp_path / "flakypy",
+        textwrap.dedent(f"""\
+        #!{sys.executable}
+        import os, sys
+        pid = next((a.split("=")[1] for a in sys.argv if a.startswith("--config.parallel.process_id=")), "0")
+        path = os.path.join(os.environ["FAKE_OUT"], "runs" + pid)
+        run = (int(open(path).read()) if os.path.exists(path) else 0) + 1
+        open(path, "w").write(str(run))
+        codes = os.environ["FAKE_CODES"].split()
+        sys.exit(int(codes[min(run, len(codes)) - 1]))
+        """),
+    )
+
+
+def runs(tmp_path: pathlib.Path, process: int = 0) -> int:
+    return int((tmp_path / f"runs{process}").read_text())
+
+
+RESTART_LOOP = (
+    'lm_status=$?; if [ "$lm_status" -ne 75 ] || [ "$lm_restart" -ge {n} ]; then exit '
+    '"$lm_status"; fi; lm_restart=$((lm_restart + 1)); echo "lm.main exited 75 (watchdog: a '
+    'hang); restart $lm_restart of {n}" >&2; done'
+)
+
+
 # ------------------------------------------------------------------------------------ common
 
 
@@ -84,13 +113,33 @@ def test_flag_value_and_config_name():
     ]
 
 
+OWN_ARGS = {
+    tpu_pod.main: ["--tpu", "t", "--zone", "z"],
+    slurm.main: ["--nodes", "1", "--gpus_per_node", "1"],
+    gpu.main: ["--gpus", "1"],
+}
+
+
+def test_watchdog_exit_matches_lm():
+    """launch/ keeps its own copy of the status (it imports no training code): the same value."""
+    from lm.train import watchdog
+
+    assert common.WATCHDOG_EXIT == watchdog.WATCHDOG_EXIT == 75
+
+
+@pytest.mark.parametrize("main", [tpu_pod.main, slurm.main, gpu.main])
+def test_restarts_must_be_a_count(main, capsys):
+    own = OWN_ARGS[main]
+    for bad, message in [("-1", "must be at least 0, got -1"), ("x", "'x' is not an integer")]:
+        err = usage_error(
+            main, [*own, "--restarts", bad, "--dry_run", "--", "--workdir", "w"], capsys
+        )
+        assert f"argument --restarts: {message}" in err
+
+
 @pytest.mark.parametrize("main", [tpu_pod.main, slurm.main, gpu.main])
 def test_missing_lm_args(main, capsys):
-    own = {
-        tpu_pod.main: ["--tpu", "t", "--zone", "z"],
-        slurm.main: ["--nodes", "1", "--gpus_per_node", "1"],
-        gpu.main: ["--gpus", "1"],
-    }[main]
+    own = OWN_ARGS[main]
     err = usage_error(main, own, capsys)
     assert "no `--`: put lm.main's arguments after `--`" in err
     err = usage_error(main, [*own, "--"], capsys)
@@ -127,8 +176,9 @@ def test_tpu_pod_dry_run(capsys):
     # (quoting of harder arguments: test_tpu_pod_command_runs_as_written)
     assert lines(out) == [
         "gcloud compute tpus tpu-vm ssh pod-1 --zone=us-central2-b --project=proj --worker=all --command "
-        "'cd ~/lm && python3 -m lm.main --config experiments/shakespeare_gpt.py --workdir /shared/gpt "
-        "--config.train.steps=10 --prompt '\"'\"'a b'\"'\"' --config.parallel.distributed=True'"
+        "'cd ~/lm && lm_restart=0 && until python3 -m lm.main --config experiments/shakespeare_gpt.py "
+        "--workdir /shared/gpt --config.train.steps=10 --prompt '\"'\"'a b'\"'\"' "
+        "--config.parallel.distributed=True; do " + RESTART_LOOP.format(n=3) + "'"
     ]
     assert "--workdir /shared/gpt is a path on each worker" in err  # local path on a pod: warned
 
@@ -143,6 +193,8 @@ def test_tpu_pod_setup_dry_run(capsys):
             "--repo_dir",
             "/opt/lm",
             "--setup",
+            "--restarts",
+            "0",
             "--dry_run",
             "--",
             "--config",
@@ -164,7 +216,7 @@ def test_tpu_pod_setup_dry_run(capsys):
         "gcloud compute tpus tpu-vm ssh pod-1 --zone=z --worker=all --command 'cd /opt/lm && python3 "
         "-m lm.main --config experiments/x.py --workdir /mnt/shared/x --config.parallel.distributed=True'",
     ]
-    assert "every worker must see the same workdir" in err
+    assert "every worker must see the same workdir" in err  # and --restarts 0: no loop
     # A gs:// workdir goes to lm.main as it is (every worker reaches the bucket), without the
     # shared-path warning; s3:// (no Orbax checkpoints there) is refused before anything runs.
     assert (
@@ -185,7 +237,7 @@ def test_tpu_pod_setup_dry_run(capsys):
         == 0
     )
     out, err = capsys.readouterr()
-    assert lines(out)[-1].endswith("--workdir gs://bucket/x --config.parallel.distributed=True'")
+    assert "--workdir gs://bucket/x --config.parallel.distributed=True; do" in lines(out)[-1]
     assert "every worker must see the same workdir" not in err
     message = usage_error(
         tpu_pod.main,
@@ -238,6 +290,27 @@ def test_tpu_pod_command_runs_as_written(tmp_path, capsys):
     assert record["cwd"] == str(tmp_path / "home" / "my lm")
 
 
+@pytest.mark.parametrize(
+    "codes, restarts, status, count",
+    [("75 75 0", [], 0, 3), ("1", [], 1, 1), ("75", ["--restarts", "1"], 75, 2)],
+)
+def test_tpu_pod_restarts_on_watchdog_exit(tmp_path, capsys, codes, restarts, status, count):
+    """A worker's --command runs lm.main again after status 75, and only after 75."""
+    python = flaky_python(tmp_path)
+    argv = ["--tpu", "t", "--zone", "z", "--repo_dir", str(tmp_path), "--python", str(python)]
+    tpu_pod.main([*argv, *restarts, "--dry_run", "--", "--workdir", "gs://b/x"])
+    out = __import__("shlex").split(capsys.readouterr().out)
+    command = out[out.index("--command") + 1]
+    env = {**os.environ, "FAKE_OUT": str(tmp_path), "FAKE_CODES": codes}
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True)
+    assert (result.returncode, runs(tmp_path)) == (status, count)
+    n = 1 if restarts else 3
+    expected = [
+        f"lm.main exited 75 (watchdog: a hang); restart {i} of {n}" for i in range(1, count)
+    ]
+    assert lines(result.stderr) == (expected or [""])
+
+
 def test_tpu_pod_pack(tmp_path):
     tarball = tmp_path / "src.tar.gz"
     tpu_pod.Pack(REPO, str(tarball)).run()
@@ -276,7 +349,15 @@ RUN_LINES = [
     "--config.train.steps=10 --config.parallel.distributed=True \\",
     '  --config.parallel.coordinator_address="$LM_COORDINATOR" --config.parallel.num_processes='
     '"$SLURM_NTASKS" --config.parallel.process_id="$SLURM_PROCID"',
-    "'",
+]
+# The restart loop around srun, after the task command's closing quote.
+LOOP_LINES = [
+    "'; do",
+    "  lm_status=$?",
+    '  if [ "$lm_status" -ne 75 ] || [ "$lm_restart" -ge 3 ]; then exit "$lm_status"; fi',
+    "  lm_restart=$((lm_restart + 1))",
+    '  echo "lm.main exited 75 (watchdog: a hang); restart $lm_restart of 3" >&2',
+    "done",
 ]
 
 
@@ -330,22 +411,25 @@ def test_slurm_dry_run_per_gpu(tmp_path, capsys):
         *tail,
         *COORD_LINES,
         "",
-        "srun --kill-on-bad-exit=1 bash -c '",
+        "lm_restart=0",
+        "until srun --kill-on-bad-exit=1 bash -c '",
         'if [[ -z "${CUDA_VISIBLE_DEVICES:-}" || "$CUDA_VISIBLE_DEVICES" == *,* ]]; then',
         "  export JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID  # GPUs not bound to tasks: take ours",
         "else",
         "  export JAX_LOCAL_DEVICE_IDS=0  # the one GPU SLURM bound to this task",
         "fi",
         *RUN_LINES,
+        *LOOP_LINES,
         f"sbatch {script}",
     ]
     assert "# submit with:" in out
     assert any("more robust" in line for line in out)  # the comment that explains the choice
+    assert any("the whole step runs again" in line for line in out)  # ... and the restarts
 
 
 def test_slurm_dry_run_per_node(tmp_path, capsys):
     out, script = slurm_dry_run(
-        tmp_path, capsys, "--per_node", "--port", "12345", "--job_name", "j"
+        tmp_path, capsys, "--per_node", "--port", "12345", "--job_name", "j", "--restarts", "0"
     )
     body = comment_free(out)
     assert "#SBATCH --job-name=j" in body
@@ -353,8 +437,9 @@ def test_slurm_dry_run_per_node(tmp_path, capsys):
     assert "#SBATCH --gpus-per-task=1" not in body
     assert "export LM_COORDINATOR=$COORDINATOR_HOST:12345" in body
     assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in body
-    at = body.index("srun --kill-on-bad-exit=1 bash -c '")
-    assert body[at + 1 : at + 4] == RUN_LINES
+    at = body.index("srun --kill-on-bad-exit=1 bash -c '")  # --restarts 0: srun alone
+    assert body[at + 1 : at + 4] == [*RUN_LINES, "'"]
+    assert "lm_restart=0" not in body and not any("runs again" in line for line in out)
 
 
 def test_slurm_writes_script_under_workdir(tmp_path, capsys):
@@ -382,8 +467,8 @@ def test_slurm_writes_script_under_workdir(tmp_path, capsys):
     subprocess.run(["bash", "-n", str(script)], check=True)  # valid shell
 
 
-def test_slurm_script_runs_as_written(tmp_path, capsys):
-    """The script under stub scontrol/srun (2 tasks, GPUs not bound) gives each task these flags."""
+def slurm_stubs(tmp_path: pathlib.Path) -> pathlib.Path:
+    """scontrol, and an srun that runs 2 tasks and exits, like srun, with the highest status."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     executable(
@@ -395,9 +480,21 @@ def test_slurm_script_runs_as_written(tmp_path, capsys):
         textwrap.dedent("""\
         #!/bin/bash
         while [[ "$1" == -* ]]; do shift; done
-        for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 "$@" || exit 1; done
+        rc=0
+        for i in 0 1; do
+          SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 "$@"
+          status=$?
+          if [ "$status" -gt "$rc" ]; then rc=$status; fi
+        done
+        exit "$rc"
         """),
     )
+    return bin_dir
+
+
+def test_slurm_script_runs_as_written(tmp_path, capsys):
+    """The script under stub scontrol/srun (2 tasks, GPUs not bound) gives each task these flags."""
+    bin_dir = slurm_stubs(tmp_path)
     python = fake_python(tmp_path)
     script = tmp_path / "job.sh"
     slurm.main(
@@ -450,6 +547,36 @@ def test_slurm_script_runs_as_written(tmp_path, capsys):
     assert json.loads((tmp_path / "1.json").read_text())["env"]["JAX_LOCAL_DEVICE_IDS"] == "0"
 
 
+@pytest.mark.parametrize(
+    "codes, restarts, status, count",
+    [("75 75 0", [], 0, 3), ("1", [], 1, 1), ("75", ["--restarts", "0"], 75, 1)],
+)
+def test_slurm_restarts_the_step(tmp_path, capsys, codes, restarts, status, count):
+    """After srun exits 75 the script runs the step again: every task, under `set -e`."""
+    bin_dir = slurm_stubs(tmp_path)
+    python = flaky_python(tmp_path)
+    script = tmp_path / "job.sh"
+    argv = ["--nodes", "1", "--gpus_per_node", "2", "--repo_dir", str(tmp_path)]
+    argv += ["--python", str(python), "--script", str(script), *restarts]
+    assert slurm.main([*argv, "--", *LM_ARGS]) == 0
+    capsys.readouterr()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_OUT": str(tmp_path),
+        "FAKE_CODES": codes,
+        "SLURM_JOB_ID": "5",
+        "SLURM_JOB_NODELIST": "gpu-a1",
+    }
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert result.returncode == status, result.stderr
+    assert runs(tmp_path, 0) == runs(tmp_path, 1) == count  # the tasks restart together
+    restarted = [line for line in lines(result.stderr) if "restart" in line]
+    assert restarted == [
+        f"lm.main exited 75 (watchdog: a hang); restart {i} of 3" for i in range(1, count)
+    ]
+
+
 def test_slurm_errors(tmp_path, capsys):
     base = ["--gpus_per_node", "8", "--script", str(tmp_path / "s.sh")]
     assert "must be at least 1, got 0" in usage_error(
@@ -482,7 +609,8 @@ def test_gpu_dry_run_one_process(capsys, monkeypatch):
     assert gpu.main(["--gpus", "4", "--python", "python", "--dry_run", "--", *LM_ARGS]) == 0
     assert lines(capsys.readouterr().out) == [
         "CUDA_VISIBLE_DEVICES=0,1,2,3 python -m lm.main --config experiments/shakespeare_gpt.py "
-        "--workdir /shared/gpt --config.train.steps=10"
+        "--workdir /shared/gpt --config.train.steps=10",
+        "# on exit status 75 (watchdog: a hang) all processes start again, up to 3 times",
     ]
 
 
@@ -498,6 +626,8 @@ def test_gpu_dry_run_per_gpu(capsys, monkeypatch):
                 "4321",
                 "--python",
                 "python",
+                "--restarts",
+                "0",
                 "--dry_run",
                 "--",
                 *LM_ARGS,
@@ -660,6 +790,96 @@ def test_gpu_one_process_failure(tmp_path, monkeypatch, capfd):
         "process 0 of 1 (CUDA_VISIBLE_DEVICES=0) exited with status 2; its output is above"
         in capfd.readouterr().err
     )
+
+
+FLAKY = """\
+import os, sys, time
+def flag(name, default):
+    return next((a.split("=")[1] for a in sys.argv if a.startswith(f"--config.parallel.{name}=")), default)
+pid, count = int(flag("process_id", 0)), int(flag("num_processes", 1))
+folder = os.environ["STAND_IN_DIR"]
+def runs(p):
+    path = os.path.join(folder, f"runs{p}")
+    return int(open(path).read()) if os.path.exists(path) else 0
+run = runs(pid) + 1
+open(os.path.join(folder, f"runs{pid}.new"), "w").write(str(run))
+os.replace(os.path.join(folder, f"runs{pid}.new"), os.path.join(folder, f"runs{pid}"))  # the others read it
+print(f"process {pid} run {run}", flush=True)
+deadline = time.time() + 10  # until every process has counted this run: then stopping one is safe
+while any(runs(p) < run for p in range(count)) and time.time() < deadline:
+    time.sleep(0.02)
+codes = os.environ[f"STAND_IN_CODES_{pid}"].split()  # the status of each run; wait: until stopped
+code = codes[min(run, len(codes)) - 1]
+if code == "wait":
+    time.sleep(60)
+sys.exit(int(code))
+"""
+
+
+def flaky(tmp_path, monkeypatch, *codes):
+    """--program for a stand-in whose process i exits with codes[i]'s n-th entry at its n-th run."""
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    monkeypatch.setenv("STAND_IN_DIR", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for i, process_codes in enumerate(codes):
+        monkeypatch.setenv(f"STAND_IN_CODES_{i}", process_codes)
+    return ["--program", f"{sys.executable} {tmp_path / 'flaky.py'}"]
+
+
+@pytest.mark.parametrize(
+    "codes, restarts, status, count",
+    [
+        ("75 75 0", [], 0, 3),  # a hang twice, then done: restarted twice
+        ("1", [], 1, 1),  # a real error: not restarted
+        ("75", ["--restarts", "0"], 75, 1),
+        ("75", ["--restarts", "1"], 75, 2),  # restarts used up: the hang's status
+    ],
+)
+def test_gpu_restarts_on_watchdog_exit(
+    tmp_path, monkeypatch, capfd, codes, restarts, status, count
+):
+    program = flaky(tmp_path, monkeypatch, codes)
+    argv = ["--gpus", "1", *restarts, *program, "--", "--workdir", str(tmp_path)]
+    assert gpu.main(argv) == status
+    assert runs(tmp_path) == count
+    n = 1 if restarts == ["--restarts", "1"] else 3
+    err = capfd.readouterr().err
+    restarted = [line for line in lines(err) if "restart" in line]
+    assert restarted == [
+        f"python -m launch.gpu: lm.main exited 75 (watchdog: a hang); restart {i} of {n}"
+        for i in range(1, count)
+    ]
+    if status == 75:
+        assert "exited with status 75 (its hang watchdog fired)" in err
+
+
+def test_gpu_restarts_all_processes_together(tmp_path, monkeypatch, capfd):
+    """Process 1 exits 75 twice while process 0 runs on: 0 is stopped and both start again."""
+    program = flaky(tmp_path, monkeypatch, "wait wait 0", "75 75 0")
+    workdir = tmp_path / "w"
+    start = time.monotonic()
+    code = gpu.main(
+        ["--gpus", "2", "--processes_per_gpu", *program, "--", "--workdir", str(workdir)]
+    )
+    assert time.monotonic() - start < 30  # process 0 was stopped, not waited for
+    assert code == 0
+    assert runs(tmp_path, 0) == runs(tmp_path, 1) == 3
+    log = workdir / "logs" / "process_1.log"
+    err = capfd.readouterr().err
+    assert (
+        "python -m launch.gpu: lm.main exited 75 (watchdog: a hang); restart 2 of 3 "
+        f"(process 1 of 2 exited first; its log: {log})"
+    ) in err
+    # The logs keep every run (the hung run's stacks are in them), each restart marked.
+    assert lines(log.read_text()) == [
+        "process 1 run 1",
+        "",
+        "--- lm.main exited 75 (watchdog: a hang); restart 1 of 3 ---",
+        "process 1 run 2",
+        "",
+        "--- lm.main exited 75 (watchdog: a hang); restart 2 of 3 ---",
+        "process 1 run 3",
+    ]
 
 
 def test_cli_entry_points():
