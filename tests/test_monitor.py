@@ -46,8 +46,10 @@ def traced_steps(workdir) -> list[int]:
     return sorted(steps)
 
 
-def test_a_scheduled_window_is_traced_and_the_compiled_step_is_written(tmp_path):
-    trainer = tiny_trainer()
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory):
+    """(workdir, trainer) of a run that traces steps 3 and 4 and dumps its compiled step."""
+    workdir, trainer = tmp_path_factory.mktemp("scheduled"), tiny_trainer()
     config = TrainConfig(
         steps=6,
         log_every=2,
@@ -57,17 +59,35 @@ def test_a_scheduled_window_is_traced_and_the_compiled_step_is_written(tmp_path)
         profile_steps=2,
         dump_compiled=True,
     )
-    train_loop(trainer, config, tmp_path, IndexedBatches(blocking_batch_source))
-    assert traced_steps(tmp_path) == [3, 4]
-    hlo = (tmp_path / "compiled" / "train_step.hlo.txt").read_text()
+    train_loop(trainer, config, workdir, IndexedBatches(blocking_batch_source))
+    return workdir, trainer
+
+
+def test_a_scheduled_window_is_traced_and_the_compiled_step_is_written(scheduled):
+    workdir, trainer = scheduled
+    assert traced_steps(workdir) == [3, 4]
+    hlo = (workdir / "compiled" / "train_step.hlo.txt").read_text()
     assert hlo.startswith("HloModule jit_train_step")
-    report = json.loads((tmp_path / "compiled" / "train_step.json").read_text())
+    report = json.loads((workdir / "compiled" / "train_step.json").read_text())
     # The step's arguments hold the parameters and Adam's two moments, at least.
     params = jax.tree.leaves(trainer.abstract_state.params)
     param_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in params)
     assert report["memory_bytes_per_device"]["arguments"] >= 3 * param_bytes
     assert report["cost_analysis"]["flops"] > 0
     assert all("{" not in key for key in report["cost_analysis"])
+
+
+def test_xprof_reads_the_trace_and_shows_the_steps(scheduled):
+    """What `xprof --logdir WORKDIR/profile` serves (the [profile] extra; CI installs it)."""
+    raw_to_tool_data = pytest.importorskip("xprof.convert.raw_to_tool_data")
+    workdir, _ = scheduled
+    paths = glob.glob(str(workdir / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    assert {"trace_viewer@", "overview_page", "op_profile"} <= set(
+        raw_to_tool_data.xspace_to_tool_names(paths)
+    )
+    data, _ = raw_to_tool_data.xspace_to_tool_data(paths, "trace_viewer@", {})
+    names = {event.get("name") for event in json.loads(data)["traceEvents"]}
+    assert {"train 3", "train 4"} <= names and "train 2" not in names
 
 
 def test_windows_are_traced_on_demand_by_a_file_and_by_sigusr1(tmp_path):
