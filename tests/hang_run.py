@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 from lm import parallel
+from lm.bench.common import random_batch
 from lm.models import transformer as T
 from lm.train import IndexedBatches, OptimizerConfig, TrainConfig, create_trainer, train_loop
 
@@ -27,15 +28,7 @@ def blocking_batch_source(position: int, hang_marker=None) -> dict[str, np.ndarr
     if hang_marker is not None:
         pathlib.Path(hang_marker).write_text(str(time.time()))
         threading.Event().wait()  # a reader stuck on a dead mount, say
-    rng = np.random.default_rng(position % 2)
-    tokens = rng.integers(1, CONFIG.vocab_size, size=(ROWS, LENGTH + 1)).astype(np.int32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": np.ones((ROWS, LENGTH), np.int32),
-        "positions": np.broadcast_to(np.arange(LENGTH, dtype=np.int32), (ROWS, LENGTH)).copy(),
-        "weights": np.ones((ROWS, LENGTH), np.float32),
-    }
+    return random_batch(CONFIG.vocab_size, ROWS, LENGTH, seed=position % 2)
 
 
 def main(workdir, timeout, hang_process, hang_at, port=None, count=1, index=0):

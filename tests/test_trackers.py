@@ -214,3 +214,27 @@ def test_code_version_without_git_is_the_installed_version(tmp_path, monkeypatch
         "dirty": None,
         "version": importlib.metadata.version("lm"),
     }
+
+
+def test_the_training_loop_logs_to_wandb_what_metrics_jsonl_holds(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")  # the [wandb] extra
+    from lm.train import IndexedBatches, TrainConfig, read_metrics, train_loop
+
+    from tests.hang_run import blocking_batch_source
+    from tests.test_monitor import tiny_trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = TrainConfig(
+        steps=4, log_every=2, checkpoint_every=100, progress=False, loggers="tensorboard,wandb"
+    )
+    batches = IndexedBatches(blocking_batch_source)
+    train_loop(tiny_trainer(), config, tmp_path, batches, record=RECORD)
+    wandb.teardown()  # waits for W&B's service to close the run's file
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    run = _wandb_run(path)
+    assert run["history"] == read_metrics(tmp_path) and [r["step"] for r in run["history"]] == [
+        2,
+        4,
+    ]
+    assert run["config"] == {**RECORD, "code": code_version()}
