@@ -87,6 +87,7 @@ def test_peer_shapes_have_a_transformers_layout():
     assert (llama["num_attention_heads"], llama["num_key_value_heads"]) == (6, 2)
 
 
+@pytest.mark.slow
 def test_moe_benchmark_compares_the_dispatches_flops():
     """What `python -m lm.bench moe` measures, at a small shape (unrolled layers: one compile
     a variant): dropless dispatch costs about the compiled FLOPs of the dense model of equal

@@ -217,6 +217,7 @@ def test_compile_for_a_tpu_slice():
     assert report["peak_flops"] == 197e12 and report["step_seconds"] > 0
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_batch_a_tpu_cannot_hold_is_one_line():
     proc = run_compile(

@@ -372,6 +372,7 @@ def test_dense_models_have_no_experts_and_sow_no_losses():
     assert sown_losses(model, params, tokens((2, 6), config.vocab_size, 1)) == {}
 
 
+@pytest.mark.slow
 def test_losses_are_sown_per_layer_scanned_and_unrolled_alike():
     model, _, params = init(MOE)
     inputs = tokens((2, 10), MOE.vocab_size, 2)

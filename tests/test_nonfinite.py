@@ -292,6 +292,7 @@ def test_rollback_gives_up_on_a_diverging_run(trainer, tmp_path):
     assert sorted(states) == [4] and all_finite(states[4])
 
 
+@pytest.mark.slow
 def test_cli_learning_rate_1e9_stops_non_zero_naming_the_step(tmp_path):
     """The issue's example: lr 1e9 without clipping used to train to its last step on NaN and
     exit 0. Now: exit non-zero with the step, and every checkpoint left is finite and older."""

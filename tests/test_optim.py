@@ -71,6 +71,7 @@ def test_arguments_the_optimizer_does_not_take_are_one_clear_error():
         make_optimizer(config, schedule)
 
 
+@pytest.mark.slow
 def test_lion_trains_through_the_cli(tmp_path):
     source = write_corpus(tmp_path / "corpus")
     workdir = tmp_path / "run"

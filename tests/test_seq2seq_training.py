@@ -86,6 +86,7 @@ def test_encoder_decoder_learns_translation_pairs(tmp_path, monkeypatch):
     assert valid["loss"] < 0.6 * losses[0] and valid["tokens"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["t5"])
 def test_span_corruption_pretraining_loss_falls(tmp_path, preset):
     corpus = tmp_path / "corpus"
