@@ -3,7 +3,7 @@
 Each process-0 start of the training loop adds a run to WORKDIR/goodput.json and keeps it up
 to date from a background thread (every `flush_every_s`), so a run killed outright loses at most
 that much. Its wall time, from the process's start to its last write, is split into `BUCKETS`
-(the interpreter's own exit after that, about half a second on a CPU host, is not in it):
+(the interpreter's own exit after that is not in it):
 
 - startup: the process's start to the loop's first step: imports, data, tokenizer, model
   init (a restore is counted apart);
