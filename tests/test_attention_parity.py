@@ -316,3 +316,100 @@ def test_splash_only_where_the_mask_is_causal_within_segments():
     assert A.resolve_implementation("auto", jnp.bfloat16, 32, "tpu", **segmented) == "xla"
     assert A.resolve_implementation("auto", jnp.bfloat16, 128, "tpu", lengths=(256, 256)) == "xla"
     assert A.resolve_implementation("auto", jnp.bfloat16, 128, "cpu", **segmented) == "xla"
+
+
+# Segment rows as the pipeline packs them: contiguous documents, padding (0) after them or,
+# for a left-padded prompt, before; one-token documents; a row that is one document.
+SEGMENT_ROWS = jnp.asarray(
+    [
+        [1] * 5 + [2] * 6 + [3] * 3 + [0] * 2,
+        [0] * 3 + [1] * 13,
+        list(range(1, 17)),
+        [1] * 16,
+    ],
+    jnp.int32,
+)
+
+
+def test_segment_offsets_describe_the_packed_mask():
+    """cuDNN's packed layout (lengths and offsets, -1 past the last segment) holds exactly
+    the dense mask the models build for packed rows: causal within each segment."""
+    lengths, offsets = A.segment_offsets(SEGMENT_ROWS)
+    assert lengths.shape == (4, 16) and offsets.shape == (4, 17)
+    np.testing.assert_array_equal(lengths[0, :4], [5, 6, 3, -1])
+    np.testing.assert_array_equal(offsets[0, :4], [0, 5, 11, -1])
+    np.testing.assert_array_equal(lengths[1, :2], [13, -1])
+    np.testing.assert_array_equal(offsets[1, :2], [3, -1])
+    np.testing.assert_array_equal(lengths[2], np.ones(16))
+    np.testing.assert_array_equal(offsets[2], list(range(16)) + [-1])
+    np.testing.assert_array_equal(offsets[3, :2], [0, -1])
+    dense = A.causal_mask(16) & A.segment_mask(SEGMENT_ROWS, SEGMENT_ROWS)
+    np.testing.assert_array_equal(A.mask_from_offsets(lengths, offsets, 16), dense)
+
+
+HAS_PACKED_CUDNN = HAS_CUDNN and A._cudnn_packs(jnp.zeros((1, 1, 4, D)), jnp.zeros((1, 1, 4, D)))
+
+
+@pytest.mark.skipif(not HAS_PACKED_CUDNN, reason="cuDNN's packed layout needs a Hopper GPU")
+def test_cudnn_packed_segments_match_the_reference_core():
+    """Packed rows through cuDNN's offsets (no dense mask) against the reference core on the
+    dense mask, outputs and gradients, on the rows of real tokens."""
+    t = 16
+    ids = SEGMENT_ROWS
+    mask = A.causal_mask(t) & A.segment_mask(ids, ids)
+    q, k, v = (
+        jax.random.normal(key, (4, t, 4, D)).astype(jnp.bfloat16)
+        for key in jax.random.split(jax.random.PRNGKey(0), 3)
+    )
+    real = (ids != 0)[:, :, None, None]
+
+    def run(impl):
+        def f(q, k, v):
+            out = A.attend(q, k, v, mask, causal=True, implementation=impl, segment_ids=ids)
+            return jnp.where(real, out.astype(jnp.float32), 0.0).sum(), out
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, got), got_grads = run("cudnn")
+    (_, want), want_grads = run("reference")
+    out_tol, grad_tol = TOL[jnp.bfloat16]
+    errors = _errors(got, got_grads, want, want_grads, real, relative=True)
+    for name, error in errors.items():
+        assert error <= (out_tol if name == "out" else grad_tol), (name, errors)
+
+
+def _fake_cuda(monkeypatch, packs: bool):
+    """Trace (never run) jax's cuDNN attention on this CPU: its version and device checks
+    answer as on a Hopper GPU, and `attend` resolves as on backend 'gpu'."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(A, "traced_backend", lambda: "gpu")
+    monkeypatch.setattr(A, "_cudnn_packs", lambda q, k: packs)
+
+
+@pytest.mark.parametrize("packs", [False, True], ids=["dense_mask", "packed_offsets"])
+def test_default_remat_does_not_run_the_fused_attention_forward_again(monkeypatch, packs):
+    """Under the default remat ('dots_saveable') the gradient of a scanned bf16 model runs
+    cuDNN's forward kernel once per layer, as without remat: its output and log-sum-exp are
+    saved by name (ATTENTION_RESIDUALS). With remat 'full' (nothing saved) it runs twice,
+    the forward pass's and the backward pass's."""
+    from lm.models import transformer as T
+
+    _fake_cuda(monkeypatch, packs)
+    tokens = jnp.ones((2, 16), jnp.int32)
+
+    def forward_kernels(remat: str) -> int:
+        config = T.preset("gpt2", **T.TINY, precision="bf16", attention_impl="cudnn", remat=remat)
+        model = T.build_model(config)
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
+        loss = lambda p: model.apply({"params": p}, tokens, segment_ids=jnp.ones_like(tokens)).sum()
+        text = str(jax.make_jaxpr(jax.grad(loss))(params))
+        assert text.count("dot_product_attention_bwd_wrapper[") == 1  # the one scanned layer
+        return text.count("dot_product_attention_fwd_wrapper[")
+
+    assert T.ModelConfig().remat == "dots_saveable"
+    assert forward_kernels("dots_saveable") == forward_kernels("none") == 1
+    assert forward_kernels("full") == 2

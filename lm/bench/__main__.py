@@ -14,6 +14,7 @@ from lm.bench.mfu import SHAPES, mfu_benchmark
 from lm.bench.moe import moe_benchmark
 from lm.bench.peer import PEER_SHAPES, train_benchmark
 from lm.bench.step import step_benchmark
+from lm.bench.torch_peer import TORCH_PEERS
 from lm.models.attention import IMPLEMENTATIONS
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--top_k", type=int, default=2, help="experts per token")
     moe.add_argument("--capacity_factor", type=float, default=1.25)
     train = sub.add_parser(
-        "train", help="train-step tokens/s against a PyTorch (transformers) peer"
+        "train", help="train-step tokens/s against PyTorch peers (nanoGPT form, transformers)"
     )
     train.add_argument(
         "--shapes", default="S,V,llama", help=f"comma-separated: {', '.join(PEER_SHAPES)}"
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=5, help="steps per side per round")
     train.add_argument("--rounds", type=int, default=4)
     train.add_argument("--precision", default="fp32", help="ours, comma-separated: fp32, bf16")
+    train.add_argument(
+        "--peers",
+        default=",".join(TORCH_PEERS),
+        help="PyTorch peers, comma-separated: plain (nanoGPT's form), transformers (sdpa)",
+    )
     evaluation = sub.add_parser(
         "eval",
         help="evaluation end to end (fresh processes) against lm-eval + transformers",
@@ -130,6 +136,7 @@ def main(argv=None) -> None:
                 args.steps,
                 args.rounds,
                 [p for p in args.precision.split(",") if p],
+                [p for p in args.peers.split(",") if p],
             ),
             flush=True,
         )

@@ -1,4 +1,5 @@
-"""`train`: our train step against transformers' GPT-2 / Llama in PyTorch, eager, same shapes."""
+"""`train`: our train step against the PyTorch peers of `lm.bench.torch_peer` (nanoGPT's form,
+transformers with SDPA attention), eager, same shapes."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import jax
 import jax.numpy as jnp
 
 from lm.bench.common import one_device_trainer, random_batch, timed
+from lm.bench.torch_peer import TORCH_PEERS
 from lm.models.transformer import ModelConfig, preset
 from lm.train import OptimizerConfig, learning_rate_schedule, matmul_peak
 
 # (model config, batch, length): the shapes of issue 18. S is nanoGPT's Shakespeare-character
-# model (dropout 0.2 on embeddings, residuals and attention weights), V a small model with a
-# GPT-2-sized vocabulary (the cross-entropy over 50,304 logits dominates), llama a small
-# grouped-query Llama (RoPE, SwiGLU, RMSNorm, no biases).
+# model (dropout 0.2 on embeddings, residuals and attention weights; with GPT-2's biases,
+# which transformers' GPT-2 cannot leave out), V a small model with a GPT-2-sized vocabulary
+# (the cross-entropy over 50,304 logits dominates), llama a small grouped-query Llama (RoPE,
+# SwiGLU, RMSNorm, no biases).
 PEER_SHAPES = {
     "S": (
         preset(
@@ -63,21 +66,6 @@ PEER_SHAPES = {
 }
 
 
-def torch_peer_model(config: ModelConfig):
-    """transformers' model of the same architecture as `config` (its Hugging Face config from
-    `lm.convert.hf.config_to_hf`: GPT2LMHeadModel for the GPT-2 family, LlamaForCausalLM for
-    the Llama family), float32, randomly initialised, in training mode."""
-    import torch
-    import transformers
-
-    from lm.convert.hf import config_to_hf
-
-    hf = config_to_hf(config)
-    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    return model.to(torch.float32).train()
-
-
 def torch_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     """PyTorch's measured float32 FLOP/s of one square matrix product (median after warm-up)."""
     import torch
@@ -101,22 +89,22 @@ class _OurSide:
 
 
 class _TorchSide:
-    """The peer's eager step: forward, mean cross-entropy over the same targets, backward,
-    global-norm clipping and AdamW with our optimizer's hyperparameters."""
+    """A PyTorch peer's eager step (`lm.bench.torch_peer`: 'plain', nanoGPT's form, or
+    'transformers' with SDPA attention): forward, mean cross-entropy over the same targets,
+    backward, global-norm clipping and fused AdamW with our optimizer's hyperparameters."""
 
-    def __init__(self, config: ModelConfig, host_batch: dict, opt: OptimizerConfig):
+    def __init__(self, config: ModelConfig, host_batch: dict, opt: OptimizerConfig, form: str):
         import torch
 
+        from lm.bench import torch_peer
+
         torch.manual_seed(0)
-        self.torch, self.clip = torch, opt.clip_norm
-        self.model = torch_peer_model(config)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=opt.learning_rate,
-            betas=(opt.b1, opt.b2),
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-        )
+        self.torch, self.clip, self.form = torch, opt.clip_norm, form
+        if form == "plain":
+            self.model = torch_peer.plain_model(config)
+        else:
+            self.model = torch_peer.transformers_model(config)
+        self.optimizer = torch_peer.make_optimizer(self.model, opt)
         # Our learning-rate schedule (warmup, cosine), step by step, so both sides' losses
         # follow the same curve.
         schedule = learning_rate_schedule(opt, 1000)
@@ -127,22 +115,28 @@ class _TorchSide:
 
     def step(self) -> None:
         torch = self.torch
-        logits = self.model(input_ids=self.inputs).logits
+        if self.form == "plain":
+            logits = self.model(self.inputs)
+        else:
+            logits = self.model(input_ids=self.inputs).logits
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1)
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rates[len(self.losses)]
         self.optimizer.step()
         self.losses.append(float(loss.detach()))
 
 
-def train_benchmark(shapes: list[str], steps: int, rounds: int, precisions: list[str]) -> str:
-    """Train-step tokens/s of ours (each precision) against the PyTorch peer (float32), per
-    shape, rounds interleaved in one process; MFU against matmul peaks measured here."""
+def train_benchmark(
+    shapes: list[str], steps: int, rounds: int, precisions: list[str], peers=TORCH_PEERS
+) -> str:
+    """Train-step tokens/s of ours (each precision) against each PyTorch peer (float32), per
+    shape, rounds interleaved in one process; lm/peer is against the faster peer of the shape.
+    MFU is against the matmul peaks measured here."""
     from lm.train import flops_per_token
 
     try:
@@ -157,6 +151,7 @@ def train_benchmark(shapes: list[str], steps: int, rounds: int, precisions: list
         f" {torch.get_num_threads() if torch else '-'} threads); lm on {device.platform} "
         f"{device.device_kind}; {rounds} rounds x {steps} steps, interleaved; float32 matmul peak "
         f"measured at 2048^3: jax {jax_peak / 1e9:.0f} GFLOP/s, torch {torch_peak / 1e9:.0f} GFLOP/s",
+        "torch plain: nanoGPT's form (SDPA attention, fused AdamW); torch hf: transformers, sdpa",
         f"{'shape':<6} {'side':<13} {'ms/step median (min, max)':>27} {'tokens/s':>9} "
         f"{'lm/peer':>8} {'first step s':>12} {'MFU':>6} {'loss first, last':>17}",
     ]
@@ -170,11 +165,12 @@ def train_benchmark(shapes: list[str], steps: int, rounds: int, precisions: list
             side = _OurSide(config, host_batch)
             side.step()
             sides[f"lm {precision}"] = (side, time.perf_counter() - start, config, jax_peak)
-        if torch is not None:
+        for form in peers if torch is not None else ():
             start = time.perf_counter()
-            side = _TorchSide(base, host_batch, OptimizerConfig())
+            side = _TorchSide(base, host_batch, OptimizerConfig(), form)
             side.step()
-            sides["torch fp32"] = (side, time.perf_counter() - start, base, torch_peak)
+            name = "torch " + ("hf" if form == "transformers" else form)
+            sides[name] = (side, time.perf_counter() - start, base, torch_peak)
         times = {name: [] for name in sides}
         for _ in range(rounds):
             for name, (side, *_rest) in sides.items():
@@ -182,7 +178,8 @@ def train_benchmark(shapes: list[str], steps: int, rounds: int, precisions: list
                     start = time.perf_counter()
                     side.step()
                     times[name].append(time.perf_counter() - start)
-        peer = statistics.median(times["torch fp32"]) if torch is not None else None
+        peer_times = [statistics.median(times[n]) for n in sides if n.startswith("torch")]
+        peer = min(peer_times) if peer_times else None
         num_params = next(iter(sides.values()))[0].trainer.num_params
         for name, (side, first, config, peak) in sides.items():
             median = statistics.median(times[name])

@@ -35,6 +35,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lm.models.layers import (
     DEFAULT_INIT_STD,
@@ -52,6 +53,10 @@ from lm.models.layers import (
 )
 
 NEG_INF = -1e30
+# The name of what a fused attention kernel's backward pass reads (its output, log-sum-exp and
+# inputs): remat policies that keep it (the 'dots_saveable' default) do not run the kernel's
+# forward again in the backward pass. See `keep_residuals`.
+ATTENTION_RESIDUALS = "attention_residuals"
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "reference")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -91,6 +96,41 @@ def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
     return jnp.broadcast_to(
         k_valid[:, None, None, :] != 0, (k_valid.shape[0], 1, 1, k_valid.shape[1])
     )
+
+
+def segment_offsets(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout of rows of contiguous segments: segment_ids [b, t] (0 = padding)
+    -> (lengths [b, t] int32, offsets [b, t + 1] int32).
+
+    Row r's m-th segment starts at offsets[r, m] and holds lengths[r, m] tokens; entries past
+    the row's last segment are -1 in both (t bounds the number of segments in a row). Causal
+    attention within these segments is exactly causal_mask & segment_mask(ids, ids)
+    (`mask_from_offsets` rebuilds it), without a [b, 1, t, t] mask in memory.
+    """
+    b, t = segment_ids.shape
+    real = segment_ids != 0
+    before = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=0)
+    after = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)), constant_values=0)
+    first = real & (segment_ids != before)
+    last = real & (segment_ids != after)
+    rows = lambda flags, size: jax.vmap(lambda f: jnp.nonzero(f, size=size, fill_value=-1)[0])(
+        flags
+    )
+    starts, ends = rows(first, t + 1), rows(last, t)
+    lengths = jnp.where(ends >= 0, ends - starts[:, :t] + 1, -1)
+    return lengths.astype(jnp.int32), starts.astype(jnp.int32)
+
+
+def mask_from_offsets(lengths: jax.Array, offsets: jax.Array, length: int) -> jax.Array:
+    """The [b, 1, length, length] causal mask within the segments that `segment_offsets`
+    describes: query i sees key j <= i of its own segment. For the tests."""
+    positions = jnp.arange(length)
+    starts, sizes = offsets[:, : lengths.shape[1]], lengths
+    inside = (positions[None, None] >= starts[..., None]) & (
+        positions[None, None] < (starts + sizes)[..., None]
+    )  # [b, segments, length]
+    same = jnp.einsum("bmq,bmk->bqk", inside.astype(jnp.int32), inside.astype(jnp.int32)) > 0
+    return (same & (positions[None, :] <= positions[:, None])[None])[:, None]
 
 
 def resolve_implementation(
@@ -211,10 +251,13 @@ def attend(
     mask/bias/scale as in `attention_weights`. segment_ids [b, t], given with `causal`, say
     that the mask is exactly causal_mask & segment_mask(segment_ids, segment_ids) (what
     splash computes from the ids alone); leave them out for any other mask. `causal` says
-    the mask already contains causality, so cuDNN may skip the blocks above the diagonal. It reaches cuDNN only when
-    t == s (jax's causal mask is top-left, query i sees keys <= i: wrong for queries at
-    the end of a cache) and never XLA (which would only rebuild the same mask); the dense
-    mask is always passed as well, so correctness never depends on the hint.
+    the mask already contains causality, so cuDNN may skip the blocks above the diagonal.
+    It reaches cuDNN only when t == s (jax's causal mask is top-left, query i sees keys <= i:
+    wrong for queries at the end of a cache) and never XLA (which would only rebuild the
+    same mask); the dense mask is passed as well, so correctness never depends on the hint.
+    With segment ids cuDNN takes the segments as lengths and offsets instead of the dense
+    mask where it can (`cudnn_packed_attention`, `_cudnn_packs`). A fused kernel's
+    residuals are named for the remat policy (`keep_residuals`).
     With attention dropout (not deterministic, rate > 0) the reference core runs whatever
     `implementation` says: the fused kernels cannot express dropout.
     With `return_weights`, returns (out, softmax weights [b, h, t, s]).
@@ -244,27 +287,108 @@ def attend(
     if impl == "xla":
         out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="xla")
     elif impl == "splash":
-        out = splash_attention(q, k, v, segment_ids, scale=scale)
+        out = keep_residuals(functools.partial(splash_attention, scale=scale))(q, k, v, segment_ids)
     else:
         # jax's cuDNN path rejects a folded mask/bias not spanning [.., t, s] (e.g. the
         # [b, 1, 1, s] padding mask); the kernel takes the bias in the inputs' dtype.
         def full(x):
             return None if x is None else jnp.broadcast_to(x, x.shape[:2] + (t, s))
 
+        if segmented and _cudnn_packs(q, k):
+            return _finish(
+                keep_residuals(functools.partial(cudnn_packed_attention, scale=scale))(
+                    q, k, v, segment_ids
+                ),
+                q,
+                k,
+                mask,
+                bias,
+                scale,
+                return_weights,
+            )
         fused_bias = None if bias is None else full(bias).astype(q.dtype)
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            fused_bias,
-            full(mask),
+        cudnn = functools.partial(
+            jax.nn.dot_product_attention,
             scale=scale,
             is_causal=causal and t == s,
             implementation="cudnn",
         )
+        out = keep_residuals(cudnn)(q, k, v, fused_bias, full(mask))
+    return _finish(out, q, k, mask, bias, scale, return_weights)
+
+
+def _finish(out, q, k, mask, bias, scale, return_weights):
+    """out, or (out, the softmax weights) when the caller asked for them: a fused kernel
+    does not return them, so they are computed from q and k as the reference core does."""
     if return_weights:
         return out, attention_weights(q, k, mask, bias, scale)
     return out
+
+
+def _cudnn_packs(q, k) -> bool:
+    """Whether cuDNN's packed layout (`cudnn_packed_attention`) serves this call: a Hopper
+    or newer GPU (jax raises on older ones) and as many key/value heads as query heads (jax
+    0.10 scales the key offsets by the query heads' stride, which is wrong under
+    grouped-query heads: jax PR #39521)."""
+    if q.shape[2] != k.shape[2]:
+        return False
+    device = jax.devices("gpu")[0]
+    major, minor = (int(x) for x in device.compute_capability.split("."))
+    return (major, minor) >= (9, 0)
+
+
+def cudnn_packed_attention(q, k, v, segment_ids, *, scale=None):
+    """Causal attention within segments by cuDNN's packed (ragged) layout: q, k, v
+    [b, t, h, d] bf16/fp16, segment_ids [b, t] (contiguous runs, 0 = padding) -> [b, t, h, d].
+
+    The segments go in as lengths and offsets (`segment_offsets`) with cuDNN's
+    padding-causal mask, instead of a dense [b, 1, t, t] mask folded into a bias that the
+    kernel reads in both passes. Only jax's cuDNN module takes offsets (`jax.nn`'s
+    function does not expose them).
+    """
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # offsets live only here
+
+    lengths, offsets = segment_offsets(segment_ids)
+    return cudnn.dot_product_attention(
+        q,
+        k,
+        v,
+        q_seqlen=lengths,
+        kv_seqlen=lengths,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL,
+    )
+
+
+def keep_residuals(kernel):
+    """`kernel` (a function of arrays, some of them None) with its backward pass's residuals
+    named ATTENTION_RESIDUALS.
+
+    A fused kernel is a custom call, not a `dot_general`: under a remat policy that saves only
+    matmul outputs its forward would run again in the backward pass to rebuild what its
+    backward reads (output, log-sum-exp). Here the forward is `jax.vjp` of the kernel, whose
+    residuals (the leaves of the returned backward function) pass through `checkpoint_name`,
+    so a policy that saves the name keeps them, and the backward is that function. Returns a
+    function of the same arguments whose output is named too.
+    """
+
+    @jax.custom_vjp
+    def run(*args):
+        return kernel(*args)
+
+    def forward(*args):
+        out, backward = jax.vjp(kernel, *args)
+        named = jax.tree.map(lambda r: checkpoint_name(r, ATTENTION_RESIDUALS), backward)
+        return out, named
+
+    def backward(residuals, cotangent):
+        return residuals(cotangent)
+
+    run.defvjp(forward, backward)
+    # The output by name as well: the output projection's backward reads it too.
+    return lambda *args: checkpoint_name(run(*args), ATTENTION_RESIDUALS)
 
 
 SPLASH_BLOCK = 128  # splash's tile: the lengths it takes are multiples of it

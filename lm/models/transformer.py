@@ -20,8 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.models import layers, moe
+from lm.models.attention import (
+    ATTENTION_RESIDUALS,
+    Attention,
+    causal_mask,
+    padding_mask,
+    prefix_tree_mask,
+    segment_mask,
+)
 from lm.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from lm.models.attention import Attention, causal_mask, padding_mask, prefix_tree_mask, segment_mask
 from lm.utils import LazyArray, config_from_dict
 
 # ModelConfig fields that say how the model runs, not what it computes: a run may resume (and
@@ -42,11 +49,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # is recomputed. 'none' saves everything (no rematerialisation).
 REMAT_POLICIES = {
     "none": None,
-    # Matmul outputs kept, and dropout's keep masks (one byte per element; none without
-    # dropout): redrawing them in the backward pass would hash the random bits twice.
+    # Matmul outputs kept, dropout's keep masks (one byte per element; none without
+    # dropout): redrawing them in the backward pass would hash the random bits twice, and a
+    # fused attention kernel's residuals (its output and log-sum-exp), without which its
+    # forward would run again in the backward pass.
     "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_saveable,
-        jax.checkpoint_policies.save_only_these_names("dropout_keep"),
+        jax.checkpoint_policies.save_only_these_names("dropout_keep", ATTENTION_RESIDUALS),
     ),
     "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's inputs kept
 }
