@@ -60,8 +60,9 @@ def plain_model(config: ModelConfig):
     return _plain_classes()(config).train()
 
 
-def _plain_classes():
-    """The module classes, defined where torch is imported (an optional extra)."""
+def _plain_block():
+    """The layer class and the norm factory, defined where torch is imported (an optional
+    extra)."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -141,6 +142,16 @@ def _plain_classes():
         def forward(self, x, rotary):
             x = x + self.attention(self.attention_norm(x), rotary)
             return x + self.mlp(self.mlp_norm(x))
+
+    return Block, norm
+
+
+def _plain_classes():
+    """The model class, defined where torch is imported (an optional extra)."""
+    import torch
+    from torch import nn
+
+    Block, norm = _plain_block()
 
     class PlainGPT(nn.Module):
         """Tokens [batch, length] -> logits [batch, length, vocab] (see the module docstring)."""
