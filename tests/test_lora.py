@@ -249,6 +249,19 @@ def test_lora_fine_tunes_about_as_well_as_full_training(pretrained, lora_run):
     assert lora_losses[0] - lora_losses[-1] > 0.8 * (full_losses[0] - full_losses[-1])
 
 
+def close_but_for_adam_sign_flips(got, want, atol=2e-5, lr=1e-2, steps=4):
+    """Parameters after `steps` Adam steps from the same start, computed in two reduction orders.
+
+    Adam moves each element by up to about lr a step whatever its gradient's size, so an element
+    whose gradient is as small as the rounding of the others (an adapter's A while its B is still
+    near its zero start) takes a direction set by summation order: such elements may differ by up
+    to lr a step. Measured on 8 CPU devices: one element of 256 differs by 6e-5, every other by at
+    most 1.1e-6."""
+    diff = np.abs(np.asarray(got) - np.asarray(want))
+    assert np.mean(diff > atol) <= 0.01, f"{np.mean(diff > atol):.1%} of elements differ"
+    assert diff.max() <= lr * steps
+
+
 @pytest.fixture(scope="module")
 def lora_one_device(lora_trainer):
     return run(lora_trainer, synthetic_batches(seed=1), 4)
@@ -273,9 +286,7 @@ def test_lora_on_eight_devices_matches_one(
         rtol=2e-5,
     )
     assert losses[-1] < losses[0]
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state.params, ref_state.params
-    )
+    jax.tree.map(close_but_for_adam_sign_flips, state.params, ref_state.params)
     jax.tree.map(np.testing.assert_array_equal, state.frozen, pretrained)
     if not use_pmap:  # adapters shard like the side of the kernel they touch
         mlp = trainer.state_shardings.params["decoder"]["layers"]["block_0"]["mlp"]
