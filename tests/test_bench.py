@@ -2,7 +2,10 @@
 are asserted here)."""
 
 import dataclasses
+import pathlib
+import re
 
+import numpy as np
 import pytest
 from launch.sweep import load_experiment
 from lm import config
@@ -130,3 +133,54 @@ def test_moe_benchmark_compares_the_dispatches_flops():
     table = moe.moe_table(runs, 4, 64, 1, 1).splitlines()
     assert len(table) == 2 + len(runs)
     assert all(line.startswith(name) for line, name in zip(table[2:], runs, strict=True))
+
+
+@pytest.mark.slow
+def test_mfu_benchmark_prints_the_step_and_its_kernel_breakdown(tmp_path, capsys):
+    from lm.bench.__main__ import main
+
+    args = "--shape gpt2_124m --batch 1 --seq 32 --precision fp32 --steps 1 --decode_batches 1"
+    main(["mfu", *args.split(), "--new_tokens", "2", "--profile", str(tmp_path), "--top", "3"])
+    out = capsys.readouterr().out
+    assert "gpt2_124m: 124.5M parameters" in out and "attention auto (xla)" in out
+    assert "kernels on /host:CPU, per step of" in out and "device busy" in out
+    rows = [
+        line for line in out.splitlines() if re.match(r"\s+[\d.]+\s+[\d.]+%\s+[\d.]+\s+\S", line)
+    ]
+    assert len(rows) == 4 and "the other" in rows[-1]  # --top 3, then the rest in one row
+    assert "decode (fp32 weights) batch 1:" in out
+
+
+LOSS_GOLDENS = pathlib.Path(__file__).parent / "goldens" / "losses"
+
+
+@pytest.mark.slow
+def test_the_cpu_loss_goldens_are_what_the_code_computes():
+    """The GPU check compares its losses with these files: they must still be this code's."""
+    from lm.bench.mfu import read_losses, step_losses
+
+    golden = read_losses(LOSS_GOLDENS / "gpt2_124m_cpu_fp32.json")
+    got = step_losses("gpt2_124m", 4, 256, "fp32", 4, "auto")
+    assert got["attention"] == golden["attention"] == "xla"
+    # Measured between this machine's runs: equal; between CPUs, float32 reduction order.
+    np.testing.assert_allclose(got["losses"], golden["losses"][:4], rtol=1e-5)
+    assert golden["losses"][-1] < 0.5 * golden["losses"][0]  # 20 steps on one batch learn it
+
+
+def test_loss_comparison_bounds_each_step_by_the_precisions_own_noise():
+    from lm.bench.mfu import compare_losses, read_losses
+
+    bf16 = read_losses(LOSS_GOLDENS / "gpt2_124m_cpu_bf16.json")
+    fp32 = read_losses(LOSS_GOLDENS / "gpt2_124m_cpu_fp32.json")
+    close = {
+        **bf16,
+        "platform": "gpu",
+        "losses": [
+            x + 0.9 * abs(x - y) for x, y in zip(bf16["losses"], fp32["losses"], strict=True)
+        ],
+    }
+    table, agreed = compare_losses(close, bf16, fp32)
+    assert agreed and table.endswith("agree: xla attention on gpu")
+    off = {**close, "losses": [*close["losses"][:-1], close["losses"][-1] + 0.1]}
+    table, agreed = compare_losses(off, bf16, fp32)
+    assert not agreed and "DIFFER" in table

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 import numpy as np
 
@@ -10,7 +12,7 @@ from lm.bench import data as databench
 from lm.bench import evaluation as evalbench
 from lm.bench.decoding import decode_benchmark
 from lm.bench.layers import layers_benchmark
-from lm.bench.mfu import SHAPES, mfu_benchmark
+from lm.bench.mfu import SHAPES, compare_losses, mfu_benchmark, read_losses, step_losses
 from lm.bench.moe import moe_benchmark
 from lm.bench.peer import PEER_SHAPES, train_benchmark
 from lm.bench.step import step_benchmark
@@ -74,25 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evalbench.add_eval_arguments(evaluation)
-    mfu = sub.add_parser(
-        "mfu", help="train-step tokens/s and MFU of a model shape, decode tokens/s"
-    )
-    mfu.add_argument("--shape", default="gpt2_124m", choices=sorted(SHAPES))
-    mfu.add_argument("--batch", type=int, default=16)
-    mfu.add_argument("--seq", type=int, default=1024)
-    mfu.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
-    mfu.add_argument(
-        "--remat",
-        default="dots_saveable",
-        choices=["none", "dots_saveable", "full"],
-        help="model.remat (default: the model default)",
-    )
-    mfu.add_argument("--steps", type=int, default=20)
-    mfu.add_argument("--decode_batches", default="1,64", help="comma-separated; empty: no decoding")
-    mfu.add_argument("--new_tokens", type=int, default=64)
-    mfu.add_argument(
-        "--attention", default="auto", choices=list(IMPLEMENTATIONS), help="model.attention_impl"
-    )
+    _add_mfu(sub)
+    _add_losses(sub)
     data = sub.add_parser(
         "data",
         help="input-pipeline tokens/s (text by worker count, the cache) beside the train step's",
@@ -112,12 +97,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_mfu(sub) -> None:
+    mfu = sub.add_parser(
+        "mfu", help="train-step tokens/s and MFU of a model shape, decode tokens/s"
+    )
+    mfu.add_argument("--shape", default="gpt2_124m", choices=sorted(SHAPES))
+    mfu.add_argument("--batch", type=int, default=16)
+    mfu.add_argument("--seq", type=int, default=1024)
+    mfu.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    mfu.add_argument(
+        "--remat",
+        default="dots_saveable",
+        choices=["none", "dots_saveable", "full"],
+        help="model.remat (default: the model default)",
+    )
+    mfu.add_argument("--steps", type=int, default=20)
+    mfu.add_argument("--decode_batches", default="1,64", help="comma-separated; empty: no decoding")
+    mfu.add_argument("--new_tokens", type=int, default=64)
+    mfu.add_argument(
+        "--attention", default="auto", choices=list(IMPLEMENTATIONS), help="model.attention_impl"
+    )
+    mfu.add_argument(
+        "--profile", default="", help="trace 3 more steps into this directory: per-kernel times"
+    )
+    mfu.add_argument("--top", type=int, default=15, help="kernels listed with --profile")
+    mfu.add_argument(
+        "--unroll_layers", action="store_true", help="model.scan_layers=False (default: scanned)"
+    )
+
+
+def _add_losses(sub) -> None:
+    losses = sub.add_parser(
+        "losses",
+        help="losses of train steps on a fixed batch as JSON, or --compare three such files",
+    )
+    losses.add_argument("--shape", default="gpt2_124m", choices=sorted(SHAPES))
+    losses.add_argument("--batch", type=int, default=4)
+    losses.add_argument("--seq", type=int, default=256)
+    losses.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    losses.add_argument("--steps", type=int, default=20)
+    losses.add_argument("--attention", default="auto", choices=list(IMPLEMENTATIONS))
+    losses.add_argument(
+        "--compare",
+        nargs=3,
+        metavar=("RUN", "REFERENCE", "NOISE"),
+        help="JSON files: RUN against REFERENCE (same precision, another platform) within "
+        "REFERENCE's own rounding noise (NOISE: the reference platform in float32); exit 1 if not",
+    )
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     np.set_printoptions(precision=3)
     if args.command == "data":
         workers = [int(w) for w in args.workers.split(",") if w]
         print(databench.data_benchmark(args.config, args.set, workers, args.tokens, args.steps))
+        return
+    if args.command == "losses":
+        if args.compare:
+            table, agreed = compare_losses(*map(read_losses, args.compare))
+            print(table)
+            sys.exit(0 if agreed else 1)
+        print(
+            json.dumps(
+                step_losses(
+                    args.shape, args.batch, args.seq, args.precision, args.steps, args.attention
+                )
+            )
+        )
         return
     if args.command == "decode":
         batches = [int(b) for b in args.batches.split(",") if b]
@@ -170,6 +217,9 @@ def main(argv=None) -> None:
                 decode_batches,
                 args.new_tokens,
                 args.attention,
+                args.profile,
+                args.top,
+                not args.unroll_layers,
             ),
             flush=True,
         )

@@ -5,6 +5,7 @@ device's peak, `lm.train.peak_flops_per_device`), then greedy decoding with thos
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 
@@ -16,11 +17,26 @@ from lm.bench.common import SMOLLM2_SHAPE, one_device_trainer, random_batch, tim
 from lm.models.attention import resolve_implementation
 from lm.models.transformer import for_inference, preset
 from lm.train import matmul_peak
+from lm.train.profile import format_breakdown, kernel_breakdown, latest_trace
 
 SHAPES = {
     # GPT-2 small at the padded vocabulary peers train with (nanoGPT, MaxText): 124M parameters.
     "gpt2_124m": preset("gpt2", vocab_size=50_304, dropout=0.0),
     "smollm2_135m": SMOLLM2_SHAPE,
+    # Llama 3.2 1B's shape (1.24B parameters; its RoPE frequency scaling, which changes no
+    # FLOP, left out). The 128k-entry logits are made 512 positions at a time.
+    "llama3_1b": preset(
+        "llama",
+        d_model=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=8192,
+        vocab_size=128_256,
+        rope_base=500_000.0,
+        max_len=8192,
+        logits_chunk=512,
+    ),
 }
 
 
@@ -34,9 +50,13 @@ def mfu_benchmark(
     decode_batches: list[int],
     new_tokens: int,
     attention_impl: str = "auto",
+    profile_dir: str = "",
+    top: int = 15,
+    scan_layers: bool = True,
 ) -> str:
     """Train-step tokens/s and model FLOPs utilisation of one shape on the first device (random
-    weights and tokens), then greedy-decoding tokens/s of the same weights."""
+    weights and tokens), then greedy-decoding tokens/s of the same weights. With `profile_dir`,
+    3 more steps are traced there and the `top` kernels' share of the step is printed."""
     from lm.train import flops_per_token, peak_flops_per_device
 
     config = dataclasses.replace(
@@ -45,6 +65,7 @@ def mfu_benchmark(
         remat=remat,
         attention_impl=attention_impl,
         max_len=max(SHAPES[shape].max_len, length),
+        scan_layers=scan_layers,
     )
     trainer = one_device_trainer(config)
     host_batch = random_batch(config.vocab_size, batch, length)
@@ -73,7 +94,8 @@ def mfu_benchmark(
         attention += f" ({resolve_implementation('auto', dtype, config.dim_per_head, lengths=(length, length))})"
     lines = [
         f"{shape}: {trainer.num_params / 1e6:.1f}M parameters, {config.num_layers} layers, "
-        f"precision {precision}, remat {remat}, attention {attention}, batch {batch} x {length}, "
+        f"precision {precision}, remat {remat}, attention {attention}, "
+        f"{'scanned' if scan_layers else 'unrolled'} layers, batch {batch} x {length}, "
         f"{device.platform} {device.device_kind}",
         f"train step: {1e3 * median:.1f} ms median ({1e3 * min(times):.1f}, {1e3 * max(times):.1f}) "
         f"over {steps} steps, {tokens_per_s:,.0f} tokens/s, {flops / 1e9:.2f} GFLOP/token, "
@@ -81,6 +103,9 @@ def mfu_benchmark(
         f"{100 * tokens_per_s * flops / measured:.1f}% of {measured / 1e12:.1f} TFLOP/s (measured "
         f"{precision} matmul); compile + 3 warm-up steps {warmup:.1f} s, final loss {float(metrics['loss']):.3f}",
     ]
+    if profile_dir:
+        state, breakdown = profiled_steps(trainer, state, device_batch, profile_dir, median, top)
+        lines.append(breakdown)
     model, params = for_inference(config, trainer.model_params(state), unroll_layers=True)
     for decode_batch in decode_batches:
         prompts = [list(map(int, tokens[i % batch, :16])) for i in range(decode_batch)]
@@ -95,3 +120,75 @@ def mfu_benchmark(
             f"({new_tokens} new tokens after 16, greedy)"
         )
     return "\n".join(lines)
+
+
+def profiled_steps(trainer, state, batch, directory: str, step_seconds: float, top: int) -> str:
+    """Traces 3 train steps into `directory`; returns the new state (the step donates its input)
+    and the steps' per-kernel breakdown."""
+    steps = 3
+    with jax.profiler.trace(directory):
+        for _ in range(steps):
+            state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+    breakdown = kernel_breakdown(latest_trace(directory), steps)
+    return state, f"trace: {directory}\n" + format_breakdown(breakdown, step_seconds, top)
+
+
+def step_losses(
+    shape: str, batch: int, length: int, precision: str, steps: int, attention_impl: str
+) -> dict:
+    """The losses of `steps` train steps on one fixed random batch (seed 0 for the weights and
+    the tokens) on the first device: the same numbers on any machine up to rounding, so one
+    platform's run checks another's. Returns {"platform", "precision", "attention", "losses"}."""
+    config = dataclasses.replace(
+        SHAPES[shape],
+        precision=precision,
+        attention_impl=attention_impl,
+        max_len=max(SHAPES[shape].max_len, length),
+    )
+    trainer = one_device_trainer(config)
+    state = trainer.init_fn(0)
+    device_batch = trainer.put_batch(random_batch(config.vocab_size, batch, length))
+    losses = []
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, device_batch)
+        losses.append(float(metrics["loss"]))
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    resolved = resolve_implementation(
+        attention_impl, dtype, config.dim_per_head, lengths=(length, length)
+    )
+    return {
+        "platform": jax.devices()[0].platform,
+        "precision": precision,
+        "attention": resolved,
+        "losses": losses,
+    }
+
+
+def compare_losses(run: dict, reference: dict, noise: dict) -> tuple[str, bool]:
+    """`run`'s losses against `reference`'s (the same precision elsewhere), with the rounding
+    noise of that precision measured as `reference` against `noise` (the same platform in
+    float32). Agreement: at no step does run differ from reference by more than twice the
+    larger of the noise at that step and 1e-3 relative (where float32 and bf16 happen to
+    agree at a step, the noise there says nothing). Returns (table, agreed)."""
+    rows = [
+        f"{'step':>4} {run['platform'] + ' ' + run['precision']:>14} "
+        f"{reference['platform'] + ' ' + reference['precision']:>14} "
+        f"{noise['platform'] + ' ' + noise['precision']:>14} {'|run-ref|':>10} {'bound':>10}"
+    ]
+    agreed = True
+    for step, (a, b, c) in enumerate(
+        zip(run["losses"], reference["losses"], noise["losses"], strict=True)
+    ):
+        bound = 2 * max(abs(b - c), 1e-3 * abs(b))
+        agreed &= abs(a - b) <= bound
+        rows.append(f"{step + 1:4d} {a:14.5f} {b:14.5f} {c:14.5f} {abs(a - b):10.5f} {bound:10.5f}")
+    rows.append(
+        f"{'agree' if agreed else 'DIFFER'}: {run['attention']} attention on {run['platform']}"
+    )
+    return "\n".join(rows), agreed
+
+
+def read_losses(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import threading
 
@@ -146,3 +147,141 @@ class ProfileWindows:
             jax.profiler.stop_trace()
             self._stop_after = None
             print(f"profile written to {self._workdir / PROFILE_DIR}", flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTime:
+    """One kernel's (or, on a CPU, one XLA op's) share of the traced steps."""
+
+    name: str  # the kernel's name (GPU) or the HLO op's (CPU, TPU)
+    hlo_op: str  # the HLO instruction that launched it ('' where the trace does not say)
+    ns_per_step: float
+    calls_per_step: float
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBreakdown:
+    """Where the device time of `steps` traced steps went (`kernel_breakdown`)."""
+
+    device: str  # the trace plane read: '/device:GPU:0', '/host:CPU', ...
+    steps: int
+    kernels: tuple[KernelTime, ...]  # most time first
+    busy_ns_per_step: float  # time with at least one kernel running (overlaps counted once)
+    span_ns_per_step: float  # from the first kernel's start to the last one's end
+
+    @property
+    def kernel_ns_per_step(self) -> float:
+        return sum(k.ns_per_step for k in self.kernels)
+
+
+def _union_ns(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _device_plane(profile):
+    """The first accelerator plane of a trace, or the host's where there is none (CPU runs)."""
+    planes = list(profile.planes)
+    for prefix in ("/device:GPU:", "/device:TPU:", "/host:CPU"):
+        for plane in planes:
+            if plane.name.startswith(prefix):
+                return plane
+    raise ValueError(f"no device or host plane in the trace: {[p.name for p in planes]}")
+
+
+# Lines of an accelerator's plane that summarise others (whole modules, steps) rather than
+# hold kernels; counting them would count each kernel's time again.
+_SUMMARY_LINES = ("XLA Modules", "Steps", "XLA TraceMe", "Framework Ops", "Framework Name Scope")
+
+
+def _hlo_op(stats: dict) -> str | None:
+    """The HLO op an event ran for: its `hlo_op` stat, or the `hlo_op=` entry of the annotation
+    a GPU kernel carries from its launch (XLA's `op:#hlo_op=...,hlo_module=...#`)."""
+    if "hlo_op" in stats:
+        return str(stats["hlo_op"])
+    match = re.search(r"hlo_op=([^,#]+)", str(stats.get("annotation", "")))
+    return match.group(1) if match else None
+
+
+def _kernel_events(plane):
+    """(name, HLO op, start ns, duration ns) of the kernels on one plane: on the host's plane
+    (CPU runs) only the events attributed to an HLO op, so Python and runtime bookkeeping stay
+    out; on an accelerator's every event of its stream or op lines."""
+    on_host = plane.name.startswith("/host:")
+    for line in plane.lines:
+        if not on_host and line.name in _SUMMARY_LINES:
+            continue
+        for event in line.events:
+            op = _hlo_op(dict(event.stats))
+            if event.duration_ns > 0 and (op is not None or not on_host):
+                yield event.name, op or "", event.start_ns, event.duration_ns
+
+
+def kernel_breakdown(xplane_file: storage.PathLike, steps: int) -> KernelBreakdown:
+    """Sums a `jax.profiler` trace (`.xplane.pb`) of `steps` steps per kernel on one device
+    (the first GPU or TPU, else the host's CPU). A GPU kernel keeps its own name, with the HLO
+    op that launched it beside it. Busy time is the union over the device's lines (streams,
+    threads); the span minus it is time the device waited."""
+    from jax.profiler import ProfileData
+
+    plane = _device_plane(ProfileData.from_file(str(xplane_file)))
+    totals: dict[tuple[str, str], list[float]] = {}
+    intervals = []
+    for name, op, start, duration in _kernel_events(plane):
+        entry = totals.setdefault((name, op), [0.0, 0])
+        entry[0] += duration
+        entry[1] += 1
+        intervals.append((start, start + duration))
+    if not intervals:
+        raise ValueError(f"no kernels on {plane.name} in {xplane_file}")
+    kernels = sorted(
+        (KernelTime(name, op, ns / steps, n / steps) for (name, op), (ns, n) in totals.items()),
+        key=lambda k: -k.ns_per_step,
+    )
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
+    return KernelBreakdown(
+        plane.name, steps, tuple(kernels), _union_ns(intervals) / steps, span / steps
+    )
+
+
+def latest_trace(directory: storage.PathLike) -> storage.PathLike:
+    """The newest `.xplane.pb` under a `jax.profiler.trace` directory."""
+    files = sorted(storage.as_path(directory).glob("plugins/profile/*/*.xplane.pb"))
+    if not files:
+        raise FileNotFoundError(f"no plugins/profile/*/*.xplane.pb under {directory}")
+    return files[-1]
+
+
+def format_breakdown(breakdown: KernelBreakdown, step_seconds: float, top: int = 15) -> str:
+    """The `top` kernels as a table (ms per step, share of the measured step, calls per step),
+    then the device's busy time and the idle gaps against the step."""
+    step_ms = 1e3 * step_seconds
+    lines = [
+        f"kernels on {breakdown.device}, per step of {step_ms:.2f} ms ({breakdown.steps} steps traced):",
+        f"{'ms':>9} {'of step':>8} {'calls':>7}  kernel [HLO op]",
+    ]
+    for k in breakdown.kernels[:top]:
+        op = f" [{k.hlo_op}]" if k.hlo_op and k.hlo_op != k.name else ""
+        lines.append(
+            f"{k.ns_per_step / 1e6:9.3f} {100 * k.ns_per_step / 1e6 / step_ms:7.1f}% "
+            f"{k.calls_per_step:7.1f}  {k.name[:90]}{op}"
+        )
+    rest = breakdown.kernels[top:]
+    if rest:
+        lines.append(
+            f"{sum(k.ns_per_step for k in rest) / 1e6:9.3f} "
+            f"{100 * sum(k.ns_per_step for k in rest) / 1e6 / step_ms:7.1f}%"
+            f" {sum(k.calls_per_step for k in rest):7.1f}  the other {len(rest)} kernels"
+        )
+    busy_ms = breakdown.busy_ns_per_step / 1e6
+    lines.append(
+        f"device busy {busy_ms:.2f} ms a step ({100 * busy_ms / step_ms:.1f}% of the step; "
+        f"kernel time {breakdown.kernel_ns_per_step / 1e6:.2f} ms counts overlaps twice), "
+        f"idle {step_ms - busy_ms:.2f} ms"
+    )
+    return "\n".join(lines)
