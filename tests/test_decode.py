@@ -125,6 +125,7 @@ def test_beam_search_stops_finished_beams_at_eos(model_and_params):
     assert beam[0] == greedy[: greedy.index(eos)]
 
 
+@pytest.mark.slow
 def test_seq2seq_beam_search_of_one_is_greedy_and_wider_beams_score_higher(
     seq2seq_model_and_params,
 ):

@@ -42,6 +42,7 @@ def test_a_workdir_read_for_inference_gives_the_runs_own_evaluation(source):
     np.testing.assert_allclose(loss["accuracy"], last["eval/accuracy"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_the_source_parameters(source, tmp_path):
     """With a zero learning rate the fine-tune keeps its starting point: the source's exact parameters."""
     root, corpus, src = source

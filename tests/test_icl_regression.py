@@ -67,6 +67,7 @@ def test_linear_targets_use_only_effective_coordinates():
     assert np.all(w[:, 2:] == 0) and np.all(w[:, :2] != 0)
 
 
+@pytest.mark.slow
 def test_sparse_weights_have_exactly_s_nonzeros():
     w = np.asarray(functions.sample_sparse_weights(jax.random.PRNGKey(0), 500, 10, 10, sparsity=3))
     assert np.all((w != 0).sum(axis=1) == 3)

@@ -77,6 +77,7 @@ def test_a_trace_with_no_device_plane_is_refused(tmp_path):
         kernel_breakdown(path, steps=1)
 
 
+@pytest.mark.slow
 def test_cpu_train_step_trace_names_the_ops_of_the_compiled_step(tmp_path):
     trainer = one_device_trainer(CONFIG)
     state = trainer.init_fn(0)

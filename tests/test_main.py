@@ -112,6 +112,7 @@ def test_train_writes_metrics_checkpoints_samples(trained):
     assert len(list((root / "data" / "jax").iterdir())) > 5
 
 
+@pytest.mark.slow
 def test_rerun_resumes_then_sample_and_eval(trained, tmp_path):
     root, source, workdir, _ = trained
     # Work on a copy so the other tests see the 20-step run.
@@ -324,6 +325,7 @@ def test_bad_corpus_is_a_clear_error_and_writes_nothing(tmp_path, content, expec
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     source = write_corpus(tmp_path / "corpus")
     workdir = tmp_path / "run"

@@ -106,6 +106,7 @@ def test_kv_cache_matches_full_forward(name):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sliding_window_limits_what_a_local_layer_sees():
     """One local layer with window 3: position t depends on tokens t-2..t only."""
     config = T.preset(

@@ -168,9 +168,13 @@ def dense_dispatch():
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(moe_dispatch="dropless", moe_grouped_matmul="blocks"),
+        pytest.param(
+            dict(moe_dispatch="dropless", moe_grouped_matmul="blocks"), marks=pytest.mark.slow
+        ),
         dict(moe_dispatch="dropless", moe_grouped_matmul="ragged_dot"),
-        dict(moe_dispatch="capacity", moe_capacity_factor=8.0),  # room for every assignment
+        pytest.param(  # room for every assignment
+            dict(moe_dispatch="capacity", moe_capacity_factor=8.0), marks=pytest.mark.slow
+        ),
     ],
     ids=["dropless-blocks", "dropless-ragged_dot", "capacity-8"],
 )
@@ -393,7 +397,11 @@ def test_losses_are_sown_per_layer_scanned_and_unrolled_alike():
     assert sown_losses(T.build_model(off), params, inputs) == {}
 
 
-@pytest.mark.parametrize("config", [MOE, MOE_GATED], ids=["gpt2_top2", "llama_top1"])
+@pytest.mark.parametrize(
+    "config",
+    [MOE, pytest.param(MOE_GATED, marks=pytest.mark.slow)],
+    ids=["gpt2_top2", "llama_top1"],
+)
 def test_moe_decoder_is_causal_and_its_cache_matches_the_full_forward(config):
     model, _, params = init(config)
     toks = tokens((2, 10), config.vocab_size, 5)
@@ -749,6 +757,7 @@ def test_capacity_dispatch_logs_the_dropped_share_through_the_cli(tmp_path):
 # ------------------------------------------------------------------------------ LoRA
 
 
+@pytest.mark.slow
 def test_lora_gives_each_expert_of_each_layer_its_own_adapters():
     """Expert kernels [layers, expert, in, out]: both leading axes stack kernels, so A is
     [layers, expert, in, r] and B [layers, expert, r, out], and the merge adds A @ B to each."""

@@ -120,6 +120,7 @@ def env_with_devices(count):
     }
 
 
+@pytest.mark.slow
 def test_the_watchdog_stops_a_hung_batch_source_with_its_stack_and_status(tmp_path):
     workdir, timeout = tmp_path / "run", 4
     proc = subprocess.run(

@@ -377,6 +377,7 @@ def test_sweep_with_a_bucket_root(gcs, corpus, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_corpora_and_their_cache_are_read_from_a_bucket(gcs, monkeypatch, tmp_path):
     """jsonl: and parquet: globs on gs:// give the records of the same files on a disk, and a
     cache prepared into the bucket gives the batches of tokenizing them on the fly."""

@@ -59,7 +59,9 @@ def single_device():
     return run_steps(devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+@pytest.mark.parametrize(
+    "mesh", [(8, 1, 1), pytest.param((2, 4, 1), marks=pytest.mark.slow), (2, 2, 2)]
+)
 def test_mesh_matches_single_device(single_device, mesh):
     assert jax.device_count() == 8
     losses, params = run_steps(mesh=mesh)
@@ -82,6 +84,7 @@ def test_bf16_precision_trains_with_float32_master_weights(single_device):
     assert losses != ref_losses and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_pmap_matches_single_device(single_device):
     losses, params = run_steps(use_pmap=True)
     ref_losses, ref_params = single_device
@@ -113,6 +116,7 @@ def test_gradient_accumulation_matches_full_batch(single_device):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, ref_params)
 
 
+@pytest.mark.slow
 def test_adafactor_trains():
     losses, _ = run_steps(
         devices=jax.devices()[:1],
@@ -175,7 +179,7 @@ def test_checkpoint_of_another_shape_is_refused_and_kept(tmp_path):
     "saved_on, restored_on",
     [
         pytest.param((8, 1, 1), (2, 2, 2), marks=pytest.mark.slow),
-        ((8, 1, 1), (2, 4, 1)),
+        pytest.param((8, 1, 1), (2, 4, 1), marks=pytest.mark.slow),
         ((8, 1, 1), "one device"),
         # FSDP over 8 devices -> a single device, and the reverse
         pytest.param((1, 8, 1), "one device", marks=pytest.mark.slow),
