@@ -40,6 +40,12 @@ SHAPES = {
 }
 
 
+def shape_config(shape: str, length: int, **overrides):
+    """`SHAPES[shape]` with `overrides`, its positions long enough for `length` tokens."""
+    base = SHAPES[shape]
+    return dataclasses.replace(base, max_len=max(base.max_len, length), **overrides)
+
+
 def mfu_benchmark(
     shape: str,
     batch: int,
@@ -59,12 +65,12 @@ def mfu_benchmark(
     3 more steps are traced there and the `top` kernels' share of the step is printed."""
     from lm.train import flops_per_token, peak_flops_per_device
 
-    config = dataclasses.replace(
-        SHAPES[shape],
+    config = shape_config(
+        shape,
+        length,
         precision=precision,
         remat=remat,
         attention_impl=attention_impl,
-        max_len=max(SHAPES[shape].max_len, length),
         scan_layers=scan_layers,
     )
     trainer = one_device_trainer(config)
@@ -122,7 +128,9 @@ def mfu_benchmark(
     return "\n".join(lines)
 
 
-def profiled_steps(trainer, state, batch, directory: str, step_seconds: float, top: int) -> str:
+def profiled_steps(
+    trainer, state, batch, directory: str, step_seconds: float, top: int
+) -> tuple[object, str]:
     """Traces 3 train steps into `directory`; returns the new state (the step donates its input)
     and the steps' per-kernel breakdown."""
     steps = 3
@@ -140,12 +148,7 @@ def step_losses(
     """The losses of `steps` train steps on one fixed random batch (seed 0 for the weights and
     the tokens) on the first device: the same numbers on any machine up to rounding, so one
     platform's run checks another's. Returns {"platform", "precision", "attention", "losses"}."""
-    config = dataclasses.replace(
-        SHAPES[shape],
-        precision=precision,
-        attention_impl=attention_impl,
-        max_len=max(SHAPES[shape].max_len, length),
-    )
+    config = shape_config(shape, length, precision=precision, attention_impl=attention_impl)
     trainer = one_device_trainer(config)
     state = trainer.init_fn(0)
     device_batch = trainer.put_batch(random_batch(config.vocab_size, batch, length))
